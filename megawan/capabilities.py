@@ -1,0 +1,42 @@
+"""The one capability check behind every GPU-only path (Transformer Engine, FP8, DALI mixed, Triton).
+
+Everything else asks this module, so a CPU machine and a GPU machine differ in exactly one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> bool:
+    """Transformer Engine's PyTorch part is importable and a CUDA device is there to run it."""
+    if not cuda_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a TE built against another torch fails at import
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> `te` when Transformer Engine and CUDA are usable, else `local`; `te` without them is an error."""
+    if backend == "auto":
+        return "te" if transformer_engine_available() else "local"
+    if backend == "te" and not transformer_engine_available():
+        raise RuntimeError(
+            "model.backend=te needs Transformer Engine and a CUDA device; "
+            "use model.backend=local (pure torch) or auto on this machine"
+        )
+    if backend not in ("local", "te"):
+        raise ValueError(f"unknown backend {backend!r} (local | te | auto)")
+    return backend

@@ -1,0 +1,67 @@
+"""State-dict conversion between layouts, as tables (see dit_keys.py), plus tensor-parallel split / merge.
+
+    from megawan.convert import convert_state_dict
+    sd = convert_state_dict(official_sd, src="official", dst="megawan", config=cfg)
+    shards = convert_state_dict(official_sd, src="official", dst="megawan", config=cfg, tp_size=2)  # [rank0, rank1]
+    sd = convert_state_dict(shards, src="megawan", dst="diffusers", config=cfg)                   # merged
+
+Tensors are passed through untouched (renamed, split or concatenated only): round trips are bit-exact.
+Unknown keys, missing keys and wrong shapes are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from megawan.config import DiTConfig
+from megawan.convert.dit_keys import LAYOUTS, TP_AXIS, dit_key_table, dit_param_shapes
+from megawan.convert.tensor_parallel import merge_tensor_parallel, split_tensor_parallel
+
+__all__ = ["convert_state_dict", "split_tensor_parallel", "merge_tensor_parallel", "LAYOUTS"]
+
+
+def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1):
+    """Convert `state_dict` from layout `src` to layout `dst` for a model with `config`.
+
+    src / dst: "official" | "diffusers" | "megawan". A list of state dicts with src="megawan" is a set of
+    TP shards (rank order) and is merged first. dst="megawan" with tp_size > 1 returns the list of shards.
+    """
+    if not isinstance(config, DiTConfig):
+        raise TypeError(f"no conversion table for config type {type(config).__name__}")
+    for name, layout in (("src", src), ("dst", dst)):
+        if layout not in LAYOUTS:
+            raise ValueError(f"{name}={layout!r} is not one of {LAYOUTS}")
+    if isinstance(state_dict, (list, tuple)):
+        if src != "megawan":
+            raise ValueError("a list of state dicts (TP shards) is only accepted with src='megawan'")
+        state_dict = merge_tensor_parallel([_drop_extra_state(s) for s in state_dict], TP_AXIS)
+    if tp_size > 1 and dst != "megawan":
+        raise ValueError("tp_size > 1 splits into megawan TP shards: use dst='megawan'")
+
+    table = dit_key_table(config)
+    src_i, dst_i = LAYOUTS.index(src), LAYOUTS.index(dst)
+    to_megawan = {row[src_i]: row[0] for row in table}
+    to_dst = {row[0]: row[dst_i] for row in table}
+    state_dict = _drop_extra_state(state_dict) if src == "megawan" else dict(state_dict)
+    if src == "diffusers":  # diffusers keeps an unused key in some Wan checkpoints
+        state_dict = {k: v for k, v in state_dict.items() if ".norm_added_q." not in k}
+
+    unknown = [k for k in state_dict if k not in to_megawan]
+    if unknown:
+        raise KeyError(f"{len(unknown)} {src} key(s) do not belong to a {config.name} DiT, e.g. {unknown[0]!r}")
+    missing = [k for k in to_megawan if k not in state_dict]
+    if missing:
+        raise KeyError(f"{len(missing)} {src} key(s) missing for a {config.name} DiT, e.g. {missing[0]!r}")
+
+    shapes = dit_param_shapes(config)
+    out = {}
+    for key, tensor in state_dict.items():
+        ours = to_megawan[key]
+        if tuple(tensor.shape) != shapes[ours]:
+            raise ValueError(f"{src} key {key!r} has shape {tuple(tensor.shape)}, expected {shapes[ours]} for {config.name}")
+        out[to_dst[ours]] = tensor
+    if dst == "megawan" and tp_size > 1:
+        return split_tensor_parallel(out, tp_size, TP_AXIS)
+    return out
+
+
+def _drop_extra_state(state_dict: dict) -> dict:
+    return {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}

@@ -1,0 +1,1 @@
+"""Models: the Wan DiT (dit/), and later the Wan-VAE and umT5 text encoder."""

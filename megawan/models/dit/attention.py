@@ -1,0 +1,121 @@
+"""Self- and cross-attention of the Wan block, on megatron-core parallel linears.
+
+Inside the model tensors are sequence-first, [s, b, hidden]. Each TP rank holds num_heads / TP heads:
+q, k, v are column-parallel, the output projection row-parallel, and the q/k RMSNorm is over the full
+hidden size (statistics summed across the TP group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megawan.models.dit.rope import apply_rope
+
+
+@dataclass
+class WanAttentionSubmodules:
+    linear_q: Union[ModuleSpec, type] = None
+    linear_k: Union[ModuleSpec, type] = None
+    linear_v: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+    q_norm: Union[ModuleSpec, type] = None
+    k_norm: Union[ModuleSpec, type] = None
+
+
+class _WanAttentionBase(MegatronModule):
+    def __init__(self, config, submodules: WanAttentionSubmodules, layer_number: int, tp_group,
+                 attention_type: str, kv_input_size: int, qk_norm: bool, eps: float):
+        super().__init__(config=config)
+        hidden = config.hidden_size
+        self.tp_group = tp_group
+        self.num_heads_local = config.num_attention_heads // tp_group.size()
+        self.head_dim = hidden // config.num_attention_heads
+
+        self.linear_q = self._column(submodules.linear_q, hidden, "q")
+        self.linear_k = self._column(submodules.linear_k, kv_input_size, "k")
+        self.linear_v = self._column(submodules.linear_v, kv_input_size, "v")
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number,
+            attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type,
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj, hidden, hidden, config=config, init_method=config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="proj",
+            tp_group=tp_group,
+        )
+        self.q_norm = self._norm(submodules.q_norm, qk_norm, eps)
+        self.k_norm = self._norm(submodules.k_norm, qk_norm, eps)
+
+    def _column(self, spec, in_size: int, name: str):
+        """A column-parallel projection to the (split) hidden size: each rank gets its own heads."""
+        return build_module(spec, in_size, self.config.hidden_size, config=self.config,
+                            init_method=self.config.init_method, gather_output=False, bias=True,
+                            skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name, tp_group=self.tp_group)
+
+    def _norm(self, spec, enabled: bool, eps: float):
+        if not enabled:
+            return torch.nn.Identity()
+        return build_module(spec, self.config.hidden_size, eps=eps, tp_group=self.tp_group,
+                            params_dtype=self.config.params_dtype)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads_local, self.head_dim))
+
+
+class WanSelfAttention(_WanAttentionBase):
+    """Self-attention over video tokens with q/k RMSNorm and 3D RoPE."""
+
+    def __init__(self, config, submodules: WanAttentionSubmodules, layer_number: int, tp_group,
+                 qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__(config, submodules, layer_number, tp_group, "self", config.hidden_size, qk_norm, eps)
+
+    def forward(self, x: torch.Tensor, rope_cos_sin) -> torch.Tensor:
+        q = self.q_norm(self.linear_q(x)[0])
+        k = self.k_norm(self.linear_k(x)[0])
+        v = self.linear_v(x)[0]
+        cos, sin = rope_cos_sin
+        q = apply_rope(self._heads(q), cos, sin)
+        k = apply_rope(self._heads(k), cos, sin)
+        out = self.core_attention(q, k, self._heads(v), None)
+        return self.linear_proj(out)[0]
+
+
+@dataclass
+class WanCrossAttentionSubmodules(WanAttentionSubmodules):
+    linear_k_img: Union[ModuleSpec, type] = None
+    linear_v_img: Union[ModuleSpec, type] = None
+    k_img_norm: Union[ModuleSpec, type] = None
+
+
+class WanCrossAttention(_WanAttentionBase):
+    """Cross-attention from video tokens to the text tokens (and, Wan2.1 I2V, to CLIP image tokens with
+    their own key / value projections; the two attentions are summed before the output projection)."""
+
+    def __init__(self, config, submodules: WanCrossAttentionSubmodules, layer_number: int, tp_group,
+                 qk_norm: bool = True, eps: float = 1e-6, image_branch: bool = False):
+        super().__init__(config, submodules, layer_number, tp_group, "cross", config.hidden_size, qk_norm, eps)
+        self.image_branch = image_branch
+        if image_branch:
+            self.linear_k_img = self._column(submodules.linear_k_img, config.hidden_size, "k_img")
+            self.linear_v_img = self._column(submodules.linear_v_img, config.hidden_size, "v_img")
+            self.k_img_norm = self._norm(submodules.k_img_norm, qk_norm, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: Optional[torch.Tensor] = None):
+        q = self._heads(self.q_norm(self.linear_q(x)[0]))
+        k = self._heads(self.k_norm(self.linear_k(context)[0]))
+        v = self._heads(self.linear_v(context)[0])
+        out = self.core_attention(q, k, v, None)
+        if self.image_branch:
+            if image_context is None:
+                raise ValueError("this model has an image branch (Wan2.1 I2V): pass the CLIP image tokens")
+            k_img = self._heads(self.k_img_norm(self.linear_k_img(image_context)[0]))
+            v_img = self._heads(self.linear_v_img(image_context)[0])
+            out = out + self.core_attention(q, k_img, v_img, None)
+        return self.linear_proj(out)[0]

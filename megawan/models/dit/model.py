@@ -1,0 +1,180 @@
+"""The Wan DiT (Wan2.1 / Wan2.2 `WanModel`) on megatron-core.
+
+    latents [B, C, T, H, W] --patch 1x2x2--> tokens (frame-major t, h, w) [s, B, dim]
+    timestep -> sinusoid -> e (head) and e0 (six modulation vectors per block)
+    text [B, L, 4096] (zero-padded to text_len) -> text tokens [L, B, dim]
+    N x WanBlock(self-attn with 3D RoPE, cross-attn, MLP)
+    head: LN, modulation (table + e), Linear -> unpatchify -> velocity [B, C_out, T, H, W]
+
+Variants by config: T2V; I2V (in_dim 36: noisy latents + mask + image latents; Wan2.1 also CLIP image
+tokens through its own key / value projections); TI2V (Wan2.2 5B: a timestep per token); A14B (two of
+these, see experts.py). The model knows nothing of how it is parallelised beyond the TP group its layers
+are given.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megawan.capabilities import resolve_backend
+from megawan.config import DiTConfig
+from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
+from megawan.models.dit.norms import layer_norm_fp32
+from megawan.models.dit.rope import rope_cos_sin
+from megawan.models.dit.specs import get_wan_block_spec
+from megawan.parallel.groups import tensor_parallel_group
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def megatron_config(cfg: DiTConfig, tensor_parallel: int) -> TransformerConfig:
+    """The megatron-core TransformerConfig our layers are built with."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.dim,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.ffn_dim,
+        tensor_model_parallel_size=tensor_parallel,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=functools.partial(F.gelu, approximate="tanh"),
+        bias_activation_fusion=False,
+        layernorm_epsilon=cfg.eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=_DTYPES[cfg.params_dtype],
+        # Initialise the full master weight, then split: the same model for any TP size and on CPU.
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        init_method=nn.init.xavier_uniform_,
+        output_layer_init_method=nn.init.xavier_uniform_,
+    )
+
+
+class WanHead(nn.Module):
+    """Final LayerNorm modulated by (table + e), then Linear to out_dim x patch volume."""
+
+    def __init__(self, dim: int, out_features: int, eps: float, dtype):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim, dtype=dtype) / dim**0.5)
+        self.linear = nn.Linear(dim, out_features, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [s, b, dim]; e [1 or s, b, dim] fp32."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(-2)).unbind(dim=-2)
+        return self.linear((layer_norm_fp32(x, self.eps) * (1 + scale) + shift).type_as(x))
+
+
+class WanDiT(MegatronModule):
+    def __init__(self, config: DiTConfig, tp_group=None):
+        tp_group = tp_group if tp_group is not None else tensor_parallel_group()
+        config.validate(tensor_parallel=tp_group.size())
+        super().__init__(config=megatron_config(config, tp_group.size()))
+        self.dit_config = config
+        self.tp_group = tp_group
+        self.backend = resolve_backend(config.backend)
+        dtype = self.config.params_dtype
+        dim = config.dim
+
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype)
+        self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
+        self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
+        self.image_embedding = (
+            ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
+        )
+        spec = get_wan_block_spec(self.backend)
+        self.blocks = nn.ModuleList(
+            build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
+            for i in range(config.num_layers)
+        )
+        self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Wan's init for training from scratch (block linears get xavier through megatron's init_method):
+        xavier for the replicated linears and the patch embedding, N(0, 0.02) for the text and time
+        embeddings, a zero output layer so that the untrained model predicts zero velocity."""
+        for m in (self.text_embedding, self.time_embedding, self.image_embedding, self.head):
+            for layer in (m.modules() if m is not None else ()):
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.patch_embedding.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for m in (self.text_embedding, self.time_embedding):
+            for layer in m.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(self.head.linear.weight)
+        nn.init.zeros_(self.head.linear.bias)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a tensors-only state dict (what `convert_state_dict` makes). Layers' `_extra_state`
+        (Transformer Engine's FP8 metadata; None for local layers) is kept as the module has it."""
+        state_dict = dict(state_dict)
+        for key, value in super().state_dict(keep_vars=True).items():
+            if key.endswith("_extra_state") and key not in state_dict:
+                state_dict[key] = value
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """latents [B, C_in, T, H, W]; timestep [B] or [B, L] (per token, L = T/pt * H/ph * W/pw) in Wan's
+        units 0-1000; text [B, L_txt <= text_len, text_dim]; image: CLIP tokens [B, L_img, image_dim]
+        (Wan2.1 I2V). Returns the flow-matching velocity [B, C_out, T, H, W]."""
+        cfg = self.dit_config
+        b, _, t, h, w = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent size (T={t}, H={h}, W={w}) is not divisible by the patch size {cfg.patch_size}")
+        grid = (t // pt, h // ph, w // pw)
+
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
+        x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, B, dim], frame-major
+        rope = rope_cos_sin(grid, cfg.rope_split, cfg.rope_theta, device=x.device)
+
+        e, e0 = self.time_embedding(timestep)  # [B(, s), dim], [B(, s), 6, dim]
+        if timestep.dim() == 1:  # one t per sample: broadcast over the sequence
+            e, e0 = e.unsqueeze(0), e0.unsqueeze(0)
+        else:
+            if timestep.shape[1] != x.shape[0]:
+                raise ValueError(f"per-token timestep has {timestep.shape[1]} entries for {x.shape[0]} tokens")
+            e, e0 = e.transpose(0, 1), e0.transpose(0, 1)
+
+        context = self.text_embedding(self._pad_text(text)).transpose(0, 1)  # [L, B, dim]
+        image_context = None
+        if self.image_embedding is not None:
+            if image is None:
+                raise ValueError(f"{cfg.name} is an image-conditioned model: pass the CLIP image tokens as image=")
+            image_context = self.image_embedding(image.to(x.dtype)).transpose(0, 1)
+
+        for block in self.blocks:
+            x = block(x, e0, context, rope, image_context)
+
+        x = self.head(x, e)  # [s, B, C_out * pt * ph * pw]
+        return self._unpatchify(x, grid)
+
+    def _pad_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Zero-pad text states to text_len as Wan does (padded tokens are attended, through the bias)."""
+        n = text.shape[1]
+        if n > self.dit_config.text_len:
+            raise ValueError(f"text has {n} tokens, more than text_len={self.dit_config.text_len}")
+        return F.pad(text.to(self.text_embedding.linear_1.weight.dtype), (0, 0, 0, self.dit_config.text_len - n))
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple) -> torch.Tensor:
+        f, h, w = grid
+        pt, ph, pw = self.dit_config.patch_size
+        x = x.transpose(0, 1).reshape(x.shape[1], f, h, w, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, f, pt, h, ph, w, pw]
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+

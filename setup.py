@@ -1,0 +1,42 @@
+"""megawan: training Wan-style video diffusion models at scale on megatron-core."""
+
+from setuptools import find_packages, setup
+
+# Every pin is satisfied by the CPU torch 2.13.0 used in CI and by the newest releases on
+# Python 3.12 GPU clusters (megatron-core 0.17+ there).
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "megatron-core>=0.16.1",
+    "numpy>=1.24",
+    "pyyaml>=6.0",
+    "safetensors>=0.4",
+    "packaging",
+]
+
+EXTRAS = {
+    # Test-only references: diffusers' Wan classes and transformers' UMT5 are what we check against.
+    "test": [
+        "pytest>=8",
+        "diffusers>=0.35",
+        "transformers>=4.50",
+        "sentencepiece>=0.2",
+    ],
+    "gpu": [
+        "transformer-engine[pytorch]>=2.0",
+        "nvidia-dali-cuda120>=1.40",
+        "triton>=3.0",
+    ],
+}
+
+setup(
+    name="megawan",
+    version="0.1.0",
+    description="Train Wan-style video diffusion models at scale on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megawan", "megawan.*", "kernels", "kernels.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["megawan = megawan.cli:main"]},
+)
