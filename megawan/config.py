@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 BACKENDS = ("auto", "local", "te")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: numerical checks only
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.nn as nn
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megawan.models.dit.norms import FP32LayerNorm, layer_norm_fp32
+from megawan.models.dit.norms import FP32LayerNorm, layer_norm_fp32, upcast
 
 
 @dataclass
@@ -51,10 +51,10 @@ class WanBlock(MegatronModule):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope_cos_sin,
                 image_context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [s, b, dim]; e0 [1 or s, b, 6, dim] fp32; context [s_txt, b, dim]; image_context [s_img, b, dim]."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e0).unbind(dim=-2)
+        shift, scale, gate, c_shift, c_scale, c_gate = (upcast(self.modulation) + e0).unbind(dim=-2)
 
         y = (layer_norm_fp32(x, self.eps) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.self_attention(y, rope_cos_sin) * gate).type_as(x)
+        x = (upcast(x) + self.self_attention(y, rope_cos_sin) * gate).type_as(x)
 
         x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
 
@@ -62,4 +62,4 @@ class WanBlock(MegatronModule):
         out, out_bias = self.mlp(y)
         if out_bias is not None:
             out = out + out_bias
-        return (x.float() + out.float() * c_gate).type_as(x)
+        return (upcast(x) + upcast(out) * c_gate).type_as(x)

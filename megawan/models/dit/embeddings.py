@@ -9,16 +9,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megawan.models.dit.norms import layer_norm_fp32, upcast
+
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan's timestep embedding: [cos | sin] of t * 10000^(-i / (dim/2)), i < dim/2, computed in float64.
 
-    timesteps: any shape (Wan's units, 0-1000) -> [..., dim] float32.
+    timesteps: any shape (Wan's units, 0-1000) -> [..., dim] float64.
     """
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
     angles = timesteps.to(torch.float64).unsqueeze(-1) * freqs
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class TimeEmbedding(nn.Module):
@@ -37,8 +39,8 @@ class TimeEmbedding(nn.Module):
     def forward(self, timesteps: torch.Tensor):
         """timesteps [B] or [B, L] -> e [..., dim], e0 [..., 6, dim], both float32 (modulation is fp32 in Wan)."""
         sinusoid = sinusoidal_embedding(timesteps, self.freq_dim).to(self.linear_1.weight.dtype)
-        e = self.linear_2(F.silu(self.linear_1(sinusoid))).float()
-        e0 = self.projection(F.silu(e).to(self.projection.weight.dtype)).float()
+        e = upcast(self.linear_2(F.silu(self.linear_1(sinusoid))))
+        e0 = upcast(self.projection(F.silu(e).to(self.projection.weight.dtype)))
         return e, e0.unflatten(-1, (6, -1))
 
 
@@ -73,11 +75,9 @@ class ImageEmbedding(nn.Module):
         if self.pos_embed is not None:
             b, n, d = image.shape
             image = image.reshape(-1, 2 * n, d) + self.pos_embed  # FLF2V: both images' tokens side by side
-        x = F.layer_norm(image.float(), self.norm_in.normalized_shape, self.norm_in.weight.float(),
-                         self.norm_in.bias.float(), self.norm_in.eps).to(image.dtype)
+        x = layer_norm_fp32(image, self.norm_in.eps, self.norm_in.weight, self.norm_in.bias).to(image.dtype)
         x = self.linear_2(F.gelu(self.linear_1(x)))
-        return F.layer_norm(x.float(), self.norm_out.normalized_shape, self.norm_out.weight.float(),
-                            self.norm_out.bias.float(), self.norm_out.eps).to(x.dtype)
+        return layer_norm_fp32(x, self.norm_out.eps, self.norm_out.weight, self.norm_out.bias).to(x.dtype)
 
 
 __all__ = ["sinusoidal_embedding", "TimeEmbedding", "TextEmbedding", "ImageEmbedding"]

@@ -27,12 +27,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megawan.capabilities import resolve_backend
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
-from megawan.models.dit.norms import layer_norm_fp32
+from megawan.models.dit.norms import layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
 from megawan.parallel.groups import tensor_parallel_group
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def megatron_config(cfg: DiTConfig, tensor_parallel: int) -> TransformerConfig:
@@ -70,7 +70,7 @@ class WanHead(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [s, b, dim]; e [1 or s, b, dim] fp32."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(-2)).unbind(dim=-2)
+        shift, scale = (upcast(self.modulation) + e.unsqueeze(-2)).unbind(dim=-2)
         return self.linear((layer_norm_fp32(x, self.eps) * (1 + scale) + shift).type_as(x))
 
 
@@ -141,7 +141,7 @@ class WanDiT(MegatronModule):
 
         x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
         x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, B, dim], frame-major
-        rope = rope_cos_sin(grid, cfg.rope_split, cfg.rope_theta, device=x.device)
+        rope = rope_cos_sin(grid, cfg.rope_split, cfg.rope_theta, device=x.device, dtype=upcast(x).dtype)
 
         e, e0 = self.time_embedding(timestep)  # [B(, s), dim], [B(, s), 6, dim]
         if timestep.dim() == 1:  # one t per sample: broadcast over the sequence

@@ -15,6 +15,11 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megawan.parallel.groups import all_reduce_sum
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32: Wan computes norms, modulation and RoPE in fp32 (fp64 models stay fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class ParallelRMSNorm(nn.Module):
     """RMSNorm over a hidden dimension that is split across the TP group (weight split the same way)."""
 
@@ -30,7 +35,7 @@ class ParallelRMSNorm(nn.Module):
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         sum_sq = all_reduce_sum(xf.pow(2).sum(dim=-1, keepdim=True), self.tp_group)
         normed = xf * torch.rsqrt(sum_sq / self.hidden_size + self.eps)
         return normed.type_as(x) * self.weight
@@ -44,10 +49,10 @@ class ParallelRMSNorm(nn.Module):
 
 
 def layer_norm_fp32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
-    """LayerNorm computed in fp32, result in fp32 (Wan modulates in fp32 before casting back)."""
+    """LayerNorm computed in (at least) fp32, result in fp32 (Wan modulates in fp32 before casting back)."""
     return F.layer_norm(
-        x.float(), (x.shape[-1],),
-        None if weight is None else weight.float(), None if bias is None else bias.float(), eps,
+        upcast(x), (x.shape[-1],),
+        None if weight is None else upcast(weight), None if bias is None else upcast(bias), eps,
     )
 
 

@@ -22,15 +22,15 @@ def rope_angles(grid: tuple, split: tuple, theta: float = 10000.0, device=None) 
     return torch.cat(parts, dim=-1).reshape(-1, sum(split) // 2)
 
 
-def rope_cos_sin(grid: tuple, split: tuple, theta: float = 10000.0, device=None):
-    """cos, sin tables [s, 1, 1, head_dim/2] float32, broadcastable over [s, b, heads, head_dim/2]."""
+def rope_cos_sin(grid: tuple, split: tuple, theta: float = 10000.0, device=None, dtype=torch.float32):
+    """cos, sin tables [s, 1, 1, head_dim/2] (float32), broadcastable over [s, b, heads, head_dim/2]."""
     angles = rope_angles(grid, split, theta, device)
-    return torch.cos(angles).float()[:, None, None, :], torch.sin(angles).float()[:, None, None, :]
+    return torch.cos(angles).to(dtype)[:, None, None, :], torch.sin(angles).to(dtype)[:, None, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [s, b, heads, head_dim] pairwise (x[2i], x[2i+1]) by the angles; computed in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    """Rotate x [s, b, heads, head_dim] pairwise (x[2i], x[2i+1]) by the angles, in the tables' dtype."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2).type_as(x)

@@ -1,0 +1,44 @@
+"""Run a function on N local processes over gloo (CPU) with megatron-core model parallelism set up.
+
+The tests and the demo use it; real jobs launch with torchrun or srun instead.
+
+    def work(rank, out_dir): ...
+    spawn_local(work, world_size=2, tensor_parallel=2, args=(out_dir,))
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state
+
+from megawan.parallel.groups import initialize_model_parallel
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world_size: int, port: int, tensor_parallel: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # N ranks share the machine's cores
+    initialize_model_parallel(tensor_parallel=tensor_parallel, backend="gloo")
+    try:
+        fn(rank, *args)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def spawn_local(fn, world_size: int, tensor_parallel: int = 1, args: tuple = ()) -> None:
+    """Call fn(rank, *args) on `world_size` spawned processes; raises if any rank fails."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), tensor_parallel, args), nprocs=world_size, join=True)
