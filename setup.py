@@ -11,12 +11,14 @@ INSTALL_REQUIRES = [
     "pyyaml>=6.0",
     "safetensors>=0.4",
     "packaging",
+    "psutil",  # megatron-core dist_checkpointing needs it
 ]
 
 EXTRAS = {
     # Test-only references: diffusers' Wan classes and transformers' UMT5 are what we check against.
     "test": [
         "pytest>=8",
+        "pytest-timeout",
         "diffusers>=0.35",
         "transformers>=4.50",
         "sentencepiece>=0.2",

@@ -25,6 +25,11 @@ class WanDiTExperts(nn.Module):
         self.high_noise = WanDiT(config, tp_group=tp_group)
         self.low_noise = WanDiT(config, tp_group=tp_group)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        out = self.high_noise.sharded_state_dict(f"{prefix}high_noise.", sharded_offsets, metadata)
+        out.update(self.low_noise.sharded_state_dict(f"{prefix}low_noise.", sharded_offsets, metadata))
+        return out
+
     def expert_for(self, timestep: torch.Tensor) -> torch.Tensor:
         """Bool [B]: True where the high-noise expert runs (per-token t: its largest value decides)."""
         t = timestep if timestep.dim() == 1 else timestep.amax(dim=1)

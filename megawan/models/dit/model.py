@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from megawan.capabilities import resolve_backend
 from megawan.config import DiTConfig
@@ -126,6 +127,20 @@ class WanDiT(MegatronModule):
             if key.endswith("_extra_state") and key not in state_dict:
                 state_dict[key] = value
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """megatron-core dist_checkpointing view: TP-split tensors carry their global shape and offset, so a
+        checkpoint saved at one TP size loads at any other."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = {}
+        for name, child in self.named_children():
+            if isinstance(child, nn.ModuleList):  # megatron's default would treat a ModuleList as replicated
+                for i, block in enumerate(child):
+                    out.update(block.sharded_state_dict(f"{prefix}{name}.{i}.", sharded_offsets, metadata))
+            else:
+                out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=self.tp_group))
+        return out
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 image: Optional[torch.Tensor] = None) -> torch.Tensor:
