@@ -1,0 +1,5 @@
+import sys
+
+from megawan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""The `megawan` command. Subcommands:
+
+    megawan demo [--out DIR]                       tiny DiT: train on 2 TP ranks, checkpoint, reload on 1
+    megawan presets                                list model presets and their hyper-parameters
+    megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs (latent sizes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_demo(args) -> int:
+    from megawan.demo import run_demo
+
+    run_demo(args.out, preset=args.preset, tensor_parallel=args.tensor_parallel, steps=args.steps)
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from megawan.config import dit_preset, preset_names
+
+    print(f"{'preset':18} {'type':5} {'dim':>5} {'ffn':>6} {'heads':>5} {'layers':>6} {'in':>3} {'out':>3}  params")
+    for name in preset_names():
+        c = dit_preset(name)
+        params = _parameter_count(c)
+        experts = " x2 experts" if c.expert_boundary else ""
+        print(f"{name:18} {c.model_type:5} {c.dim:5} {c.ffn_dim:6} {c.num_heads:5} {c.num_layers:6} {c.in_dim:3} "
+              f"{c.out_dim:3}  {params / 1e9:.3f}B{experts}")
+    return 0
+
+
+def _parameter_count(config) -> int:
+    from math import prod
+
+    from megawan.convert.dit_keys import dit_param_shapes
+
+    return sum(prod(s) for s in dit_param_shapes(config).values())
+
+
+def _cmd_flops(args) -> int:
+    from megawan.config import dit_preset
+    from megawan.models.dit import flops
+    from megawan.models.dit.flops import tokens
+
+    c = dit_preset(args.preset)
+    f = flops(c, args.batch, args.frames, args.height, args.width)
+    print(f"{args.preset}: {tokens(c, args.frames, args.height, args.width):,} tokens per sample; "
+          f"forward {f / 1e12:.2f} TFLOP, training step (3x) {3 * f / 1e12:.2f} TFLOP for batch {args.batch}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megawan", description="Train Wan-style video diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="tiny DiT on 2 TP ranks on CPU: train, checkpoint, reload on 1 rank")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--preset", default="tiny")
+    demo.add_argument("--tensor-parallel", type=int, default=2)
+    demo.add_argument("--steps", type=int, default=5)
+    demo.set_defaults(func=_cmd_demo)
+
+    presets = sub.add_parser("presets", help="list model presets")
+    presets.set_defaults(func=_cmd_presets)
+
+    fl = sub.add_parser("flops", help="model FLOPs of a preset at a latent size")
+    fl.add_argument("preset")
+    fl.add_argument("--frames", type=int, required=True, help="latent frames (81 video frames -> 21)")
+    fl.add_argument("--height", type=int, required=True, help="latent height (480 px -> 60 with Wan2.1's VAE)")
+    fl.add_argument("--width", type=int, required=True, help="latent width (832 px -> 104)")
+    fl.add_argument("--batch", type=int, default=1)
+    fl.set_defaults(func=_cmd_flops)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
