@@ -65,6 +65,10 @@ class _WanAttentionBase(MegatronModule):
         return build_module(spec, self.config.hidden_size, eps=eps, tp_group=self.tp_group,
                             params_dtype=self.config.params_dtype)
 
+    def _attend(self, q, k, v):
+        """[s, b, heads, d] each -> [sq, b, heads * d]; bidirectional (TE's interface needs the mask type)."""
+        return self.core_attention(q, k, v, None, attn_mask_type=AttnMaskType.no_mask)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads_local, self.head_dim))
 
@@ -83,7 +87,7 @@ class WanSelfAttention(_WanAttentionBase):
         cos, sin = rope_cos_sin
         q = apply_rope(self._heads(q), cos, sin)
         k = apply_rope(self._heads(k), cos, sin)
-        out = self.core_attention(q, k, self._heads(v), None)
+        out = self._attend(q, k, self._heads(v))
         return self.linear_proj(out)[0]
 
 
@@ -111,11 +115,11 @@ class WanCrossAttention(_WanAttentionBase):
         q = self._heads(self.q_norm(self.linear_q(x)[0]))
         k = self._heads(self.k_norm(self.linear_k(context)[0]))
         v = self._heads(self.linear_v(context)[0])
-        out = self.core_attention(q, k, v, None)
+        out = self._attend(q, k, v)
         if self.image_branch:
             if image_context is None:
                 raise ValueError("this model has an image branch (Wan2.1 I2V): pass the CLIP image tokens")
             k_img = self._heads(self.k_img_norm(self.linear_k_img(image_context)[0]))
             v_img = self._heads(self.linear_v_img(image_context)[0])
-            out = out + self.core_attention(q, k_img, v_img, None)
+            out = out + self._attend(q, k_img, v_img)
         return self.linear_proj(out)[0]
