@@ -1,0 +1,87 @@
+"""Flow matching as Wan trains it (rectified flow).
+
+    t ~ p(t) on (0, 1), then Wan's shift  t' = s t / (1 + (s - 1) t)   (s > 1 favours noisier t)
+    x_t = (1 - t') x0 + t' noise              the model sees x_t and 1000 t'
+    target = noise - x0                       the velocity; loss = MSE(model(x_t), target)
+
+Wan2.2 TI2V (and image-to-video in general) keeps the first latent frame clean: its tokens get t = 0, the
+frame stays x0, and it is left out of the loss.
+
+    fm = FlowMatching(shift=5.0, distribution="logit_normal")
+    t = fm.sample_timesteps(batch, generator=g)
+    x_t, target = fm.noised(x0, noise, t)
+    loss = fm.loss(model(x_t, fm.model_timesteps(t), text), target)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000  # Wan's model takes t in [0, 1000]
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's timestep shift: t' = s t / (1 + (s - 1) t); s = 1 leaves t unchanged."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass
+class FlowMatching:
+    shift: float = 1.0
+    distribution: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self):
+        if self.distribution not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep distribution {self.distribution!r} is not uniform or logit_normal")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+
+    def sample_timesteps(self, batch: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+        """[batch] flow times in (0, 1), shifted."""
+        if self.distribution == "uniform":
+            t = torch.rand(batch, generator=generator, device=device)
+        else:
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator, device=device))
+        return shift_timesteps(t, self.shift)
+
+    @staticmethod
+    def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """x_t and the velocity target. t: [B] (one per sample) or broadcastable to x0."""
+        t = t.view(-1, *([1] * (x0.dim() - 1))) if t.dim() == 1 else t
+        t = t.to(x0.dtype)
+        return (1 - t) * x0 + t * noise, noise - x0
+
+    @staticmethod
+    def model_timesteps(t: torch.Tensor) -> torch.Tensor:
+        """Flow time (0-1) -> the model's timestep units (0-1000)."""
+        return t * NUM_TRAIN_TIMESTEPS
+
+    @staticmethod
+    def clean_first_frame(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, patch_size=(1, 2, 2)):
+        """Image-conditioned flow (Wan2.2 TI2V): the first latent frame stays clean.
+
+        Returns x_t [B, C, T, H, W], target, per-token model timesteps [B, L] (0 on first-frame tokens), and
+        the loss mask [B, 1, T, H, W] (0 on the first frame).
+        """
+        b, _, frames, h, w = x0.shape
+        keep = torch.ones(b, 1, frames, h, w, dtype=x0.dtype, device=x0.device)
+        keep[:, :, 0] = 0
+        t_map = t.view(-1, 1, 1, 1, 1).to(x0.dtype) * keep
+        x_t, target = FlowMatching.noised(x0, noise, t_map)
+        pt, ph, pw = patch_size
+        token_t = t_map[:, 0, ::pt, ::ph, ::pw].flatten(1) * NUM_TRAIN_TIMESTEPS
+        return x_t, target, token_t, keep
+
+    @staticmethod
+    def loss(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean squared error, in fp32; with a mask, the mean over masked-in elements."""
+        err = (prediction.float() - target.float()).pow(2)
+        if mask is None:
+            return err.mean()
+        mask = mask.float().expand_as(err)
+        return (err * mask).sum() / mask.sum().clamp_min(1)

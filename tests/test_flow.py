@@ -1,0 +1,52 @@
+"""Flow matching: the shift, the noising path, the velocity target and the TI2V first-frame rule."""
+
+import torch
+
+from megawan.diffusion import FlowMatching, shift_timesteps
+
+
+def test_shift_matches_wan_formula_and_favours_noise():
+    t = torch.linspace(0, 1, 11)
+    assert torch.allclose(shift_timesteps(t, 1.0), t)
+    shifted = shift_timesteps(t, 5.0)
+    assert torch.allclose(shifted, 5 * t / (1 + 4 * t))
+    assert (shifted[1:-1] > t[1:-1]).all() and shifted[0] == 0 and shifted[-1] == 1
+
+
+def test_timestep_distributions():
+    g = torch.Generator().manual_seed(0)
+    uniform = FlowMatching(distribution="uniform").sample_timesteps(20000, generator=g)
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01
+    logit = FlowMatching(distribution="logit_normal").sample_timesteps(20000, generator=g)
+    assert abs(logit.mean() - 0.5) < 0.01 and logit.std() < uniform.std()  # concentrated in the middle
+    shifted = FlowMatching(shift=5.0).sample_timesteps(20000, generator=g)
+    assert shifted.mean() > 0.7
+
+
+def test_noised_path_and_target():
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 4, 5, 2, 2, generator=g), torch.randn(3, 4, 5, 2, 2, generator=g)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    x_t, target = FlowMatching.noised(x0, noise, t)
+    assert torch.equal(x_t[0], x0[0]) and torch.equal(x_t[2], noise[2])
+    assert torch.allclose(x_t[1], 0.5 * (x0[1] + noise[1]))
+    assert torch.equal(target, noise - x0)
+    # the target is dx_t/dt along the path: exact for a straight line
+    dt = 1e-3
+    x_t2, _ = FlowMatching.noised(x0, noise, t.clamp(max=1 - dt) + dt)
+    assert torch.allclose((x_t2 - FlowMatching.noised(x0, noise, t.clamp(max=1 - dt))[0]) / dt, target, atol=1e-2)
+
+
+def test_clean_first_frame_for_ti2v():
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(2, 3, 3, 4, 4, generator=g), torch.randn(2, 3, 3, 4, 4, generator=g)
+    t = torch.tensor([0.3, 0.9])
+    x_t, target, token_t, mask = FlowMatching.clean_first_frame(x0, noise, t)
+    assert torch.equal(x_t[:, :, 0], x0[:, :, 0])
+    assert token_t.shape == (2, 3 * 2 * 2)
+    assert (token_t[:, :4] == 0).all() and torch.allclose(token_t[:, 4:], (t * 1000).view(2, 1).expand(2, 8))
+    # the masked loss ignores the first frame entirely
+    pred = target.clone()
+    pred[:, :, 0] += 100.0
+    assert FlowMatching.loss(pred, target, mask) == 0
+    assert FlowMatching.loss(pred, target) > 0
