@@ -105,14 +105,57 @@ class DiTConfig:
         return self
 
 
+CP_MODES = ("ulysses", "ring", "2d")
+
+
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
+    """How ranks are laid out: world = data x pipeline x context x tensor (megatron-core's order)."""
 
-    def validate(self, prefix: str = "parallel") -> "ParallelConfig":
-        if self.tensor_parallel < 1:
-            raise ConfigError(f"{prefix}.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    context_parallel: int = 1
+    # ulysses: all-to-all, heads scattered; ring: K/V passed around with online softmax;
+    # 2d: ulysses inside groups of `ulysses_size` ranks (a node), ring across them (the Wan report's layout)
+    context_parallel_mode: str = "ulysses"
+    ulysses_size: Optional[int] = None
+    sequence_parallel: bool = False
+
+    def validate(self, world_size: Optional[int] = None, prefix: str = "parallel") -> "ParallelConfig":
+        def need(ok: bool, field_name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{field_name}: {why}")
+
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        need(self.virtual_pipeline is None or self.virtual_pipeline >= 1, "virtual_pipeline", "must be >= 1")
+        need(self.virtual_pipeline is None or self.pipeline_parallel > 1, "virtual_pipeline",
+             "interleaving needs pipeline_parallel > 1")
+        need(self.context_parallel_mode in CP_MODES, "context_parallel_mode",
+             f"{self.context_parallel_mode!r} is not one of {CP_MODES}")
+        if self.context_parallel_mode == "2d" and self.context_parallel > 1:
+            u = self.ulysses_size
+            need(u is not None and 1 < u < self.context_parallel and self.context_parallel % u == 0, "ulysses_size",
+                 f"2d context parallelism needs 1 < ulysses_size < context_parallel={self.context_parallel} "
+                 f"dividing it, got {u}")
+        need(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
+             "sequence parallelism splits activations over TP ranks: it needs tensor_parallel > 1")
+        if world_size is not None:
+            model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+            need(world_size % model_parallel == 0, "tensor_parallel",
+                 f"world size {world_size} is not divisible by tensor x pipeline x context parallel = {model_parallel}")
         return self
+
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks over which attention heads are scattered by all-to-all."""
+        if self.context_parallel == 1 or self.context_parallel_mode == "ring":
+            return 1
+        return self.context_parallel if self.context_parallel_mode == "ulysses" else self.ulysses_size
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
 
 
 @dataclass
@@ -123,9 +166,18 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
 
-    def validate(self) -> "RunConfig":
-        self.parallel.validate()
-        self.model.validate(tensor_parallel=self.parallel.tensor_parallel)
+    def validate(self, world_size: Optional[int] = None) -> "RunConfig":
+        p = self.parallel.validate(world_size)
+        self.model.validate(tensor_parallel=p.tensor_parallel)
+        heads_split = p.tensor_parallel * p.ulysses_degree
+        if self.model.num_heads % heads_split:
+            raise ConfigError(
+                f"model.num_heads: {self.model.num_heads} heads do not split over tensor_parallel x ulysses "
+                f"context parallel = {heads_split} ranks (use context_parallel_mode=ring or fewer ranks)")
+        if self.model.num_layers % (p.pipeline_parallel * (p.virtual_pipeline or 1)):
+            raise ConfigError(
+                f"model.num_layers: {self.model.num_layers} blocks do not split into pipeline_parallel x "
+                f"virtual_pipeline = {p.pipeline_parallel * (p.virtual_pipeline or 1)} stages")
         return self
 
 

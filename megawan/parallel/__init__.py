@@ -1,9 +1,11 @@
 """Process groups and the collectives the models need. Models receive groups; they never create them."""
 
 from megawan.parallel.groups import (
+    ContextParallelGroups,
     all_reduce_sum,
-    initialize_model_parallel,
+    context_parallel_groups,
     tensor_parallel_group,
 )
+from megawan.parallel.initialize import initialize
 
-__all__ = ["all_reduce_sum", "initialize_model_parallel", "tensor_parallel_group"]
+__all__ = ["ContextParallelGroups", "all_reduce_sum", "context_parallel_groups", "initialize", "tensor_parallel_group"]

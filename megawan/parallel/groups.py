@@ -6,6 +6,8 @@ once and hands the group to every layer, so the same code path serves TP = 1 and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -14,10 +16,42 @@ from megatron.core import parallel_state
 _PRIVATE_WORLD = {"active": False}
 
 
+@dataclass
+class ContextParallelGroups:
+    """The groups a context-parallel attention uses: all-to-all over `ulysses` (heads scattered), K/V passed
+    around `ring`; either may be a one-rank group. `group` is the whole CP group (this rank's sequence chunk
+    is its rank there)."""
+
+    group: object
+    mode: str
+    ulysses: object = None
+    ring: object = None
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+
+_CONTEXT_PARALLEL: dict = {"groups": None}
+
+
+def context_parallel_groups():
+    """This rank's ContextParallelGroups, or None without context parallelism."""
+    return _CONTEXT_PARALLEL["groups"]
+
+
+def set_context_parallel_groups(groups) -> None:
+    _CONTEXT_PARALLEL["groups"] = groups
+
+
 def _start_single_process_world() -> None:
     """A one-rank gloo world for a lone process: megatron-core's layers need torch.distributed even at TP=1.
 
-    Started on first use, in memory (HashStore: no port, no files); `initialize_model_parallel` replaces it
+    Started on first use, in memory (HashStore: no port, no files); `megawan.parallel.initialize` replaces it
     when a real multi-process job starts.
     """
     dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -38,7 +72,7 @@ def tensor_parallel_group():
         return dist.group.WORLD
     raise RuntimeError(
         "torch.distributed runs on several ranks but megatron-core's model parallelism is not set up: "
-        "call megawan.parallel.initialize_model_parallel(tensor_parallel=N) first"
+        "call megawan.parallel.initialize(ParallelConfig(...)) first"
     )
 
 
@@ -67,40 +101,3 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     if group is None or group.size() == 1:
         return x
     return _AllReduceSum.apply(x, group)
-
-
-def initialize_model_parallel(tensor_parallel: int = 1, backend: str | None = None) -> None:
-    """Start torch.distributed from torchrun's or Slurm's environment and set up megatron-core groups.
-
-    Single process (no RANK / SLURM_PROCID in the environment) with tensor_parallel=1 needs nothing and
-    returns without initializing anything.
-    """
-    import os
-
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:  # srun: derive torchrun's variables
-        env.setdefault("RANK", env["SLURM_PROCID"])
-        env.setdefault("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    if "RANK" not in env:
-        if tensor_parallel != 1:
-            raise RuntimeError(
-                f"tensor_parallel={tensor_parallel} needs {tensor_parallel} processes: launch with torchrun or srun"
-            )
-        return
-    if _PRIVATE_WORLD["active"]:  # a lone process's one-rank world: make way for the real job
-        dist.destroy_process_group()
-        _PRIVATE_WORLD["active"] = False
-    if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
-    world = dist.get_world_size()
-    if world % tensor_parallel != 0:
-        raise RuntimeError(f"world size {world} is not divisible by tensor_parallel={tensor_parallel}")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)

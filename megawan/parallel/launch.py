@@ -16,7 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
 
-from megawan.parallel.groups import initialize_model_parallel
+from megawan.config import ParallelConfig
+from megawan.parallel.groups import set_context_parallel_groups
+from megawan.parallel.initialize import initialize
 
 
 def free_port() -> int:
@@ -25,20 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, tensor_parallel: int, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, parallel: ParallelConfig, args: tuple) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)  # N ranks share the machine's cores
-    initialize_model_parallel(tensor_parallel=tensor_parallel, backend="gloo")
+    initialize(parallel, backend="gloo")
     try:
         fn(rank, *args)
     finally:
+        set_context_parallel_groups(None)
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
-def spawn_local(fn, world_size: int, tensor_parallel: int = 1, args: tuple = ()) -> None:
-    """Call fn(rank, *args) on `world_size` spawned processes; raises if any rank fails."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), tensor_parallel, args), nprocs=world_size, join=True)
+def spawn_local(fn, world_size: int, tensor_parallel: int = 1, args: tuple = (), **parallel) -> None:
+    """Call fn(rank, *args) on `world_size` spawned processes; raises if any rank fails.
+
+    tensor_parallel and the other ParallelConfig fields (context_parallel=2, …) lay the ranks out; the
+    layout is validated here, before any process starts.
+    """
+    layout = ParallelConfig(tensor_parallel=tensor_parallel, **parallel).validate(world_size)
+    mp.spawn(_entry, args=(fn, world_size, free_port(), layout, args), nprocs=world_size, join=True)

@@ -1,0 +1,132 @@
+"""`initialize()`: one call that starts torch.distributed and megatron-core's process groups.
+
+Launchers: torchrun (RANK, WORLD_SIZE, MASTER_ADDR, …), srun (SLURM_PROCID, SLURM_NTASKS, …; the first
+node of SLURM_JOB_NODELIST is the rendezvous host), or a single process. nccl on GPU, gloo on CPU.
+
+    from megawan.parallel import initialize
+    initialize(ParallelConfig(tensor_parallel=2, context_parallel=2), seed=0)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megawan.config import ParallelConfig
+from megawan.parallel import groups as _groups
+from megawan.parallel.groups import ContextParallelGroups, set_context_parallel_groups
+
+
+def _launcher_environment() -> dict:
+    """torchrun's variables, derived from Slurm's under srun."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return env
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
+        env["MASTER_ADDR"] = first_slurm_host(env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+        env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)  # same on every task of the job
+    return env
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[012-015,020],cpu1' -> 'gpu012' (Slurm's compressed host list, first entry)."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def initialize(parallel: ParallelConfig | None = None, backend: str | None = None, seed: int = 0) -> ParallelConfig:
+    """Start (or join) the job's process groups. Returns the validated ParallelConfig.
+
+    Must run on every rank before models are built. A lone process with no launcher needs no call at all
+    when every parallel size is 1.
+    """
+    parallel = parallel or ParallelConfig()
+    env = _launcher_environment()
+    if _groups._PRIVATE_WORLD["active"]:  # a lone process's one-rank world: make way for the real job
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+        _groups._PRIVATE_WORLD["active"] = False
+    if not dist.is_initialized():
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        parallel.validate(world_size)
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        if "RANK" in env:
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+            env.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    parallel.validate(dist.get_world_size())
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+            context_parallel_size=parallel.context_parallel,
+        )
+    set_context_parallel_groups(_context_parallel_groups(parallel))
+    _seed(seed)
+    _rank_logging()
+    return parallel
+
+
+def _context_parallel_groups(parallel: ParallelConfig):
+    if parallel.context_parallel == 1:
+        return None
+    cp_group = parallel_state.get_context_parallel_group()
+    mode = parallel.context_parallel_mode
+    if mode == "ulysses":
+        return ContextParallelGroups(cp_group, mode, ulysses=cp_group, ring=None)
+    if mode == "ring":
+        return ContextParallelGroups(cp_group, mode, ulysses=None, ring=cp_group)
+    # 2d: CP rank c = g * U + a. Ulysses groups are U consecutive CP ranks (inside a node); ring groups link
+    # the ranks with the same a across groups. Every rank must create every group, in the same order.
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, tuple(parallel_state.get_context_parallel_global_ranks()))
+    u = parallel.ulysses_size
+    mine_ulysses = mine_ring = None
+    me = dist.get_rank()
+    for ranks in sorted(set(everyone)):
+        for g in range(len(ranks) // u):
+            group = dist.new_group(list(ranks[g * u:(g + 1) * u]))
+            if me in ranks[g * u:(g + 1) * u]:
+                mine_ulysses = group
+        for a in range(u):
+            members = list(ranks[a::u])
+            group = dist.new_group(members)
+            if me in members:
+                mine_ring = group
+    return ContextParallelGroups(cp_group, mode, ulysses=mine_ulysses, ring=mine_ring)
+
+
+def _seed(seed: int) -> None:
+    """Same seed on every rank (weights are initialised whole, then split); dropout-free Wan needs no
+    per-TP-rank streams. On GPU megatron's CUDA RNG tracker is seeded too."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _rank_logging() -> None:
+    rank = dist.get_rank()
+    fmt = f"[rank {rank}] %(asctime)s %(name)s %(levelname)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, force=True)
