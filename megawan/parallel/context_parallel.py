@@ -1,0 +1,211 @@
+"""Context parallelism for the `local` backend: the video tokens are split over CP ranks in contiguous
+chunks, and self-attention is exchanged across them in one of three ways.
+
+- Ulysses (all-to-all): trade a sequence chunk of every head for the whole sequence of 1/CP of the heads,
+  attend locally, trade back. Two all-to-alls each way; heads must divide by CP.
+- Ring: keep the queries, pass K/V blocks around the ring and merge partial attentions with an online
+  softmax (log-sum-exp). The backward passes dK/dV accumulators around the same ring.
+- 2D: Ulysses inside a group of ranks (fast links, a node), ring across the groups (the Wan report's layout).
+
+A token count that CP does not divide is padded at the end; padded keys are masked out. Megatron's
+convention for masks is kept: True = not attended.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megawan.parallel.groups import ContextParallelGroups
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+# ----------------------------------------------------------------------------------------------
+# all-to-all and sequence gather, with their backward
+
+
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in x.chunk(world, dim=scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(world)]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.args = (group, scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, scatter_dim, gather_dim = ctx.args
+        return _all_to_all(grad, group, gather_dim, scatter_dim), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split x along scatter_dim over the group, concatenate what arrives along gather_dim."""
+    if _size(group) == 1:
+        return x
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward: concatenate every rank's chunk along dim 0. Backward: each rank keeps the gradient of its own
+    chunk (every rank computes the same thing from the gathered tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=0)[rank].contiguous(), None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    return _GatherSequence.apply(x, group)
+
+
+def padded_length(tokens: int, cp_size: int) -> int:
+    return math.ceil(tokens / cp_size) * cp_size
+
+
+def split_sequence(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 0) -> torch.Tensor:
+    """Pad x along dim to a multiple of cp_size (zeros at the end) and take this rank's contiguous chunk."""
+    n = x.shape[dim]
+    pad = padded_length(n, cp_size) - n
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    return x.chunk(cp_size, dim=dim)[cp_rank]
+
+
+# ----------------------------------------------------------------------------------------------
+# ring attention
+
+
+def _exchange(tensors: list, group) -> list:
+    """Send these tensors to the next rank of the ring and receive the previous rank's (same shapes)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    received = torch.empty_like(flat)
+    send = dist.isend(flat, dst=dist.get_global_rank(group, (rank + 1) % world), group=group)
+    recv = dist.irecv(received, src=dist.get_global_rank(group, (rank - 1) % world), group=group)
+    send.wait()
+    recv.wait()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(received[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def _block_scores(q, k, scale, block: int, block_len: int, valid: Optional[int]):
+    """q k^T * scale for key block `block`, with keys at global positions >= valid masked to -inf."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if valid is not None and (block + 1) * block_len > valid:
+        positions = block * block_len + torch.arange(block_len, device=s.device)
+        s = s.masked_fill(positions >= valid, float("-inf"))
+    return s
+
+
+class _RingAttention(torch.autograd.Function):
+    """q, k, v: [b, h, L, d] (this rank's block of a sequence split in ring order); maths in >= fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, scale, valid):
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        block_len = k.shape[-2]
+        dtype = torch.promote_types(q.dtype, torch.float32)  # accumulate in at least fp32
+        qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+        m = torch.full(q.shape[:-1] + (1,), float("-inf"), dtype=dtype, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        for step in range(world):
+            block = (rank - step) % world
+            s = _block_scores(qf, kf, scale, block, block_len, valid)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + p.sum(dim=-1, keepdim=True)
+            acc = acc * alpha + torch.matmul(p, vf)
+            m = m_new
+            if step < world - 1:
+                kf, vf = _exchange([kf, vf], group)
+        out = acc / l
+        lse = m + torch.log(l)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, scale, valid)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale, valid = ctx.args
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        block_len = k.shape[-2]
+        dtype = out.dtype
+        qf, kf, vf, do = q.to(dtype), k.to(dtype), v.to(dtype), grad_out.to(dtype)
+        delta = (do * out).sum(dim=-1, keepdim=True)
+        dq = torch.zeros_like(qf)
+        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+        for step in range(world):
+            block = (rank - step) % world
+            p = torch.exp(_block_scores(qf, kf, scale, block, block_len, valid) - lse)
+            dp = torch.matmul(do, vf.transpose(-1, -2))
+            ds = p * (dp - delta)
+            dq += torch.matmul(ds, kf) * scale
+            dk += torch.matmul(ds.transpose(-1, -2), qf) * scale
+            dv += torch.matmul(p.transpose(-1, -2), do)
+            # pass the block and its gradient accumulators on; after `world` hops they are home again
+            kf, vf, dk, dv = _exchange([kf, vf, dk, dv], group)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, group, scale: float, valid: Optional[int] = None):
+    """Attention of this rank's queries over the keys of every rank of `group` ([b, h, L, d] each)."""
+    return _RingAttention.apply(q, k, v, group, scale, valid)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def context_parallel_attention(query, key, value, cp: ContextParallelGroups, valid_tokens: Optional[int] = None,
+                               scale: Optional[float] = None) -> torch.Tensor:
+    """Self-attention over a sequence split across CP ranks.
+
+    query / key / value: [L, b, heads, d], this rank's contiguous chunk (rank order = sequence order);
+    valid_tokens: how many leading tokens of the padded global sequence are real (None: all).
+    Returns [L, b, heads * d].
+    """
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    # Ulysses: [L, b, h, d] -> [L * U, b, h / U, d]; the gathered chunks are contiguous in the sequence
+    q, k, v = (all_to_all(t, cp.ulysses, scatter_dim=2, gather_dim=0) for t in (query, key, value))
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h', L', d]
+    if _size(cp.ring) > 1:
+        out = ring_attention(q, k, v, cp.ring, scale, valid_tokens)
+    else:
+        mask = None
+        if valid_tokens is not None and valid_tokens < k.shape[-2]:
+            mask = (torch.arange(k.shape[-2], device=k.device) < valid_tokens).view(1, 1, 1, -1)  # True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = out.permute(2, 0, 1, 3)  # [L', b, h', d]
+    out = all_to_all(out, cp.ulysses, scatter_dim=0, gather_dim=2)
+    return out.flatten(2)
