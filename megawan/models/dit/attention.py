@@ -65,9 +65,11 @@ class _WanAttentionBase(MegatronModule):
         return build_module(spec, self.config.hidden_size, eps=eps, tp_group=self.tp_group,
                             params_dtype=self.config.params_dtype)
 
-    def _attend(self, q, k, v):
-        """[s, b, heads, d] each -> [sq, b, heads * d]; bidirectional (TE's interface needs the mask type)."""
-        return self.core_attention(q, k, v, None, attn_mask_type=AttnMaskType.no_mask)
+    def _attend(self, q, k, v, valid_tokens: Optional[int] = None):
+        """[s, b, heads, d] each -> [sq, b, heads * d]; bidirectional (TE's interface needs the mask type).
+        valid_tokens: context parallelism over a padded sequence (see core_attention)."""
+        extra = {} if valid_tokens is None else {"valid_tokens": valid_tokens}
+        return self.core_attention(q, k, v, None, attn_mask_type=AttnMaskType.no_mask, **extra)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads_local, self.head_dim))
@@ -80,14 +82,14 @@ class WanSelfAttention(_WanAttentionBase):
                  qk_norm: bool = True, eps: float = 1e-6):
         super().__init__(config, submodules, layer_number, tp_group, "self", config.hidden_size, qk_norm, eps)
 
-    def forward(self, x: torch.Tensor, rope_cos_sin) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_cos_sin, valid_tokens: Optional[int] = None) -> torch.Tensor:
         q = self.q_norm(self.linear_q(x)[0])
         k = self.k_norm(self.linear_k(x)[0])
         v = self.linear_v(x)[0]
         cos, sin = rope_cos_sin
         q = apply_rope(self._heads(q), cos, sin)
         k = apply_rope(self._heads(k), cos, sin)
-        out = self._attend(q, k, self._heads(v))
+        out = self._attend(q, k, self._heads(v), valid_tokens)
         return self.linear_proj(out)[0]
 
 

@@ -49,12 +49,13 @@ class WanBlock(MegatronModule):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim, dtype=config.params_dtype) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope_cos_sin,
-                image_context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [s, b, dim]; e0 [1 or s, b, 6, dim] fp32; context [s_txt, b, dim]; image_context [s_img, b, dim]."""
+                image_context: Optional[torch.Tensor] = None, valid_tokens: Optional[int] = None) -> torch.Tensor:
+        """x [s, b, dim]; e0 [1 or s, b, 6, dim] fp32; context [s_txt, b, dim]; image_context [s_img, b, dim];
+        valid_tokens: real tokens of a padded, context-parallel sequence."""
         shift, scale, gate, c_shift, c_scale, c_gate = (upcast(self.modulation) + e0).unbind(dim=-2)
 
         y = (layer_norm_fp32(x, self.eps) * (1 + scale) + shift).type_as(x)
-        x = (upcast(x) + self.self_attention(y, rope_cos_sin) * gate).type_as(x)
+        x = (upcast(x) + self.self_attention(y, rope_cos_sin, valid_tokens) * gate).type_as(x)
 
         x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
 

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megawan.parallel.context_parallel import context_parallel_attention
+from megawan.parallel.groups import context_parallel_groups
+
 
 class SDPACoreAttention(MegatronModule):
     def __init__(
@@ -34,14 +37,22 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError(f"Wan attention is bidirectional; mask type {attn_mask_type} is not supported")
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        # self-attention over video tokens is split across context-parallel ranks; cross-attention is not
+        # (every CP rank holds the full text)
+        self.cp = context_parallel_groups() if attention_type == "self" else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+                packed_seq_params=None, valid_tokens=None):
         """query [sq, b, heads, d], key / value [sk, b, heads, d] -> [sq, b, heads * d].
 
         attention_mask (optional): bool [b, 1, sq or 1, sk], True where attention is NOT allowed (megatron's
-        convention).
+        convention). Under context parallelism q, k, v are this rank's chunk of the sequence and
+        valid_tokens says how many leading tokens of the padded global sequence are real.
         """
+        if self.cp is not None:
+            if attention_mask is not None:
+                raise ValueError("context-parallel attention takes valid_tokens, not a mask")
+            return context_parallel_attention(query, key, value, self.cp, valid_tokens, self.softmax_scale)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         mask = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(

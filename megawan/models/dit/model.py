@@ -31,7 +31,8 @@ from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmb
 from megawan.models.dit.norms import layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
-from megawan.parallel.groups import tensor_parallel_group
+from megawan.parallel.context_parallel import gather_sequence, split_sequence
+from megawan.parallel.groups import context_parallel_groups, tensor_parallel_group
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -82,7 +83,11 @@ class WanDiT(MegatronModule):
         super().__init__(config=megatron_config(config, tp_group.size()))
         self.dit_config = config
         self.tp_group = tp_group
+        self.cp = context_parallel_groups()  # video tokens split over these ranks, if any
         self.backend = resolve_backend(config.backend)
+        if self.cp is not None and self.backend != "local":
+            raise ValueError("context parallelism is implemented for model.backend=local; the te backend will use "
+                             "Transformer Engine's own context parallelism")
         dtype = self.config.params_dtype
         dim = config.dim
 
@@ -173,10 +178,20 @@ class WanDiT(MegatronModule):
                 raise ValueError(f"{cfg.name} is an image-conditioned model: pass the CLIP image tokens as image=")
             image_context = self.image_embedding(image.to(x.dtype)).transpose(0, 1)
 
+        tokens, valid_tokens = x.shape[0], None
+        if self.cp is not None:  # this rank keeps its contiguous chunk of the (padded) token sequence
+            chunk = functools.partial(split_sequence, cp_rank=self.cp.rank, cp_size=self.cp.size)
+            x, rope = chunk(x), tuple(chunk(t) for t in rope)
+            if timestep.dim() == 2:
+                e, e0 = chunk(e), chunk(e0)
+            valid_tokens = tokens
+
         for block in self.blocks:
-            x = block(x, e0, context, rope, image_context)
+            x = block(x, e0, context, rope, image_context, valid_tokens)
 
         x = self.head(x, e)  # [s, B, C_out * pt * ph * pw]
+        if self.cp is not None:
+            x = gather_sequence(x, self.cp.group)[:tokens]
         return self._unpatchify(x, grid)
 
     def _pad_text(self, text: torch.Tensor) -> torch.Tensor:
