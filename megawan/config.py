@@ -121,6 +121,8 @@ class ParallelConfig:
     context_parallel_mode: str = "ulysses"
     ulysses_size: Optional[int] = None
     sequence_parallel: bool = False
+    recompute: str = "none"  # none | full (whole blocks) | selective (core attention only)
+    recompute_every: int = 1  # full: recompute every N-th block
 
     def validate(self, world_size: Optional[int] = None, prefix: str = "parallel") -> "ParallelConfig":
         def need(ok: bool, field_name: str, why: str) -> None:
@@ -139,6 +141,9 @@ class ParallelConfig:
             need(u is not None and 1 < u < self.context_parallel and self.context_parallel % u == 0, "ulysses_size",
                  f"2d context parallelism needs 1 < ulysses_size < context_parallel={self.context_parallel} "
                  f"dividing it, got {u}")
+        need(self.recompute in ("none", "full", "selective"), "recompute",
+             f"{self.recompute!r} is not one of none, full, selective")
+        need(self.recompute_every >= 1, "recompute_every", f"must be >= 1, got {self.recompute_every}")
         need(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
              "sequence parallelism splits activations over TP ranks: it needs tensor_parallel > 1")
         if world_size is not None:
