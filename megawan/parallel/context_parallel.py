@@ -85,15 +85,20 @@ def padded_length(tokens: int, cp_size: int) -> int:
     return math.ceil(tokens / cp_size) * cp_size
 
 
+def pad_sequence(x: torch.Tensor, multiple: int, dim: int = 0) -> torch.Tensor:
+    """Zero-pad x along dim to a multiple of `multiple`."""
+    n = x.shape[dim]
+    pad = padded_length(n, multiple) - n
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
 def split_sequence(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 0) -> torch.Tensor:
     """Pad x along dim to a multiple of cp_size (zeros at the end) and take this rank's contiguous chunk."""
-    n = x.shape[dim]
-    pad = padded_length(n, cp_size) - n
-    if pad:
-        shape = list(x.shape)
-        shape[dim] = pad
-        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
-    return x.chunk(cp_size, dim=dim)[cp_rank]
+    return pad_sequence(x, cp_size, dim).chunk(cp_size, dim=dim)[cp_rank]
 
 
 # ----------------------------------------------------------------------------------------------

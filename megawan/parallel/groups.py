@@ -37,6 +37,16 @@ class ContextParallelGroups:
 
 
 _CONTEXT_PARALLEL: dict = {"groups": None}
+_SEQUENCE_PARALLEL: dict = {"enabled": False}
+
+
+def sequence_parallel_enabled() -> bool:
+    """Whether activations between the TP linears are split along the sequence over the TP group."""
+    return _SEQUENCE_PARALLEL["enabled"]
+
+
+def set_sequence_parallel(enabled: bool) -> None:
+    _SEQUENCE_PARALLEL["enabled"] = bool(enabled)
 
 
 def context_parallel_groups():

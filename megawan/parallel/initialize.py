@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 
 from megawan.config import ParallelConfig
 from megawan.parallel import groups as _groups
-from megawan.parallel.groups import ContextParallelGroups, set_context_parallel_groups
+from megawan.parallel.groups import ContextParallelGroups, set_context_parallel_groups, set_sequence_parallel
 
 
 def _launcher_environment() -> dict:
@@ -82,6 +82,7 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
             context_parallel_size=parallel.context_parallel,
         )
     set_context_parallel_groups(_context_parallel_groups(parallel))
+    set_sequence_parallel(parallel.sequence_parallel)
     _seed(seed)
     _rank_logging()
     return parallel

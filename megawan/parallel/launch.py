@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from megatron.core import parallel_state
 
 from megawan.config import ParallelConfig
-from megawan.parallel.groups import set_context_parallel_groups
+from megawan.parallel.groups import set_context_parallel_groups, set_sequence_parallel
 from megawan.parallel.initialize import initialize
 
 
@@ -38,6 +38,7 @@ def _entry(rank: int, fn, world_size: int, port: int, parallel: ParallelConfig, 
         fn(rank, *args)
     finally:
         set_context_parallel_groups(None)
+        set_sequence_parallel(False)
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 

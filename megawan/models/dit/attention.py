@@ -7,6 +7,7 @@ hidden size (statistics summed across the TP group).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -33,14 +34,17 @@ class _WanAttentionBase(MegatronModule):
     def __init__(self, config, submodules: WanAttentionSubmodules, layer_number: int, tp_group,
                  attention_type: str, kv_input_size: int, qk_norm: bool, eps: float):
         super().__init__(config=config)
+        # Keys and values of the cross-attention come from text / image tokens, which are never split along
+        # the sequence: their projections run without sequence parallelism.
+        self.kv_config = config if attention_type == "self" else dataclasses.replace(config, sequence_parallel=False)
         hidden = config.hidden_size
         self.tp_group = tp_group
         self.num_heads_local = config.num_attention_heads // tp_group.size()
         self.head_dim = hidden // config.num_attention_heads
 
         self.linear_q = self._column(submodules.linear_q, hidden, "q")
-        self.linear_k = self._column(submodules.linear_k, kv_input_size, "k")
-        self.linear_v = self._column(submodules.linear_v, kv_input_size, "v")
+        self.linear_k = self._column(submodules.linear_k, kv_input_size, "k", self.kv_config)
+        self.linear_v = self._column(submodules.linear_v, kv_input_size, "v", self.kv_config)
         self.core_attention = build_module(
             submodules.core_attention, config=config, layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type,
@@ -53,10 +57,11 @@ class _WanAttentionBase(MegatronModule):
         self.q_norm = self._norm(submodules.q_norm, qk_norm, eps)
         self.k_norm = self._norm(submodules.k_norm, qk_norm, eps)
 
-    def _column(self, spec, in_size: int, name: str):
+    def _column(self, spec, in_size: int, name: str, config=None):
         """A column-parallel projection to the (split) hidden size: each rank gets its own heads."""
-        return build_module(spec, in_size, self.config.hidden_size, config=self.config,
-                            init_method=self.config.init_method, gather_output=False, bias=True,
+        config = config or self.config
+        return build_module(spec, in_size, config.hidden_size, config=config,
+                            init_method=config.init_method, gather_output=False, bias=True,
                             skip_bias_add=False, is_expert=False, tp_comm_buffer_name=name, tp_group=self.tp_group)
 
     def _norm(self, spec, enabled: bool, eps: float):
@@ -109,8 +114,8 @@ class WanCrossAttention(_WanAttentionBase):
         super().__init__(config, submodules, layer_number, tp_group, "cross", config.hidden_size, qk_norm, eps)
         self.image_branch = image_branch
         if image_branch:
-            self.linear_k_img = self._column(submodules.linear_k_img, config.hidden_size, "k_img")
-            self.linear_v_img = self._column(submodules.linear_v_img, config.hidden_size, "v_img")
+            self.linear_k_img = self._column(submodules.linear_k_img, config.hidden_size, "k_img", self.kv_config)
+            self.linear_v_img = self._column(submodules.linear_v_img, config.hidden_size, "v_img", self.kv_config)
             self.k_img_norm = self._norm(submodules.k_img_norm, qk_norm, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: Optional[torch.Tensor] = None):

@@ -55,6 +55,9 @@ class SDPACoreAttention(MegatronModule):
             return context_parallel_attention(query, key, value, self.cp, valid_tokens, self.softmax_scale)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         mask = None if attention_mask is None else ~attention_mask
+        if valid_tokens is not None and valid_tokens < k.shape[-2]:  # a padded sequence (sequence parallel)
+            keep = (torch.arange(k.shape[-2], device=k.device) < valid_tokens).view(1, 1, 1, -1)
+            mask = keep if mask is None else mask & keep
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
         )

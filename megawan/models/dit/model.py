@@ -25,21 +25,22 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
-from megawan.capabilities import resolve_backend
+from megawan.capabilities import cuda_available, resolve_backend
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
-from megawan.parallel.context_parallel import gather_sequence, split_sequence
-from megawan.parallel.groups import context_parallel_groups, tensor_parallel_group
+from megawan.parallel.context_parallel import gather_sequence, pad_sequence
+from megawan.parallel.groups import context_parallel_groups, sequence_parallel_enabled, tensor_parallel_group
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def megatron_config(cfg: DiTConfig, tensor_parallel: int) -> TransformerConfig:
+def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False) -> TransformerConfig:
     """The megatron-core TransformerConfig our layers are built with."""
     return TransformerConfig(
+        sequence_parallel=sequence_parallel and tensor_parallel > 1,
         num_layers=cfg.num_layers,
         hidden_size=cfg.dim,
         num_attention_heads=cfg.num_heads,
@@ -80,11 +81,14 @@ class WanDiT(MegatronModule):
     def __init__(self, config: DiTConfig, tp_group=None):
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
-        super().__init__(config=megatron_config(config, tp_group.size()))
+        super().__init__(config=megatron_config(config, tp_group.size(), sequence_parallel_enabled()))
         self.dit_config = config
         self.tp_group = tp_group
         self.cp = context_parallel_groups()  # video tokens split over these ranks, if any
         self.backend = resolve_backend(config.backend)
+        if self.config.sequence_parallel and not cuda_available():
+            raise ValueError("parallel.sequence_parallel needs CUDA: megatron-core's sequence-parallel all-gather and "
+                             "reduce-scatter allocate CUDA buffers; on CPU use context parallelism to split tokens")
         if self.cp is not None and self.backend != "local":
             raise ValueError("context parallelism is implemented for model.backend=local; the te backend will use "
                              "Transformer Engine's own context parallelism")
@@ -104,6 +108,19 @@ class WanDiT(MegatronModule):
         )
         self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype)
         self._init_weights()
+        if self.config.sequence_parallel:
+            self._mark_sequence_parallel_parameters()
+
+    def _mark_sequence_parallel_parameters(self) -> None:
+        """Replicated parameters that act on sequence-split tokens get only their tokens' share of the
+        gradient on each TP rank; megatron sums the grads of parameters marked `sequence_parallel` over the
+        TP group (row-parallel biases are marked by megatron itself). Text and image embeddings are not
+        marked: the cross-attention's key / value projections see every text token on every rank."""
+        modules = [self.patch_embedding, self.time_embedding, self.head]
+        modules += [block.cross_attention_norm for block in self.blocks]
+        params = [p for m in modules for p in m.parameters()] + [block.modulation for block in self.blocks]
+        for p in params:
+            p.sequence_parallel = True
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -178,21 +195,36 @@ class WanDiT(MegatronModule):
                 raise ValueError(f"{cfg.name} is an image-conditioned model: pass the CLIP image tokens as image=")
             image_context = self.image_embedding(image.to(x.dtype)).transpose(0, 1)
 
-        tokens, valid_tokens = x.shape[0], None
-        if self.cp is not None:  # this rank keeps its contiguous chunk of the (padded) token sequence
-            chunk = functools.partial(split_sequence, cp_rank=self.cp.rank, cp_size=self.cp.size)
-            x, rope = chunk(x), tuple(chunk(t) for t in rope)
-            if timestep.dim() == 2:
-                e, e0 = chunk(e), chunk(e0)
+        # Context parallel: this rank keeps its contiguous chunk of the token sequence (padded at the end to a
+        # multiple of CP x TP). Sequence parallel: of that chunk, the TP rank's slice lives between the TP
+        # linears (the column-parallel ones gather the chunk, so RoPE covers the whole chunk).
+        tokens = x.shape[0]
+        cp_size, cp_rank = (self.cp.size, self.cp.rank) if self.cp is not None else (1, 0)
+        sp = self.tp_group.size() if self.config.sequence_parallel else 1
+        valid_tokens = None
+        if cp_size * sp > 1:
             valid_tokens = tokens
+            x = self._split_tokens(x, cp_rank, cp_size, sp)
+            rope = tuple(pad_sequence(t, cp_size * sp).chunk(cp_size)[cp_rank] for t in rope)
+            if timestep.dim() == 2:
+                e, e0 = self._split_tokens(e, cp_rank, cp_size, sp), self._split_tokens(e0, cp_rank, cp_size, sp)
 
         for block in self.blocks:
             x = block(x, e0, context, rope, image_context, valid_tokens)
 
         x = self.head(x, e)  # [s, B, C_out * pt * ph * pw]
-        if self.cp is not None:
-            x = gather_sequence(x, self.cp.group)[:tokens]
-        return self._unpatchify(x, grid)
+        if sp > 1:
+            x = gather_sequence(x, self.tp_group)
+        if cp_size > 1:
+            x = gather_sequence(x, self.cp.group)
+        return self._unpatchify(x[:tokens], grid)
+
+    def _split_tokens(self, x: torch.Tensor, cp_rank: int, cp_size: int, sp: int) -> torch.Tensor:
+        """This rank's tokens: the sequence padded at the end to a multiple of CP x SP, its CP chunk, then its
+        TP slice under sequence parallelism. A plain slice: every rank computed x whole, so each keeps its
+        share of the gradient."""
+        x = pad_sequence(x, cp_size * sp).chunk(cp_size)[cp_rank]
+        return x.chunk(sp)[self.tp_group.rank()] if sp > 1 else x
 
     def _pad_text(self, text: torch.Tensor) -> torch.Tensor:
         """Zero-pad text states to text_len as Wan does (padded tokens are attended, through the bias)."""

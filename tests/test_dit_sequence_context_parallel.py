@@ -1,12 +1,16 @@
 """The DiT under context parallelism (alone and with TP) computes diffusers' output (fp32, <= 1e-5) and the
-single-rank gradients (float64; summed over CP ranks as data-parallel gradient reduction does, gathered
-over TP ranks), including token counts that CP does not divide."""
+single-rank gradients (float64), including token counts that CP does not divide.
+
+Gradients are assembled as the trainer's reductions would: summed over CP ranks (the data-parallel x CP
+reduction), parameters marked `sequence_parallel` summed over TP ranks (GPU only), TP-split ones
+concatenated."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from megawan.capabilities import cuda_available
 from megawan.config import DiTConfig, dit_preset
 from megawan.convert import convert_state_dict
 from megawan.convert.dit_keys import TP_AXIS
@@ -35,8 +39,9 @@ def _worker(rank, case_path, out_dir):
         shards = convert_state_dict(case["state_dict"], "megawan", "megawan", cfg, tp_size=tp) if tp > 1 else [case["state_dict"]]
         model.load_state_dict(shards[tp_rank])
         results[name] = _forward_backward(model, case["inputs"], case["probe"])
-    torch.save({"tp_rank": tp_rank, "cp_rank": ps.get_context_parallel_rank(), "results": results},
-               f"{out_dir}/rank{rank}.pt")
+    marked = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
+    torch.save({"tp_rank": tp_rank, "cp_rank": ps.get_context_parallel_rank(), "results": results,
+                "sequence_parallel_params": marked}, f"{out_dir}/rank{rank}.pt")
 
 
 def _cases(input_args):
@@ -71,14 +76,28 @@ LAYOUTS = {
 }
 
 
+def _sequence_parallel_worker(rank):
+    with pytest.raises(ValueError, match="sequence_parallel needs CUDA"):
+        WanDiT(dit_preset("tiny", num_heads=4))
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the CPU refusal")
+def test_sequence_parallel_is_refused_clearly_on_cpu():
+    """megatron-core's sequence-parallel collectives allocate CUDA buffers: on CPU the model says so."""
+    spawn_local(_sequence_parallel_worker, world_size=2, tensor_parallel=2, sequence_parallel=True)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_matches_diffusers_and_single_rank(layout, tmp_path):
     world, parallel, input_args = LAYOUTS[layout]
+
     cases, refs = _cases(input_args)
     torch.save(cases, tmp_path / "cases.pt")
     spawn_local(_worker, world_size=world, args=(str(tmp_path / "cases.pt"), str(tmp_path)), **parallel)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     tp = parallel.get("tensor_parallel", 1)
+    marked = ranks[0]["sequence_parallel_params"]
+    assert not marked
     for name, ref in refs.items():
         if "expected" in ref:
             for r in ranks:
@@ -90,6 +109,11 @@ def test_context_parallel_matches_diffusers_and_single_rank(layout, tmp_path):
             for t in range(tp):  # sum over the CP ranks of this TP rank
                 per_tp.append(sum(r["results"][name][1][pname] for r in ranks if r["tp_rank"] == t))
             axis = tp_axis(pname, TP_AXIS)
-            g = per_tp[0] if axis is None else torch.cat(per_tp, dim=axis)
+            if axis is not None:
+                g = torch.cat(per_tp, dim=axis)
+            elif pname.replace("high_noise.", "") in marked:
+                g = sum(per_tp)
+            else:
+                g = per_tp[0]
             rel = ((g - g1).abs().max() / g1.abs().max().clamp_min(1e-30)).item()
             assert rel <= 1e-5, f"{layout} {name} grad {pname}: relative error {rel:.2e}"
