@@ -1,0 +1,71 @@
+"""The activation-memory estimate behind tools/plan_parallel.py equals what a block really saves for its
+backward on tiny CPU runs (fp32 and bf16, TP=1 and TP=2), and the planner answers for the 14B model."""
+
+import pytest
+import torch
+
+from megawan.config import DiTConfig, dit_preset
+from megawan.models.dit import WanDiT
+from megawan.models.dit.rope import rope_cos_sin
+from megawan.parallel.launch import spawn_local
+from megawan.parallel.memory import activation_bytes_per_block
+
+
+def saved_activation_bytes(model: WanDiT, tokens: int, text_len: int, dtype) -> int:
+    """Bytes of the distinct non-parameter tensors one block saves for backward (RoPE tables excluded:
+    they are shared by every block)."""
+    cfg = model.dit_config
+    block = model.blocks[0]
+    x = torch.randn(tokens, 1, cfg.dim, dtype=dtype, requires_grad=True)
+    e0 = torch.randn(1, 1, 6, cfg.dim)
+    context = torch.randn(text_len, 1, cfg.dim, dtype=dtype)
+    rope = rope_cos_sin((tokens, 1, 1), cfg.rope_split)
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *rope, e0)}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and t.numel() > cfg.dim * 6:  # per-block constants (modulation rows) are tiny
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, e0, context, rope)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype,param_bytes", [(torch.float32, 4), (torch.bfloat16, 2)])
+@pytest.mark.parametrize("dim,ffn,heads,tokens,text_len", [(64, 160, 4, 96, 24), (96, 256, 8, 200, 40)])
+def test_estimate_matches_saved_tensors(dtype, param_bytes, dim, ffn, heads, tokens, text_len):
+    cfg = dit_preset("tiny", dim=dim, ffn_dim=ffn, num_heads=heads, text_len=text_len,
+                     params_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    measured = saved_activation_bytes(WanDiT(cfg), tokens, text_len, dtype)
+    estimate = activation_bytes_per_block(cfg, tokens, text_len, tp=1, param_bytes=param_bytes)
+    assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
+
+
+def _tp_worker(rank, cfg_dict, out_dir):
+    cfg = DiTConfig(**cfg_dict)
+    torch.save(saved_activation_bytes(WanDiT(cfg), 96, 24, torch.float32), f"{out_dir}/rank{rank}.pt")
+
+
+def test_estimate_matches_saved_tensors_at_tp2(tmp_path):
+    import dataclasses
+
+    cfg = dit_preset("tiny", dim=64, ffn_dim=160, num_heads=4, text_len=24)
+    spawn_local(_tp_worker, world_size=2, tensor_parallel=2, args=(dataclasses.asdict(cfg), str(tmp_path)))
+    measured = torch.load(tmp_path / "rank0.pt")
+    estimate = activation_bytes_per_block(cfg, 96, 24, tp=2, param_bytes=4)
+    assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
+
+
+def test_plan_for_14b_at_720p_on_64_gpus(capsys):
+    import sys
+
+    sys.path.insert(0, "tools")
+    from plan_parallel import main
+
+    assert main(["--preset", "wan2.1-t2v-14b", "--frames", "81", "--height", "720", "--width", "1280",
+                 "--gpus", "64", "--gpu-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "75,600 tokens/sample" in out

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""List the parallel layouts that fit a Wan model on a number of GPUs, with memory and FLOPs per GPU.
+
+    python tools/plan_parallel.py --preset wan2.1-t2v-14b --frames 81 --height 720 --width 1280 \
+        --gpus 64 --gpu-memory-gb 80
+
+Sizes are VIDEO frames / pixels; the VAE stride (4 x 8 x 8, or 4 x 16 x 16 for Wan2.2 TI2V-5B) gives the
+latent size. Memory: bf16 weights, fp32 grads, fp32 main weights + Adam moments sharded by the distributed
+optimizer over DP x CP, activations of the first pipeline stage with 1F1B (see megawan/parallel/memory.py).
+Selective recompute (attention core only) is not listed: with flash-style attention it frees nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+from megawan.config import ConfigError, ParallelConfig, RunConfig, dit_preset
+from megawan.models.dit import flops
+from megawan.models.dit.flops import tokens as count_tokens
+from megawan.parallel.memory import estimate_memory
+
+GB = 1024**3
+
+
+def latent_size(preset: str, frames: int, height: int, width: int):
+    stride_t, stride_s = 4, (16 if preset.startswith("wan2.2-ti2v") else 8)
+    if (frames - 1) % stride_t:
+        raise SystemExit(f"frames must be 1 + 4k (Wan's causal VAE), got {frames}")
+    return 1 + (frames - 1) // stride_t, height // stride_s, width // stride_s
+
+
+def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memory_gb: float,
+         micro_batch: int = 1, headroom: float = 0.9):
+    cfg = dit_preset(preset)
+    f, h, w = latent_size(preset, frames, height, width)
+    tokens = count_tokens(cfg, f, h, w)
+    step_flops = 3 * flops(cfg, micro_batch, f, h, w)
+    rows = []
+    powers = [1, 2, 4, 8, 16, 32, 64]
+    for tp, pp, cp, recompute in itertools.product([1, 2, 4, 8], [1, 2, 4, 8], powers, ["none", "full"]):
+        if tp * pp * cp > gpus or gpus % (tp * pp * cp):
+            continue
+        for mode in (["ulysses", "ring"] if cp > 1 else ["ulysses"]):
+            parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
+                                      context_parallel_mode=mode, sequence_parallel=tp > 1, recompute=recompute)
+            try:
+                RunConfig(model=cfg, parallel=parallel).validate(gpus)
+            except ConfigError:
+                continue
+            mem = estimate_memory(cfg, parallel, gpus, tokens, micro_batch)
+            rows.append((parallel, mem, step_flops * parallel.data_parallel(gpus) / gpus))
+    fits = [r for r in rows if r[1].total <= gpu_memory_gb * GB * headroom]
+    # prefer: least recompute, then fewest model-parallel ranks (more DP), then least memory
+    order = {"none": 0, "full": 1}
+    fits.sort(key=lambda r: (order[r[0].recompute], r[0].tensor_parallel * r[0].pipeline_parallel * r[0].context_parallel,
+                             r[1].total))
+    return cfg, tokens, fits, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args(argv)
+    cfg, tokens, fits, rows = plan(args.preset, args.frames, args.height, args.width, args.gpus,
+                                   args.gpu_memory_gb, args.micro_batch)
+    print(f"{args.preset}: {args.frames} frames {args.height}x{args.width} -> {tokens:,} tokens/sample; "
+          f"{args.gpus} GPUs x {args.gpu_memory_gb:g} GB; {len(fits)} of {len(rows)} layouts fit (90% of memory)")
+    print(f"{'TP':>3} {'PP':>3} {'CP':>3} {'DP':>3} {'cp mode':8} {'recompute':9} {'params/GPU':>11} "
+          f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9} {'TFLOP/GPU/microbatch':>21}")
+    for parallel, mem, per_gpu_flops in fits[: args.top]:
+        print(f"{parallel.tensor_parallel:3} {parallel.pipeline_parallel:3} {parallel.context_parallel:3} "
+              f"{parallel.data_parallel(args.gpus):3} {parallel.context_parallel_mode if parallel.context_parallel > 1 else '-':8} "
+              f"{parallel.recompute:9} {mem.params_per_gpu / 1e9:10.2f}B {mem.weights / GB:8.1f} {mem.grads / GB:8.1f} "
+              f"{mem.optimizer / GB:8.1f} {mem.activations / GB:8.1f} {mem.total / GB:9.1f} {per_gpu_flops / 1e12:21.1f}")
+    if not fits:
+        print("no layout fits: more GPUs, recompute, or a smaller video")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
