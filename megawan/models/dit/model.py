@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,7 +29,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sha
 from megawan.capabilities import cuda_available, resolve_backend
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
-from megawan.models.dit.norms import layer_norm_fp32, upcast
+from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
 from megawan.parallel.context_parallel import gather_sequence, pad_sequence
@@ -37,10 +38,14 @@ from megawan.parallel.groups import context_parallel_groups, sequence_parallel_e
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False) -> TransformerConfig:
-    """The megatron-core TransformerConfig our layers are built with."""
+def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False,
+                    pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None) -> TransformerConfig:
+    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from."""
     return TransformerConfig(
         sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        pipeline_dtype=_DTYPES[cfg.params_dtype],
         num_layers=cfg.num_layers,
         hidden_size=cfg.dim,
         num_attention_heads=cfg.num_heads,
@@ -78,12 +83,27 @@ class WanHead(nn.Module):
 
 
 class WanDiT(MegatronModule):
-    def __init__(self, config: DiTConfig, tp_group=None):
+    """The Wan DiT, or one pipeline stage of it.
+
+    A stage holds the blocks `layers` (global indices); the first (pre_process) adds the patch embedding,
+    the last (post_process) the head. Every stage embeds the text and the timestep itself (cheap next to a
+    block) rather than receiving them: those parameters are pipeline-shared, marked `pipeline_shared`, and
+    their gradients are summed over the stages (megawan.parallel.pipeline).
+    """
+
+    def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,
+                 post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None):
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
-        super().__init__(config=megatron_config(config, tp_group.size(), sequence_parallel_enabled()))
+        super().__init__(config=megatron_config(config, tp_group.size(), sequence_parallel_enabled(),
+                                                pipeline_parallel, virtual_pipeline))
         self.dit_config = config
         self.tp_group = tp_group
+        self.layers = range(config.num_layers) if layers is None else layers
+        self.pre_process, self.post_process = pre_process, post_process
+        self.input_tensor = None
+        self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.cp = context_parallel_groups()  # video tokens split over these ranks, if any
         self.backend = resolve_backend(config.backend)
         if self.config.sequence_parallel and not cuda_available():
@@ -95,7 +115,9 @@ class WanDiT(MegatronModule):
         dtype = self.config.params_dtype
         dim = config.dim
 
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype)
+        self.patch_embedding = (
+            nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype) if pre_process else None
+        )
         self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
         self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
         self.image_embedding = (
@@ -104,10 +126,13 @@ class WanDiT(MegatronModule):
         spec = get_wan_block_spec(self.backend)
         self.blocks = nn.ModuleList(
             build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
-            for i in range(config.num_layers)
+            for i in self.layers
         )
-        self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype)
+        self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype) if post_process else None
         self._init_weights()
+        for module in (self.text_embedding, self.time_embedding, self.image_embedding):
+            for p in (module.parameters() if module is not None else ()):
+                p.pipeline_shared = True
         if self.config.sequence_parallel:
             self._mark_sequence_parallel_parameters()
 
@@ -132,14 +157,20 @@ class WanDiT(MegatronModule):
                 if isinstance(layer, nn.Linear):
                     nn.init.xavier_uniform_(layer.weight)
                     nn.init.zeros_(layer.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.patch_embedding.weight.shape[0], -1))
-        nn.init.zeros_(self.patch_embedding.bias)
+        if self.patch_embedding is not None:
+            nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.patch_embedding.weight.shape[0], -1))
+            nn.init.zeros_(self.patch_embedding.bias)
         for m in (self.text_embedding, self.time_embedding):
             for layer in m.modules():
                 if isinstance(layer, nn.Linear):
                     nn.init.normal_(layer.weight, std=0.02)
-        nn.init.zeros_(self.head.linear.weight)
-        nn.init.zeros_(self.head.linear.bias)
+        if self.head is not None:
+            nn.init.zeros_(self.head.linear.weight)
+            nn.init.zeros_(self.head.linear.bias)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron's schedules hand a non-first stage the previous stage's output here."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads a tensors-only state dict (what `convert_state_dict` makes). Layers' `_extra_state`
@@ -157,11 +188,15 @@ class WanDiT(MegatronModule):
         out = {}
         for name, child in self.named_children():
             if isinstance(child, nn.ModuleList):  # megatron's default would treat a ModuleList as replicated
-                for i, block in enumerate(child):
+                for i, block in zip(self.layers, child):  # global block numbers: any PP layout loads it
                     out.update(block.sharded_state_dict(f"{prefix}{name}.{i}.", sharded_offsets, metadata))
             else:
-                out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
-                                                      tp_group=self.tp_group))
+                part = sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                  tp_group=self.tp_group)
+                if name in ("text_embedding", "time_embedding", "image_embedding") and not self.pre_process:
+                    for tensor in part.values():  # every stage has a copy; the first stage's is the one saved
+                        tensor.replica_id = (1, *tensor.replica_id[1:]) if isinstance(tensor.replica_id, tuple) else 1
+                out.update(part)
         return out
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -176,16 +211,16 @@ class WanDiT(MegatronModule):
             raise ValueError(f"latent size (T={t}, H={h}, W={w}) is not divisible by the patch size {cfg.patch_size}")
         grid = (t // pt, h // ph, w // pw)
 
-        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
-        x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, B, dim], frame-major
-        rope = rope_cos_sin(grid, cfg.rope_split, cfg.rope_theta, device=x.device, dtype=upcast(x).dtype)
+        tokens = grid[0] * grid[1] * grid[2]
+        dtype = self.text_embedding.linear_1.weight.dtype
+        rope = rope_cos_sin(grid, cfg.rope_split, cfg.rope_theta, device=latents.device, dtype=compute_dtype(dtype))
 
         e, e0 = self.time_embedding(timestep)  # [B(, s), dim], [B(, s), 6, dim]
         if timestep.dim() == 1:  # one t per sample: broadcast over the sequence
             e, e0 = e.unsqueeze(0), e0.unsqueeze(0)
         else:
-            if timestep.shape[1] != x.shape[0]:
-                raise ValueError(f"per-token timestep has {timestep.shape[1]} entries for {x.shape[0]} tokens")
+            if timestep.shape[1] != tokens:
+                raise ValueError(f"per-token timestep has {timestep.shape[1]} entries for {tokens} tokens")
             e, e0 = e.transpose(0, 1), e0.transpose(0, 1)
 
         context = self.text_embedding(self._pad_text(text)).transpose(0, 1)  # [L, B, dim]
@@ -193,18 +228,23 @@ class WanDiT(MegatronModule):
         if self.image_embedding is not None:
             if image is None:
                 raise ValueError(f"{cfg.name} is an image-conditioned model: pass the CLIP image tokens as image=")
-            image_context = self.image_embedding(image.to(x.dtype)).transpose(0, 1)
+            image_context = self.image_embedding(image.to(dtype)).transpose(0, 1)
 
         # Context parallel: this rank keeps its contiguous chunk of the token sequence (padded at the end to a
         # multiple of CP x TP). Sequence parallel: of that chunk, the TP rank's slice lives between the TP
         # linears (the column-parallel ones gather the chunk, so RoPE covers the whole chunk).
-        tokens = x.shape[0]
         cp_size, cp_rank = (self.cp.size, self.cp.rank) if self.cp is not None else (1, 0)
         sp = self.tp_group.size() if self.config.sequence_parallel else 1
+        if self.pre_process:
+            x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
+            x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, B, dim], frame-major
+            if cp_size * sp > 1:
+                x = self._split_tokens(x, cp_rank, cp_size, sp)
+        else:  # a later pipeline stage: this rank's tokens as the previous stage left them
+            x = self.input_tensor
         valid_tokens = None
         if cp_size * sp > 1:
             valid_tokens = tokens
-            x = self._split_tokens(x, cp_rank, cp_size, sp)
             rope = tuple(pad_sequence(t, cp_size * sp).chunk(cp_size)[cp_rank] for t in rope)
             if timestep.dim() == 2:
                 e, e0 = self._split_tokens(e, cp_rank, cp_size, sp), self._split_tokens(e0, cp_rank, cp_size, sp)
@@ -212,6 +252,8 @@ class WanDiT(MegatronModule):
         for block in self.blocks:
             x = block(x, e0, context, rope, image_context, valid_tokens)
 
+        if not self.post_process:
+            return x
         x = self.head(x, e)  # [s, B, C_out * pt * ph * pw]
         if sp > 1:
             x = gather_sequence(x, self.tp_group)

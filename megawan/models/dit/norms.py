@@ -15,9 +15,13 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megawan.parallel.groups import all_reduce_sum
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least fp32: Wan computes norms, modulation and RoPE in fp32 (fp64 models stay fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in at least fp32: Wan computes norms, modulation and RoPE in fp32 (fp64 models stay fp64)."""
-    return x if x.dtype == torch.float64 else x.float()
+    return x.to(compute_dtype(x.dtype))
 
 
 class ParallelRMSNorm(nn.Module):

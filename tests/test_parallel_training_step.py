@@ -1,0 +1,140 @@
+"""One flow-matching optimizer step (megatron schedules, DDP, distributed optimizer, AdamW with weight
+decay and clipping) under each layout gives the single-rank losses and updated parameters, fp32."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megawan.config import DiTConfig, ParallelConfig, dit_preset
+from megawan.convert import convert_state_dict
+from megawan.convert.dit_keys import TP_AXIS
+from megawan.convert.tensor_parallel import tp_axis
+from megawan.diffusion import FlowMatching
+from megawan.parallel.launch import spawn_local
+from wan_reference import diffusers_dit
+
+MICRO_BATCHES = 4  # per data-parallel replica
+MICRO_BATCH_SIZE = 2
+LATENT = (3, 4, 6)  # 18 tokens: CP=4 pads to 20
+
+LAYOUTS = {  # (TP, PP, CP, DP) + options
+    "single": dict(),
+    "tp2": dict(tensor_parallel=2),
+    "pp2": dict(pipeline_parallel=2),
+    "pp2-interleaved": dict(pipeline_parallel=2, virtual_pipeline=2),
+    "cp2-ulysses": dict(context_parallel=2),
+    "cp2-ring": dict(context_parallel=2, context_parallel_mode="ring"),
+    "dp2-distributed-optimizer": dict(world=2),
+    "tp2-pp2": dict(tensor_parallel=2, pipeline_parallel=2),
+    "tp2-cp2": dict(tensor_parallel=2, context_parallel=2),
+    "cp4-2d": dict(context_parallel=4, context_parallel_mode="2d", ulysses_size=2),
+    "tp2-pp2-cp2": dict(tensor_parallel=2, pipeline_parallel=2, context_parallel=2),
+}
+
+
+def _world(layout: dict) -> int:
+    layout = dict(layout)
+    if "world" in layout:
+        return layout["world"]
+    return layout.get("tensor_parallel", 1) * layout.get("pipeline_parallel", 1) * layout.get("context_parallel", 1)
+
+
+def _worker(rank, setup_path, out_dir, layout, micro_batches=MICRO_BATCHES):
+    from megatron.core import parallel_state as ps
+
+    from megawan.parallel.cpu_compat import megatron_cpu_mode
+    from megawan.parallel.ddp import build_optimizer, wrap_data_parallel
+    from megawan.parallel.pipeline import build_model_chunks, chunk_state_dict
+    from megawan.training.parallel_step import train_step
+
+    setup = torch.load(setup_path, weights_only=False)
+    cfg = DiTConfig(**setup["config"])
+    parallel = ParallelConfig(**{k: v for k, v in layout.items() if k != "world"})
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    full = setup["state_dict"]
+    shard = convert_state_dict(full, "megawan", "megawan", cfg, tp_size=tp)[tp_rank] if tp > 1 else full
+    with megatron_cpu_mode():
+        chunks = build_model_chunks(cfg, parallel)
+        for chunk in chunks:
+            chunk.load_state_dict(chunk_state_dict(shard, chunk))
+        ddp_chunks = wrap_data_parallel(chunks, distributed_optimizer=True)
+        optimizer = build_optimizer(ddp_chunks, lr=1e-3, weight_decay=0.1, clip_grad=1.0)
+        dp_rank = ps.get_data_parallel_rank()
+        mine = setup["microbatches"][dp_rank * micro_batches:(dp_rank + 1) * micro_batches]
+        losses, grad_norm = train_step(ddp_chunks, optimizer, mine, setup["tokens"], MICRO_BATCH_SIZE)
+    params = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "blocks":
+                parts[1] = str(chunk.layers[int(parts[1])])
+            params[".".join(parts)] = p.detach().clone()
+    torch.save(dict(losses=losses, grad_norm=float(grad_norm), params=params, tp_rank=tp_rank),
+               f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = dit_preset("tiny", num_heads=4, num_layers=4)
+    g = torch.Generator().manual_seed(0)
+    flow = FlowMatching(shift=3.0)
+    microbatches = []
+    for _ in range(2 * MICRO_BATCHES):  # enough for DP=2
+        x0 = torch.randn(MICRO_BATCH_SIZE, cfg.in_dim, *LATENT, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = flow.sample_timesteps(MICRO_BATCH_SIZE, generator=g)
+        x_t, target = flow.noised(x0, noise, t)
+        microbatches.append(dict(x_t=x_t, timestep=flow.model_timesteps(t), target=target,
+                                 text=torch.randn(MICRO_BATCH_SIZE, 7, cfg.text_dim, generator=g)))
+    path = tmp_path_factory.mktemp("step") / "setup.pt"
+    torch.save(dict(config=dataclasses.asdict(cfg), microbatches=microbatches, tokens=3 * 2 * 3,
+                    state_dict=convert_state_dict(diffusers_dit(cfg).state_dict(), "diffusers", "megawan", cfg)), path)
+    return path
+
+
+def _run(setup, tmp_path, name):
+    layout = LAYOUTS[name]
+    world = _world(layout)
+    out = tmp_path / name
+    out.mkdir()
+    parallel = {k: v for k, v in layout.items() if k != "world"}
+    spawn_local(_worker, world_size=world, args=(str(setup), str(out), layout), **parallel)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """Single-rank runs: over one replica's micro-batches, and over both DP replicas' (for DP=2)."""
+    refs = {}
+    for replicas in (1, 2):
+        out = tmp_path_factory.mktemp(f"single{replicas}")
+        spawn_local(_worker, world_size=1, args=(str(setup), str(out), {}, replicas * MICRO_BATCHES))
+        refs[replicas] = torch.load(out / "rank0.pt", weights_only=False)
+    return refs
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "single"])
+def test_layout_step_equals_single_rank(setup, reference, tmp_path, name):
+    ranks = _run(setup, tmp_path, name)
+    dp = 2 if name.startswith("dp2") else 1
+    ref = reference[dp]
+    losses = [l for r in ranks for l in r["losses"]]
+    if dp == 1:
+        last = [r["losses"] for r in ranks if r["losses"]][0]  # every last-stage rank reports the same losses
+        torch.testing.assert_close(torch.tensor(last), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    else:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    assert abs(ranks[0]["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
+    # updated parameters: gather TP splits, check every parameter is present and equal
+    tp = max(r["tp_rank"] for r in ranks) + 1
+    for pname, expected in ref["params"].items():
+        pieces = {}
+        for r in ranks:
+            if pname in r["params"]:
+                pieces.setdefault(r["tp_rank"], r["params"][pname])
+        assert len(pieces) == tp, f"{name}: {pname} held by TP ranks {sorted(pieces)}"
+        axis = tp_axis(pname, TP_AXIS)
+        got = pieces[0] if axis is None else torch.cat([pieces[t] for t in range(tp)], dim=axis)
+        rel = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert rel <= 1e-5, f"{name}: updated {pname} differs by {rel:.2e} (relative)"
