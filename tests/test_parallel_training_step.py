@@ -1,5 +1,12 @@
 """One flow-matching optimizer step (megatron schedules, DDP, distributed optimizer, AdamW with weight
-decay and clipping) under each layout gives the single-rank losses and updated parameters, fp32."""
+decay and clipping) under each layout gives the single-rank losses, gradient norm and updated parameters,
+fp32, <= 1e-5 relative.
+
+Updated parameters are compared per tensor in norm, ||got - ref|| / ||ref||. Elementwise, Adam's first
+step is lr * g / (|g| + eps): for the few elements whose gradient is near zero (~eps) the update follows
+fp32 summation noise of g, which TP and ring attention reorder; such an element can move by a sizeable
+fraction of lr. The loss and gradient norm, which no such amplification touches, are compared elementwise.
+"""
 
 import dataclasses
 
@@ -136,5 +143,5 @@ def test_layout_step_equals_single_rank(setup, reference, tmp_path, name):
         assert len(pieces) == tp, f"{name}: {pname} held by TP ranks {sorted(pieces)}"
         axis = tp_axis(pname, TP_AXIS)
         got = pieces[0] if axis is None else torch.cat([pieces[t] for t in range(tp)], dim=axis)
-        rel = ((got - expected).abs().max() / expected.abs().max()).item()
-        assert rel <= 1e-5, f"{name}: updated {pname} differs by {rel:.2e} (relative)"
+        rel = ((got - expected).norm() / expected.norm()).item()
+        assert rel <= 1e-5, f"{name}: updated {pname} differs by {rel:.2e} (relative, in norm)"
