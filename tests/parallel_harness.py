@@ -17,6 +17,7 @@ from megawan.convert import convert_state_dict
 from megawan.convert.dit_keys import TP_AXIS
 from megawan.convert.tensor_parallel import tp_axis
 from megawan.models.dit import WanDiT
+from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.parallel.launch import spawn_local
 from wan_reference import diffusers_dit, diffusers_forward, random_inputs, relative_error
 
@@ -64,7 +65,8 @@ def _worker(rank, case_path, out_dir):
         model = WanDiT(cfg)
         shards = convert_state_dict(case["state_dict"], "megawan", "megawan", cfg, tp_size=tp) if tp > 1 else [case["state_dict"]]
         model.load_state_dict(shards[tp_rank])
-        results[name] = forward_backward(model, case["inputs"], case["probe"])
+        with megatron_cpu_mode():  # sequence parallelism runs megatron's collectives
+            results[name] = forward_backward(model, case["inputs"], case["probe"])
     marked = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
     torch.save({"tp_rank": tp_rank, "results": results, "sequence_parallel_params": marked}, f"{out_dir}/rank{rank}.pt")
 

@@ -37,6 +37,8 @@ LAYOUTS = {  # (TP, PP, CP, DP) + options
     "tp2-cp2": dict(tensor_parallel=2, context_parallel=2),
     "cp4-2d": dict(context_parallel=4, context_parallel_mode="2d", ulysses_size=2),
     "tp2-pp2-cp2": dict(tensor_parallel=2, pipeline_parallel=2, context_parallel=2),
+    "tp2-sp": dict(tensor_parallel=2, sequence_parallel=True),
+    "tp2-sp-cp2-ring": dict(tensor_parallel=2, sequence_parallel=True, context_parallel=2, context_parallel_mode="ring"),
 }
 
 

@@ -10,8 +10,9 @@ megatron-core 0.16 assumes CUDA in a few places on these paths (recorded by runn
 Three narrow remedies, none of which edits megatron or patches torch itself:
   1. `megatron_cpu_mode()`: a TorchFunctionMode (torch's own extension point, active only inside the
      `with`) that maps device="cuda" to CPU and reports CPU tensor types under their CUDA names.
-  2. The `torch` global of megatron's param_and_grad_buffer module is replaced by a view of torch whose
-     cuda.current_device() is the CPU (a device *lookup*, which a TorchFunctionMode cannot see).
+  2. The `torch` global of the megatron modules that look the device up (param_and_grad_buffer, and for
+     sequence parallelism tensor_parallel.mappings / layers and utils' global memory buffer) is replaced by
+     a view of torch whose cuda.current_device() is the CPU (a lookup a TorchFunctionMode cannot see).
   3. `CpuP2PCommunicator`: megatron's P2P communicator with CPU receive buffers, passed to the schedule
      as an argument. It sends the two directions unbatched: with PP=2 both neighbours are one rank, and
      batched gloo sends to it with one tag can swap an activation with a gradient.
@@ -67,17 +68,30 @@ def _redirect_module_cuda(*modules) -> None:
             module.torch = _TorchWithCpuCuda("torch")
 
 
+_ACTIVE = {"depth": 0}
+
+
+def cpu_mode_active() -> bool:
+    return _ACTIVE["depth"] > 0
+
+
 @contextlib.contextmanager
 def megatron_cpu_mode():
     """Wrap model wrapping (DDP), optimizer construction, the schedule call and the optimizer step."""
     if cuda_available():
         yield
         return
+    from megatron.core import utils as megatron_utils
     from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.tensor_parallel import layers, mappings
 
-    _redirect_module_cuda(param_and_grad_buffer)
-    with _CudaToCpuMode():
-        yield
+    _redirect_module_cuda(param_and_grad_buffer, mappings, layers, megatron_utils)
+    _ACTIVE["depth"] += 1
+    try:
+        with _CudaToCpuMode():
+            yield
+    finally:
+        _ACTIVE["depth"] -= 1
 
 
 def p2p_communicator(pp_group, config):

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from megawan.capabilities import cuda_available, resolve_backend
+from megawan.parallel.cpu_compat import cpu_mode_active
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
@@ -106,9 +107,6 @@ class WanDiT(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.cp = context_parallel_groups()  # video tokens split over these ranks, if any
         self.backend = resolve_backend(config.backend)
-        if self.config.sequence_parallel and not cuda_available():
-            raise ValueError("parallel.sequence_parallel needs CUDA: megatron-core's sequence-parallel all-gather and "
-                             "reduce-scatter allocate CUDA buffers; on CPU use context parallelism to split tokens")
         if self.cp is not None and self.backend != "local":
             raise ValueError("context parallelism is implemented for model.backend=local; the te backend will use "
                              "Transformer Engine's own context parallelism")
@@ -235,6 +233,9 @@ class WanDiT(MegatronModule):
         # linears (the column-parallel ones gather the chunk, so RoPE covers the whole chunk).
         cp_size, cp_rank = (self.cp.size, self.cp.rank) if self.cp is not None else (1, 0)
         sp = self.tp_group.size() if self.config.sequence_parallel else 1
+        if sp > 1 and not cuda_available() and not cpu_mode_active():
+            raise RuntimeError("sequence parallelism on CPU runs megatron-core's CUDA-minded collectives: call the "
+                               "model inside megawan.parallel.cpu_compat.megatron_cpu_mode()")
         if self.pre_process:
             x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
             x = x.flatten(2).permute(2, 0, 1).contiguous()  # [s, B, dim], frame-major
