@@ -332,6 +332,13 @@ def _tiny_stats(n: int):
     return tuple(round(0.1 * ((i * 7) % 5 - 2), 2) for i in range(n)), tuple(round(1.0 + 0.25 * (i % 4), 2) for i in range(n))
 
 
+def _wan22_preset() -> dict:
+    from megawan.models.vae.wan22_stats import WAN22_LATENT_MEAN, WAN22_LATENT_STD
+
+    return dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, latents_mean=WAN22_LATENT_MEAN, latents_std=WAN22_LATENT_STD)
+
+
 _VAE_PRESETS = {
     "wan2.1": dict(),
     "tiny-2.1": dict(base_dim=8, z_dim=4, latents_mean=_tiny_stats(4)[0], latents_std=_tiny_stats(4)[1]),
@@ -342,15 +349,10 @@ _VAE_PRESETS = {
 
 def vae_preset(name: str, **overrides) -> VAEConfig:
     """`vae_preset("wan2.1" | "wan2.2" | "tiny-2.1" | "tiny-2.2")`."""
-    if name == "wan2.2" and "wan2.2" not in _VAE_PRESETS:
-        from megawan.models.vae.wan22_stats import WAN22_LATENT_MEAN, WAN22_LATENT_STD
-
-        _VAE_PRESETS["wan2.2"] = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
-                                      out_channels=12, patch_size=2, latents_mean=WAN22_LATENT_MEAN,
-                                      latents_std=WAN22_LATENT_STD)
-    if name not in _VAE_PRESETS:
-        raise ConfigError(f"unknown VAE preset {name!r}{_did_you_mean(name, list(_VAE_PRESETS) + ['wan2.2'])}")
-    return _build(VAEConfig, {"name": name, **_VAE_PRESETS[name], **overrides}, "vae").validate()
+    presets = dict(_VAE_PRESETS, **{"wan2.2": _wan22_preset()})
+    if name not in presets:
+        raise ConfigError(f"unknown VAE preset {name!r}{_did_you_mean(name, presets)}")
+    return _build(VAEConfig, {"name": name, **presets[name], **overrides}, "vae").validate()
 
 
 def vae_config_from(config_json: dict, **overrides) -> VAEConfig:

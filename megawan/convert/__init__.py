@@ -11,7 +11,7 @@ Unknown keys, missing keys and wrong shapes are errors that name the key.
 
 from __future__ import annotations
 
-from megawan.config import DiTConfig
+from megawan.config import DiTConfig, VAEConfig
 from megawan.convert.dit_keys import LAYOUTS, TP_AXIS, dit_key_table, dit_param_shapes
 from megawan.convert.tensor_parallel import merge_tensor_parallel, split_tensor_parallel
 
@@ -24,6 +24,12 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
     src / dst: "official" | "diffusers" | "megawan". A list of state dicts with src="megawan" is a set of
     TP shards (rank order) and is merged first. dst="megawan" with tp_size > 1 returns the list of shards.
     """
+    if isinstance(config, VAEConfig):
+        from megawan.convert.vae_keys import vae_key_table, vae_param_shapes
+
+        if tp_size > 1 or isinstance(state_dict, (list, tuple)):
+            raise ValueError("the VAE is not tensor-parallel")
+        return _rename(dict(state_dict), src, dst, vae_key_table(config), vae_param_shapes(config), config.name, "VAE")
     if not isinstance(config, DiTConfig):
         raise TypeError(f"no conversion table for config type {type(config).__name__}")
     for name, layout in (("src", src), ("dst", dst)):
@@ -36,30 +42,32 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
     if tp_size > 1 and dst != "megawan":
         raise ValueError("tp_size > 1 splits into megawan TP shards: use dst='megawan'")
 
-    table = dit_key_table(config)
-    src_i, dst_i = LAYOUTS.index(src), LAYOUTS.index(dst)
-    to_megawan = {row[src_i]: row[0] for row in table}
-    to_dst = {row[0]: row[dst_i] for row in table}
     state_dict = _drop_extra_state(state_dict) if src == "megawan" else dict(state_dict)
     if src == "diffusers":  # diffusers keeps an unused key in some Wan checkpoints
         state_dict = {k: v for k, v in state_dict.items() if ".norm_added_q." not in k}
+    out = _rename(state_dict, src, dst, dit_key_table(config), dit_param_shapes(config), config.name, "DiT")
+    if dst == "megawan" and tp_size > 1:
+        return split_tensor_parallel(out, tp_size, TP_AXIS)
+    return out
 
+
+def _rename(state_dict: dict, src: str, dst: str, table: list, shapes: dict, name: str, what: str) -> dict:
+    """Rename every key from layout src to dst by the table, checking keys and shapes."""
+    src_i, dst_i = LAYOUTS.index(src), LAYOUTS.index(dst)
+    to_megawan = {row[src_i]: row[0] for row in table}
+    to_dst = {row[0]: row[dst_i] for row in table}
     unknown = [k for k in state_dict if k not in to_megawan]
     if unknown:
-        raise KeyError(f"{len(unknown)} {src} key(s) do not belong to a {config.name} DiT, e.g. {unknown[0]!r}")
+        raise KeyError(f"{len(unknown)} {src} key(s) do not belong to a {name} {what}, e.g. {unknown[0]!r}")
     missing = [k for k in to_megawan if k not in state_dict]
     if missing:
-        raise KeyError(f"{len(missing)} {src} key(s) missing for a {config.name} DiT, e.g. {missing[0]!r}")
-
-    shapes = dit_param_shapes(config)
+        raise KeyError(f"{len(missing)} {src} key(s) missing for a {name} {what}, e.g. {missing[0]!r}")
     out = {}
     for key, tensor in state_dict.items():
         ours = to_megawan[key]
         if tuple(tensor.shape) != shapes[ours]:
-            raise ValueError(f"{src} key {key!r} has shape {tuple(tensor.shape)}, expected {shapes[ours]} for {config.name}")
+            raise ValueError(f"{src} key {key!r} has shape {tuple(tensor.shape)}, expected {shapes[ours]} for {name}")
         out[to_dst[ours]] = tensor
-    if dst == "megawan" and tp_size > 1:
-        return split_tensor_parallel(out, tp_size, TP_AXIS)
     return out
 
 

@@ -124,17 +124,22 @@ class WanVAE(nn.Module):
     def encode(self, video: torch.Tensor, chunked: bool = True):
         """video [B, 3, 1 + 4k, H, W] in [-1, 1] -> (mean, logvar), raw latents [B, z, 1 + k, H/s, W/s]."""
         self._check_video(video)
+        x = video.to(self.quant_conv.weight.dtype)
+        p = self.vae_config.patch_size or 1
+        if p > 1:  # Wan2.2: pixels to channels first; tiles are cut (and blended) in this patch space
+            x = patchify(x, p)
         if self.tiling is not None:
-            return self._tiled(video, self._encode_tile, self.vae_config.spatial_stride, down=True)
-        return self._encode_tile(video, chunked)
+            return self._tiled(x, self._encode_tile, self.vae_config.spatial_stride // p, down=True)
+        return self._encode_tile(x, chunked)
 
     def decode(self, z: torch.Tensor, chunked: bool = True) -> torch.Tensor:
         """raw latents [B, z, T', H', W'] -> video [B, 3, 1 + 4 (T' - 1), H' s, W' s] in [-1, 1]."""
+        p = self.vae_config.patch_size or 1
         if self.tiling is not None:
-            out = self._tiled(z, self._decode_tile, self.vae_config.spatial_stride, down=False)
+            out = self._tiled(z, self._decode_tile, self.vae_config.spatial_stride // p, down=False)
         else:
             out = self._decode_tile(z, chunked)
-        return out.clamp(-1.0, 1.0)
+        return (unpatchify(out, p) if p > 1 else out).clamp(-1.0, 1.0)
 
     def sample(self, mean: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
         """A draw from the posterior N(mean, exp(logvar))."""
@@ -165,11 +170,9 @@ class WanVAE(nn.Module):
         if h % s or w % s:
             raise ValueError(f"height and width must be multiples of {s}, got {h}x{w}")
 
-    def _encode_tile(self, video: torch.Tensor, chunked: bool = True):
+    def _encode_tile(self, x: torch.Tensor, chunked: bool = True):
+        """(patchified) video -> (mean, logvar), causally over the first frame, then chunks of 4."""
         cfg = self.vae_config
-        x = video.to(self.quant_conv.weight.dtype)
-        if cfg.patch_size:
-            x = patchify(x, cfg.patch_size)
         cache = StreamCache()
         step = cfg.temporal_stride
         chunks = [x[:, :, :1]] + [x[:, :, i:i + step] for i in range(1, x.shape[2], step)] if chunked else [x]
@@ -178,18 +181,18 @@ class WanVAE(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def _decode_tile(self, z: torch.Tensor, chunked: bool = True) -> torch.Tensor:
-        cfg = self.vae_config
+        """latents -> (patchified) video, one latent frame at a time."""
         x = self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype))
         cache = StreamCache()
         chunks = x.split(1, dim=2) if chunked else [x]
-        out = torch.cat([self.decoder(c, cache) for c in chunks], dim=2)
-        return unpatchify(out, cfg.patch_size) if cfg.patch_size else out
+        return torch.cat([self.decoder(c, cache) for c in chunks], dim=2)
 
     def _tiled(self, x: torch.Tensor, fn, ratio: int, down: bool):
         """Run fn over overlapping spatial tiles and blend them linearly across each overlap.
 
-        Tile geometry is set in pixels; on latents (decode) it is divided by the spatial stride."""
-        tile, stride = self.tiling
+        Tile geometry is set in pixels (patchified pixels for Wan2.2); on latents it is divided by `ratio`."""
+        p = self.vae_config.patch_size or 1
+        tile, stride = self.tiling[0] // p, self.tiling[1] // p  # in (patchified) pixels
         in_tile, in_stride = (tile, stride) if down else (tile // ratio, stride // ratio)
         out_tile, out_stride = (tile // ratio, stride // ratio) if down else (tile, stride)
         blend = out_tile - out_stride
@@ -203,6 +206,8 @@ class WanVAE(nn.Module):
             rows.append(row)
 
         def blend_tiles(rows_of_parts):
+            # each tile is cross-faded with its (already blended) upper and left neighbours, as diffusers does
+            rows_of_parts = [list(row) for row in rows_of_parts]
             result_rows = []
             for i, row in enumerate(rows_of_parts):
                 result = []
@@ -211,6 +216,7 @@ class WanVAE(nn.Module):
                         part = _blend(rows_of_parts[i - 1][j], part, blend, dim=-2)
                     if j > 0:
                         part = _blend(row[j - 1], part, blend, dim=-1)
+                    row[j] = part
                     result.append(part[..., :out_stride, :out_stride])
                 result_rows.append(torch.cat(result, dim=-1))
             out_h = h // ratio if down else h * ratio
