@@ -168,3 +168,24 @@ def test_wrong_shapes_and_keys_are_named():
         convert_state_dict(bad, src="official", dst="megawan", config=cfg)
     with pytest.raises(KeyError, match="not_a_key"):
         convert_state_dict(dict(official, not_a_key=torch.zeros(1)), src="official", dst="megawan", config=cfg)
+
+
+def test_checkpoint_files_load_without_unpickling_objects(tmp_path):
+    """Official .pth files load with weights_only=True, safetensors too; a pickled object is refused."""
+    from safetensors.torch import save_file
+
+    from megawan.convert import load_state_dict_file
+
+    cfg = vae_preset("tiny-2.1")
+    official = convert_state_dict(WanVAE(cfg).state_dict(), src="megawan", dst="official", config=cfg)
+    torch.save(official, tmp_path / "Wan2.1_VAE.pth")
+    save_file(official, str(tmp_path / "vae.safetensors"))
+    for name in ("Wan2.1_VAE.pth", "vae.safetensors"):
+        loaded = load_state_dict_file(str(tmp_path / name))
+        vae = WanVAE(cfg)
+        vae.load_state_dict(convert_state_dict(loaded, src="official", dst="megawan", config=cfg))
+    import argparse
+
+    torch.save({"weights": official, "extra": argparse.Namespace(x=1)}, tmp_path / "evil.pth")  # an arbitrary object
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_state_dict_file(str(tmp_path / "evil.pth"))

@@ -4,6 +4,7 @@
     sd = convert_state_dict(official_sd, src="official", dst="megawan", config=cfg)
     shards = convert_state_dict(official_sd, src="official", dst="megawan", config=cfg, tp_size=2)  # [rank0, rank1]
     sd = convert_state_dict(shards, src="megawan", dst="diffusers", config=cfg)                   # merged
+    vae_sd = convert_state_dict(load_state_dict_file("Wan2.1_VAE.pth"), "official", "megawan", vae_cfg)
 
 Tensors are passed through untouched (renamed, split or concatenated only): round trips are bit-exact.
 Unknown keys, missing keys and wrong shapes are errors that name the key.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 from megawan.config import DiTConfig, VAEConfig
 from megawan.convert.dit_keys import LAYOUTS, TP_AXIS, dit_key_table, dit_param_shapes
+from megawan.convert.files import load_state_dict_file
 from megawan.convert.tensor_parallel import merge_tensor_parallel, split_tensor_parallel
 
-__all__ = ["convert_state_dict", "split_tensor_parallel", "merge_tensor_parallel", "LAYOUTS"]
+__all__ = ["convert_state_dict", "load_state_dict_file", "split_tensor_parallel", "merge_tensor_parallel", "LAYOUTS"]
 
 
 def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1):
