@@ -189,3 +189,17 @@ def test_checkpoint_files_load_without_unpickling_objects(tmp_path):
     torch.save({"weights": official, "extra": argparse.Namespace(x=1)}, tmp_path / "evil.pth")  # an arbitrary object
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_state_dict_file(str(tmp_path / "evil.pth"))
+
+
+def test_bfloat16_runs_close_to_float32():
+    cfg = vae_preset("tiny-2.2")
+    vae32 = WanVAE(cfg).eval()
+    vae16 = WanVAE(vae_preset("tiny-2.2", params_dtype="bfloat16")).eval()
+    vae16.load_state_dict({k: v.to(torch.bfloat16) for k, v in vae32.state_dict().items()})
+    video = torch.rand(2, 3, 5, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        m32, _ = vae32.encode(video)
+        m16, _ = vae16.encode(video)
+        d16 = vae16.decode(m16)
+    assert m16.dtype == torch.bfloat16 and d16.dtype == torch.bfloat16 and d16.shape == video.shape
+    assert relative_error(m16.float(), m32) < 5e-2
