@@ -12,7 +12,9 @@ Unknown keys, missing keys and wrong shapes are errors that name the key.
 
 from __future__ import annotations
 
-from megawan.config import DiTConfig, VAEConfig
+import torch
+
+from megawan.config import DiTConfig, TextConfig, VAEConfig
 from megawan.convert.dit_keys import LAYOUTS, TP_AXIS, dit_key_table, dit_param_shapes
 from megawan.convert.files import load_state_dict_file
 from megawan.convert.tensor_parallel import merge_tensor_parallel, split_tensor_parallel
@@ -26,6 +28,8 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
     src / dst: "official" | "diffusers" | "megawan". A list of state dicts with src="megawan" is a set of
     TP shards (rank order) and is merged first. dst="megawan" with tp_size > 1 returns the list of shards.
     """
+    if isinstance(config, TextConfig):
+        return _convert_text(state_dict, src, dst, config, tp_size)
     if isinstance(config, VAEConfig):
         from megawan.convert.vae_keys import vae_key_table, vae_param_shapes
 
@@ -53,9 +57,35 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
     return out
 
 
-def _rename(state_dict: dict, src: str, dst: str, table: list, shapes: dict, name: str, what: str) -> dict:
+def _convert_text(state_dict, src: str, dst: str, config, tp_size: int):
+    """umT5: layouts megawan / official / transformers; TP shards like the DiT's."""
+    from megawan.convert.text_keys import TEXT_LAYOUTS, TEXT_TP_AXIS, TIED, text_key_table, text_param_shapes
+
+    for name, layout in (("src", src), ("dst", dst)):
+        if layout not in TEXT_LAYOUTS:
+            raise ValueError(f"{name}={layout!r} is not one of {TEXT_LAYOUTS} for the umT5 encoder")
+    if isinstance(state_dict, (list, tuple)):
+        state_dict = merge_tensor_parallel([_drop_extra_state(s) for s in state_dict], TEXT_TP_AXIS)
+    state_dict = _drop_extra_state(dict(state_dict))
+    if src in TIED:
+        main, tied = TIED[src]
+        if tied in state_dict and main in state_dict and not torch.equal(state_dict[tied], state_dict[main]):
+            raise ValueError(f"{tied} differs from {main}: they are one tied tensor")
+        state_dict.pop(tied, None) if main in state_dict else state_dict.__setitem__(main, state_dict.pop(tied))
+    out = _rename(state_dict, src, dst, text_key_table(config), text_param_shapes(config), config.name, "umT5 encoder",
+                  layouts=TEXT_LAYOUTS)
+    if dst in TIED:
+        main, tied = TIED[dst]
+        out[tied] = out[main]
+    if dst == "megawan" and tp_size > 1:
+        return split_tensor_parallel(out, tp_size, TEXT_TP_AXIS)
+    return out
+
+
+def _rename(state_dict: dict, src: str, dst: str, table: list, shapes: dict, name: str, what: str,
+            layouts: tuple = LAYOUTS) -> dict:
     """Rename every key from layout src to dst by the table, checking keys and shapes."""
-    src_i, dst_i = LAYOUTS.index(src), LAYOUTS.index(dst)
+    src_i, dst_i = layouts.index(src), layouts.index(dst)
     to_megawan = {row[src_i]: row[0] for row in table}
     to_dst = {row[0]: row[dst_i] for row in table}
     unknown = [k for k in state_dict if k not in to_megawan]
