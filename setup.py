@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "packaging",
     "psutil",  # megatron-core dist_checkpointing needs it
+    "sentencepiece>=0.2",  # the umT5 tokenizer
 ]
 
 EXTRAS = {
@@ -21,7 +22,7 @@ EXTRAS = {
         "pytest-timeout",
         "diffusers>=0.35",
         "transformers>=4.50",
-        "sentencepiece>=0.2",
+        "protobuf",  # transformers reads sentencepiece models through it
     ],
     "gpu": [
         "transformer-engine[pytorch]>=2.0",
