@@ -31,6 +31,10 @@ def _official_common(name: str) -> str:
         (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
         (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
     ]
+    return _apply(rules, name)
+
+
+def _apply(rules: list, name: str) -> str:
     for pattern, repl in rules:
         name = re.sub(pattern, repl, name)
     return name
@@ -57,9 +61,7 @@ def _official_22(name: str, cfg: VAEConfig) -> str:
         (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2."),
         (r"^decoder\.up_blocks\.(\d+)\.upsampler\.", rf"decoder.upsamples.\1.upsamples.{r + 1}."),
     ]
-    for pattern, repl in rules:
-        name = re.sub(pattern, repl, name)
-    return name
+    return _apply(rules, name)
 
 
 def vae_key_table(config: VAEConfig) -> list:

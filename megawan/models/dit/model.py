@@ -28,6 +28,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sha
 
 from megawan.capabilities import cuda_available, resolve_backend
 from megawan.parallel.cpu_compat import cpu_mode_active
+from megawan.models.state import with_extra_state
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
@@ -171,13 +172,8 @@ class WanDiT(MegatronModule):
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a tensors-only state dict (what `convert_state_dict` makes). Layers' `_extra_state`
-        (Transformer Engine's FP8 metadata; None for local layers) is kept as the module has it."""
-        state_dict = dict(state_dict)
-        for key, value in super().state_dict(keep_vars=True).items():
-            if key.endswith("_extra_state") and key not in state_dict:
-                state_dict[key] = value
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """Loads a tensors-only state dict (what `convert_state_dict` makes)."""
+        return super().load_state_dict(with_extra_state(self, state_dict), strict=strict, assign=assign)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """megatron-core dist_checkpointing view: TP-split tensors carry their global shape and offset, so a

@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megawan.models.state import with_extra_state
 from megawan.config import TextConfig
 from megawan.parallel.groups import tensor_parallel_group
 
@@ -153,9 +154,5 @@ class UMT5Encoder(MegatronModule):
         return x * mask[..., None].to(x.dtype)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accepts a tensors-only state dict; megatron layers' `_extra_state` is kept as the module has it."""
-        state_dict = dict(state_dict)
-        for key, value in super().state_dict(keep_vars=True).items():
-            if key.endswith("_extra_state") and key not in state_dict:
-                state_dict[key] = value
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """Loads a tensors-only state dict (what `convert_state_dict` makes)."""
+        return super().load_state_dict(with_extra_state(self, state_dict), strict=strict, assign=assign)
