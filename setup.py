@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "packaging",
     "psutil",  # megatron-core dist_checkpointing needs it
     "sentencepiece>=0.2",  # the umT5 tokenizer
+    "av>=12",  # PyAV: video decoding on CPU, synthetic videos
+    "pillow",
 ]
 
 EXTRAS = {

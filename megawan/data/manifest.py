@@ -1,0 +1,95 @@
+"""Manifests of videos and images with captions: JSONL or CSV rows with `path`, `caption` and optional
+`start`, `end` (seconds), `fps` (sampling rate for this clip) and `id`.
+
+    entries = read_manifest("clips.jsonl")     # [ManifestEntry(id=..., path=..., caption=..., ...)]
+
+Relative paths are resolved against the manifest's folder. A malformed row is an error that names the file,
+the row and the field; ids must be unique (they key the latent store).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    id: str
+    path: str
+    caption: str
+    start: Optional[float] = None
+    end: Optional[float] = None
+    fps: Optional[float] = None
+
+    @property
+    def is_image(self) -> bool:
+        return os.path.splitext(self.path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _rows(path: str):
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{path}: row {number} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ManifestError(f"{path}: row {number} is not a JSON object")
+                yield number, row
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            for number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
+                yield number, {k: v for k, v in row.items() if v not in (None, "")}
+    else:
+        raise ManifestError(f"{path}: a manifest is .jsonl or .csv")
+
+
+def _number(value, path, number, field):
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{path}: row {number}, field '{field}': {value!r} is not a number") from None
+    if out < 0:
+        raise ManifestError(f"{path}: row {number}, field '{field}': {value!r} is negative")
+    return out
+
+
+def read_manifest(path: str) -> list:
+    root = os.path.dirname(os.path.abspath(path))
+    entries, seen = [], {}
+    known = {"id", "path", "caption", "start", "end", "fps"}
+    for number, row in _rows(path):
+        unknown = sorted(set(row) - known)
+        if unknown:
+            raise ManifestError(f"{path}: row {number} has unknown field(s) {unknown}; known: {sorted(known)}")
+        for field in ("path", "caption"):
+            if not isinstance(row.get(field), str) or (field == "path" and not row[field].strip()):
+                raise ManifestError(f"{path}: row {number}, field '{field}': missing or not a string")
+        start = _number(row["start"], path, number, "start") if "start" in row else None
+        end = _number(row["end"], path, number, "end") if "end" in row else None
+        fps = _number(row["fps"], path, number, "fps") if "fps" in row else None
+        if start is not None and end is not None and end <= start:
+            raise ManifestError(f"{path}: row {number}, field 'end': {end} is not after start {start}")
+        if fps is not None and fps == 0:
+            raise ManifestError(f"{path}: row {number}, field 'fps': must be positive")
+        media = row["path"] if os.path.isabs(row["path"]) else os.path.join(root, row["path"])
+        sample_id = str(row.get("id", f"{os.path.splitext(row['path'])[0]}"
+                                      f"{'' if start is None else f'@{start:g}'}"))
+        if sample_id in seen:
+            raise ManifestError(f"{path}: row {number}, field 'id': {sample_id!r} repeats row {seen[sample_id]}")
+        seen[sample_id] = number
+        entries.append(ManifestEntry(sample_id, media, row["caption"], start, end, fps))
+    return entries

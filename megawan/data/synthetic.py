@@ -1,0 +1,128 @@
+"""Synthetic videos of moving coloured shapes, whose captions name the colour, shape and direction:
+the tiny end-to-end job and the tests learn and check against them.
+
+    write_synthetic_dataset("data/shapes", count=200, frames=33, height=64, width=64, broken=10)
+    -> data/shapes/*.mp4 and data/shapes/manifest.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
+          "purple": (150, 60, 200), "cyan": (40, 200, 210)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUND = (24, 24, 28)
+
+
+@dataclass(frozen=True)
+class ShapeClip:
+    color: str
+    shape: str
+    direction: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.color} {self.shape} moves {self.direction}"
+
+
+def render(clip: ShapeClip, frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 frames [T, H, W, 3]: the shape crosses the frame in its direction over the clip."""
+    rng = random.Random(seed)
+    size = max(4, min(height, width) // 4)
+    dx, dy = DIRECTIONS[clip.direction]
+    # start on one side, travel about half the frame
+    cx = width / 2 - dx * width / 4 + rng.uniform(-width / 10, width / 10)
+    cy = height / 2 - dy * height / 4 + rng.uniform(-height / 10, height / 10)
+    speed = (min(height, width) / 2) / max(frames - 1, 1)
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((frames, height, width, 3), dtype=np.uint8)
+    for t in range(frames):
+        x, y = cx + dx * speed * t, cy + dy * speed * t
+        if clip.shape == "circle":
+            inside = (xx - x) ** 2 + (yy - y) ** 2 <= (size / 2) ** 2
+        elif clip.shape == "square":
+            inside = (abs(xx - x) <= size / 2) & (abs(yy - y) <= size / 2)
+        else:  # triangle pointing up
+            top = y - size / 2
+            inside = (yy >= top) & (yy <= y + size / 2) & (abs(xx - x) <= (yy - top) / 2)
+        frame = np.empty((height, width, 3), dtype=np.uint8)
+        frame[:] = BACKGROUND
+        frame[inside] = COLORS[clip.color]
+        out[t] = frame
+    return out
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx264") -> None:
+    """Encode uint8 [T, H, W, 3] frames with PyAV (mp4 / H.264 by default; `libvpx-vp9` for webm)."""
+    import av
+
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "18", "preset": "veryfast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+BROKEN_KINDS = ("truncated", "empty", "garbage", "audio_only")
+
+
+def write_broken(path: str, kind: str, good_video: str | None = None) -> None:
+    """Files a decoder must skip: a truncated mp4, an empty file, random bytes, an audio-only file."""
+    if kind == "truncated":
+        data = open(good_video, "rb").read()
+        open(path, "wb").write(data[: len(data) // 3])
+    elif kind == "empty":
+        open(path, "wb").close()
+    elif kind == "garbage":
+        open(path, "wb").write(os.urandom(4096))
+    elif kind == "audio_only":
+        import av
+
+        with av.open(path, mode="w") as container:
+            stream = container.add_stream("aac", rate=16000)
+            samples = (np.sin(np.linspace(0, 200, 16000)) * 0.2).astype(np.float32)[None, :]
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    else:
+        raise ValueError(f"unknown broken kind {kind!r}; one of {BROKEN_KINDS}")
+
+
+def write_synthetic_dataset(out_dir: str, count: int, frames: int = 33, height: int = 64, width: int = 64,
+                            fps: int = 16, broken: int = 0, seed: int = 0, codec: str = "libx264") -> str:
+    """Write `count` clips (+ `broken` bad files) and manifest.jsonl listing them all; returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed)
+    ext = "webm" if "vp" in codec else "mp4"
+    rows = []
+    for i in range(count):
+        clip = ShapeClip(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS)))
+        name = f"clip_{i:05d}.{ext}"
+        write_video(os.path.join(out_dir, name), render(clip, frames, height, width, seed=seed * 100003 + i), fps, codec)
+        rows.append({"id": f"clip_{i:05d}", "path": name, "caption": clip.caption})
+    for j in range(broken):
+        kind = BROKEN_KINDS[j % len(BROKEN_KINDS)]
+        name = f"broken_{j:03d}_{kind}.{'m4a' if kind == 'audio_only' else ext}"
+        write_broken(os.path.join(out_dir, name), kind, good_video=os.path.join(out_dir, rows[0]["path"]) if rows else None)
+        rows.append({"id": f"broken_{j:03d}", "path": name, "caption": f"broken file ({kind})"})
+    manifest = os.path.join(out_dir, "manifest.jsonl")
+    with open(manifest, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return manifest
