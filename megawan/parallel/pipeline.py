@@ -11,7 +11,7 @@ all but one copy are marked `shared` so that the gradient norm counts them once.
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
