@@ -1,0 +1,105 @@
+"""Buckets: the (frames, height, width) shapes a training stage uses. Each clip goes to the bucket nearest its
+aspect ratio (then the longest that its length fills), is resized to cover the bucket and centre-cropped, so
+a batch drawn from one bucket stacks without padding.
+
+    buckets = stage_buckets("video-480")                  # or parse_buckets(["81x480x832", "1x256x256"])
+    bucket = assign_bucket(buckets, frames=120, height=1080, width=1920)   # -> Bucket(81, 480, 832)
+    clip = resize_center_crop(frames, bucket.height, bucket.width)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GRID = 16  # VAE stride 8 x DiT patch 2: latent grids stay whole (Wan2.2 TI2V: 32)
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+    @property
+    def is_image(self) -> bool:
+        return self.frames == 1
+
+
+# Wan's recipe: 256 px images; 192 px 5 s 16 fps video (81 frames); then 480 px and 720 px, several aspects.
+STAGE_BUCKETS = {
+    "image-256": ["1x256x256", "1x224x288", "1x288x224", "1x192x336", "1x336x192"],
+    "video-192": ["81x192x192", "81x160x240", "81x240x160", "81x144x256", "81x256x144"],
+    "image-480": ["1x480x480", "1x480x640", "1x640x480", "1x480x832", "1x832x480"],
+    "video-480": ["81x480x480", "81x480x640", "81x640x480", "81x480x832", "81x832x480"],
+    "video-720": ["81x720x720", "81x720x960", "81x960x720", "81x720x1280", "81x1280x720"],
+}
+
+
+def parse_buckets(spec, grid: int = GRID, temporal_stride: int = 4) -> list:
+    """Buckets from "FxHxW" strings or (frames, height, width) triples; sizes must fit the latent grid."""
+    buckets = []
+    for item in spec:
+        if isinstance(item, str):
+            try:
+                frames, height, width = (int(v) for v in item.lower().split("x"))
+            except ValueError:
+                raise ValueError(f"bucket {item!r} is not FRAMESxHEIGHTxWIDTH") from None
+        else:
+            frames, height, width = (int(v) for v in item)
+        if (frames - 1) % temporal_stride:
+            raise ValueError(f"bucket {item!r}: frames must be 1 + {temporal_stride}k (the causal VAE)")
+        if height % grid or width % grid:
+            raise ValueError(f"bucket {item!r}: height and width must be multiples of {grid}")
+        buckets.append(Bucket(frames, height, width))
+    if len(set(buckets)) != len(buckets):
+        raise ValueError("bucket list has duplicates")
+    return sorted(buckets)
+
+
+def stage_buckets(*names: str) -> list:
+    unknown = [n for n in names if n not in STAGE_BUCKETS]
+    if unknown:
+        raise ValueError(f"unknown bucket set(s) {unknown}; known: {sorted(STAGE_BUCKETS)}")
+    return parse_buckets([b for n in names for b in STAGE_BUCKETS[n]])
+
+
+def assign_bucket(buckets: list, frames: int, height: int, width: int) -> Optional[Bucket]:
+    """The bucket for a clip of `frames` frames (1 = an image) of height x width: images go to image buckets,
+    videos to the video buckets they can fill; nearest aspect ratio (in log space) first, then the most
+    frames, then the largest area. None when no bucket fits (a video shorter than every video bucket)."""
+    if frames == 1:
+        candidates = [b for b in buckets if b.is_image]
+    else:
+        candidates = [b for b in buckets if not b.is_image and b.frames <= frames]
+    if not candidates:
+        return None
+    aspect = math.log(width / height)
+    return min(candidates, key=lambda b: (round(abs(math.log(b.aspect) - aspect), 6), -b.frames, -b.height * b.width))
+
+
+def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, height, width] in [-1, 1]: scaled (antialiased bilinear) to cover the
+    target, then centre-cropped."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    h, w = video.shape[-2:]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    video = video[..., top:top + height, left:left + width]
+    return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
