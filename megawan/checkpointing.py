@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 
 import torch
@@ -88,7 +89,9 @@ def load_model(model, path: str) -> None:
     """Load a checkpoint written by save_model at any TP size into `model` (this rank's shards)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), path)
+    with warnings.catch_warnings():  # torch's deprecation notice inside megatron's loader, not ours to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        state = dist_checkpointing.load(model.sharded_state_dict(), path)
     model.load_state_dict(state)
 
 
