@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "psutil",  # megatron-core dist_checkpointing needs it
     "sentencepiece>=0.2",  # the umT5 tokenizer
     "av>=12",  # PyAV: video decoding on CPU, synthetic videos
+    "zarr>=3,<4",  # the latent store (v3 format, sharding)
     "pillow",
 ]
 
@@ -39,7 +40,7 @@ setup(
     description="Train Wan-style video diffusion models at scale on megatron-core",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # zarr 3
     packages=find_packages(include=["megawan", "megawan.*", "kernels", "kernels.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
