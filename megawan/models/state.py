@@ -1,8 +1,16 @@
-"""State-dict helpers shared by the megatron-core based models."""
+"""Helpers shared by the models: parameter dtypes from config names, tensors-only state dicts."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's `params_dtype` name."""
+    return _TORCH_DTYPES[name]
 
 
 def with_extra_state(module: nn.Module, state_dict) -> dict:

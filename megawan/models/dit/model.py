@@ -28,7 +28,6 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sha
 
 from megawan.capabilities import cuda_available, resolve_backend
 from megawan.parallel.cpu_compat import cpu_mode_active
-from megawan.models.state import with_extra_state
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
@@ -36,8 +35,8 @@ from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
 from megawan.parallel.context_parallel import gather_sequence, pad_sequence
 from megawan.parallel.groups import context_parallel_groups, sequence_parallel_enabled, tensor_parallel_group
+from megawan.models.state import torch_dtype, with_extra_state
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False,
@@ -47,7 +46,7 @@ def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: boo
         sequence_parallel=sequence_parallel and tensor_parallel > 1,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
-        pipeline_dtype=_DTYPES[cfg.params_dtype],
+        pipeline_dtype=torch_dtype(cfg.params_dtype),
         num_layers=cfg.num_layers,
         hidden_size=cfg.dim,
         num_attention_heads=cfg.num_heads,
@@ -60,7 +59,7 @@ def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: boo
         layernorm_epsilon=cfg.eps,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        params_dtype=_DTYPES[cfg.params_dtype],
+        params_dtype=torch_dtype(cfg.params_dtype),
         # Initialise the full master weight, then split: the same model for any TP size and on CPU.
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,

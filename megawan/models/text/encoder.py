@@ -21,11 +21,10 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megawan.models.state import with_extra_state
 from megawan.config import TextConfig
 from megawan.parallel.groups import tensor_parallel_group
+from megawan.models.state import torch_dtype, with_extra_state
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -131,7 +130,7 @@ class UMT5Encoder(MegatronModule):
         megatron = TransformerConfig(
             num_layers=config.num_layers, hidden_size=config.d_model, num_attention_heads=config.num_heads,
             ffn_hidden_size=config.d_ff, kv_channels=config.d_kv, tensor_model_parallel_size=tp_group.size(),
-            add_bias_linear=False, params_dtype=_DTYPES[config.params_dtype], use_cpu_initialization=True,
+            add_bias_linear=False, params_dtype=torch_dtype(config.params_dtype), use_cpu_initialization=True,
             gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
             init_method=nn.init.xavier_uniform_, output_layer_init_method=nn.init.xavier_uniform_,
         )

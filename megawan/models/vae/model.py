@@ -28,8 +28,8 @@ from megawan.models.vae.blocks import (
     UpBlock,
 )
 from megawan.models.vae.causal import CausalConv3d, StreamCache
+from megawan.models.state import torch_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class Encoder3d(nn.Module):
@@ -117,7 +117,7 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(config)
         self.register_buffer("latents_mean", torch.tensor(config.latents_mean).view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(config.latents_std).view(1, z, 1, 1, 1), persistent=False)
-        self.to(_DTYPES[config.params_dtype])
+        self.to(torch_dtype(config.params_dtype))
         self.tiling = None  # (tile, stride) in pixels when enabled
 
     # ------------------------------------------------------------------------------------------
