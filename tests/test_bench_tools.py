@@ -16,3 +16,15 @@ def test_bench_vae_smoke(tmp_path, capsys):
     assert {(r["op"], r["frames"]) for r in rows} == {("encode", 1), ("encode", 5), ("decode", 1), ("decode", 5)}
     assert all(r["ours"]["seconds"] > 0 and r["diffusers"]["seconds"] > 0 for r in rows)
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_loader_smoke(tmp_path, capsys):
+    from bench_loader import main
+
+    out = tmp_path / "loader.json"
+    assert main(["--make", "6", "--bucket", "5x32x32", "--text-len", "8", "--text-dim", "16", "--steps", "4",
+                 "--workers", "1", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["rows"]] == [1, 2]
+    assert all(r["samples_per_s"] > 0 and r["ratio_vs_h100"] > 0 for r in result["rows"])
+    assert result["h100_samples_per_s"] > 0 and "x H100 need" in capsys.readouterr().out
