@@ -164,16 +164,121 @@ class ParallelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where a stage's samples come from: the latent store, its buckets and the batch sizes."""
+
+    store: str = ""  # the Zarr latent store (tools/precompute_latents.py)
+    buckets: tuple = ()  # bucket names this stage trains on; empty = every bucket of the store
+    video_ratio: float = 1.0  # fraction of steps drawn from video buckets (the rest: image buckets)
+    global_batch_size: int = 8  # samples per step over all data-parallel ranks, video buckets
+    image_global_batch_size: Optional[int] = None  # image buckets (default: global_batch_size)
+    micro_batch_size: int = 1  # samples per forward / backward on a rank
+    num_workers: int = 2  # loader read-ahead threads
+
+    def validate(self, prefix: str = "data") -> "DataConfig":
+        if not 0.0 <= self.video_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.video_ratio: {self.video_ratio} is not within [0, 1]")
+        for name in ("global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}: must be at least 1")
+        if self.image_global_batch_size is not None and self.image_global_batch_size < 1:
+            raise ConfigError(f"{prefix}.image_global_batch_size: must be at least 1")
+        return self
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (megatron-core's distributed optimizer) and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine | linear
+    decay_steps: Optional[int] = None  # default: train.steps
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 = no clipping
+
+    def validate(self, prefix: str = "optimizer") -> "OptimizerConfig":
+        if self.decay not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"{prefix}.decay: {self.decay!r} is not constant, cosine or linear")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}.lr / min_lr: need 0 <= min_lr <= lr and lr > 0, got {self.lr}, {self.min_lr}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, precision, flow-matching settings, EMA, failure handling."""
+
+    steps: int = 1000
+    precision: str = "bf16"  # bf16 (fp32 main weights in the optimizer) | fp32
+    fp8: Optional[str] = None  # delayed | current (Transformer Engine backend only)
+    shift: float = 5.0  # Wan's timestep shift for training
+    timestep_distribution: str = "uniform"  # uniform | logit_normal
+    expert: Optional[str] = None  # A14B: train the "high" or "low" noise expert on its own timestep range
+    ema_decay: float = 0.0  # 0 = no EMA
+    max_bad_steps: int = 5  # NaN / inf losses in a row before the run stops
+    log_every: int = 1
+    memory_budget_gb: Optional[float] = None  # refuse buckets whose estimated step does not fit
+
+    def validate(self, prefix: str = "train") -> "TrainConfig":
+        def need(ok, name, why):
+            if not ok:
+                raise ConfigError(f"{prefix}.{name}: {why}")
+
+        need(self.steps >= 1, "steps", "must be at least 1")
+        need(self.precision in ("bf16", "fp32"), "precision", f"{self.precision!r} is not bf16 or fp32")
+        need(self.fp8 in (None, "delayed", "current"), "fp8", f"{self.fp8!r} is not delayed or current")
+        need(self.shift > 0, "shift", "must be positive")
+        need(self.timestep_distribution in ("uniform", "logit_normal"), "timestep_distribution",
+             f"{self.timestep_distribution!r} is not uniform or logit_normal")
+        need(self.expert in (None, "high", "low"), "expert", f"{self.expert!r} is not high or low")
+        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        need(self.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
+        return self
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every: int = 100  # steps between checkpoints (also written on SIGTERM / SIGUSR1 and at the end)
+    keep: int = 3  # the newest K complete checkpoints are kept
+    init_from: Optional[str] = None  # warm start: weights only, from a checkpoint of an earlier stage
+
+
+@dataclass
+class LoggingConfig:
+    dir: Optional[str] = None  # metrics.jsonl and TensorBoard events (default: <checkpoint.dir>/logs)
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
 class RunConfig:
     """The whole run: one YAML file maps onto this."""
 
     model: DiTConfig = field(default_factory=DiTConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
 
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         p = self.parallel.validate(world_size)
         self.model.validate(tensor_parallel=p.tensor_parallel)
+        self.data.validate()
+        self.optimizer.validate()
+        self.train.validate()
+        if self.train.expert is not None and self.model.expert_boundary is None:
+            raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
+        if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
+            raise ConfigError("checkpoint.every / checkpoint.keep: must be at least 1")
         heads_split = p.tensor_parallel * p.ulysses_degree
         if self.model.num_heads % heads_split:
             raise ConfigError(

@@ -92,3 +92,17 @@ def test_csv_manifest(tmp_path):
     assert entries[0].start == 1.5 and entries[0].end == 6.5 and entries[0].id == "v@1.5"
     assert entries[1].is_image and entries[1].path == str(tmp_path / "img.png")
     json.dumps([e.__dict__ for e in entries])
+
+
+@pytest.mark.parametrize("codec,ext,fps", [("libvpx-vp9", "webm", 16), ("libvpx-vp9", "webm", 24), ("libx264", "mp4", 16)])
+def test_same_rate_decoding_keeps_every_frame_despite_rounded_timestamps(tmp_path, codec, ext, fps):
+    """webm stores timestamps in whole milliseconds (62 ms for a 62.5 ms frame): still every frame, once."""
+    from megawan.data.synthetic import write_video
+
+    frames = np.zeros((16, 32, 32, 3), np.uint8)
+    for i in range(16):
+        frames[i] = i * 15
+    path = str(tmp_path / f"ramp.{ext}")
+    write_video(path, frames, fps, codec)
+    out = decode_video(path, fps=fps)
+    assert [int(round(f.mean() / 15)) for f in out] == list(range(16))

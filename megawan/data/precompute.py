@@ -1,0 +1,236 @@
+"""Precompute: manifest rows -> decoded, bucketed clips -> Wan-VAE latents + umT5 states -> the Zarr store.
+
+    job = PrecomputeJob(manifest="clips.jsonl", out="latents.zarr", vae="Wan2.1_VAE.pth", vae_config="wan2.1",
+                        text_encoder="models_t5_umt5-xxl-enc-bf16.pth", text_config="umt5-xxl",
+                        tokenizer="google/umt5-xxl", buckets=["video-192", "image-256"])
+    summary = run_precompute(job, rank=0, world_size=1)
+
+Every rank takes rows rank, rank + W, … of the manifest (disjoint, balanced), skips ids the store already
+holds (committed by any rank, in any earlier run) or already reported as skipped, and writes to its own part
+of each bucket. Decoding runs in a thread pool `prefetch` clips ahead of the encoders, so the next clips are
+decoded while the current one is encoded. Files that cannot give a clip are reported (id, path, reason) in
+the store's `reports/rank-*` groups and in `<out>.skipped.jsonl`; they never stop the job. A killed job run
+again does only what is missing, and ends with the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
+from megawan.data.manifest import ManifestEntry, read_manifest
+from megawan.data.store import LatentStore, Sample
+from megawan.data.video import DecodeError, decode_image, decode_video
+
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class PrecomputeJob:
+    manifest: str
+    out: str
+    vae: str
+    text_encoder: str
+    tokenizer: str
+    vae_config: str = "wan2.1"  # a megawan VAE preset
+    text_config: str = "umt5-xxl"  # a megawan text-encoder preset
+    buckets: list = field(default_factory=lambda: ["video-192", "image-256"])  # set names and / or "FxHxW"
+    fps: float = 16.0
+    dtype: str = "bfloat16"  # how latents and text states are stored
+    compute_dtype: Optional[str] = None  # the encoders' dtype: float32 on CPU, bfloat16 on GPU by default
+    save_logvar: bool = False
+    decode_workers: int = 4
+    prefetch: int = 8
+    decode_backend: str = "auto"
+    text_cache: int = 4096  # captions repeat (templated sets, images of one video): encode each once
+
+    def resolved_buckets(self) -> list:
+        spec = []
+        for item in self.buckets:
+            spec += STAGE_BUCKETS[item] if item in STAGE_BUCKETS else [item]
+        return parse_buckets(spec)
+
+
+@dataclass
+class Prepared:
+    entry: ManifestEntry
+    bucket: Optional[Bucket] = None
+    video: Optional[torch.Tensor] = None  # [3, T, H, W] in [-1, 1]
+    frame_indices: Optional[np.ndarray] = None
+    skip_reason: Optional[str] = None
+
+
+def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str = "auto") -> Prepared:
+    """Decode one manifest row, pick its bucket, resize + crop. A bad file gives skip_reason, never raises."""
+    try:
+        if entry.is_image:
+            frames = decode_image(entry.path)
+            rate, first = 0.0, 0
+        else:
+            rate = entry.fps or fps
+            longest = max((b.frames for b in buckets if not b.is_image), default=1)
+            start = entry.start or 0.0
+            end = start + longest / rate + 1e-6  # never decode more of a long video than a bucket can use
+            if entry.end is not None:
+                end = min(end, entry.end)
+            kwargs = {"backend": decode_backend} if decode_backend != "auto" else {}
+            frames = decode_video(entry.path, fps=rate, start=entry.start, end=end, **kwargs)
+            first = int(round(start * rate))
+    except DecodeError as e:
+        return Prepared(entry, skip_reason=e.reason)
+    except (ImportError, NameError, AttributeError, TypeError):
+        raise  # our bug or a broken install, not a bad file: skipping every clip would hide it
+    except Exception as e:  # a decoder library choking on one odd file must not end a million-clip job
+        return Prepared(entry, skip_reason=f"decoder failed ({type(e).__name__}: {e})")
+    t, h, w = frames.shape[:3]
+    bucket = assign_bucket(buckets, frames=t, height=h, width=w)
+    if bucket is None:
+        kind = "image" if t == 1 else f"video of {t} frames at {rate:g} fps"
+        return Prepared(entry, skip_reason=f"no bucket fits this {kind} ({w}x{h})")
+    video = resize_center_crop(frames[: bucket.frames], bucket.height, bucket.width)
+    # frame k of the clip is at time k / fps of the source: indices on the sampling grid (fps stored beside)
+    return Prepared(entry, bucket, video, np.arange(first, first + bucket.frames, dtype=np.int32))
+
+
+def fingerprint(state_dict: dict) -> str:
+    """A cheap identity for weights (names, shapes and the first values of each tensor): a store refuses to be
+    resumed with different encoders, wherever their files moved."""
+    h = hashlib.sha256()
+    for key in sorted(k for k, v in state_dict.items() if isinstance(v, torch.Tensor)):
+        t = state_dict[key]
+        h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Encoders:
+    """The Wan-VAE, the umT5 encoder and its tokenizer, loaded once per rank."""
+
+    def __init__(self, job: PrecomputeJob, device: torch.device):
+        from megawan.config import text_preset, vae_preset
+        from megawan.models.loading import load_text_encoder, load_tokenizer, load_vae
+
+        default = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = STORE_DTYPES[job.compute_dtype] if job.compute_dtype else default
+        self.device, self.dtype = device, dtype
+        self.vae_config, self.text_config = vae_preset(job.vae_config), text_preset(job.text_config)
+        self.vae = load_vae(job.vae, self.vae_config, device=device, dtype=dtype)
+        self.text = load_text_encoder(job.text_encoder, self.text_config, device=device, dtype=dtype)
+        self.tokenizer = load_tokenizer(job.tokenizer, max_length=self.text_config.text_len)
+        self.store_dtype = STORE_DTYPES[job.dtype]
+        self._cache: dict = {}
+        self._cache_size = job.text_cache
+        c = self.vae_config
+        self.vae_attrs = {"name": c.name, "z_dim": c.z_dim,
+                          "stride": [c.temporal_stride, c.spatial_stride, c.spatial_stride],
+                          "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std),
+                          "weights": fingerprint(self.vae.state_dict()), "normalized": False}
+        t = self.text_config
+        self.text_attrs = {"name": t.name, "max_length": t.text_len, "dim": t.d_model,
+                           "weights": fingerprint(self.text.state_dict()),
+                           "tokenizer": fingerprint({"pieces": torch.tensor(
+                               [len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.sp.get_piece_size())])})}
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> tuple:
+        """[3, T, H, W] -> raw latent mean and log-variance [z, T', H', W'] (store dtype)."""
+        mean, logvar = self.vae.encode(video[None].to(self.device, self.dtype))
+        return mean[0].to(self.store_dtype).cpu(), logvar[0].to(self.store_dtype).cpu()
+
+    @torch.no_grad()
+    def encode_text(self, caption: str) -> tuple:
+        """-> (states [text_len, dim] zero past the caption, its token count)."""
+        if caption in self._cache:
+            return self._cache[caption]
+        ids, mask = self.tokenizer([caption])
+        states = self.text(ids.to(self.device), mask.to(self.device))[0].to(self.store_dtype).cpu()
+        out = (states, int(mask.sum()))
+        if len(self._cache) >= self._cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[caption] = out
+        return out
+
+
+def _report_group(store: LatentStore, rank: int):
+    reports = store.root["reports"] if "reports" in store.root else store.root.create_group("reports")
+    name = f"rank-{rank:05d}"
+    return reports[name] if name in reports else reports.create_group(name)
+
+
+def skipped_files(store: LatentStore) -> list:
+    """Every file any rank reported as skipped: [{"id", "path", "reason"}]."""
+    if "reports" not in store.root:
+        return []
+    out = []
+    for _, group in sorted(store.root["reports"].groups()):
+        out.extend(group.attrs.get("skipped", []))
+    return out
+
+
+def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barrier=None, device=None,
+                   progress: bool = True) -> dict:
+    """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
+    from megawan.utils.progress import Progress
+
+    barrier = barrier or (lambda: None)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    entries = read_manifest(job.manifest)
+    buckets = job.resolved_buckets()
+    encoders = Encoders(job, device)
+    provenance = {"buckets": [b.name for b in buckets], "fps": job.fps, "dtype": job.dtype,
+                  "logvar": job.save_logvar, "manifest": os.path.abspath(job.manifest)}
+    if rank == 0:
+        LatentStore.create(job.out, vae=encoders.vae_attrs, text_encoder=encoders.text_attrs, **provenance)
+    barrier()
+    store = LatentStore.create(job.out, vae=encoders.vae_attrs, text_encoder=encoders.text_attrs, **provenance)
+    done = set(store.ids()) | {s["id"] for s in skipped_files(store)}
+    mine = [e for e in entries[rank::world_size] if e.id not in done]
+
+    writer, report = store.writer(rank), _report_group(store, rank)
+    skipped = list(report.attrs.get("skipped", []))
+    skipped_before = len(skipped)
+    written, start = 0, time.perf_counter()
+    bar = Progress(len(mine), desc=f"precompute [rank {rank}]", unit="clips", enabled=progress)
+    with ThreadPoolExecutor(max_workers=max(job.decode_workers, 1)) as pool:
+        pending = [pool.submit(prepare, e, buckets, job.fps, job.decode_backend) for e in mine[: job.prefetch]]
+        for i in range(len(mine)):
+            item = pending.pop(0).result()
+            if i + job.prefetch < len(mine):  # keep the decoders `prefetch` clips ahead of the encoders
+                pending.append(pool.submit(prepare, mine[i + job.prefetch], buckets, job.fps, job.decode_backend))
+            e = item.entry
+            if item.skip_reason is not None:
+                skipped.append({"id": e.id, "path": e.path, "reason": item.skip_reason})
+                report.attrs["skipped"] = skipped  # recorded at once: a resumed job does not retry it
+            else:
+                mean, logvar = encoders.encode_video(item.video)
+                text, length = encoders.encode_text(e.caption)
+                writer.write(Sample(id=e.id, bucket=item.bucket.name, latents=mean, text=text, text_length=length,
+                                    source=e.path, caption=e.caption, fps=0.0 if e.is_image else (e.fps or job.fps),
+                                    frame_indices=item.frame_indices,
+                                    logvar=logvar if job.save_logvar else None))
+                written += 1
+            bar.update(1, skipped=len(skipped))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    barrier()
+    summary = {"rank": rank, "written": written, "skipped_now": len(skipped) - skipped_before,
+               "already_done": len(entries[rank::world_size]) - len(mine), "seconds": elapsed,
+               "clips_per_s": written / elapsed if elapsed > 0 else 0.0}
+    if rank == 0:
+        final = LatentStore.open(job.out)
+        every_skip = skipped_files(final)
+        with open(job.out.rstrip("/") + ".skipped.jsonl", "w", encoding="utf-8") as f:
+            for row in every_skip:
+                f.write(json.dumps(row) + "\n")
+        summary["store"] = {b: final.count(b) for b in final.buckets()}
+        summary["skipped"] = every_skip
+    return summary

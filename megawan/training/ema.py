@@ -1,0 +1,48 @@
+"""An exponential moving average of the weights, kept in fp32 beside each rank's own shards and saved in the
+checkpoint sharded exactly like them (keys `ema.<param key>`), so it reshards with the model.
+
+    ema = EMA(chunks, decay=0.9999)
+    ...optimizer.step(); ema.update()
+    ema.copy_to(chunks)     # e.g. to sample with the averaged weights (ema.swap() to exchange and back)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+class EMA:
+    def __init__(self, chunks: list, decay: float):
+        self.chunks, self.decay = chunks, decay
+        self.shadow = [{name: p.detach().float().clone() for name, p in chunk.named_parameters()} for chunk in chunks]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for chunk, shadow in zip(self.chunks, self.shadow):
+            for name, p in chunk.named_parameters():
+                shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange model weights and the average (call again to undo)."""
+        for chunk, shadow in zip(self.chunks, self.shadow):
+            for name, p in chunk.named_parameters():
+                current = p.detach().float().clone()
+                p.copy_(shadow[name].to(p.dtype))
+                shadow[name].copy_(current)
+
+    def sharded_state_dict(self, model_sharded: list) -> dict:
+        """The EMA tensors with the metadata (global shape, TP offsets, replica ids) of the model's own entries.
+        model_sharded: [chunk.sharded_state_dict() for chunk in chunks] (local-module parameter names)."""
+        out = {}
+        for i, (chunk, shadow, sharded) in enumerate(zip(self.chunks, self.shadow, model_sharded)):
+            by_param = {id(p): name for name, p in chunk.named_parameters()}
+            part = {}
+            for key, entry in sharded.items():
+                name = by_param.get(id(getattr(entry, "data", None)))
+                if name is not None:
+                    part[key] = dataclasses.replace(entry, key=f"ema.{entry.key}", data=shadow[name])
+            out[f"chunk{i}"] = part
+        return out

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Precompute Wan-VAE latents and umT5 text states for a manifest of videos / images into a Zarr store.
+
+    python tools/precompute_latents.py --manifest clips.jsonl --out latents.zarr \
+        --vae Wan2.1_VAE.pth --vae-config wan2.1 \
+        --text-encoder models_t5_umt5-xxl-enc-bf16.pth --text-config umt5-xxl --tokenizer google/umt5-xxl \
+        --stage-buckets video-192 image-256
+
+    torchrun --nproc-per-node 8 tools/precompute_latents.py ...     # or under srun: one task per GPU
+
+Each rank takes a disjoint slice of the manifest. Run it again after a kill: it does only what is missing.
+Bad files are skipped and listed in OUT.skipped.jsonl with the reason.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from megawan.data.buckets import STAGE_BUCKETS
+from megawan.data.precompute import STORE_DTYPES, PrecomputeJob, run_precompute
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True, help="JSONL or CSV: path, caption[, start, end, fps, id]")
+    ap.add_argument("--out", required=True, help="the Zarr store (created, or resumed when it exists)")
+    ap.add_argument("--vae", required=True, help="VAE weights (official .pth, diffusers or megawan safetensors)")
+    ap.add_argument("--vae-config", default="wan2.1", help="VAE preset: wan2.1, wan2.2, tiny-2.1, tiny-2.2")
+    ap.add_argument("--text-encoder", required=True, help="umT5 weights (official .pth, transformers, megawan)")
+    ap.add_argument("--text-config", default="umt5-xxl", help="text-encoder preset: umt5-xxl, tiny")
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece model file or a folder with spiece.model")
+    ap.add_argument("--stage-buckets", nargs="+", default=["video-192", "image-256"],
+                    help=f"bucket sets ({', '.join(sorted(STAGE_BUCKETS))}) and / or FRAMESxHEIGHTxWIDTH buckets")
+    ap.add_argument("--fps", type=float, default=16.0, help="sampling rate of video frames (a row's fps wins)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(STORE_DTYPES), help="stored latents / states")
+    ap.add_argument("--compute-dtype", choices=sorted(STORE_DTYPES), help="encoders' dtype (CPU fp32, GPU bf16)")
+    ap.add_argument("--save-logvar", action="store_true", help="also store the VAE posterior log-variance")
+    ap.add_argument("--decode-workers", type=int, default=4)
+    ap.add_argument("--prefetch", type=int, default=8, help="clips decoded ahead of the encoders")
+    ap.add_argument("--decode-backend", default="auto", help="auto | pyav | dali-cpu | dali-gpu")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    job = PrecomputeJob(manifest=args.manifest, out=args.out, vae=args.vae, vae_config=args.vae_config,
+                        text_encoder=args.text_encoder, text_config=args.text_config, tokenizer=args.tokenizer,
+                        buckets=args.stage_buckets, fps=args.fps, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                        save_logvar=args.save_logvar, decode_workers=args.decode_workers, prefetch=args.prefetch,
+                        decode_backend=args.decode_backend)
+    job.resolved_buckets()  # a bad bucket fails here, before any rank starts work
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    rank, barrier, device = 0, None, None
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        from megawan.parallel import initialize
+
+        initialize()  # torchrun or srun; every rank is its own data-parallel worker
+        rank, world, barrier = dist.get_rank(), dist.get_world_size(), dist.barrier
+        if torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+    summary = run_precompute(job, rank=rank, world_size=world, barrier=barrier, device=device,
+                             progress=not args.no_progress)
+    print(f"[rank {rank}] wrote {summary['written']} clips ({summary['clips_per_s']:.2f} clips/s), "
+          f"skipped {summary['skipped_now']}, already done {summary['already_done']}", flush=True)
+    if rank == 0:
+        print("store:", json.dumps(summary["store"]), flush=True)
+        print(f"skipped files: {len(summary['skipped'])} (reasons in {args.out.rstrip('/')}.skipped.jsonl)", flush=True)
+        for row in summary["skipped"]:
+            print(f"  {row['id']}: {row['path']}: {row['reason']}", flush=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
