@@ -51,6 +51,18 @@ def _cmd_flops(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from megawan.config import ConfigError
+    from megawan.training.trainer import TrainingError, train
+
+    try:
+        result = train(args.config, tuple(args.overrides))
+    except (ConfigError, TrainingError) as e:
+        print(f"megawan train: {e}", file=sys.stderr)
+        return 2
+    return 0 if result["stopped"] is None or result["stopped"].startswith("signal") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megawan", description="Train Wan-style video diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tensor-parallel", type=int, default=2)
     demo.add_argument("--steps", type=int, default=5)
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train under torchrun / srun: megawan train --config FILE [key=value ...]")
+    train.add_argument("--config", help="run config YAML (model, parallel, data, optimizer, train, checkpoint)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    train.set_defaults(func=_cmd_train)
 
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)

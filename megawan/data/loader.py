@@ -199,6 +199,10 @@ class BucketedLoader:
             self._readers[bucket] = _BucketReader(self.store, bucket, self._state["counts"][bucket])
         return self._readers[bucket]
 
+    def offset(self, planned: PlannedBatch) -> int:
+        """Where this rank's slice starts in the global batch (the trainer seeds each sample's noise by it)."""
+        return sum(split_even(len(planned.indices), self.dp_size)[: self.dp_rank])
+
     def local_slice(self, planned: PlannedBatch) -> tuple:
         """(this rank's sample indices, weights): ceil(g / dp) entries, padded with weight-0 copies."""
         sizes = split_even(len(planned.indices), self.dp_size)
@@ -218,7 +222,8 @@ class BucketedLoader:
         return {"bucket": planned.bucket, "stream": planned.stream, "step": planned.step, "epoch": planned.epoch,
                 "latents": torch.stack([r[0] for r in rows]), "text": torch.stack([r[1] for r in rows]),
                 "text_length": torch.tensor([r[2] for r in rows]), "ids": [r[3] for r in rows],
-                "indices": indices, "weight": torch.tensor(weights), "global_samples": len(planned.indices)}
+                "indices": indices, "weight": torch.tensor(weights), "global_samples": len(planned.indices),
+                "offset": self.offset(planned)}
 
     def __iter__(self):
         """Batches from the saved position on; the state moves as each batch is handed out."""

@@ -10,8 +10,9 @@ megatron-core 0.16 assumes CUDA in a few places on these paths (recorded by runn
 Three narrow remedies, none of which edits megatron or patches torch itself:
   1. `megatron_cpu_mode()`: a TorchFunctionMode (torch's own extension point, active only inside the
      `with`) that maps device="cuda" to CPU and reports CPU tensor types under their CUDA names.
-  2. The `torch` global of the megatron modules that look the device up (param_and_grad_buffer, and for
-     sequence parallelism tensor_parallel.mappings / layers and utils' global memory buffer) is replaced by
+  2. The `torch` global of the megatron modules that look the device up (param_and_grad_buffer, the
+     distributed optimizer's checkpoint gather, and for sequence parallelism tensor_parallel.mappings /
+     layers and utils' global memory buffer) is replaced by
      a view of torch whose cuda.current_device() is the CPU (a lookup a TorchFunctionMode cannot see).
   3. `CpuP2PCommunicator`: megatron's P2P communicator with CPU receive buffers, passed to the schedule
      as an argument. It sends the two directions unbatched: with PP=2 both neighbours are one rank, and
@@ -38,6 +39,10 @@ def _is_cuda(device) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:  # staging copies "to the GPU" stay where they are
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]) and not isinstance(args[1], int):
+            args = (args[0], "cpu", *args[2:])
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         out = func(*args, **kwargs)
@@ -83,9 +88,10 @@ def megatron_cpu_mode():
         return
     from megatron.core import utils as megatron_utils
     from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import distrib_optimizer
     from megatron.core.tensor_parallel import layers, mappings
 
-    _redirect_module_cuda(param_and_grad_buffer, mappings, layers, megatron_utils)
+    _redirect_module_cuda(param_and_grad_buffer, mappings, layers, megatron_utils, distrib_optimizer)
     _ACTIVE["depth"] += 1
     try:
         with _CudaToCpuMode():

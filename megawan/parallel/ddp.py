@@ -30,11 +30,12 @@ def wrap_data_parallel(chunks: list, distributed_optimizer: bool = True) -> list
 
 
 def build_optimizer(chunks: list, lr: float, weight_decay: float = 0.0, clip_grad: float = 0.0,
-                    betas=(0.9, 0.999), eps: float = 1e-8, distributed_optimizer: bool = True):
+                    betas=(0.9, 0.999), eps: float = 1e-8, distributed_optimizer: bool = True, bf16: bool = False,
+                    min_lr: float = 0.0):
     """megatron-core's AdamW over DDP-wrapped chunks (apex / TE fused kernels when installed, torch otherwise)."""
     config = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=clip_grad, adam_beta1=betas[0],
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, clip_grad=clip_grad, adam_beta1=betas[0],
         adam_beta2=betas[1], adam_eps=eps, use_distributed_optimizer=distributed_optimizer,
-        params_dtype=chunks[0].config.params_dtype,
+        params_dtype=chunks[0].config.params_dtype, bf16=bf16,  # bf16: fp32 main weights in the optimizer
     )
     return get_megatron_optimizer(config, chunks)

@@ -33,16 +33,24 @@ class EMA:
                 p.copy_(shadow[name].to(p.dtype))
                 shadow[name].copy_(current)
 
+    def load_loaded(self, loaded: dict) -> None:
+        """Copy what dist_checkpointing loaded for the dict sharded_state_dict() last returned."""
+        for i, shadow in enumerate(self.shadow):
+            for key, tensor in loaded[f"chunk{i}"].items():
+                shadow[self.key_to_name[i][key]].copy_(tensor)
+
     def sharded_state_dict(self, model_sharded: list) -> dict:
         """The EMA tensors with the metadata (global shape, TP offsets, replica ids) of the model's own entries.
         model_sharded: [chunk.sharded_state_dict() for chunk in chunks] (local-module parameter names)."""
-        out = {}
+        out, self.key_to_name = {}, []
         for i, (chunk, shadow, sharded) in enumerate(zip(self.chunks, self.shadow, model_sharded)):
             by_param = {id(p): name for name, p in chunk.named_parameters()}
-            part = {}
+            part, names = {}, {}
             for key, entry in sharded.items():
                 name = by_param.get(id(getattr(entry, "data", None)))
                 if name is not None:
                     part[key] = dataclasses.replace(entry, key=f"ema.{entry.key}", data=shadow[name])
+                    names[key] = name
             out[f"chunk{i}"] = part
+            self.key_to_name.append(names)
         return out

@@ -1,0 +1,56 @@
+"""A tiny joint image + video dataset, precomputed end to end: the demo and the trainer tests train on it.
+
+    store, encoders = make_tiny_dataset("work", videos=24, images=16)   # -> work/latents.zarr, work/encoders/...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from megawan.data.synthetic import COLORS, DIRECTIONS, SHAPES, ShapeClip, render, write_synthetic_dataset
+
+VIDEO_BUCKET = "17x32x48"
+IMAGE_BUCKET = "1x32x32"
+
+
+def write_images(folder: str, count: int, size: int = 32, seed: int = 1) -> list:
+    """PNG stills of the shapes (caption: "a red circle"), as manifest rows."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        clip = ShapeClip(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS)))
+        frame = render(clip, 2, size, size, seed=seed * 7919 + i)[0]
+        name = f"image_{i:05d}.png"
+        Image.fromarray(frame).save(os.path.join(folder, name))
+        rows.append({"id": f"image_{i:05d}", "path": os.path.join(folder, name), "caption": f"a {clip.color} {clip.shape}"})
+    return rows
+
+
+def make_tiny_dataset(root: str, videos: int = 24, images: int = 16, broken: int = 0, seed: int = 0,
+                      progress: bool = False) -> tuple:
+    """(store path, encoder paths): synthetic clips + stills -> tiny random encoders -> a precomputed store."""
+    from megawan.data.precompute import PrecomputeJob, run_precompute
+    from megawan.data.tiny_assets import write_tiny_encoders
+
+    root = os.path.abspath(root)
+    encoders = write_tiny_encoders(os.path.join(root, "encoders"), seed=seed)
+    manifest = write_synthetic_dataset(os.path.join(root, "videos"), count=videos, frames=17, height=32, width=48,
+                                       broken=broken, seed=seed)
+    rows = [json.loads(line) for line in open(manifest, encoding="utf-8")]
+    for row in rows:
+        row["path"] = os.path.join(root, "videos", row["path"])
+    rows += write_images(os.path.join(root, "images"), images, seed=seed + 1)
+    joint = os.path.join(root, "manifest.jsonl")
+    with open(joint, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    store = os.path.join(root, "latents.zarr")
+    job = PrecomputeJob(manifest=joint, out=store, vae=encoders["vae"], vae_config=encoders["vae_config"],
+                        text_encoder=encoders["text_encoder"], text_config=encoders["text_config"],
+                        tokenizer=encoders["tokenizer"], buckets=[VIDEO_BUCKET, IMAGE_BUCKET], decode_workers=2)
+    run_precompute(job, progress=progress)
+    return store, encoders

@@ -1,0 +1,417 @@
+"""The training loop: `megawan train --config stage.yaml [key=value ...]` under torchrun / srun, any layout.
+
+    cfg = load_config("examples/configs/tiny_stage1.yaml", ["train.steps=100"])
+    preflight(cfg, world_size)       # every check that needs no process group, before any rank starts work
+    Trainer(cfg).run()
+
+One step: the loader hands every rank of a model replica the same bucket-homogeneous batch (its DP slice);
+latents are normalised with the VAE statistics the store records; each sample's noise and timestep come from
+a generator seeded by (seed, step, the sample's place in the global batch), so they do not depend on the
+layout and need no saved RNG state; megatron's schedule runs the micro-batches (PP / VP, CP, TP, SP);
+the loss is sum(weight * per-sample MSE) / global samples, so padded copies count for nothing; megatron's
+distributed optimizer (AdamW, fp32 main weights, clipping) steps under the LR schedule; the EMA follows.
+A non-finite loss (known to every rank: it is all-reduced) skips the step and stops the run after
+`train.max_bad_steps` in a row. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM /
+SIGUSR1 (Slurm's pre-emption warning): see megawan.training.checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megawan.config import ConfigError, RunConfig, config_to_dict
+from megawan.diffusion.flow import FlowMatching, NUM_TRAIN_TIMESTEPS
+
+logger = logging.getLogger("megawan")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any process group exists
+
+
+def _bucket_shape(name: str) -> tuple:
+    return tuple(int(v) for v in name.split("x"))
+
+
+def preflight(cfg: RunConfig, world_size: int) -> dict:
+    """Refuse a run that cannot work, naming the field: layout, store, buckets, shapes, memory. Returns facts
+    the trainer reuses (store attributes, the buckets trained on)."""
+    from megawan.data.store import LatentStore
+    from megawan.parallel.memory import estimate_memory
+
+    cfg.validate(world_size)
+    if cfg.model.model_type == "i2v":
+        raise ConfigError("model.model_type: i2v training needs image-conditioning latents (mask + first-frame "
+                          "latents, CLIP tokens) that the latent store does not hold; train t2v or ti2v")
+    if cfg.train.fp8 and cfg.model.backend != "te":
+        raise ConfigError(f"train.fp8: FP8 training runs on the Transformer Engine backend; model.backend is "
+                          f"{cfg.model.backend!r}")
+    if not cfg.data.store:
+        raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
+    try:
+        store = LatentStore.open(cfg.data.store)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.store: {e}") from None
+    attrs = store.attrs
+    buckets = list(cfg.data.buckets) or store.buckets()
+    missing = [b for b in buckets if b not in store.buckets()]
+    if missing:
+        raise ConfigError(f"data.buckets: {missing} are not in {cfg.data.store} (it has {store.buckets()})")
+    empty = [b for b in buckets if store.count(b) == 0]
+    if empty:
+        raise ConfigError(f"data.buckets: {empty} hold no samples in {cfg.data.store}")
+    z = attrs.get("vae", {}).get("z_dim")
+    if z is not None and z != cfg.model.in_dim:
+        raise ConfigError(f"model.in_dim: {cfg.model.in_dim} input channels, but the store's latents have z_dim={z}")
+    text = attrs.get("text_encoder", {})
+    if text.get("dim") is not None and text["dim"] != cfg.model.text_dim:
+        raise ConfigError(f"model.text_dim: {cfg.model.text_dim}, but the store's text states have dim={text['dim']}")
+    if text.get("max_length") is not None and text["max_length"] > cfg.model.text_len:
+        raise ConfigError(f"model.text_len: {cfg.model.text_len} tokens, but the store's text states are "
+                          f"{text['max_length']} long")
+    has = {"video": any(_bucket_shape(b)[0] > 1 for b in buckets), "image": any(_bucket_shape(b)[0] == 1 for b in buckets)}
+    if cfg.data.video_ratio > 0 and not has["video"]:
+        raise ConfigError(f"data.video_ratio: {cfg.data.video_ratio} asks for video, but the buckets {buckets} are images")
+    if cfg.data.video_ratio < 1 and not has["image"]:
+        raise ConfigError(f"data.video_ratio: {cfg.data.video_ratio} asks for images, but the buckets {buckets} are videos")
+    stride = attrs.get("vae", {}).get("stride", [4, 8, 8])
+    pt, ph, pw = cfg.model.patch_size
+    for b in buckets:
+        f, h, w = _bucket_shape(b)
+        lt, lh, lw = (f - 1) // stride[0] + 1, h // stride[1], w // stride[2]
+        if lt % pt or lh % ph or lw % pw:
+            raise ConfigError(f"data.buckets: {b} gives latents {lt}x{lh}x{lw}, not divisible by the patch size "
+                              f"{cfg.model.patch_size}")
+        if cfg.train.memory_budget_gb:
+            tokens = (lt // pt) * (lh // ph) * (lw // pw)
+            est = estimate_memory(cfg.model, cfg.parallel, world_size, tokens, cfg.data.micro_batch_size,
+                                  text_len=cfg.model.text_len,
+                                  param_bytes=2 if cfg.train.precision == "bf16" else 4)
+            if est.total / 2**30 > cfg.train.memory_budget_gb:
+                raise ConfigError(
+                    f"data.buckets: {b} ({tokens} tokens, micro batch {cfg.data.micro_batch_size}) needs about "
+                    f"{est.total / 2**30:.1f} GiB per GPU under this layout, over train.memory_budget_gb="
+                    f"{cfg.train.memory_budget_gb:g} (more TP / CP, recompute, or a smaller bucket)")
+    if cfg.checkpoint.init_from and not os.path.isdir(cfg.checkpoint.init_from):
+        raise ConfigError(f"checkpoint.init_from: no checkpoint directory at {cfg.checkpoint.init_from}")
+    return {"store": attrs, "buckets": buckets}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the step and leaves."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test harness): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, facts: dict | None = None):
+        self.cfg = cfg
+        self.facts = facts
+
+    # ------------------------------------------------------------------------------------------
+    def _setup(self):
+        from megatron.core import parallel_state as ps
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megawan.data.loader import BucketedLoader
+        from megawan.parallel import initialize
+        from megawan.parallel.ddp import build_optimizer, wrap_data_parallel
+        from megawan.parallel.pipeline import build_model_chunks
+        from megawan.parallel.recompute import apply_activation_recompute
+        from megawan.training.ema import EMA
+
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        if self.facts is None:
+            self.facts = preflight(cfg, world)
+        initialize(cfg.parallel, seed=cfg.seed)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        model_cfg = cfg.model
+        if cfg.train.precision == "bf16":
+            model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16")
+        self.model_cfg = model_cfg
+        self.chunks = build_model_chunks(model_cfg, cfg.parallel)
+        if cfg.parallel.recompute != "none":
+            for chunk in self.chunks:
+                apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)
+        for chunk in self.chunks:
+            chunk.to(self.device)
+        self.ddp = wrap_data_parallel(self.chunks, distributed_optimizer=True)
+        o = cfg.optimizer
+        self.optimizer = build_optimizer(self.ddp, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                                         betas=tuple(o.betas), eps=o.eps, bf16=cfg.train.precision == "bf16",
+                                         min_lr=o.min_lr)
+        decay_steps = o.decay_steps or cfg.train.steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(decay_steps, o.warmup_steps + 1),
+            lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant")
+        self.ema = EMA(self.chunks, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ps = ps
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        d = cfg.data
+        sizes = {"video": d.global_batch_size, "image": d.image_global_batch_size or d.global_batch_size}
+        self.loader = BucketedLoader(d.store, sizes, video_ratio=d.video_ratio, seed=cfg.seed,
+                                     dp_rank=self.dp_rank, dp_size=self.dp_size, buckets=self.facts["buckets"],
+                                     num_workers=d.num_workers)
+        vae = self.facts["store"].get("vae", {})
+        z = cfg.model.in_dim
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        self.latents_mean = torch.tensor(mean if mean else [0.0] * z).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(std if std else [1.0] * z).view(1, z, 1, 1, 1)
+        self.stride = vae.get("stride", [4, 8, 8])
+        self.flow = FlowMatching(shift=cfg.train.shift, distribution=cfg.train.timestep_distribution)
+        self.step, self.bad_in_row, self.skipped_steps, self.consumed = 0, 0, 0, 0
+
+    # ------------------------------------------------------------------------------------------
+    def _resume(self):
+        from megawan.training.checkpoint import latest_checkpoint, load_checkpoint
+
+        cfg = self.cfg
+        latest = latest_checkpoint(cfg.checkpoint.dir)
+        if latest is not None:
+            state = load_checkpoint(latest, self.chunks, self.optimizer, self.ema)
+            self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+            self.bad_in_row, self.consumed = state["bad_in_row"], state["consumed_samples"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+            self._log0(f"resumed from {latest} at step {self.step}")
+        elif cfg.checkpoint.init_from:
+            load_checkpoint(cfg.checkpoint.init_from, self.chunks)
+            self.optimizer.reload_model_params()
+            if self.ema is not None:
+                self.ema = type(self.ema)(self.chunks, cfg.train.ema_decay)
+            self._log0(f"warm start from {cfg.checkpoint.init_from} (weights only)")
+
+    def _save(self):
+        from megawan.training.checkpoint import save_checkpoint
+
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row,
+                 "consumed_samples": self.consumed, "scheduler": self.scheduler.state_dict(),
+                 "loader": self.loader.state_dict(), "seed": self.cfg.seed,
+                 "rng": "noise and timesteps are drawn from (seed, step, sample index): no state to keep",
+                 "layout": {"world": self.world, **config_to_dict(self.cfg.parallel)}}
+        return save_checkpoint(self.cfg.checkpoint.dir, self.step, self.chunks, self.optimizer, state,
+                               config_to_dict(self.cfg), ema=self.ema, keep=self.cfg.checkpoint.keep)
+
+    def _log0(self, message: str):
+        if self.rank == 0:
+            print(f"[megawan] {message}", flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    def _timesteps(self, g: torch.Generator) -> torch.Tensor:
+        t = self.flow.sample_timesteps(1, generator=g)
+        expert, boundary = self.cfg.train.expert, self.cfg.model.expert_boundary
+        if expert == "high":  # A14B: each expert learns its own part of the trajectory
+            t = boundary + (1 - boundary) * t
+        elif expert == "low":
+            t = boundary * t
+        return t
+
+    def _microbatches(self, batch: dict) -> list:
+        """Noised inputs for this rank's slice, cut into micro-batches (padded with weight-0 copies)."""
+        cfg = self.cfg
+        mbs = cfg.data.micro_batch_size
+        latents, text, weight = batch["latents"], batch["text"], batch["weight"]
+        n = latents.shape[0]
+        pad = -n % mbs
+        if pad:
+            latents = torch.cat([latents, latents[:1].expand(pad, *latents.shape[1:])])
+            text = torch.cat([text, text[:1].expand(pad, *text.shape[1:])])
+            weight = torch.cat([weight, torch.zeros(pad)])
+        dtype = self.chunks[0].config.params_dtype
+        x0 = (latents.float() - self.latents_mean) / self.latents_std
+        noises, ts = [], []
+        for i in range(x0.shape[0]):
+            g = _sample_generator(cfg.seed, self.step, batch["offset"] + i)
+            noises.append(torch.randn(x0.shape[1:], generator=g))
+            ts.append(self._timesteps(g))
+        noise, t = torch.stack(noises), torch.cat(ts)
+        ti2v = cfg.model.model_type == "ti2v"
+        if ti2v:  # Wan2.2 TI2V: the first latent frame stays clean (image-to-video), out of the loss
+            x_t, target, timestep, mask = self.flow.clean_first_frame(x0, noise, t, cfg.model.patch_size)
+        else:
+            x_t, target = self.flow.noised(x0, noise, t)
+            timestep, mask = self.flow.model_timesteps(t), None
+        text = text.to(dtype)
+        micro = []
+        for s in range(0, x0.shape[0], mbs):
+            sl = slice(s, s + mbs)
+            micro.append({"x_t": x_t[sl].to(self.device, dtype), "timestep": timestep[sl].to(self.device),
+                          "text": text[sl].to(self.device), "target": target[sl].to(self.device),
+                          "weight": weight[sl].to(self.device),
+                          "mask": None if mask is None else mask[sl].to(self.device)})
+        return micro
+
+    def _forward_step(self, scale: float):
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb["x_t"], mb["timestep"], mb["text"])
+
+            def loss_fn(prediction):
+                err = (prediction.float() - mb["target"].float()).pow(2)
+                if mb["mask"] is not None:
+                    m = mb["mask"].float().expand_as(err)
+                    per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+                else:
+                    per_sample = err.flatten(1).mean(1)
+                weighted = (per_sample * mb["weight"]).sum()
+                return weighted * scale, {"weighted_sum": weighted.detach().clone()}
+
+            return output, loss_fn
+
+        return forward_step
+
+    def _train_step(self, batch: dict) -> dict:
+        from megawan.parallel.pipeline import forward_backward
+
+        ps = self.ps
+        micro = self._microbatches(batch)
+        f, h, w = _bucket_shape(batch["bucket"])
+        pt, ph, pw = self.cfg.model.patch_size
+        lt, lh, lw = (f - 1) // self.stride[0] + 1, h // self.stride[1], w // self.stride[2]
+        tokens = (lt // pt) * (lh // ph) * (lw // pw)
+        # megatron divides each micro-batch's loss by their number and DDP averages over DP: undo both so the
+        # gradient is that of sum(weight * loss) / global samples
+        scale = len(micro) * self.dp_size / batch["global_samples"]
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(micro) for _ in self.ddp]
+        results = forward_backward(self.ddp, self._forward_step(scale), iterators, len(micro), tokens,
+                                   self.cfg.data.micro_batch_size)
+        # the global loss, known to every rank: one contribution per replica (last stage, TP and CP rank 0)
+        contributes = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                       and ps.get_context_parallel_rank() == 0)
+        local = sum(float(r["weighted_sum"]) for r in results) if contributes and results else 0.0
+        total = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(total)
+        loss = total.item() / batch["global_samples"]
+        grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
+        if math.isfinite(loss):
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            if self.ema is not None:
+                self.ema.update()
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "latent": (lt, lh, lw)}
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from megawan.models.dit.flops import flops
+        from megawan.parallel.cpu_compat import megatron_cpu_mode
+        from megawan.training.metrics import MetricsLogger
+        from megawan.utils.progress import Progress
+
+        cfg = self.cfg
+        signals = _Signals()
+        with megatron_cpu_mode():
+            self._setup()
+            self._resume()
+            log_dir = cfg.logging.dir or os.path.join(cfg.checkpoint.dir, "logs")
+            metrics = MetricsLogger(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
+                                    config_to_dict(cfg), enabled=self.rank == 0)
+            bar = Progress(cfg.train.steps, desc="train", unit="steps", enabled=self.rank == 0 and cfg.logging.progress)
+            bar.count = self.step
+            it = iter(self.loader)
+            last_saved, stop_reason = self.step, None
+            try:
+                while self.step < cfg.train.steps:
+                    start = time.perf_counter()
+                    batch = next(it)
+                    out = self._train_step(batch)
+                    seconds = time.perf_counter() - start
+                    self.step += 1
+                    self.consumed += batch["global_samples"]
+                    if math.isfinite(out["loss"]):
+                        self.bad_in_row = 0
+                    else:
+                        self.bad_in_row += 1
+                        self.skipped_steps += 1
+                        self._log0(f"step {self.step}: loss is {out['loss']}; step skipped "
+                                   f"({self.bad_in_row} in a row, {self.skipped_steps} in all)")
+                        if self.bad_in_row >= cfg.train.max_bad_steps:
+                            raise TrainingError(
+                                f"{self.bad_in_row} steps in a row had a non-finite loss (last: step {self.step}, "
+                                f"bucket {batch['bucket']}); stopping. Check the data (tools/inspect_store.py), "
+                                f"lower optimizer.lr or raise train.max_bad_steps")
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                        lt, lh, lw = out["latent"]
+                        model_flops = 3 * flops(self.model_cfg, batch["global_samples"], lt, lh, lw)
+                        values = {"loss": out["loss"], "lr": out["lr"],
+                                  "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
+                                  "samples_per_s": batch["global_samples"] / seconds,
+                                  "tflops_per_gpu": model_flops / seconds / self.world / 1e12,
+                                  "step_seconds": seconds, "bucket": batch["bucket"], "epoch": batch["epoch"],
+                                  "consumed_samples": self.consumed, "skipped_steps": self.skipped_steps,
+                                  "memory_gb": _memory_gb()}
+                        metrics.write(self.step, values)
+                        bar.update(self.step - bar.count, loss=f"{out['loss']:.4f}", bucket=batch["bucket"])
+                    flag = torch.tensor([1 if signals.received else 0])
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank leaves together
+                    if flag.item():
+                        stop_reason = f"signal {signals.received or 'on another rank'}"
+                    if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps or stop_reason:
+                        path = self._save()
+                        last_saved = self.step
+                        self._log0(f"checkpoint {path}")
+                    if stop_reason:
+                        self._log0(f"stopping at step {self.step} ({stop_reason}); run the same command to resume")
+                        break
+            finally:
+                bar.close()
+                metrics.close()
+        return {"step": self.step, "last_saved": last_saved, "skipped_steps": self.skipped_steps,
+                "stopped": stop_reason}
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def train(config_path: str | None, overrides: tuple = ()) -> dict:
+    """`megawan train`: load + check the config, then run on this rank."""
+    from megawan.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    facts = preflight(cfg, world)
+    result = Trainer(cfg, facts).run()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result

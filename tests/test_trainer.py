@@ -1,0 +1,169 @@
+"""`megawan train` under torchrun on gloo: a SIGKILL at a random step (or during a checkpoint write) and a
+resume give the uninterrupted run's losses step for step; a resume under another layout continues with the
+same loss; NaN steps are skipped and counted, and too many in a row stop the run; configs that cannot work
+are refused before training, naming the field."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megawan.config import ConfigError, load_config
+from megawan.training.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_train.yaml")
+_PORT = [29740]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from megawan.data.tiny_dataset import make_tiny_dataset
+
+    path, _ = make_tiny_dataset(str(tmp_path_factory.mktemp("trainer")), videos=24, images=16)
+    return path
+
+
+def _launch(nproc, ckpt, store, *overrides):
+    _PORT[0] += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(_PORT[0]), "-m", "megawan.cli", "train", "--config", CONFIG, f"data.store={store}",
+           f"checkpoint.dir={ckpt}", *overrides]
+    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _run(nproc, ckpt, store, *overrides):
+    proc = _launch(nproc, ckpt, store, *overrides)
+    log = proc.communicate(timeout=900)[0]
+    return proc.returncode, log
+
+
+def _losses(ckpt):
+    """The loss of each step; a resumed run re-logs steps after its checkpoint: the last entry counts."""
+    out = {}
+    for row in read_metrics(os.path.join(ckpt, "logs", "metrics.jsonl")):
+        out[row["step"]] = row["loss"]
+    return [out[s] for s in sorted(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store, tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("ref") / "ckpt")
+    code, log = _run(2, ckpt, store)
+    assert code == 0, log
+    return ckpt, _losses(ckpt)
+
+
+def _kill_when(proc, ready, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_kill_at_a_random_step_then_resume_gives_the_same_losses(store, uninterrupted, tmp_path):
+    ref_ckpt, ref = uninterrupted
+    assert len(ref) == 8 and all(np.isfinite(ref))
+    ckpt = str(tmp_path / "ckpt")
+    target = random.Random(os.getpid()).randint(3, 6)
+    metrics = os.path.join(ckpt, "logs", "metrics.jsonl")
+    proc = _launch(2, ckpt, store)
+    killed = _kill_when(proc, lambda: os.path.exists(metrics) and len(read_metrics(metrics)) >= target)
+    assert killed, proc.communicate()[0]
+    with open(os.path.join(ckpt, "latest")) as f:
+        resumed_from = int(f.read().strip().split("_")[1])
+    assert resumed_from < 8
+    code, log = _run(2, ckpt, store)
+    assert code == 0, log
+    assert f"resumed from" in log and f"at step {resumed_from}" in log
+    assert _losses(ckpt) == ref  # bit for bit: same batches, noise, timesteps, optimizer and LR state
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(store, uninterrupted, tmp_path):
+    _, ref = uninterrupted
+    for attempt in range(4):
+        ckpt = str(tmp_path / f"ckpt{attempt}")
+        proc = _launch(2, ckpt, store)
+
+        def writing():  # the second checkpoint (step 4) is being written
+            return os.path.isdir(ckpt) and "iter_0000004.tmp" in os.listdir(ckpt)
+
+        assert _kill_when(proc, writing), proc.communicate()[0]
+        if "iter_0000004.tmp" in os.listdir(ckpt):  # the kill landed inside the write
+            break
+    else:
+        pytest.fail("never killed a job inside a checkpoint write")
+    with open(os.path.join(ckpt, "latest")) as f:
+        assert f.read().strip() == "iter_0000002"
+    code, log = _run(2, ckpt, store)
+    assert code == 0, log
+    assert "at step 2" in log
+    assert _losses(ckpt) == ref
+    assert not any(n.endswith(".tmp") for n in os.listdir(ckpt))
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == ["iter_0000006", "iter_0000008"]  # keep 2
+
+
+def test_resume_under_another_layout_continues_with_the_same_loss(store, uninterrupted, tmp_path):
+    _, ref = uninterrupted
+    ckpt = str(tmp_path / "ckpt")
+    # the first 4 steps at TP2 (the reference layout), then TP1 x CP2 (ring), then PP2
+    code, log = _run(2, ckpt, store, "train.steps=4", "optimizer.decay_steps=8")
+    assert code == 0, log
+    code, log = _run(2, ckpt, store, "train.steps=6", "optimizer.decay_steps=8", "parallel.tensor_parallel=1",
+                     "parallel.context_parallel=2", "parallel.context_parallel_mode=ring")
+    assert code == 0, log
+    code, log = _run(2, ckpt, store, "optimizer.decay_steps=8", "parallel.tensor_parallel=1",
+                     "parallel.pipeline_parallel=2")
+    assert code == 0, log
+    got = _losses(ckpt)
+    assert got[:4] == ref[:4]
+    np.testing.assert_allclose(got[4:], ref[4:], rtol=1e-5)
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
+    from megawan.data.store import LatentStore, Sample
+
+    path = str(tmp_path / "nan.zarr")
+    store = LatentStore.create(path, vae={"name": "t", "z_dim": 4, "stride": [4, 8, 8]},
+                               text_encoder={"name": "t", "max_length": 24, "dim": 32})
+    writer = store.writer(0)
+    for i in range(8):
+        latents = torch.full((4, 5, 4, 6), float("inf") if i % 2 else 0.5)
+        writer.write(Sample(id=f"s{i}", bucket="17x32x48", latents=latents, text=torch.zeros(24, 32), text_length=3))
+    code, log = _run(1, str(tmp_path / "ckpt"), path, "parallel.tensor_parallel=1", "data.video_ratio=1.0",
+                     "data.global_batch_size=1", "data.micro_batch_size=1", "train.max_bad_steps=3",
+                     "train.steps=40", "checkpoint.every=100")
+    assert code == 2, log
+    assert "3 steps in a row had a non-finite loss" in log
+    rows = read_metrics(str(tmp_path / "ckpt" / "logs" / "metrics.jsonl"))
+    assert rows[-1]["skipped_steps"] >= 3 and rows[-1]["loss"] is None
+    assert any(r["loss"] is not None for r in rows)  # finite steps trained in between
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["data.store=/nowhere.zarr"], "data.store"),
+    (["parallel.tensor_parallel=4", "model.num_heads=2"], "heads"),
+    (["model.text_dim=24"], "model.text_dim"),
+    (["model.in_dim=16"], "model.in_dim"),
+    (["data.buckets=[81x480x832]"], "data.buckets"),
+    (["train.memory_budget_gb=0.000001"], "train.memory_budget_gb"),
+    (["data.video_ratio=1.5"], "data.video_ratio"),
+])
+def test_configs_that_cannot_work_are_refused_before_training(store, overrides, field):
+    from megawan.training.trainer import preflight
+
+    cfg_overrides = [f"data.store={store}", *overrides] if not overrides[0].startswith("data.store") else overrides
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        cfg = load_config(CONFIG, tuple(cfg_overrides))
+        preflight(cfg, world_size=2)
