@@ -100,3 +100,20 @@ def check_layout(ranks: list, refs: dict, tp: int, label: str, tol: float = 1e-5
                 g = per_tp[0]
             rel = ((g - g1).abs().max() / g1.abs().max().clamp_min(1e-30)).item()
             assert rel <= tol, f"{label} {name} grad {pname}: relative error {rel:.2e}"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it at once, as a node failure would: torchrun starts its
+    workers in sessions of their own, so killing its process group would leave them running."""
+    import signal
+
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = root.children(recursive=True) + [root]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)

@@ -11,6 +11,8 @@ import sys
 import time
 
 import pytest
+
+from parallel_harness import kill_tree
 import torch
 
 from megawan.data.precompute import Encoders, PrecomputeJob, prepare, run_precompute
@@ -74,7 +76,7 @@ def test_two_ranks_kill_and_resume_give_the_uninterrupted_store(dataset):
         except (FileNotFoundError, ValueError, KeyError):
             pass
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     partial = len(LatentStore.open(killed).ids())
     assert 0 < partial < 200, f"the kill landed outside the run ({partial} stored)"
