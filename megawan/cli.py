@@ -56,7 +56,8 @@ def _cmd_train(args) -> int:
     from megawan.training.trainer import TrainingError, train
 
     try:
-        result = train(args.config, tuple(args.overrides))
+        overrides = tuple(args.overrides) + ((f"checkpoint.init_from={args.init_from}",) if args.init_from else ())
+        result = train(args.config, overrides)
     except (ConfigError, TrainingError) as e:
         print(f"megawan train: {e}", file=sys.stderr)
         return 2
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train under torchrun / srun: megawan train --config FILE [key=value ...]")
     train.add_argument("--config", help="run config YAML (model, parallel, data, optimizer, train, checkpoint)")
+    train.add_argument("--init-from", help="warm start (weights only) from a checkpoint or a run's checkpoint dir")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_cmd_train)
 

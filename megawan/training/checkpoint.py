@@ -57,6 +57,16 @@ def latest_checkpoint(root: str):
     return path
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run's checkpoint root (its `latest`): what --init-from accepts."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        return latest_checkpoint(path)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run's checkpoint "
+                                "directory (no `latest`)")
+    return path
+
+
 def model_sharded_state_dict(chunks: list) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 

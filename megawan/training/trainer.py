@@ -105,8 +105,13 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                     f"data.buckets: {b} ({tokens} tokens, micro batch {cfg.data.micro_batch_size}) needs about "
                     f"{est.total / 2**30:.1f} GiB per GPU under this layout, over train.memory_budget_gb="
                     f"{cfg.train.memory_budget_gb:g} (more TP / CP, recompute, or a smaller bucket)")
-    if cfg.checkpoint.init_from and not os.path.isdir(cfg.checkpoint.init_from):
-        raise ConfigError(f"checkpoint.init_from: no checkpoint directory at {cfg.checkpoint.init_from}")
+    if cfg.checkpoint.init_from:
+        from megawan.training.checkpoint import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(cfg.checkpoint.init_from)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ConfigError(f"checkpoint.init_from: {e}") from None
     return {"store": attrs, "buckets": buckets}
 
 
@@ -196,7 +201,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _resume(self):
-        from megawan.training.checkpoint import latest_checkpoint, load_checkpoint
+        from megawan.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
 
         cfg = self.cfg
         latest = latest_checkpoint(cfg.checkpoint.dir)
@@ -208,11 +213,12 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self._log0(f"resumed from {latest} at step {self.step}")
         elif cfg.checkpoint.init_from:
-            load_checkpoint(cfg.checkpoint.init_from, self.chunks)
+            source = resolve_checkpoint(cfg.checkpoint.init_from)
+            load_checkpoint(source, self.chunks)
             self.optimizer.reload_model_params()
             if self.ema is not None:
                 self.ema = type(self.ema)(self.chunks, cfg.train.ema_decay)
-            self._log0(f"warm start from {cfg.checkpoint.init_from} (weights only)")
+            self._log0(f"warm start from {source} (weights only)")
 
     def _save(self):
         from megawan.training.checkpoint import save_checkpoint
