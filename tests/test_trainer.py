@@ -173,3 +173,29 @@ def test_configs_that_cannot_work_are_refused_before_training(store, overrides, 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         cfg = load_config(CONFIG, tuple(cfg_overrides))
         preflight(cfg, world_size=2)
+
+
+def test_sigusr1_checkpoints_and_leaves_then_resume_continues(store, uninterrupted, tmp_path):
+    """Slurm's pre-emption warning (`#SBATCH --signal=USR1@120`) reaches the tasks: they finish the step,
+    write a checkpoint together and exit cleanly; the requeued job continues with the same losses."""
+    import psutil
+
+    _, ref = uninterrupted
+    ckpt = str(tmp_path / "ckpt")
+    metrics = os.path.join(ckpt, "logs", "metrics.jsonl")
+    proc = _launch(2, ckpt, store, "checkpoint.every=100")
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 2):
+        time.sleep(0.005)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megawan.cli" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    for p in workers:
+        p.send_signal(signal.SIGUSR1)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    assert "(signal SIGUSR1)" in log
+    stopped = int(open(os.path.join(ckpt, "latest")).read().strip().split("_")[1])
+    assert 2 <= stopped < 8
+    code, log = _run(2, ckpt, store, "checkpoint.every=100")
+    assert code == 0, log
+    assert _losses(ckpt) == ref
