@@ -218,16 +218,9 @@ def format_sample(sample: dict, bucket: str, index: int) -> str:
 def load_vae(weights: str, preset: str, device: str = "cpu"):
     """WanVAE of `preset` with the weights of a file in the megawan / diffusers or the official layout."""
     from megawan.config import vae_preset
-    from megawan.convert import convert_state_dict, load_state_dict_file
-    from megawan.models.vae import WanVAE
+    from megawan.models.loading import load_vae as load
 
-    cfg = vae_preset(preset)
-    vae = WanVAE(cfg)
-    sd = load_state_dict_file(weights)
-    if set(sd) != set(vae.state_dict()):  # not our (= diffusers') names: the official layout, or an error naming a key
-        sd = convert_state_dict(sd, "official", "megawan", cfg)
-    vae.load_state_dict(sd)
-    return vae.eval().to(device)
+    return load(weights, vae_preset(preset), device=device)
 
 
 def vae_preset_name(attrs: dict, override: Optional[str]) -> str:
