@@ -5,7 +5,6 @@ uninterrupted one; stored latents are the VAE's output, bit for bit after the bf
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time

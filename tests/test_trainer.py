@@ -88,7 +88,7 @@ def test_kill_at_a_random_step_then_resume_gives_the_same_losses(store, uninterr
     assert resumed_from < 8
     code, log = _run(2, ckpt, store)
     assert code == 0, log
-    assert f"resumed from" in log and f"at step {resumed_from}" in log
+    assert "resumed from" in log and f"at step {resumed_from}" in log
     assert _losses(ckpt) == ref  # bit for bit: same batches, noise, timesteps, optimizer and LR state
 
 

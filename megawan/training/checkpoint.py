@@ -6,7 +6,7 @@ config.
                                   + config.yaml)
     <dir>/latest                  the name of the newest complete one; moved last
 
-A checkpoint is written under `iter_XXXXXXX.tmp` and renamed once every rank has finished; `latest` is
+A checkpoint is written under `iter_<step, 7 digits>.tmp` and renamed once every rank has finished; `latest` is
 replaced atomically after that; older ones beyond `keep` are removed last. A job killed at any moment leaves
 `latest` naming a complete checkpoint (or none), which is what a resume reads.
 """
@@ -20,24 +20,14 @@ import shutil
 import warnings
 
 import torch
-import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
 
-from megawan.checkpointing import _save_strategy
+from megawan.checkpointing import _barrier, _rank, _save_strategy
 
 STATE_FILE = "trainer_state.json"
 _ITER = re.compile(r"^iter_(\d{7})$")
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads under any TP / PP / DP
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def checkpoint_name(step: int) -> str:

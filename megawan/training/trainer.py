@@ -17,7 +17,6 @@ SIGUSR1 (Slurm's pre-emption warning): see megawan.training.checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megawan.config import ConfigError, RunConfig, config_to_dict
-from megawan.diffusion.flow import FlowMatching, NUM_TRAIN_TIMESTEPS
+from megawan.diffusion.flow import FlowMatching
 
 logger = logging.getLogger("megawan")
 
