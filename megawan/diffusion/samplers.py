@@ -1,0 +1,193 @@
+"""Flow-matching samplers as the official Wan repos run them: Euler and UniPC on Wan's shifted sigma grid,
+with classifier-free guidance batching the conditional and unconditional passes together.
+
+    sampler = make_sampler("unipc", steps=50, shift=5.0)
+    x0 = sample(velocity_fn, noise, sampler, guidance=5.0)
+    # velocity_fn(x, timestep) sees x = [cond batch; uncond batch] (2B) when guidance != 1, else B
+
+Wan's grid (wan/utils/fm_solvers_unipc.py): sigmas = linspace(0.999, 0, steps + 1)[:-1], shifted by
+s·σ / (1 + (s - 1)·σ), then a final 0. The model is fed timesteps = int(1000·σ) (truncated to integers,
+as the official scheduler stores them as int64) while the update uses the float sigmas. diffusers' default
+UniPC flow grid starts at 1 - 1e-6 and ends at 1/1000 before the shift: a different grid.
+
+UniPC (Zhao et al. 2023, arXiv 2302.04867) as Wan configures it: data prediction (x0 = x - σ·v), order 2,
+B(h) = e^h - 1 ("bh2"), a corrector after every model call but the first, first order on the last step.
+For flow matching α_t = 1 - σ_t and λ_t = log(α_t / σ_t).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def wan_sigmas(steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """Wan's sampling grid: `steps` shifted sigmas from 0.999 towards 0, then 0 ([steps + 1], float64)."""
+    if steps < 1:
+        raise ValueError(f"sampling needs at least one step, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    sigma_max = 1.0 - 1.0 / num_train_timesteps  # the first of the 1000 training sigmas; the last is 0
+    sigmas = np.linspace(sigma_max, 0.0, steps + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return np.concatenate([sigmas, [0.0]])
+
+
+class FlowSampler:
+    """Walks the grid one model call at a time: `step(velocity, x)` returns x at the next sigma."""
+
+    name = "base"
+
+    def __init__(self, steps: int, shift: float, sigmas: Optional[np.ndarray] = None):
+        grid = wan_sigmas(steps, shift) if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+        # what the DiT sees: 1000 σ truncated to integers (from the float64 grid), as Wan's scheduler keeps them
+        self.timesteps = torch.from_numpy(grid[:-1] * NUM_TRAIN_TIMESTEPS).to(torch.int64)
+        self.sigmas = grid.astype(np.float32)  # what the updates use, float32 as in the official scheduler
+        self.index = 0
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def step(self, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EulerSampler(FlowSampler):
+    """x_{i+1} = x_i + (σ_{i+1} - σ_i) v: the first-order solver of the flow ODE."""
+
+    name = "euler"
+
+    def step(self, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        sigma, sigma_next = float(self.sigmas[self.index]), float(self.sigmas[self.index + 1])
+        self.index += 1
+        return (x.float() + (sigma_next - sigma) * velocity.float()).to(x.dtype)
+
+
+def _lambda(sigma: float) -> float:
+    """log-SNR of flow matching: log((1 - σ) / σ); +inf at σ = 0."""
+    return math.inf if sigma == 0 else math.log(1 - sigma) - math.log(sigma)
+
+
+class UniPCSampler(FlowSampler):
+    """UniPC-p / UniPC-c (bh2) in data prediction, order 2, lower order on the final step."""
+
+    name = "unipc"
+
+    def __init__(self, steps: int, shift: float, sigmas: Optional[np.ndarray] = None, order: int = 2):
+        super().__init__(steps, shift, sigmas)
+        self.order = order
+        self.x0_preds: list = []  # the last `order` data predictions, oldest first
+        self.last_sample: Optional[torch.Tensor] = None
+        self.this_order = 1
+
+    def _coefficients(self, h: float, rks: list, order: int):
+        """h·φ terms of the bh2 variant: (h_phi_1, B(h), rhs b) for the linear systems of UniPC."""
+        hh = -h  # data prediction
+        over_hh = 0.0 if math.isinf(hh) else 1.0 / hh  # the last step goes to sigma 0: h = inf
+        h_phi_1 = math.expm1(hh)
+        h_phi_k = h_phi_1 * over_hh - 1
+        b_h = h_phi_1  # bh2: B(h) = e^h - 1 (of -h here)
+        factorial, b = 1, []
+        for i in range(1, order + 1):
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k * over_hh - 1 / factorial
+        r = np.array([[rk ** (i - 1) for rk in rks] for i in range(1, order + 1)], dtype=np.float64)
+        return h_phi_1, b_h, r, np.array(b, dtype=np.float64)
+
+    def _predict(self, x: torch.Tensor, order: int) -> torch.Tensor:
+        """UniPC-p: x at sigma[index + 1] from x at sigma[index] and the stored data predictions."""
+        i = self.index
+        sigma_s0, sigma_t = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        alpha_t = 1 - sigma_t
+        lam_s0, lam_t = _lambda(sigma_s0), _lambda(sigma_t)
+        h = lam_t - lam_s0
+        m0 = self.x0_preds[-1]
+        rks, d1s = [], []
+        for k in range(1, order):
+            lam_sk = _lambda(float(self.sigmas[i - k]))
+            rk = (lam_sk - lam_s0) / h
+            rks.append(rk)
+            d1s.append((self.x0_preds[-(k + 1)] - m0) / rk)
+        rks.append(1.0)
+        h_phi_1, b_h, r, b = self._coefficients(h, rks, order)
+        x_t = (sigma_t / sigma_s0) * x - alpha_t * h_phi_1 * m0
+        if d1s:
+            rhos = [0.5] if order == 2 else list(np.linalg.solve(r[:-1, :-1], b[:-1]))
+            x_t = x_t - alpha_t * b_h * sum(rho * d for rho, d in zip(rhos, d1s))
+        return x_t
+
+    def _correct(self, x0_now: torch.Tensor, x_prev: torch.Tensor, x_now: torch.Tensor, order: int) -> torch.Tensor:
+        """UniPC-c: refine x at sigma[index] with the data prediction just made there."""
+        i = self.index
+        sigma_s0, sigma_t = float(self.sigmas[i - 1]), float(self.sigmas[i])
+        alpha_t = 1 - sigma_t
+        lam_s0, lam_t = _lambda(sigma_s0), _lambda(sigma_t)
+        h = lam_t - lam_s0
+        m0 = self.x0_preds[-1]
+        rks, d1s = [], []
+        for k in range(1, order):
+            lam_sk = _lambda(float(self.sigmas[i - (k + 1)]))
+            rk = (lam_sk - lam_s0) / h
+            rks.append(rk)
+            d1s.append((self.x0_preds[-(k + 1)] - m0) / rk)
+        rks.append(1.0)
+        h_phi_1, b_h, r, b = self._coefficients(h, rks, order)
+        rhos = [0.5] if order == 1 else list(np.linalg.solve(r, b))
+        x_t = (sigma_t / sigma_s0) * x_prev - alpha_t * h_phi_1 * m0
+        correction = sum(rho * d for rho, d in zip(rhos[:-1], d1s)) if d1s else 0
+        return x_t - alpha_t * b_h * (correction + rhos[-1] * (x0_now - m0))
+
+    def step(self, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x, velocity = x.float(), velocity.float()
+        x0 = x - float(self.sigmas[self.index]) * velocity  # data prediction
+        if self.index > 0 and self.last_sample is not None:
+            x = self._correct(x0, self.last_sample, x, self.this_order)
+        self.x0_preds = (self.x0_preds + [x0])[-self.order:]
+        remaining = len(self.timesteps) - self.index
+        self.this_order = min(self.order, remaining, len(self.x0_preds))
+        self.last_sample = x
+        x_next = self._predict(x, self.this_order)
+        self.index += 1
+        return x_next.to(dtype)
+
+
+SAMPLERS = {"euler": EulerSampler, "unipc": UniPCSampler}
+
+
+def make_sampler(name: str, steps: int, shift: float) -> FlowSampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is not one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](steps, shift)
+
+
+def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: v_u + g (v_c - v_u)."""
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def sample(velocity_fn: Callable, noise: torch.Tensor, sampler: FlowSampler, guidance: float = 1.0,
+           callback: Optional[Callable] = None) -> torch.Tensor:
+    """Integrate from `noise` (σ = 1) to data along the sampler's grid; fp32 latents as Wan keeps them.
+
+    velocity_fn(x, timestep) -> velocity, timestep [N] in model units. With guidance != 1, x holds the batch
+    twice — conditional half first, unconditional half second — so one model call does both.
+    """
+    x = noise.float()
+    guided = guidance != 1.0
+    for i, t in enumerate(sampler.timesteps):
+        x_in = torch.cat([x, x]) if guided else x
+        v = velocity_fn(x_in, t.float().expand(x_in.shape[0])).float()
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = guide(v_cond, v_uncond, guidance)
+        x = sampler.step(v, x)
+        if callback is not None:
+            callback(i, x)
+    return x
