@@ -222,6 +222,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # NaN / inf losses in a row before the run stops
     log_every: int = 1
     memory_budget_gb: Optional[float] = None  # refuse buckets whose estimated step does not fit
+    text_dropout: float = 0.0  # probability that a sample trains with zero text states (the null condition CFG uses)
 
     def validate(self, prefix: str = "train") -> "TrainConfig":
         def need(ok, name, why):
@@ -237,6 +238,7 @@ class TrainConfig:
         need(self.expert in (None, "high", "low"), "expert", f"{self.expert!r} is not high or low")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         need(self.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
+        need(0.0 <= self.text_dropout < 1.0, "text_dropout", "must be in [0, 1)")
         return self
 
 
@@ -257,6 +259,44 @@ class LoggingConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Every `every` steps: the loss on held-out latents at fixed flow times, and videos sampled for held-out
+    prompts (decoded with the VAE: mp4 per prompt + a contact sheet). The held-out store is precomputed like
+    the training store, from clips kept out of it."""
+
+    every: int = 0  # steps between validations; 0 = never
+    store: Optional[str] = None  # held-out latent store (tools/precompute_latents.py)
+    loss_timesteps: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)  # flow times (unshifted) of the held-out loss
+    loss_samples: int = 0  # held-out samples per bucket in the loss; 0 = all
+    num_samples: int = 4  # prompts sampled: the first ones of `bucket` in the held-out store
+    bucket: Optional[str] = None  # the shape sampled; default: the held-out store's first video bucket
+    sampler: str = "unipc"  # unipc | euler
+    steps: int = 20
+    shift: float = 5.0  # sampling shift (Wan: 5.0 at 480p, 3.0 at 720p... as the official generate.py)
+    guidance: float = 1.0  # classifier-free guidance; the unconditional pass uses zero text states
+    batch_size: int = 4  # prompts sampled together by one model replica
+    use_ema: bool = True  # sample and measure with the EMA weights when the run keeps an EMA
+    vae: Optional[str] = None  # VAE weights for decoding (any layout megawan.models.loading reads); None = no videos
+    vae_config: Optional[str] = None  # its preset; default: the store's
+    fps: int = 16
+    seed: int = 1234
+
+    def validate(self, prefix: str = "validation") -> "ValidationConfig":
+        def need(ok, name, why):
+            if not ok:
+                raise ConfigError(f"{prefix}.{name}: {why}")
+
+        need(self.every >= 0, "every", "must be 0 (off) or a number of steps")
+        need(self.every == 0 or bool(self.store), "store", "validation.every is set but no held-out store is given")
+        need(all(0.0 < t < 1.0 for t in self.loss_timesteps), "loss_timesteps", "flow times must be in (0, 1)")
+        need(self.sampler in ("unipc", "euler"), "sampler", f"{self.sampler!r} is not unipc or euler")
+        need(self.steps >= 1 and self.num_samples >= 0 and self.batch_size >= 1, "steps",
+             "steps and batch_size must be at least 1, num_samples at least 0")
+        need(self.shift > 0, "shift", "must be positive")
+        return self
+
+
+@dataclass
 class RunConfig:
     """The whole run: one YAML file maps onto this."""
 
@@ -267,6 +307,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
 
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
@@ -275,6 +316,7 @@ class RunConfig:
         self.data.validate()
         self.optimizer.validate()
         self.train.validate()
+        self.validation.validate()
         if self.train.expert is not None and self.model.expert_boundary is None:
             raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:

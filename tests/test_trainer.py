@@ -51,7 +51,8 @@ def _losses(ckpt):
     """The loss of each step; a resumed run re-logs steps after its checkpoint: the last entry counts."""
     out = {}
     for row in read_metrics(os.path.join(ckpt, "logs", "metrics.jsonl")):
-        out[row["step"]] = row["loss"]
+        if "loss" in row:  # validation rows carry val/... only
+            out[row["step"]] = row["loss"]
     return [out[s] for s in sorted(out)]
 
 

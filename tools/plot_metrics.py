@@ -20,7 +20,7 @@ def load_curve(path: str) -> tuple:
 
     last = {}
     for row in read_metrics(path):
-        last[row["step"]] = row
+        last.setdefault(row["step"], {}).update(row)  # validation writes its own row at a step
     steps = sorted(s for s, r in last.items() if r.get("loss") is not None)
     return np.array(steps), np.array([last[s]["loss"] for s in steps]), np.array([last[s].get("lr") or 0 for s in steps])
 

@@ -32,25 +32,48 @@ def write_images(folder: str, count: int, size: int = 32, seed: int = 1) -> list
 
 
 def make_tiny_dataset(root: str, videos: int = 24, images: int = 16, broken: int = 0, seed: int = 0,
-                      progress: bool = False) -> tuple:
-    """(store path, encoder paths): synthetic clips + stills -> tiny random encoders -> a precomputed store."""
-    from megawan.data.precompute import PrecomputeJob, run_precompute
+                      progress: bool = False, held_out_videos: int = 0, held_out_images: int = 0,
+                      encoders: dict | None = None, train_vae_steps: int = 0) -> tuple:
+    """(store path, encoder paths): synthetic clips + stills -> tiny encoders -> a precomputed store.
+
+    held_out_videos / held_out_images > 0 also write <root>/held_out.zarr from other clips and stills (other
+    seeds), encoded by the same encoders: the validation store. `encoders` reuses existing encoder files;
+    `train_vae_steps` trains the tiny VAE as an autoencoder of the shapes first (so decoded samples show them).
+    """
     from megawan.data.tiny_assets import write_tiny_encoders
 
     root = os.path.abspath(root)
-    encoders = write_tiny_encoders(os.path.join(root, "encoders"), seed=seed)
-    manifest = write_synthetic_dataset(os.path.join(root, "videos"), count=videos, frames=17, height=32, width=48,
-                                       broken=broken, seed=seed)
+    if encoders is None:
+        kwargs = {"train_vae_steps": train_vae_steps} if train_vae_steps else {}
+        encoders = write_tiny_encoders(os.path.join(root, "encoders"), seed=seed, **kwargs)
+    store = _precompute_split(root, "latents", encoders, videos, images, broken, seed, progress)
+    if held_out_videos or held_out_images:
+        _precompute_split(root, "held_out", encoders, held_out_videos, held_out_images, 0, seed + 7_777, progress)
+    return store, encoders
+
+
+def _precompute_split(root: str, name: str, encoders: dict, videos: int, images: int, broken: int, seed: int,
+                      progress: bool) -> str:
+    from megawan.data.precompute import PrecomputeJob, run_precompute
+
+    video_dir = os.path.join(root, "videos" if name == "latents" else f"{name}_videos")
+    manifest = write_synthetic_dataset(video_dir, count=videos, frames=17, height=32, width=48, broken=broken,
+                                       seed=seed)
     rows = [json.loads(line) for line in open(manifest, encoding="utf-8")]
     for row in rows:
-        row["path"] = os.path.join(root, "videos", row["path"])
-    rows += write_images(os.path.join(root, "images"), images, seed=seed + 1)
-    joint = os.path.join(root, "manifest.jsonl")
+        row["path"] = os.path.join(video_dir, row["path"])
+        row["id"] = f"{name}_{row['id']}" if name != "latents" else row["id"]
+    image_rows = write_images(os.path.join(root, "images" if name == "latents" else f"{name}_images"), images,
+                              seed=seed + 1)
+    for row in image_rows:
+        row["id"] = f"{name}_{row['id']}" if name != "latents" else row["id"]
+    rows += image_rows
+    joint = os.path.join(root, "manifest.jsonl" if name == "latents" else f"{name}.jsonl")
     with open(joint, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    store = os.path.join(root, "latents.zarr")
+    store = os.path.join(root, f"{name}.zarr")
     job = PrecomputeJob(manifest=joint, out=store, vae=encoders["vae"], vae_config=encoders["vae_config"],
                         text_encoder=encoders["text_encoder"], text_config=encoders["text_config"],
                         tokenizer=encoders["tokenizer"], buckets=[VIDEO_BUCKET, IMAGE_BUCKET], decode_workers=2)
     run_precompute(job, progress=progress)
-    return store, encoders
+    return store

@@ -33,6 +33,22 @@ class EMA:
                 p.copy_(shadow[name].to(p.dtype))
                 shadow[name].copy_(current)
 
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Put the average into the model (e.g. to validate with it); `restore()` brings the weights back
+        exactly (a copy is kept, so bf16 weights do not round the average)."""
+        self._backup = [{name: p.detach().clone() for name, p in chunk.named_parameters()} for chunk in self.chunks]
+        for chunk, shadow in zip(self.chunks, self.shadow):
+            for name, p in chunk.named_parameters():
+                p.copy_(shadow[name].to(p.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for chunk, backup in zip(self.chunks, self._backup):
+            for name, p in chunk.named_parameters():
+                p.copy_(backup[name])
+        self._backup = None
+
     def load_loaded(self, loaded: dict) -> None:
         """Copy what dist_checkpointing loaded for the dict sharded_state_dict() last returned."""
         for i, shadow in enumerate(self.shadow):

@@ -104,6 +104,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                     f"data.buckets: {b} ({tokens} tokens, micro batch {cfg.data.micro_batch_size}) needs about "
                     f"{est.total / 2**30:.1f} GiB per GPU under this layout, over train.memory_budget_gb="
                     f"{cfg.train.memory_budget_gb:g} (more TP / CP, recompute, or a smaller bucket)")
+    _preflight_validation(cfg)
     if cfg.checkpoint.init_from:
         from megawan.training.checkpoint import resolve_checkpoint
 
@@ -112,6 +113,30 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"checkpoint.init_from: {e}") from None
     return {"store": attrs, "buckets": buckets}
+
+
+def _preflight_validation(cfg: RunConfig) -> None:
+    from megawan.data.store import LatentStore
+
+    v = cfg.validation
+    if not v.every:
+        return
+    try:
+        held_out = LatentStore.open(v.store)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"validation.store: {e}") from None
+    attrs = held_out.attrs
+    z, dim = attrs.get("vae", {}).get("z_dim"), attrs.get("text_encoder", {}).get("dim")
+    if z is not None and z != cfg.model.in_dim:
+        raise ConfigError(f"validation.store: its latents have z_dim={z}, the model takes {cfg.model.in_dim} channels")
+    if dim is not None and dim != cfg.model.text_dim:
+        raise ConfigError(f"validation.store: its text states have dim={dim}, the model takes {cfg.model.text_dim}")
+    if not held_out.buckets() or not any(held_out.count(b) for b in held_out.buckets()):
+        raise ConfigError(f"validation.store: {v.store} holds no samples")
+    if v.bucket and v.bucket not in held_out.buckets():
+        raise ConfigError(f"validation.bucket: {v.bucket} is not in {v.store} (it has {held_out.buckets()})")
+    if v.vae and not os.path.exists(v.vae):
+        raise ConfigError(f"validation.vae: {v.vae} does not exist")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +189,7 @@ class Trainer:
         if cfg.train.precision == "bf16":
             model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16")
         self.model_cfg = model_cfg
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.chunks = build_model_chunks(model_cfg, cfg.parallel)
         if cfg.parallel.recompute != "none":
             for chunk in self.chunks:
@@ -257,12 +283,17 @@ class Trainer:
             weight = torch.cat([weight, torch.zeros(pad)])
         dtype = self.chunks[0].config.params_dtype
         x0 = (latents.float() - self.latents_mean) / self.latents_std
-        noises, ts = [], []
+        noises, ts, drop = [], [], []
         for i in range(x0.shape[0]):
             g = _sample_generator(cfg.seed, self.step, batch["offset"] + i)
             noises.append(torch.randn(x0.shape[1:], generator=g))
             ts.append(self._timesteps(g))
+            if cfg.train.text_dropout > 0 and torch.rand(1, generator=g).item() < cfg.train.text_dropout:
+                text = text.clone() if not drop else text
+                drop.append(i)
         noise, t = torch.stack(noises), torch.cat(ts)
+        if drop:  # the null condition: zero text states (what validation / generation pass as unconditional)
+            text[drop] = 0
         ti2v = cfg.model.model_type == "ti2v"
         if ti2v:  # Wan2.2 TI2V: the first latent frame stays clean (image-to-video), out of the loss
             x_t, target, timestep, mask = self.flow.clean_first_frame(x0, noise, t, cfg.model.patch_size)
@@ -346,6 +377,11 @@ class Trainer:
             log_dir = cfg.logging.dir or os.path.join(cfg.checkpoint.dir, "logs")
             metrics = MetricsLogger(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
                                     config_to_dict(cfg), enabled=self.rank == 0)
+            validator = None
+            if cfg.validation.every:
+                from megawan.training.validation import Validator
+
+                validator = Validator(self, os.path.join(log_dir, "validation"))
             bar = Progress(cfg.train.steps, desc="train", unit="steps", enabled=self.rank == 0 and cfg.logging.progress)
             bar.count = self.step
             it = iter(self.loader)
@@ -390,6 +426,11 @@ class Trainer:
                         path = self._save()
                         last_saved = self.step
                         self._log0(f"checkpoint {path}")
+                    if validator is not None and self.step % cfg.validation.every == 0 and not stop_reason:
+                        values = validator.run(self.step)
+                        metrics.write(self.step, values)
+                        self._log0(f"validation at step {self.step}: loss {values['val/loss']:.4f} "
+                                   f"({values['val/seconds']:.1f} s)")
                     if stop_reason:
                         self._log0(f"stopping at step {self.step} ({stop_reason}); run the same command to resume")
                         break

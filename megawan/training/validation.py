@@ -1,0 +1,286 @@
+"""Validation during training: held-out loss at fixed flow times, and videos sampled for held-out prompts.
+
+Every rank takes part, in the run's own layout. Model replicas (DP ranks) split the held-out samples and
+the prompts; inside a replica the model runs through megatron's forward-only schedule (PP stages, TP, CP
+exactly as in training) and the last pipeline stage broadcasts each velocity to its stage peers, so every
+rank advances the same latents with the same sampler. Every replica does the same amount of work (padded
+with weight-0 copies) and the only collectives spanning replicas are the final loss all-reduce and one
+barrier, so no rank waits on another for longer than one replica's share.
+
+The replica's leader (last stage, TP rank 0, CP rank 0) decodes its latents with the VAE and writes
+<dir>/step-NNNNNNN/<id>.mp4 (clips) or <id>.png (stills), a strip of frames per prompt, and its rows of
+samples.jsonl; rank 0 stacks the strips into contact_sheet.png. The unconditional pass of
+classifier-free guidance uses zero text states: the null condition `train.text_dropout` trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megawan.diffusion.flow import FlowMatching
+from megawan.diffusion.samplers import make_sampler, sample
+
+
+def _noise(seed: int, key: str, shape) -> torch.Tensor:
+    """Fixed noise per (seed, sample): the same in every layout and at every validation."""
+    import zlib
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode())))
+
+
+class Validator:
+    def __init__(self, trainer, out_dir: str):
+        from megawan.data.store import LatentStore
+
+        self.trainer, self.cfg = trainer, trainer.cfg.validation
+        self.store = LatentStore.open(self.cfg.store)
+        self.out_dir = out_dir
+        self._vae = None
+        ps = trainer.ps
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.leader = (self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
+                       and ps.get_context_parallel_rank() == 0)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, step: int) -> dict:
+        start = time.perf_counter()
+        ema = self.trainer.ema if (self.cfg.use_ema and self.trainer.ema is not None) else None
+        if ema is not None:
+            ema.apply()
+        try:
+            metrics = self._loss()
+            if self.cfg.num_samples:
+                metrics.update(self._samples(step))
+        finally:
+            if ema is not None:
+                ema.restore()
+        metrics["val/seconds"] = time.perf_counter() - start
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    def _forward(self, x, timestep, text, capture=None, target=None, weight=None, mask=None):
+        """One forward-only pass of the replica. With `capture`, returns the velocity on every rank of the
+        replica; else the weighted squared error summed on the last stage (0 elsewhere)."""
+        from megawan.parallel.pipeline import forward_backward
+
+        t = self.trainer
+        pt, ph, pw = t.cfg.model.patch_size
+        tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
+        out = {}
+        batch = {"x": x.to(t.device, t.dtype), "t": timestep.to(t.device), "text": text.to(t.device, t.dtype)}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb["x"], mb["t"], mb["text"])
+
+            def loss_fn(prediction):
+                if capture:
+                    out["v"] = prediction.detach().float()
+                    return prediction.float().sum() * 0, {}
+                err = (prediction.float() - target.to(prediction.device).float()).pow(2)
+                if mask is not None:
+                    m = mask.to(err.device).float().expand_as(err)
+                    per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+                else:
+                    per_sample = err.flatten(1).mean(1)
+                out["sum"] = float((per_sample * weight.to(err.device)).sum())
+                return per_sample.sum() * 0, {}
+
+            return output, loss_fn
+
+        with torch.no_grad():
+            forward_backward(t.ddp, forward_step, [iter([batch]) for _ in t.ddp], 1, tokens, x.shape[0],
+                             forward_only=True)
+        if not capture:
+            return out.get("sum", 0.0)
+        v = out.get("v")
+        if self.pp_size > 1:
+            if v is None:
+                v = torch.empty(x.shape, dtype=torch.float32, device=t.device)
+            ps = t.ps
+            dist.broadcast(v, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return v.cpu()
+
+    def _share(self, n: int) -> list:
+        """This replica's indices of 0..n-1 (round robin), padded with None to the same count on every replica."""
+        t = self.trainer
+        mine = list(range(t.dp_rank, n, t.dp_size))
+        return mine + [None] * (math.ceil(n / t.dp_size) - len(mine))
+
+    def _read(self, bucket: str, indices: list) -> list:
+        rows = [self.store.read(bucket, i if i is not None else 0) for i in indices]
+        for row, i in zip(rows, indices):
+            row["weight"] = 0.0 if i is None else 1.0
+        return rows
+
+    # ------------------------------------------------------------------------------------------
+    def _loss(self) -> dict:
+        """Mean flow-matching loss over the held-out samples at each fixed flow time (unshifted), with noise
+        fixed per sample, so the numbers of two validations differ only by the weights."""
+        t, cfg = self.trainer, self.cfg
+        times = list(cfg.loss_timesteps)
+        sums, count = torch.zeros(len(times), dtype=torch.float64), 0
+        mbs = t.cfg.data.micro_batch_size
+        ti2v = t.cfg.model.model_type == "ti2v"
+        for bucket in self.store.buckets():
+            n = self.store.count(bucket)
+            n = min(n, cfg.loss_samples) if cfg.loss_samples else n
+            if n == 0:
+                continue
+            count += n
+            share = self._share(n)
+            for s in range(0, len(share), mbs):
+                rows = self._read(bucket, share[s:s + mbs])
+                x0 = (torch.stack([r["latents"].float() for r in rows]) - t.latents_mean) / t.latents_std
+                noise = torch.stack([_noise(cfg.seed, f"loss/{r['id']}", x0.shape[1:]) for r in rows])
+                text = torch.stack([r["text"] for r in rows])
+                weight = torch.tensor([r["weight"] for r in rows])
+                for k, flow_time in enumerate(times):
+                    tt = torch.full((x0.shape[0],), flow_time)
+                    if ti2v:
+                        x_t, target, timestep, mask = FlowMatching.clean_first_frame(x0, noise, tt, t.cfg.model.patch_size)
+                    else:
+                        (x_t, target), timestep, mask = FlowMatching.noised(x0, noise, tt), tt * 1000, None
+                    value = self._forward(x_t, timestep, text, target=target, weight=weight, mask=mask)
+                    if self.leader:
+                        sums[k] += value
+        dist.all_reduce(sums)
+        out = {f"val/loss_t{flow_time:.2f}": (sums[k] / max(count, 1)).item() for k, flow_time in enumerate(times)}
+        out["val/loss"] = (sums.sum() / max(count, 1) / len(times)).item()
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def _bucket(self) -> str:
+        if self.cfg.bucket:
+            return self.cfg.bucket
+        buckets = self.store.buckets()
+        videos = [b for b in buckets if int(b.split("x")[0]) > 1]
+        return (videos or buckets)[0]
+
+    def _samples(self, step: int) -> dict:
+        """Sample the held-out prompts of one bucket; leaders decode and write them; rank 0 makes the sheet."""
+        t, cfg = self.trainer, self.cfg
+        bucket = self._bucket()
+        n = min(cfg.num_samples, self.store.count(bucket))
+        share = self._share(n)
+        folder = os.path.join(self.out_dir, f"step-{step:07d}")
+        if self.leader:
+            os.makedirs(folder, exist_ok=True)
+        written = []
+        for s in range(0, len(share), cfg.batch_size):
+            rows = self._read(bucket, share[s:s + cfg.batch_size])
+            text = torch.stack([r["text"] for r in rows])
+            noise = torch.stack([_noise(cfg.seed, f"sample/{r['id']}", r["latents"].shape) for r in rows])
+            guided = cfg.guidance != 1.0
+            text_in = torch.cat([text, torch.zeros_like(text)]) if guided else text
+            latents = sample(lambda x, timestep: self._forward(x, timestep, text_in, capture=True), noise,
+                             make_sampler(cfg.sampler, cfg.steps, cfg.shift), guidance=cfg.guidance)
+            if self.leader:
+                written += self._write(folder, rows, latents)
+        rows_file = os.path.join(folder, f"samples-rank{dist.get_rank():05d}.jsonl")
+        if self.leader:
+            with open(rows_file, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(w) + "\n" for w in written)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            self._merge(folder)
+        return {"val/samples": n}
+
+    def _vae_model(self):
+        if self._vae is None:
+            from megawan.config import vae_preset
+            from megawan.models.loading import load_vae
+
+            name = self.cfg.vae_config or self.store.attrs.get("vae", {}).get("name")
+            self._vae = load_vae(self.cfg.vae, vae_preset(name), device=self.trainer.device).eval()
+        return self._vae
+
+    def _write(self, folder: str, rows: list, latents: torch.Tensor) -> list:
+        from PIL import Image
+
+        from megawan.data.synthetic import write_video
+        from megawan.utils.images import contact_sheet, video_to_uint8
+
+        out = []
+        keep = [i for i, r in enumerate(rows) if r["weight"] > 0]
+        if not keep:
+            return out
+        if self.cfg.vae:
+            z = latents[keep] * self.trainer.latents_std + self.trainer.latents_mean  # the VAE's raw latents
+            with torch.no_grad():
+                video = self._vae_model().decode(z.to(self.trainer.device))
+        for j, i in enumerate(keep):
+            r = rows[i]
+            record = {"id": r["id"], "caption": r["caption"]}
+            torch.save(latents[i].clone(), os.path.join(folder, f"{r['id']}.latents.pt"))
+            record["latents"] = f"{r['id']}.latents.pt"
+            if self.cfg.vae:
+                frames = video_to_uint8(video[j])
+                if frames.shape[0] > 1:
+                    write_video(os.path.join(folder, f"{r['id']}.mp4"), frames, fps=self.cfg.fps)
+                    record["video"] = f"{r['id']}.mp4"
+                else:
+                    Image.fromarray(frames[0]).save(os.path.join(folder, f"{r['id']}.png"))
+                    record["image"] = f"{r['id']}.png"
+                contact_sheet(frames, max_frames=8).save(os.path.join(folder, f"{r['id']}.strip.png"))
+                record["strip"] = f"{r['id']}.strip.png"
+            out.append(record)
+        return out
+
+    def _merge(self, folder: str) -> None:
+        from PIL import Image
+
+        rows = []
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("samples-rank") and name.endswith(".jsonl"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    rows += [json.loads(line) for line in f if line.strip()]
+                os.remove(os.path.join(folder, name))
+        rows.sort(key=lambda r: r["id"])
+        with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        strips = [Image.open(os.path.join(folder, r["strip"])).convert("RGB") for r in rows if "strip" in r]
+        if strips:
+            width, height = max(s.width for s in strips), sum(s.height for s in strips) + 2 * (len(strips) - 1)
+            sheet = Image.new("RGB", (width, height))
+            y = 0
+            for s in strips:
+                sheet.paste(s, (0, y))
+                y += s.height + 2
+            sheet.save(os.path.join(folder, "contact_sheet.png"))
+
+
+def read_samples(folder: str) -> list:
+    """The rows of a validation step's samples.jsonl, paths made absolute."""
+    with open(os.path.join(folder, "samples.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        for key in ("latents", "video", "image", "strip"):
+            if key in r:
+                r[key] = os.path.join(folder, r[key])
+    return rows
+
+
+def frames_of(row: dict) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] of a sampled row (its mp4 or png)."""
+    if "video" in row:
+        return _read_mp4(row["video"])
+    from PIL import Image
+
+    return np.asarray(Image.open(row["image"]).convert("RGB"))[None]
+
+
+def _read_mp4(path: str) -> np.ndarray:
+    import av
+
+    with av.open(path) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
