@@ -85,3 +85,12 @@ def test_config_from_diffusers_config_json():
         assert dataclasses.replace(back, name=preset) == cfg
     with pytest.raises(ConfigError, match="neither"):
         dit_config_from({"hidden": 3})
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads `lr: 1e-4` as a string; the config takes it as the number a user meant."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  lr: 1e-4\n")
+    from megawan.config import load_config
+
+    assert load_config(str(path)).optimizer.lr == 1e-4
