@@ -131,3 +131,7 @@ def _rank_logging() -> None:
     rank = dist.get_rank()
     fmt = f"[rank {rank}] %(asctime)s %(name)s %(levelname)s: %(message)s"
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, force=True)
+    if os.environ.get("MEGAWAN_VERBOSE", "0") in ("0", ""):
+        # megatron's INFO lines (every parameter of every DDP bucket, the whole optimizer config) bury the
+        # training log; MEGAWAN_VERBOSE=1 brings them back
+        logging.getLogger("megatron").setLevel(logging.WARNING)
