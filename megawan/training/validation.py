@@ -168,7 +168,7 @@ class Validator:
 
     def _samples(self, step: int) -> dict:
         """Sample the held-out prompts of one bucket; leaders decode and write them; rank 0 makes the sheet."""
-        t, cfg = self.trainer, self.cfg
+        cfg = self.cfg
         bucket = self._bucket()
         n = min(cfg.num_samples, self.store.count(bucket))
         share = self._share(n)
