@@ -166,6 +166,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     (["data.buckets=[81x480x832]"], "data.buckets"),
     (["train.memory_budget_gb=0.000001"], "train.memory_budget_gb"),
     (["data.video_ratio=1.5"], "data.video_ratio"),
+    (["train.fp8=delayed", "model.backend=local"], "train.fp8"),
 ])
 def test_configs_that_cannot_work_are_refused_before_training(store, overrides, field):
     from megawan.training.trainer import preflight
@@ -200,3 +201,16 @@ def test_sigusr1_checkpoints_and_leaves_then_resume_continues(store, uninterrupt
     code, log = _run(2, ckpt, store, "checkpoint.every=100")
     assert code == 0, log
     assert _losses(ckpt) == ref
+
+
+def test_fp8_is_applied_only_when_configured():
+    """No FP8 -> a no-op context; FP8 asked for where Transformer Engine cannot run -> a clear error."""
+    import contextlib
+
+    from megawan.capabilities import transformer_engine_available
+    from megawan.training.precision import fp8_context
+
+    assert isinstance(fp8_context(None), contextlib.nullcontext)
+    if not transformer_engine_available():
+        with pytest.raises(RuntimeError, match="train.fp8='delayed' needs Transformer Engine"):
+            fp8_context("delayed")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megawan.config import ConfigError, RunConfig, config_to_dict
 from megawan.diffusion.flow import FlowMatching
+from megawan.training.precision import fp8_context
 
 logger = logging.getLogger("megawan")
 
@@ -55,9 +56,9 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     if cfg.model.model_type == "i2v":
         raise ConfigError("model.model_type: i2v training needs image-conditioning latents (mask + first-frame "
                           "latents, CLIP tokens) that the latent store does not hold; train t2v or ti2v")
-    if cfg.train.fp8 and cfg.model.backend != "te":
-        raise ConfigError(f"train.fp8: FP8 training runs on the Transformer Engine backend; model.backend is "
-                          f"{cfg.model.backend!r}")
+    if cfg.train.fp8 and _backend(cfg.model.backend) != "te":
+        raise ConfigError(f"train.fp8: FP8 training runs on the Transformer Engine backend with CUDA; model.backend "
+                          f"is {cfg.model.backend!r} and resolves to {_backend(cfg.model.backend)!r} here")
     if not cfg.data.store:
         raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
     try:
@@ -113,6 +114,15 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"checkpoint.init_from: {e}") from None
     return {"store": attrs, "buckets": buckets}
+
+
+def _backend(name: str) -> str:
+    from megawan.capabilities import resolve_backend
+
+    try:
+        return resolve_backend(name)
+    except RuntimeError:
+        return "unavailable"
 
 
 def _preflight_validation(cfg: RunConfig) -> None:
@@ -313,7 +323,8 @@ class Trainer:
     def _forward_step(self, scale: float):
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb["x_t"], mb["timestep"], mb["text"])
+            with fp8_context(self.cfg.train.fp8):
+                output = model(mb["x_t"], mb["timestep"], mb["text"])
 
             def loss_fn(prediction):
                 err = (prediction.float() - mb["target"].float()).pow(2)

@@ -1,0 +1,41 @@
+"""FP8 training through Transformer Engine: the autocast the trainer puts around each forward.
+
+    with fp8_context(cfg.train.fp8):      # None -> no-op; "delayed" | "current" -> TE fp8_autocast
+        output = model(x_t, timestep, text)
+
+Recipes: "delayed" = DelayedScaling (HYBRID: E4M3 forward, E5M2 gradients; scale from the amax history of
+the last 1024 steps, as Megatron-LM's default), "current" = Float8CurrentScaling (per-tensor scale from this
+step's amax). Only the Transformer Engine linears run in FP8; norms, modulation, RoPE and the loss stay in
+bf16 / fp32. Weights stay bf16 with fp32 main copies in the optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+from megawan.capabilities import transformer_engine_available
+
+RECIPES = ("delayed", "current")
+
+
+def fp8_recipe(name: str):
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=1024,
+                                     amax_compute_algo="max")
+    if name == "current":
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+    raise ValueError(f"train.fp8: {name!r} is not one of {RECIPES}")
+
+
+def fp8_context(name: Optional[str]):
+    """The context manager for one forward pass: a no-op without FP8."""
+    if not name:
+        return contextlib.nullcontext()
+    if not transformer_engine_available():
+        raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine and a CUDA device")
+    import transformer_engine.pytorch as te
+
+    return te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe(name))
