@@ -48,6 +48,13 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def local_device(local_rank: int) -> int:
+    """This task's GPU: LOCAL_RANK among the GPUs it sees. All of the node's under torchrun or plain srun; one
+    under srun --gpus-per-task=1 / --gpu-bind=single:1, where Slurm sets CUDA_VISIBLE_DEVICES per task."""
+    count = torch.cuda.device_count()
+    return local_rank % count if count else local_rank
+
+
 def initialize(parallel: ParallelConfig | None = None, backend: str | None = None, seed: int = 0) -> ParallelConfig:
     """Start (or join) the job's process groups. Returns the validated ParallelConfig.
 
@@ -66,7 +73,7 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_device(int(env.get("LOCAL_RANK", "0"))))
         if "RANK" in env:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
             env.setdefault("MASTER_PORT", "29500")
