@@ -38,7 +38,7 @@ def demo_config(out_dir: str, store: str, held_out: str, vae: str, steps: int, h
         "parallel": {"tensor_parallel": 2},  # x data parallel 2 on 4 ranks
         "data": {"store": store, "video_ratio": 0.5, "global_batch_size": 8, "image_global_batch_size": 16,
                  "micro_batch_size": 4},
-        "optimizer": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 20, "decay": "cosine", "weight_decay": 0.0},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 50, "decay": "cosine", "weight_decay": 0.0},
         "train": {"steps": steps, "precision": "fp32", "shift": 3.0, "ema_decay": 0.99, "text_dropout": 0.1,
                   "log_every": 10},
         "checkpoint": {"dir": os.path.join(out_dir, "checkpoints"), "every": max(steps // 2, 1), "keep": 2},
@@ -71,7 +71,7 @@ def _generate(rank: int, checkpoint: str, encoders: dict, prompts: list, out_dir
         json.dump(paths, f)
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int = 400, videos: int = 96, images: int = 64,
+def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, images: int = 64,
              held_out_videos: int = 24, vae_steps: int | None = None, nproc: int = 4,
              prompts: tuple = DEMO_PROMPTS) -> dict:
     from megawan.data.tiny_dataset import make_tiny_dataset

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,61 @@ def render(clip: ShapeClip, frames: int, height: int, width: int, seed: int = 0)
         frame[inside] = COLORS[clip.color]
         out[t] = frame
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The colour metric: which palette colour a (generated or decoded) frame shows, and which one a caption names.
+
+FOREGROUND_DISTANCE = 60.0  # RGB (0-255) Euclidean distance from BACKGROUND beyond which a pixel is "shape"
+MIN_FOREGROUND_PIXELS = 8
+
+
+def dominant_color(frames: np.ndarray, threshold: float = FOREGROUND_DISTANCE,
+                   min_pixels: int = MIN_FOREGROUND_PIXELS) -> str | None:
+    """The palette colour (a key of COLORS) that the shape pixels of `frames` show, or None.
+
+    `frames` is uint8 RGB, [T, H, W, 3] (a clip: all frames are pooled) or [H, W, 3] (one image).
+    Measured in three steps:
+
+    1. foreground: the pixels whose Euclidean RGB distance (0-255 scale) from BACKGROUND (24, 24, 28) exceeds
+       `threshold` (60 by default; every palette colour is more than 210 away from the background, so a
+       shape's pixels pass even when a decoder dims or blurs them, and near-background noise does not);
+    2. their typical colour: the per-channel median RGB of those pixels (robust to blurred edges and stray
+       pixels);
+    3. the palette entry whose blend line with the background passes closest to that median: for each colour
+       c the distance from the median to the segment BACKGROUND -> c (points BACKGROUND + a (c - BACKGROUND),
+       0 <= a <= 1), the smallest wins. A pure palette pixel is at distance 0 from its own colour's segment;
+       allowing the blend makes a shape whose edges are mixed with the dark background (anti-aliasing, a
+       blurry decode) still read as its hue rather than as a darker neighbour (e.g. a dimmed cyan as green).
+
+    None when fewer than `min_pixels` (8 by default) pixels are foreground: no shape is visible.
+    """
+    x = np.asarray(frames)
+    if x.ndim not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"dominant_color needs [T, H, W, 3] or [H, W, 3] RGB frames, got shape {x.shape}")
+    pixels = x.reshape(-1, 3).astype(np.float64)
+    background = np.asarray(BACKGROUND, dtype=np.float64)
+    foreground = pixels[np.linalg.norm(pixels - background, axis=1) > threshold]
+    if len(foreground) < max(1, min_pixels):
+        return None
+    median = np.median(foreground, axis=0) - background
+    best, best_distance = None, np.inf
+    for name, rgb in COLORS.items():
+        direction = np.asarray(rgb, dtype=np.float64) - background
+        a = float(np.clip(median @ direction / (direction @ direction), 0.0, 1.0))
+        distance = float(np.linalg.norm(median - a * direction))
+        if distance < best_distance:
+            best, best_distance = name, distance
+    return best
+
+
+def caption_color(caption: str) -> str | None:
+    """The palette colour a caption names: the first whole word of `caption` (case-insensitive) that is a key
+    of COLORS ("a red circle moves left" -> "red"); None when it names none."""
+    for word in re.findall(r"[a-z]+", caption.lower()):
+        if word in COLORS:
+            return word
+    return None
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx264") -> None:
