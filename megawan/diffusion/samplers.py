@@ -100,23 +100,25 @@ class UniPCSampler(FlowSampler):
         r = np.array([[rk ** (i - 1) for rk in rks] for i in range(1, order + 1)], dtype=np.float64)
         return h_phi_1, b_h, r, np.array(b, dtype=np.float64)
 
-    def _predict(self, x: torch.Tensor, order: int) -> torch.Tensor:
-        """UniPC-p: x at sigma[index + 1] from x at sigma[index] and the stored data predictions."""
-        i = self.index
-        sigma_s0, sigma_t = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        alpha_t = 1 - sigma_t
-        lam_s0, lam_t = _lambda(sigma_s0), _lambda(sigma_t)
-        h = lam_t - lam_s0
+    def _step_terms(self, s0: int, t: int, order: int):
+        """Shared by predictor and corrector, stepping from grid point s0 to t with the stored data predictions:
+        sigma_t, alpha_t, the newest prediction m0, the scaled differences D1 and the bh2 coefficients."""
+        sigma_s0, sigma_t = float(self.sigmas[s0]), float(self.sigmas[t])
+        lam_s0 = _lambda(sigma_s0)
+        h = _lambda(sigma_t) - lam_s0
         m0 = self.x0_preds[-1]
         rks, d1s = [], []
         for k in range(1, order):
-            lam_sk = _lambda(float(self.sigmas[i - k]))
-            rk = (lam_sk - lam_s0) / h
+            rk = (_lambda(float(self.sigmas[s0 - k])) - lam_s0) / h
             rks.append(rk)
             d1s.append((self.x0_preds[-(k + 1)] - m0) / rk)
-        rks.append(1.0)
-        h_phi_1, b_h, r, b = self._coefficients(h, rks, order)
-        x_t = (sigma_t / sigma_s0) * x - alpha_t * h_phi_1 * m0
+        h_phi_1, b_h, r, b = self._coefficients(h, rks + [1.0], order)
+        return sigma_t / sigma_s0, 1 - sigma_t, m0, d1s, h_phi_1, b_h, r, b
+
+    def _predict(self, x: torch.Tensor, order: int) -> torch.Tensor:
+        """UniPC-p: x at sigma[index + 1] from x at sigma[index] and the stored data predictions."""
+        ratio, alpha_t, m0, d1s, h_phi_1, b_h, r, b = self._step_terms(self.index, self.index + 1, order)
+        x_t = ratio * x - alpha_t * h_phi_1 * m0
         if d1s:
             rhos = [0.5] if order == 2 else list(np.linalg.solve(r[:-1, :-1], b[:-1]))
             x_t = x_t - alpha_t * b_h * sum(rho * d for rho, d in zip(rhos, d1s))
@@ -124,22 +126,9 @@ class UniPCSampler(FlowSampler):
 
     def _correct(self, x0_now: torch.Tensor, x_prev: torch.Tensor, x_now: torch.Tensor, order: int) -> torch.Tensor:
         """UniPC-c: refine x at sigma[index] with the data prediction just made there."""
-        i = self.index
-        sigma_s0, sigma_t = float(self.sigmas[i - 1]), float(self.sigmas[i])
-        alpha_t = 1 - sigma_t
-        lam_s0, lam_t = _lambda(sigma_s0), _lambda(sigma_t)
-        h = lam_t - lam_s0
-        m0 = self.x0_preds[-1]
-        rks, d1s = [], []
-        for k in range(1, order):
-            lam_sk = _lambda(float(self.sigmas[i - (k + 1)]))
-            rk = (lam_sk - lam_s0) / h
-            rks.append(rk)
-            d1s.append((self.x0_preds[-(k + 1)] - m0) / rk)
-        rks.append(1.0)
-        h_phi_1, b_h, r, b = self._coefficients(h, rks, order)
+        ratio, alpha_t, m0, d1s, h_phi_1, b_h, r, b = self._step_terms(self.index - 1, self.index, order)
         rhos = [0.5] if order == 1 else list(np.linalg.solve(r, b))
-        x_t = (sigma_t / sigma_s0) * x_prev - alpha_t * h_phi_1 * m0
+        x_t = ratio * x_prev - alpha_t * h_phi_1 * m0
         correction = sum(rho * d for rho, d in zip(rhos[:-1], d1s)) if d1s else 0
         return x_t - alpha_t * b_h * (correction + rhos[-1] * (x0_now - m0))
 
