@@ -17,6 +17,7 @@ For flow matching α_t = 1 - σ_t and λ_t = log(α_t / σ_t).
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Optional
 
@@ -38,7 +39,7 @@ def wan_sigmas(steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TI
     return np.concatenate([sigmas, [0.0]])
 
 
-class FlowSampler:
+class FlowSampler(abc.ABC):
     """Walks the grid one model call at a time: `step(velocity, x)` returns x at the next sigma."""
 
     name = "base"
@@ -53,8 +54,9 @@ class FlowSampler:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    @abc.abstractmethod
     def step(self, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x at sigma[index + 1] given the model's velocity at (x, sigma[index]); advances the index."""
 
 
 class EulerSampler(FlowSampler):
