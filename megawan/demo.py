@@ -1,8 +1,8 @@
 """The tiny end-to-end job on CPU, every stage a user runs at scale, in minutes:
 
     1. synthetic moving-shape clips and stills (captions name colour, shape, direction) + a held-out set,
-       tiny encoders (a Wan-VAE trained briefly as an autoencoder of the shapes, a random umT5, a
-       sentencepiece tokenizer trained on the captions)
+       tiny encoders (a tiny Wan-VAE and umT5, random unless `vae_steps` trains the VAE as an autoencoder of
+       the shapes, and a sentencepiece tokenizer trained on the captions)
     2. precompute: decode -> bucket -> VAE latents + umT5 states -> Zarr stores (training and held-out)
     3. `megawan train` under torchrun on 4 CPU ranks, tensor parallel 2 x data parallel 2 (distributed
        optimizer), joint image + video batches, EMA, text dropout for guidance, checkpoints, validation
