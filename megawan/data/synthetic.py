@@ -75,8 +75,9 @@ def dominant_color(frames: np.ndarray, threshold: float = FOREGROUND_DISTANCE,
     Measured in three steps:
 
     1. foreground: the pixels whose Euclidean RGB distance (0-255 scale) from BACKGROUND (24, 24, 28) exceeds
-       `threshold` (60 by default; every palette colour is more than 210 away from the background, so a
-       shape's pixels pass even when a decoder dims or blurs them, and near-background noise does not);
+       `threshold` (60 by default; every palette colour is 180-280 away from the background, so a shape's
+       pixels pass even when a decoder dims or blurs them to a third of their contrast, and near-background
+       noise does not);
     2. their typical colour: the per-channel median RGB of those pixels (robust to blurred edges and stray
        pixels);
     3. the palette entry whose blend line with the background passes closest to that median: for each colour
