@@ -1,8 +1,8 @@
 """The tiny end-to-end job on CPU, every stage a user runs at scale, in minutes:
 
     1. synthetic moving-shape clips and stills (captions name colour, shape, direction) + a held-out set,
-       tiny encoders (a tiny Wan-VAE and umT5, random unless `vae_steps` trains the VAE as an autoencoder of
-       the shapes, and a sentencepiece tokenizer trained on the captions)
+       tiny encoders (a tiny Wan-VAE trained for `vae_steps` (default 300, ~1.5 min) as an autoencoder of the
+       shapes, a random umT5, a sentencepiece tokenizer trained on the captions)
     2. precompute: decode -> bucket -> VAE latents + umT5 states -> Zarr stores (training and held-out)
     3. `megawan train` under torchrun on 4 CPU ranks, tensor parallel 2 x data parallel 2 (distributed
        optimizer), joint image + video batches, EMA, text dropout for guidance, checkpoints, validation
@@ -88,7 +88,9 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
     _say(f"1-2/5 synthetic clips ({videos} + {held_out_videos} held out) and stills ({images}), tiny encoders, "
          f"precomputed latents")
     t0 = time.perf_counter()
-    kwargs = {} if vae_steps is None else {"train_vae_steps": vae_steps}
+    from megawan.data.tiny_assets import TINY_VAE_STEPS
+
+    kwargs = {"train_vae_steps": TINY_VAE_STEPS if vae_steps is None else vae_steps}
     store, encoders = make_tiny_dataset(os.path.join(out_dir, "data"), videos=videos, images=images,
                                         held_out_videos=held_out_videos, held_out_images=0, **kwargs)
     held_out = os.path.join(out_dir, "data", "held_out.zarr")
