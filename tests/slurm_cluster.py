@@ -98,7 +98,10 @@ class SlurmCluster:
         self.log_dir = os.path.join(self.root, "log")
         self.munge_socket = os.path.join(self.root, "munge", "munge.socket")
         self.procs: dict = {}
-        self.env = dict(os.environ, SLURM_CONF=self.conf)
+        # sbatch exports this environment to the job: no launcher variables of the test process may leak in
+        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+        self.env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
+        self.env["SLURM_CONF"] = self.conf
         for var in list(self.env):  # a test run inside a Slurm job must not leak that job into ours
             if var.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and var != "SLURM_CONF":
                 del self.env[var]

@@ -18,7 +18,10 @@ def test_first_slurm_host(nodelist, host):
 
 def test_srun_environment_becomes_torchrun_environment(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+        # set, then delete: monkeypatch then removes what _launcher_environment writes into os.environ
+        # (a bare delenv of an absent variable records nothing, and RANK=5 leaked into later tests' jobs)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")
