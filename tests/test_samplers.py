@@ -36,6 +36,50 @@ def test_unipc_equals_diffusers_unipc_on_wans_grid(steps, shift):
     assert ((ours - x).abs().max() / x.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("steps,shift", [(10, 5.0), (20, 3.0)])
+def test_dpmpp_equals_diffusers_dpm_solver_on_wans_grid(steps, shift):
+    g = torch.Generator().manual_seed(steps)
+    noise, target = torch.randn(2, 4, 3, 5, 6, generator=g), torch.randn(2, 4, 3, 5, 6, generator=g)
+    velocity = _field(target)
+    ours = sample(velocity, noise, make_sampler("dpm++", steps, shift))
+
+    # Wan's FlowDPMMultistepScheduler settings (dpm-solver++ 2M, midpoint, lower order final) in diffusers'
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=shift, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+        final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)  # its set_timesteps takes no sigmas: put Wan's grid in place
+    grid = make_sampler("dpm++", steps, shift)
+    scheduler.sigmas = torch.from_numpy(wan_sigmas(steps, shift)).float()
+    scheduler.timesteps = grid.timesteps.clone()
+    x = noise.clone()
+    for t, model_t in zip(scheduler.timesteps, grid.timesteps):
+        x = scheduler.step(velocity(x, model_t.expand(2)), t, x).prev_sample
+    assert ((ours - x).abs().max() / x.abs().max()).item() < 1e-5
+
+
+def test_per_expert_guidance_and_pinned_frames():
+    """guidance as a function of the timestep (A14B: one scale per expert); pin keeps a frame fixed (TI2V)."""
+    a, b = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 4, 3, 4, 4)
+    sampler = make_sampler("euler", 10, 5.0)
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t[0]))
+        sigma = float(t[0]) / 1000
+        cond, uncond = x.chunk(2)
+        return torch.cat([(cond - a) / sigma, (uncond - b) / sigma])
+
+    scales = lambda t: 4.0 if t >= 875 else 2.0  # noqa: E731
+    first = torch.zeros(1, 4, 1, 4, 4)
+    pin = lambda x: torch.cat([first, x[:, :, 1:]], dim=2)  # noqa: E731
+    out = sample(velocity, torch.randn(1, 4, 3, 4, 4), sampler, guidance=scales, pin=pin)
+    assert torch.equal(out[:, :, :1], first)
+    assert any(t >= 875 for t in seen) and any(t < 875 for t in seen)
+    # the last steps (low noise, scale 2) decide where it lands: near b + 2 (a - b)
+    assert torch.allclose(out[:, :, 1:], (b + 2.0 * (a - b))[:, :, 1:], atol=5e-2)
+
+
 def test_euler_equals_diffusers_flow_match_euler():
     g = torch.Generator().manual_seed(1)
     noise, target = torch.randn(2, 4, 3, 5, 6, generator=g), torch.randn(2, 4, 3, 5, 6, generator=g)
@@ -60,7 +104,7 @@ def test_wan_grid_is_not_diffusers_default_grid():
     assert ours[0] == pytest.approx(5 * 0.999 / (1 + 4 * 0.999))
 
 
-@pytest.mark.parametrize("name", ["euler", "unipc"])
+@pytest.mark.parametrize("name", ["euler", "unipc", "dpm++"])
 def test_samplers_reach_the_end_point_of_an_exact_flow(name):
     """For data concentrated at one point x*, the exact velocity is (x - x*) / σ: both solvers land on x*."""
     x_star = torch.randn(3, 4, 2, 4, 4)

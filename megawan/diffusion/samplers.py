@@ -149,7 +149,39 @@ class UniPCSampler(FlowSampler):
         return x_next.to(dtype)
 
 
-SAMPLERS = {"euler": EulerSampler, "unipc": UniPCSampler}
+class DPMSolverPPSampler(FlowSampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), midpoint form, data prediction, as Wan's
+    `--sample_solver dpm++` runs it: second order from the second step on, first order on the last step
+    (which lands on σ = 0, where the update is the data prediction itself)."""
+
+    name = "dpm++"
+
+    def __init__(self, steps: int, shift: float, sigmas: Optional[np.ndarray] = None):
+        super().__init__(steps, shift, sigmas)
+        self.previous: Optional[torch.Tensor] = None  # the data prediction of the step before
+
+    def step(self, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x, velocity = x.float(), velocity.float()
+        i = self.index
+        sigma_s, sigma_t = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        x0 = x - sigma_s * velocity
+        last = i == len(self.timesteps) - 1
+        if sigma_t == 0.0:
+            x_next = x0  # λ_t = inf: e^{-h} = 0
+        else:
+            h = _lambda(sigma_t) - _lambda(sigma_s)
+            alpha_t, phi = 1.0 - sigma_t, math.expm1(-h)  # e^{-h} - 1
+            x_next = (sigma_t / sigma_s) * x - alpha_t * phi * x0
+            if self.previous is not None and not last:
+                r = (_lambda(sigma_s) - _lambda(float(self.sigmas[i - 1]))) / h
+                x_next = x_next - 0.5 * alpha_t * phi * (x0 - self.previous) / r
+        self.previous = x0
+        self.index += 1
+        return x_next.to(dtype)
+
+
+SAMPLERS = {"euler": EulerSampler, "unipc": UniPCSampler, "dpm++": DPMSolverPPSampler}
 
 
 def make_sampler(name: str, steps: int, shift: float) -> FlowSampler:
@@ -163,22 +195,29 @@ def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torc
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def sample(velocity_fn: Callable, noise: torch.Tensor, sampler: FlowSampler, guidance: float = 1.0,
-           callback: Optional[Callable] = None) -> torch.Tensor:
+def sample(velocity_fn: Callable, noise: torch.Tensor, sampler: FlowSampler, guidance=1.0,
+           callback: Optional[Callable] = None, pin: Optional[Callable] = None) -> torch.Tensor:
     """Integrate from `noise` (σ = 1) to data along the sampler's grid; fp32 latents as Wan keeps them.
 
     velocity_fn(x, timestep) -> velocity, timestep [N] in model units. With guidance != 1, x holds the batch
     twice — conditional half first, unconditional half second — so one model call does both.
+    guidance: a number, or a function of the step's model timestep (A14B: one scale per expert); with a
+    function the batch is always doubled. pin(x) -> x is applied to the start and after every step (TI2V keeps
+    its clean first frame there).
     """
     x = noise.float()
-    guided = guidance != 1.0
+    if pin is not None:
+        x = pin(x)
+    guided = callable(guidance) or guidance != 1.0
     for i, t in enumerate(sampler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
         v = velocity_fn(x_in, t.float().expand(x_in.shape[0])).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
-            v = guide(v_cond, v_uncond, guidance)
+            v = guide(v_cond, v_uncond, guidance(float(t)) if callable(guidance) else guidance)
         x = sampler.step(v, x)
+        if pin is not None:
+            x = pin(x)
         if callback is not None:
             callback(i, x)
     return x
