@@ -26,6 +26,7 @@ EXTRAS = {
         "diffusers>=0.35",
         "transformers>=4.50",
         "protobuf",  # transformers reads sentencepiece models through it
+        "accelerate",  # diffusers needs it to load WanPipeline.from_pretrained (fp32-kept modules)
     ],
     "gpu": [
         "transformer-engine[pytorch]>=2.0",

@@ -2,12 +2,14 @@
 
     megawan demo [--out DIR]                       the tiny end-to-end job (videos -> latents -> train -> mp4)
     megawan presets                                list model presets and their hyper-parameters
+    megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP)
     megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs (latent sizes)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -64,6 +66,42 @@ def _cmd_train(args) -> int:
     return 0 if result["stopped"] is None or result["stopped"].startswith("signal") else 1
 
 
+def _cmd_generate(args) -> int:
+    from megawan.config import ParallelConfig
+    from megawan.generation import GenerationRequest, generate
+    from megawan.parallel import initialize
+
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    elif args.prompt:
+        prompts = [args.prompt]
+    else:
+        print("megawan generate: give --prompt TEXT or --prompts FILE", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    tp = args.tensor_parallel
+    cp = args.context_parallel or max(world // tp, 1)
+    guidance = args.guidance
+    if guidance is not None and len(guidance) == 1:
+        guidance = guidance[0]
+    try:
+        initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp, context_parallel_mode=args.cp_mode),
+                   seed=args.seed)
+        req = GenerationRequest(
+            ckpt=args.ckpt, prompts=prompts, out=args.out, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt,
+            negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
+            steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
+            image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema)
+        paths = generate(req)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"megawan generate: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megawan", description="Train Wan-style video diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", help="warm start (weights only) from a checkpoint or a run's checkpoint dir")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="sample videos from a checkpoint or converted pipeline (torchrun for "
+                                          "TP / CP parallel sampling)")
+    gen.add_argument("--ckpt", required=True, help="training checkpoint (or run checkpoint dir), or a megawan pipeline")
+    gen.add_argument("--low-noise-ckpt", help="A14B trained as two runs: the low-noise expert's checkpoint")
+    gen.add_argument("--encoders", help="folder with the VAE, umT5 and tokenizer (a pipeline carries its own)")
+    gen.add_argument("--prompt", help="one prompt")
+    gen.add_argument("--prompts", help="a file with one prompt per line")
+    gen.add_argument("--negative-prompt", help="default: Wan's negative prompt; the zero null condition for "
+                                               "models trained with train.text_dropout")
+    gen.add_argument("--frames", type=int, help="video frames, 1 + 4k (default: the model's official setting)")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--sampler", default="unipc", choices=["unipc", "euler", "dpm++"])
+    gen.add_argument("--shift", type=float)
+    gen.add_argument("--guidance", type=float, nargs="+", help="one scale, or LOW HIGH for the A14B experts")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--fps", type=int)
+    gen.add_argument("--image", help="first frame (I2V-A14B, TI2V-5B)")
+    gen.add_argument("--noise", help="initial latent noise (.pt, [C, T, H, W] or [N, C, T, H, W])")
+    gen.add_argument("--save-latents", help="write the final latents [N, C, T, H, W] to this .pt")
+    gen.add_argument("--out", default="outputs", help="OUT.mp4 for one prompt, else a folder")
+    gen.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
+    gen.add_argument("--tensor-parallel", type=int, default=1)
+    gen.add_argument("--context-parallel", type=int, help="default: world size / tensor parallel")
+    gen.add_argument("--cp-mode", default="ulysses", choices=["ulysses", "ring"])
+    gen.set_defaults(func=_cmd_generate)
 
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)

@@ -1,20 +1,459 @@
-"""Videos from a trained megawan checkpoint for text prompts, in one process: umT5 encodes the prompts, the
-DiT (EMA weights when the run kept them) integrates the flow with UniPC / Euler and classifier-free guidance,
-the Wan-VAE decodes, PyAV writes the mp4. The demo's last step; `megawan generate` (parallel sampling,
-official defaults) builds on the same pieces.
+"""Videos from a Wan DiT: `megawan generate`. Text-to-video, image-to-video (first frame), TI2V-5B and the
+two-expert A14B models, from a training checkpoint or a converted pipeline, on one rank or many.
 
-    # inside an initialised process group of one rank (megawan.parallel.launch.spawn_local(fn, world_size=1))
-    paths = generate_videos("runs/demo/checkpoints", encoders, ["a red circle moves left"], "runs/demo/samples",
-                            frames=17, height=32, width=48)
+    # one process (a one-rank world is started for it), or every rank under torchrun / srun
+    paths = generate(GenerationRequest(ckpt="runs/demo/checkpoints", encoders="runs/demo/data/encoders",
+                                       prompts=["a red circle moves left"], out="red.mp4"))
+
+Parallel sampling: the world is laid out as data x context x tensor parallel (megatron's order). TP ranks split
+the weights, CP ranks split the video tokens (the model gathers the velocity at its head), so every rank of a
+model replica advances the same latents with the same sampler. Data-parallel replicas split the prompts.
+Classifier-free guidance runs the conditional and unconditional batch in one model call. The text encoder
+runs on each replica's first rank and its states are broadcast; that rank also decodes with the VAE and
+writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
+
+Defaults follow the official Wan repos per model (`official_defaults`): steps, shift, guidance (A14B: one scale
+per expert, the expert chosen by the official boundary), frames, size, fps and the default negative prompt.
+A checkpoint trained by megawan with `train.text_dropout` has learned the zero text states as its null
+condition: that is its unconditional input unless --negative-prompt is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import yaml
+
+# wan/configs/shared_config.py: the negative prompt every official Wan model samples with
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的"
+                       "肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+PIPELINE_FILE = "megawan_pipeline.json"  # marks a converted megawan pipeline (tools/convert_checkpoint.py)
+
+# The official generate.py / wan/configs settings. guidance of A14B: (low-noise expert, high-noise expert).
+_OFFICIAL = {
+    "wan2.1-t2v-1.3b": dict(frames=81, height=480, width=832, steps=50, shift=5.0, guidance=5.0, fps=16),
+    "wan2.1-t2v-14b": dict(frames=81, height=720, width=1280, steps=50, shift=5.0, guidance=5.0, fps=16),
+    "wan2.1-i2v-14b": dict(frames=81, height=720, width=1280, steps=40, shift=5.0, guidance=5.0, fps=16),
+    "wan2.1-flf2v-14b": dict(frames=81, height=720, width=1280, steps=50, shift=16.0, guidance=5.0, fps=16),
+    "wan2.2-t2v-a14b": dict(frames=81, height=720, width=1280, steps=40, shift=12.0, guidance=(3.0, 4.0), fps=16),
+    "wan2.2-i2v-a14b": dict(frames=81, height=720, width=1280, steps=40, shift=5.0, guidance=(3.5, 3.5), fps=16),
+    "wan2.2-ti2v-5b": dict(frames=121, height=704, width=1280, steps=50, shift=5.0, guidance=5.0, fps=24),
+}
+_TINY = dict(frames=17, height=32, width=48, steps=25, shift=3.0, guidance=3.0, fps=16)
+
+
+def official_defaults(preset: str, model_type: str = "t2v", expert_boundary: Optional[float] = None,
+                      height: Optional[int] = None, width: Optional[int] = None) -> dict:
+    """Sampling defaults of a model preset as the official repos set them; tiny presets get the demo's."""
+    d = dict(_OFFICIAL.get(preset, _TINY))
+    if preset not in _OFFICIAL and expert_boundary is not None:
+        d["guidance"] = (d["guidance"], d["guidance"])
+    # Wan2.1 generate.py: image-to-video at 480p samples with shift 3
+    if preset == "wan2.1-i2v-14b" and {height, width} == {480, 832}:
+        d["shift"] = 3.0
+    d["negative_prompt"] = WAN_NEGATIVE_PROMPT
+    return d
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    ckpt: str  # a training checkpoint (or a run's checkpoint dir), or a converted megawan pipeline
+    prompts: list
+    out: str  # OUT.mp4 (one prompt) or a folder
+    encoders: Optional[str] = None  # folder with the VAE, umT5 and tokenizer (a pipeline carries its own)
+    low_noise_ckpt: Optional[str] = None  # A14B from two training runs: the low-noise expert's checkpoint
+    negative_prompt: Optional[str] = None
+    frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None
+    sampler: str = "unipc"
+    shift: Optional[float] = None
+    guidance: Optional[object] = None  # a number, or (low-noise, high-noise) for A14B
+    seed: int = 0
+    fps: Optional[int] = None
+    image: Optional[str] = None  # the first frame (I2V, TI2V)
+    noise: Optional[str] = None  # a .pt tensor [C, T, H, W] or [N, C, T, H, W]: the initial latent noise
+    save_latents: Optional[str] = None  # write the final (normalised) latents [N, C, T, H, W] here (.pt)
+    use_ema: bool = True
+    progress: bool = True
+    text_dtype: str = "float32"  # "bfloat16": round the text states as a bf16 latent store holds them
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the pieces
+
+
+def _detect(state: dict, presets: list, kind: str, path: str):
+    """The first preset whose key table and shapes `state` fits (any layout), with the state in megawan names."""
+    from megawan.models.loading import TEXT_LAYOUTS, VAE_LAYOUTS, to_megawan
+
+    errors = []
+    for name, cfg in presets:
+        try:
+            converted, _ = to_megawan(state, cfg, VAE_LAYOUTS if kind == "vae" else TEXT_LAYOUTS, kind, path)
+            return name, cfg, converted
+        except ValueError as e:
+            errors.append(f"{name}: {str(e).splitlines()[-1][:200]}")
+    raise ValueError(f"{path} is not a {kind} of any known preset ({'; '.join(errors)})")
+
+
+def find_encoders(folder: str) -> dict:
+    """The encoder files of a folder in the official layout (Wan2.x_VAE.pth, models_t5_umt5-*.pth, a
+    tokenizer folder) or megawan's (vae.safetensors, text_encoder.safetensors, tokenizer/): paths and the
+    preset each one's weights fit."""
+    from megawan.convert import load_state_dict_file
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no encoder folder at {folder}")
+    names = sorted(os.listdir(folder))
+
+    def pick(patterns, what):
+        for pattern in patterns:
+            for n in names:
+                if re.fullmatch(pattern, n):
+                    return os.path.join(folder, n)
+        raise FileNotFoundError(f"{folder} holds no {what} (looked for {', '.join(patterns)})")
+
+    vae = pick([r"vae\.safetensors", r"Wan2\.\d_VAE\.pth", r".*vae.*\.(pth|safetensors)"], "Wan-VAE weights")
+    text = pick([r"text_encoder\.safetensors", r"models_t5_umt5.*\.pth", r".*umt5.*\.(pth|safetensors)"],
+                "umT5 encoder weights")
+    tokenizer = None
+    for candidate in ("tokenizer", os.path.join("google", "umt5-xxl"), "umt5-tokenizer"):
+        if os.path.isdir(os.path.join(folder, candidate)):
+            tokenizer = os.path.join(folder, candidate)
+            break
+    if tokenizer is None:
+        raise FileNotFoundError(f"{folder} holds no tokenizer folder (tokenizer/, google/umt5-xxl/)")
+    return {"vae": vae, "vae_config": detect_vae_preset(load_state_dict_file(vae), vae),
+            "text_encoder": text, "text_config": detect_text_preset(load_state_dict_file(text), text),
+            "tokenizer": tokenizer}
+
+
+def detect_vae_preset(state: dict, path: str = "") -> str:
+    from megawan.config import vae_preset
+
+    names = ("wan2.1", "wan2.2", "tiny-2.1", "tiny-2.2")
+    return _detect(state, [(n, vae_preset(n)) for n in names], "vae", path)[0]
+
+
+def detect_text_preset(state: dict, path: str = "") -> str:
+    from megawan.config import text_preset
+
+    names = ("umt5-xxl", "tiny")
+    return _detect(state, [(n, text_preset(n)) for n in names], "text", path)[0]
+
+
+def resolve_model(ckpt: str, low_noise_ckpt: Optional[str] = None) -> dict:
+    """What to load: {"config": DiTConfig fields, "experts": {name: checkpoint dir}, "encoders": folder|None,
+    "null_text": bool (trained with text dropout: zero states are its unconditional input)}."""
+    from megawan.training.checkpoint import resolve_checkpoint
+
+    pipeline = os.path.join(ckpt, PIPELINE_FILE)
+    if os.path.isfile(pipeline):
+        with open(pipeline, encoding="utf-8") as f:
+            meta = json.load(f)
+        experts = {k: os.path.join(ckpt, v) for k, v in meta["transformer"].items()}
+        return {"config": meta["model"], "experts": experts, "encoders": ckpt, "null_text": False}
+    path = resolve_checkpoint(ckpt)
+    with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+        run = yaml.safe_load(f)
+    model = dict(run["model"])
+    null_text = float(run.get("train", {}).get("text_dropout", 0.0) or 0.0) > 0
+    if model.get("expert_boundary") is not None:
+        if low_noise_ckpt is None:
+            raise ValueError(f"{model.get('name')} is a two-expert model: --ckpt is the high-noise expert's "
+                             "checkpoint, --low-noise-ckpt the low-noise one's")
+        return {"config": model, "experts": {"high_noise": path, "low_noise": resolve_checkpoint(low_noise_ckpt)},
+                "encoders": None, "null_text": null_text}
+    if low_noise_ckpt is not None:
+        raise ValueError(f"--low-noise-ckpt given, but {model.get('name')} has a single expert")
+    return {"config": model, "experts": {"transformer": path}, "encoders": None, "null_text": null_text}
+
+
+def _has_ema(path: str) -> bool:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return any(k.startswith("ema.") for k in FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def load_dit(path: str, config, use_ema: bool = True):
+    """The DiT of checkpoint `path` in the current TP / CP layout (PP = 1), EMA weights when it holds them."""
+    from megatron.core import parallel_state as ps
+
+    from megawan.config import ParallelConfig
+    from megawan.parallel.pipeline import build_model_chunks
+    from megawan.training.checkpoint import load_checkpoint
+    from megawan.training.ema import EMA
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("generation splits a model over tensor and context parallel ranks, not pipeline stages")
+    (model,) = build_model_chunks(config, ParallelConfig(tensor_parallel=ps.get_tensor_model_parallel_world_size()))
+    ema = EMA([model], 0.0) if use_ema and _has_ema(path) else None
+    load_checkpoint(path, [model], ema=ema)
+    if ema is not None:
+        ema.apply()
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning
+
+
+def _load_image(path: str, height: int, width: int) -> torch.Tensor:
+    """[3, H, W] in [-1, 1]: resized to cover (height, width), then centre-cropped (as the official TI2V)."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    scale = max(width / img.width, height / img.height)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _i2v_condition(vae, image: torch.Tensor, frames: int, temporal_stride: int) -> torch.Tensor:
+    """Wan's I2V input beside the noise: a mask (which frames are given; 4 channels per latent frame) and the
+    normalised VAE latents of the first frame followed by zero frames. [1, 4 + z, T', H', W']."""
+    video = torch.zeros(1, 3, frames, *image.shape[1:])
+    video[0, :, 0] = image
+    with torch.no_grad():
+        mean, _ = vae.encode(video)
+    z = vae.normalize(mean.float())
+    mask = torch.zeros(1, temporal_stride, z.shape[2], *z.shape[3:])
+    mask[:, :, 0] = 1.0
+    return torch.cat([mask, z], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def generate(req: GenerationRequest) -> list:
+    """Sample every prompt of `req`; collective over the world (call on every rank). Returns the written paths
+    (on the ranks that wrote them)."""
+    from megatron.core import parallel_state as ps
+
+    from megawan.config import DiTConfig, text_preset, vae_preset
+    from megawan.diffusion.samplers import make_sampler, sample
+    from megawan.models.loading import load_vae
+    from megawan.utils.progress import Progress
+
+    found = resolve_model(req.ckpt, req.low_noise_ckpt)
+    cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in found["config"].items()})
+    d = official_defaults(cfg.name, cfg.model_type, cfg.expert_boundary, req.height, req.width)
+    frames, height, width = req.frames or d["frames"], req.height or d["height"], req.width or d["width"]
+    steps, shift = req.steps or d["steps"], req.shift if req.shift is not None else d["shift"]
+    fps = req.fps or d["fps"]
+    guidance = req.guidance if req.guidance is not None else d["guidance"]
+    if cfg.image_dim:
+        raise ValueError(f"{cfg.name} conditions on CLIP image tokens (Wan2.1 I2V / FLF2V), and megawan does not "
+                         "ship the CLIP image encoder; Wan2.2 I2V-A14B and TI2V-5B take --image without it")
+    if cfg.model_type in ("i2v",) and req.image is None:
+        raise ValueError(f"{cfg.name} is an image-to-video model: pass --image FIRST_FRAME")
+    if cfg.model_type == "t2v" and req.image is not None:
+        raise ValueError(f"{cfg.name} is a text-to-video model: it takes no --image")
+    folder = req.encoders or found["encoders"]
+    if folder is None:
+        raise ValueError("no encoders: pass --encoders FOLDER (the VAE, umT5 weights and tokenizer)")
+    enc = find_encoders(folder)
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    first_of_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    # the TP x CP ranks that hold one copy of the model (PP = 1 here); its first rank encodes and decodes
+    mp_group = ps.get_tensor_and_context_parallel_group() if world > 1 else None
+    replica_ranks = dist.get_process_group_ranks(mp_group) if mp_group is not None else [rank]
+    if len(replica_ranks) == 1:
+        mp_group = None
+
+    vae_cfg = vae_preset(enc["vae_config"])
+    vae = load_vae(enc["vae"], vae_cfg) if first_of_replica else None
+    t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    if (frames - 1) % t_stride or height % (s_stride * cfg.patch_size[1]) or width % (s_stride * cfg.patch_size[2]):
+        raise ValueError(f"frames must be 1 + {t_stride}k and height / width multiples of "
+                         f"{s_stride * cfg.patch_size[1]} for {cfg.name} with {enc['vae_config']}; got "
+                         f"{frames} x {height} x {width}")
+    shape = (vae_cfg.z_dim, (frames - 1) // t_stride + 1, height // s_stride, width // s_stride)
+
+    experts = {name: load_dit(path, cfg, req.use_ema) for name, path in found["experts"].items()}
+    boundary = cfg.expert_boundary * 1000.0 if cfg.expert_boundary is not None else None
+
+    def model_at(t: float):
+        if boundary is None:
+            return next(iter(experts.values()))
+        return experts["high_noise"] if t >= boundary else experts["low_noise"]
+
+    if isinstance(guidance, (tuple, list)):
+        low, high = float(guidance[0]), float(guidance[1])
+        scale = (lambda t: high if t >= boundary else low) if boundary is not None else low
+    else:
+        scale = float(guidance)
+
+    prompts = list(req.prompts)
+    negative = req.negative_prompt
+    if negative is None and not found["null_text"]:
+        negative = d["negative_prompt"]
+    text_cfg = text_preset(enc["text_config"])
+    states = _encode(prompts + ([negative] if negative is not None else []), enc, text_cfg, first_of_replica,
+                     replica_ranks, mp_group, cfg.text_len, getattr(torch, req.text_dtype))
+    text, null = states[:len(prompts)], (states[len(prompts):] if negative is not None else None)
+
+    noise_all = _initial_noise(req, len(prompts), shape)
+    mine = list(range(dp_rank, len(prompts), dp_size))
+    written, latents_out = [], {}
+    extra, pin, per_token = _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape,
+                                          first_of_replica, replica_ranks, mp_group)
+    for i in mine:
+        cond = text[i:i + 1]
+        uncond = null if null is not None else torch.zeros_like(cond)
+        guided = callable(scale) or scale != 1.0
+        text_in = torch.cat([cond, uncond]) if guided else cond
+        noise = noise_all[i:i + 1]
+        bar = Progress(steps, desc=f"sampling {i + 1}/{len(prompts)}", unit="steps",
+                       enabled=req.progress and rank == replica_ranks[0])
+
+        def velocity(x, timestep):
+            t = float(timestep[0])
+            x_in = x if extra is None else torch.cat([x, extra.expand(x.shape[0], -1, -1, -1, -1)], dim=1)
+            ts = timestep if per_token is None else per_token[None] * timestep[:, None]
+            with torch.no_grad():
+                return model_at(t)(x_in, ts, text_in).float()
+
+        lat = sample(velocity, noise, make_sampler(req.sampler, steps, shift), guidance=scale,
+                     callback=lambda k, x: bar.update(1), pin=pin)
+        bar.close()
+        latents_out[i] = lat[0]
+        if first_of_replica:
+            written.append(_write(vae, vae_cfg, lat, req.out, i, prompts[i], len(prompts), fps))
+    if req.save_latents:
+        _save_latents(req.save_latents, latents_out, len(prompts), first_of_replica)
+    dist.barrier()
+    return written
+
+
+def _encode(texts: list, enc: dict, text_cfg, first: bool, ranks: list, group, text_len: int,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """umT5 states [N, text_len, dim] (zeros past each prompt), computed on the replica's first rank and sent to
+    the others; rounded through `dtype` (bf16: as a precomputed store holds them)."""
+    from megawan.models.loading import load_text_encoder, load_tokenizer
+
+    if first:
+        encoder = load_text_encoder(enc["text_encoder"], text_cfg)
+        tokenizer = load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len)
+        with torch.no_grad():
+            ids, mask = tokenizer(texts)
+            states = (encoder(ids, mask) * mask[..., None]).to(dtype).float()
+        states = states[:, :text_len] if states.shape[1] > text_len else states
+    else:
+        states = torch.empty(len(texts), min(text_cfg.text_len, text_len), text_cfg.d_model)
+    if group is not None:
+        dist.broadcast(states, src=ranks[0], group=group)
+    return states
+
+
+def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor:
+    if req.noise:
+        noise = torch.load(req.noise, map_location="cpu", weights_only=True).float()
+        noise = noise[None] if noise.dim() == 4 else noise
+        if tuple(noise.shape[1:]) != tuple(shape) or noise.shape[0] not in (1, n):
+            raise ValueError(f"--noise {req.noise} has shape {tuple(noise.shape)}; these prompts need "
+                             f"[{n}, {', '.join(map(str, shape))}] (or one [{', '.join(map(str, shape))}])")
+        return noise.expand(n, *shape).clone()
+    # one generator per prompt: the same noise on every rank and in any layout
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(req.seed + i)) for i in range(n)])
+
+
+def _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape, first, ranks, group):
+    """(extra input channels, pin, per-token timestep factor) for the model type; all None for T2V."""
+    if req.image is None:
+        return None, None, None
+    image = _load_image(req.image, height, width)
+    if cfg.model_type == "i2v":  # Wan2.2 I2V-A14B: mask + first-frame latents beside the noise
+        cond = _i2v_condition(vae, image, frames, vae_cfg.temporal_stride) if first else \
+            torch.empty(1, vae_cfg.temporal_stride + shape[0], *shape[1:])
+        if group is not None:
+            dist.broadcast(cond, src=ranks[0], group=group)
+        return cond, None, None
+    # TI2V: the first latent frame is the image's, kept clean (timestep 0 on its tokens) all the way
+    if first:
+        with torch.no_grad():
+            mean, _ = vae.encode(image[None, :, None])
+        z0 = vae.normalize(mean.float())
+    else:
+        z0 = torch.empty(1, shape[0], 1, *shape[2:])
+    if group is not None:
+        dist.broadcast(z0, src=ranks[0], group=group)
+    pt, ph, pw = cfg.patch_size
+    grid = (shape[1] // pt, shape[2] // ph, shape[3] // pw)
+    per_token = torch.ones(grid)
+    per_token[0] = 0.0
+    return None, (lambda x: torch.cat([z0.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)), \
+        per_token.flatten()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+
+
+def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> str:
+    ext = ".png" if still else ".mp4"
+    if count == 1 and os.path.splitext(out)[1].lower() in (".mp4", ".png"):
+        return os.path.splitext(out)[0] + ext
+    os.makedirs(out, exist_ok=True)
+    return os.path.join(out, f"{index:03d}_{slug(prompt)}{ext}")
+
+
+def _write(vae, vae_cfg, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
+    from megawan.data.synthetic import write_video
+    from megawan.utils.images import video_to_uint8
+
+    mean = torch.tensor(vae_cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae_cfg.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = video_to_uint8(vae.decode((latents * std + mean).to(vae.quant_conv.weight.dtype))[0].float())
+    path = _output_path(out, index, prompt, count, still=video.shape[0] == 1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if video.shape[0] > 1:
+        write_video(path, video, fps=fps)
+    else:
+        from PIL import Image
+
+        Image.fromarray(video[0]).save(path)
+    return path
+
+
+def _save_latents(path: str, mine: dict, count: int, first: bool) -> None:
+    """Gather every replica's final latents to rank 0 and write them [N, C, T, H, W] in prompt order."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: v for k, v in mine.items()} if first else {})
+    if dist.get_rank() == 0:
+        merged = {}
+        for part in gathered:
+            merged.update(part)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(torch.stack([merged[i] for i in range(count)]), path)
+
+
+def run_generate(rank: int, req: GenerationRequest, result_file: Optional[str] = None) -> None:
+    """spawn_local entry: generate, and rank 0 writes the paths to result_file."""
+    paths = generate(req)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, paths)
+    if dist.get_rank() == 0 and result_file:
+        with open(result_file, "w", encoding="utf-8") as f:
+            json.dump(sorted(p for part in gathered for p in part), f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept for the validation code and older callers: prompts -> umT5 states in one process.
 
 
 def encode_prompts(prompts: list, encoders: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -29,64 +468,3 @@ def encode_prompts(prompts: list, encoders: dict, dtype: torch.dtype = torch.bfl
         ids, mask = tokenizer(list(prompts))
         states = encoder(ids, mask)
     return (states * mask[..., None]).to(dtype).float()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
-
-
-def generate_videos(checkpoint: str, encoders: dict, prompts: list, out_dir: str, frames: int, height: int,
-                    width: int, sampler: str = "unipc", steps: int = 25, shift: float = 3.0, guidance: float = 3.0,
-                    seed: int = 0, fps: int = 16, use_ema: bool = True) -> list:
-    """One mp4 (or png for frames=1) per prompt under out_dir; returns their paths. Single rank (TP = PP = CP = 1)."""
-    from megawan.config import DiTConfig, vae_preset
-    from megawan.data.synthetic import write_video
-    from megawan.diffusion.samplers import make_sampler, sample
-    from megawan.models.dit import WanDiT
-    from megawan.models.loading import load_vae
-    from megawan.training.checkpoint import load_checkpoint, resolve_checkpoint
-    from megawan.training.ema import EMA
-    from megawan.utils.images import video_to_uint8
-
-    path = resolve_checkpoint(checkpoint)
-    with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
-        run = yaml.safe_load(f)
-    model_cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["model"].items()})
-    model = WanDiT(model_cfg).eval()
-    ema = EMA([model], run["train"]["ema_decay"]) if run["train"].get("ema_decay") else None
-    load_checkpoint(path, [model], ema=ema)
-    if ema is not None and use_ema:
-        ema.apply()
-
-    vae_cfg = vae_preset(encoders["vae_config"])
-    vae = load_vae(encoders["vae"], vae_cfg).eval()
-    t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
-    shape = (vae_cfg.z_dim, (frames - 1) // t_stride + 1, height // s_stride, width // s_stride)
-    mean = torch.tensor(vae_cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae_cfg.latents_std).view(1, -1, 1, 1, 1)
-
-    text = encode_prompts(prompts, encoders)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for i, prompt in enumerate(prompts):
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))[None]
-        cond = text[i:i + 1]
-        text_in = torch.cat([cond, torch.zeros_like(cond)]) if guidance != 1.0 else cond
-
-        def velocity(x, timestep):
-            with torch.no_grad():
-                return model(x, timestep, text_in)
-
-        latents = sample(velocity, noise, make_sampler(sampler, steps, shift), guidance=guidance)
-        with torch.no_grad():
-            video = video_to_uint8(vae.decode(latents * std + mean)[0])
-        name = os.path.join(out_dir, f"{i:03d}_{slug(prompt)}")
-        if video.shape[0] > 1:
-            write_video(name + ".mp4", video, fps=fps)
-            paths.append(name + ".mp4")
-        else:
-            from PIL import Image
-
-            Image.fromarray(video[0]).save(name + ".png")
-            paths.append(name + ".png")
-    return paths

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Convert a whole Wan pipeline (DiT or both A14B experts, Wan-VAE, umT5, tokenizer, configs) between the
+official Wan layout, diffusers' WanPipeline layout and megawan's sharded format.
+
+    # official release -> megawan, written by a TP2 x PP2 world (loads at any layout; --init-from takes it)
+    python tools/convert_checkpoint.py --src Wan2.1-T2V-14B --src-format official \
+        --dst wan14b-megawan --dst-format megawan --model wan2.1-t2v-14b --tp 2 --pp 2
+    # a trained run (its EMA weights) -> official and diffusers
+    python tools/convert_checkpoint.py --src runs/stage3/checkpoints --src-format megawan --encoders weights \
+        --ema --dst export-official --dst-format official
+    python tools/convert_checkpoint.py --src wan14b-megawan --src-format megawan --dst wan14b-diffusers \
+        --dst-format diffusers
+
+The DiT streams tensor by tensor (never two copies of a 14B model in memory); tensors are never cast, so
+bf16 stays bf16 and a round trip is bit-exact. Keys or shapes that do not fit the model are refused with
+the key named. Loading never unpickles objects (safetensors, or torch.load with weights_only=True).
+"""
+
+import argparse
+import sys
+
+from megawan.convert.pipeline import FORMATS, convert_pipeline
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", required=True, help="source folder (or a training checkpoint for megawan)")
+    ap.add_argument("--src-format", required=True, choices=FORMATS)
+    ap.add_argument("--dst", required=True, help="destination folder (new)")
+    ap.add_argument("--dst-format", required=True, choices=FORMATS)
+    ap.add_argument("--model", help="the model preset (e.g. wan2.1-t2v-14b, wan2.2-t2v-a14b); default: from "
+                                    "config.json / the checkpoint")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size a megawan destination is written at")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size a megawan destination is written at")
+    ap.add_argument("--encoders", help="folder with the VAE, umT5 and tokenizer when the source lacks them "
+                                       "(a training checkpoint)")
+    ap.add_argument("--ema", action="store_true", help="a megawan training checkpoint: export its EMA weights")
+    ap.add_argument("--shard-gb", type=float, default=5.0, help="official / diffusers shard size")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = convert_pipeline(args.src, args.src_format, args.dst, args.dst_format, model=args.model,
+                                   tp=args.tp, pp=args.pp, encoders=args.encoders, ema=args.ema,
+                                   max_shard_bytes=int(args.shard_gb * 1024 ** 3))
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"convert_checkpoint: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['format']} pipeline of {summary['config']} ({', '.join(summary['experts'])}) "
+          f"to {summary['dst']}" + (f" at TP{summary['tp']} x PP{summary['pp']}" if summary["format"] == "megawan" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
