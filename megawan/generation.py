@@ -9,8 +9,8 @@ Parallel sampling: the world is laid out as data x context x tensor parallel (me
 the weights, CP ranks split the video tokens (the model gathers the velocity at its head), so every rank of a
 model replica advances the same latents with the same sampler. Data-parallel replicas split the prompts.
 Classifier-free guidance runs the conditional and unconditional batch in one model call. The text encoder
-runs on each replica's first rank and its states are broadcast; that rank also decodes with the VAE and
-writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
+is split over the TP ranks like the DiT; each replica's first rank encodes the first frame (I2V / TI2V) and
+sends it to its peers, and decodes with the VAE and writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
 
 Defaults follow the official Wan repos per model (`official_defaults`): steps, shift, guidance (A14B: one scale
 per expert, the expert chosen by the official boundary), frames, size, fps and the default negative prompt.
@@ -302,8 +302,8 @@ def generate(req: GenerationRequest) -> list:
     if negative is None and not found["null_text"]:
         negative = d["negative_prompt"]
     text_cfg = text_preset(enc["text_config"])
-    states = _encode(prompts + ([negative] if negative is not None else []), enc, text_cfg, first_of_replica,
-                     replica_ranks, mp_group, cfg.text_len, getattr(torch, req.text_dtype))
+    states = _encode(prompts + ([negative] if negative is not None else []), enc, text_cfg, cfg.text_len,
+                     getattr(torch, req.text_dtype))
     text, null = states[:len(prompts)], (states[len(prompts):] if negative is not None else None)
 
     noise_all = _initial_noise(req, len(prompts), shape)
@@ -339,24 +339,18 @@ def generate(req: GenerationRequest) -> list:
     return written
 
 
-def _encode(texts: list, enc: dict, text_cfg, first: bool, ranks: list, group, text_len: int,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """umT5 states [N, text_len, dim] (zeros past each prompt), computed on the replica's first rank and sent to
-    the others; rounded through `dtype` (bf16: as a precomputed store holds them)."""
+def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """umT5 states [N, text_len, dim] (zeros past each prompt), rounded through `dtype` (bf16: as a precomputed
+    store holds them). Collective over the tensor-parallel group: the encoder is sharded like the DiT (every
+    CP rank of a replica computes the same states)."""
     from megawan.models.loading import load_text_encoder, load_tokenizer
 
-    if first:
-        encoder = load_text_encoder(enc["text_encoder"], text_cfg)
-        tokenizer = load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len)
-        with torch.no_grad():
-            ids, mask = tokenizer(texts)
-            states = (encoder(ids, mask) * mask[..., None]).to(dtype).float()
-        states = states[:, :text_len] if states.shape[1] > text_len else states
-    else:
-        states = torch.empty(len(texts), min(text_cfg.text_len, text_len), text_cfg.d_model)
-    if group is not None:
-        dist.broadcast(states, src=ranks[0], group=group)
-    return states
+    encoder = load_text_encoder(enc["text_encoder"], text_cfg)
+    tokenizer = load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len)
+    with torch.no_grad():
+        ids, mask = tokenizer(texts)
+        states = (encoder(ids, mask) * mask[..., None]).to(dtype).float()
+    return states[:, :text_len] if states.shape[1] > text_len else states
 
 
 def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor:

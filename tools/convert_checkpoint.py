@@ -35,6 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--encoders", help="folder with the VAE, umT5 and tokenizer when the source lacks them "
                                        "(a training checkpoint)")
     ap.add_argument("--ema", action="store_true", help="a megawan training checkpoint: export its EMA weights")
+    ap.add_argument("--boundary", type=float, help="A14B: the expert switch t/1000 (default: the --model preset's)")
     ap.add_argument("--shard-gb", type=float, default=5.0, help="official / diffusers shard size")
     return ap.parse_args(argv)
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     try:
         summary = convert_pipeline(args.src, args.src_format, args.dst, args.dst_format, model=args.model,
                                    tp=args.tp, pp=args.pp, encoders=args.encoders, ema=args.ema,
-                                   max_shard_bytes=int(args.shard_gb * 1024 ** 3))
+                                   max_shard_bytes=int(args.shard_gb * 1024 ** 3), boundary=args.boundary)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"convert_checkpoint: {e}", file=sys.stderr)
         return 2

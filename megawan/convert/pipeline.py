@@ -257,7 +257,7 @@ def _dit_source(path: str, fmt: str, prefix: str = ""):
 
 
 def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Optional[str] = None,
-                  ema: bool = False) -> dict:
+                  ema: bool = False, boundary: Optional[float] = None) -> dict:
     """What a source pipeline holds: {"config", "experts": {name: (path, reader-prefix)}, "vae", "text_encoder",
     "tokenizer", "vae_state", "text_state", "boundary"}; encoder states in megawan names."""
     if fmt not in FORMATS:
@@ -298,6 +298,10 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
 
         named = dit_preset(model)
         cfg = dataclasses.replace(named, params_dtype=cfg.params_dtype, expert_boundary=named.expert_boundary)
+    if boundary is not None:  # official A14B folders do not record it (it lives in Wan's python configs)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, expert_boundary=float(boundary))
     out["config"] = cfg
     if fmt == "diffusers":
         out.update(_read_diffusers_encoders(src))
@@ -349,7 +353,7 @@ def _load_folder_state(folder: str) -> dict:
 
 def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
                      tp: int = 1, pp: int = 1, encoders: Optional[str] = None, ema: bool = False,
-                     max_shard_bytes: int = SHARD_BYTES) -> dict:
+                     max_shard_bytes: int = SHARD_BYTES, boundary: Optional[float] = None) -> dict:
     """Convert the pipeline at `src` into `dst` (a new folder). Returns a summary of what was written."""
     from megawan.config import text_preset, vae_preset
     from megawan.convert import convert_state_dict
@@ -360,7 +364,7 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
         raise FileExistsError(f"{dst} exists and is not empty: choose a new destination")
     if (tp > 1 or pp > 1) and dst_format != "megawan":
         raise ValueError("--tp / --pp lay out a megawan destination; official and diffusers files are unsharded")
-    pipe = read_pipeline(src, src_format, model, encoders, ema)
+    pipe = read_pipeline(src, src_format, model, encoders, ema, boundary)
     cfg = pipe["config"]
     cfg.validate(tensor_parallel=tp)
     if cfg.num_layers % pp:
@@ -371,7 +375,8 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
     os.makedirs(tmp)
     experts = pipe["experts"]
     if len(experts) == 2 and cfg.expert_boundary is None:
-        raise ValueError("two experts but no boundary: name the preset with --model (e.g. wan2.2-t2v-a14b)")
+        raise ValueError("two experts but no boundary: name the preset with --model (e.g. wan2.2-t2v-a14b) or "
+                         "give --boundary")
     written = {}
     for expert, (path, prefix) in experts.items():
         sub = _EXPERT_DIRS[dst_format][expert]
