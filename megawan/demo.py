@@ -9,7 +9,7 @@
        (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet)
     4. the colour check: the dominant colour of each held-out prompt's generated frames against the colour
        its caption names (megawan.data.synthetic.dominant_color)
-    5. the checkpoint sampled for new prompts on one rank -> mp4
+    5. `megawan generate` samples the checkpoint for new prompts on 2 ranks (tensor parallel) -> mp4
 
     megawan demo --out runs/demo          (python -m megawan.cli demo)
 """
@@ -65,20 +65,11 @@ def color_accuracy(rows: list) -> dict:
     return {"accuracy": right / max(len(results), 1), "correct": right, "total": len(results), "samples": results}
 
 
-def _generate(rank: int, checkpoint: str, encoders: dict, prompts: list, out_dir: str, result_file: str) -> None:
-    from megawan.generation import generate_videos
-
-    paths = generate_videos(checkpoint, encoders, prompts, out_dir, frames=17, height=32, width=48, steps=20,
-                            shift=3.0, guidance=3.0)
-    with open(result_file, "w", encoding="utf-8") as f:
-        json.dump(paths, f)
-
-
 def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, images: int = 64,
              held_out_videos: int = 24, vae_steps: int | None = None, nproc: int = 4,
              prompts: tuple = DEMO_PROMPTS) -> dict:
     from megawan.data.tiny_dataset import make_tiny_dataset
-    from megawan.parallel.launch import free_port, spawn_local
+    from megawan.parallel.launch import free_port
     from megawan.training.validation import read_samples
 
     out_dir = os.path.abspath(out_dir)
@@ -123,14 +114,26 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
     _say(f"    dominant colour = caption colour for {colours['correct']}/{colours['total']} held-out prompts "
          f"({100 * colours['accuracy']:.0f}%)")
 
-    _say(f"5/5 sampling the checkpoint for {len(prompts)} prompts on one rank")
+    samples = os.path.join(out_dir, "samples")
+    prompts_file = os.path.join(out_dir, "prompts.txt")
+    with open(prompts_file, "w", encoding="utf-8") as f:
+        f.writelines(p + "\n" for p in prompts)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "megawan.cli", "generate", "--ckpt", os.path.join(out_dir, "checkpoints"), "--encoders",
+           os.path.dirname(encoders["vae"]), "--prompts", prompts_file, "--frames", "17", "--height", "32",
+           "--width", "48", "--steps", "20", "--shift", "3", "--guidance", "3", "--tensor-parallel", "2",
+           "--out", samples]
+    _say(f"5/5 megawan generate for {len(prompts)} new prompts on 2 ranks (TP2): {' '.join(cmd[2:])}")
     t0 = time.perf_counter()
-    result_file = os.path.join(out_dir, "samples.json")
-    spawn_local(_generate, world_size=1, tensor_parallel=1,
-                args=(os.path.join(out_dir, "checkpoints"), encoders, list(prompts), os.path.join(out_dir, "samples"),
-                      result_file))
-    with open(result_file, encoding="utf-8") as f:
-        videos_out = json.load(f)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"megawan generate failed (exit {proc.returncode}); the log is above")
+    from megawan.generation import slug
+
+    videos_out = [os.path.join(samples, f"{i:03d}_{slug(p)}.mp4") for i, p in enumerate(prompts)]
+    missing = [v for v in videos_out if not os.path.isfile(v)]
+    if missing:
+        raise RuntimeError(f"megawan generate did not write {missing}")
     timings["sample_s"] = round(time.perf_counter() - t0, 1)
 
     summary = {
