@@ -444,21 +444,3 @@ def run_generate(rank: int, req: GenerationRequest, result_file: Optional[str] =
     if dist.get_rank() == 0 and result_file:
         with open(result_file, "w", encoding="utf-8") as f:
             json.dump(sorted(p for part in gathered for p in part), f)
-
-
-# ----------------------------------------------------------------------------------------------
-# Kept for the validation code and older callers: prompts -> umT5 states in one process.
-
-
-def encode_prompts(prompts: list, encoders: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """umT5 states [N, text_len, dim], zero past each prompt, rounded to the store's dtype as training saw."""
-    from megawan.config import text_preset
-    from megawan.models.loading import load_text_encoder, load_tokenizer
-
-    cfg = text_preset(encoders["text_config"])
-    encoder = load_text_encoder(encoders["text_encoder"], cfg).eval()
-    tokenizer = load_tokenizer(encoders["tokenizer"], max_length=cfg.text_len)
-    with torch.no_grad():
-        ids, mask = tokenizer(list(prompts))
-        states = encoder(ids, mask)
-    return (states * mask[..., None]).to(dtype).float()
