@@ -92,7 +92,8 @@ def _cmd_generate(args) -> int:
             ckpt=args.ckpt, prompts=prompts, out=args.out, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt,
             negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
             steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
-            image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema)
+            image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema,
+            vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None)
         paths = generate(req)
     except (ValueError, FileNotFoundError) as e:
         print(f"megawan generate: {e}", file=sys.stderr)
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise", help="initial latent noise (.pt, [C, T, H, W] or [N, C, T, H, W])")
     gen.add_argument("--save-latents", help="write the final latents [N, C, T, H, W] to this .pt")
     gen.add_argument("--out", default="outputs", help="OUT.mp4 for one prompt, else a folder")
+    gen.add_argument("--vae-tiling", type=int, nargs=2, metavar=("TILE", "STRIDE"),
+                     help="decode in overlapping spatial tiles (pixels), e.g. 256 192 for 720p on small GPUs")
     gen.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
     gen.add_argument("--tensor-parallel", type=int, default=1)
     gen.add_argument("--context-parallel", type=int, help="default: world size / tensor parallel")

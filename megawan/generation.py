@@ -85,6 +85,7 @@ class GenerationRequest:
     use_ema: bool = True
     progress: bool = True
     text_dtype: str = "float32"  # "bfloat16": round the text states as a bf16 latent store holds them
+    vae_tiling: Optional[tuple] = None  # (tile, stride) in pixels: decode 720p on small GPUs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +277,8 @@ def generate(req: GenerationRequest) -> list:
 
     vae_cfg = vae_preset(enc["vae_config"])
     vae = load_vae(enc["vae"], vae_cfg) if first_of_replica else None
+    if vae is not None and req.vae_tiling:
+        vae.enable_tiling(*req.vae_tiling)
     t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
     if (frames - 1) % t_stride or height % (s_stride * cfg.patch_size[1]) or width % (s_stride * cfg.patch_size[2]):
         raise ValueError(f"frames must be 1 + {t_stride}k and height / width multiples of "

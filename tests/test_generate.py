@@ -86,8 +86,8 @@ def test_cli_writes_the_mp4_from_given_noise(pipelines, tmp_path):
     torch.save(noise, tmp_path / "noise.pt")
     cmd = [sys.executable, "-m", "megawan.cli", "generate", "--ckpt", str(pipelines / "megawan"), "--prompt",
            PROMPTS[0], "--frames", "17", "--height", "32", "--width", "48", "--steps", "5", "--sampler", "dpm++",
-           "--noise", str(tmp_path / "noise.pt"), "--save-latents", str(tmp_path / "lat.pt"), "--out",
-           str(tmp_path / "red.mp4")]
+           "--noise", str(tmp_path / "noise.pt"), "--save-latents", str(tmp_path / "lat.pt"), "--vae-tiling", "32",
+           "16", "--out", str(tmp_path / "red.mp4")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("red.mp4")
