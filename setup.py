@@ -26,6 +26,7 @@ EXTRAS = {
         "diffusers>=0.35",
         "transformers>=4.50",
         "protobuf",  # transformers reads sentencepiece models through it
+        "triton>=3.0",  # the kernels/ tests run it on CPU through its interpreter (TRITON_INTERPRET=1)
         "accelerate",  # diffusers needs it to load WanPipeline.from_pretrained (fp32-kept modules)
     ],
     "gpu": [

@@ -5,7 +5,9 @@
     x = x + c_gate * MLP(      LN(x) * (1 + c_scale) + c_shift )
 
 (shift, scale, gate, c_shift, c_scale, c_gate) = modulation + e0, the block's learned table plus the
-time projection; per token for Wan2.2 TI2V. Modulation and LayerNorm run in fp32 as in Wan.
+time projection; per token for Wan2.2 TI2V. Modulation and LayerNorm run in fp32 as in Wan. On GPU the
+modulated LayerNorm and the gated residual adds are fused Triton kernels (`kernels`, same arithmetic);
+elsewhere the torch expressions below run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn as nn
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+import kernels
+from kernels.dispatch import triton_path
 from megawan.models.dit.norms import FP32LayerNorm, layer_norm_fp32, upcast
 
 
@@ -54,13 +58,25 @@ class WanBlock(MegatronModule):
         valid_tokens: real tokens of a padded, context-parallel sequence."""
         shift, scale, gate, c_shift, c_scale, c_gate = (upcast(self.modulation) + e0).unbind(dim=-2)
 
-        y = (layer_norm_fp32(x, self.eps) * (1 + scale) + shift).type_as(x)
-        x = (upcast(x) + self.self_attention(y, rope_cos_sin, valid_tokens) * gate).type_as(x)
+        fused = triton_path(x)
+        y = self._modulate(x, scale, shift, fused)
+        x = self._gated_add(x, self.self_attention(y, rope_cos_sin, valid_tokens), gate, fused)
 
         x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
 
-        y = (layer_norm_fp32(x, self.eps) * (1 + c_scale) + c_shift).type_as(x)
+        y = self._modulate(x, c_scale, c_shift, fused)
         out, out_bias = self.mlp(y)
         if out_bias is not None:
             out = out + out_bias
-        return (upcast(x) + upcast(out) * c_gate).type_as(x)
+        return self._gated_add(x, out, c_gate, fused)
+
+    def _modulate(self, x, scale, shift, fused: bool):
+        if fused:
+            return kernels.modulate(x, scale, shift, self.eps)
+        return (layer_norm_fp32(x, self.eps) * (1 + scale) + shift).type_as(x)
+
+    @staticmethod
+    def _gated_add(x, y, gate, fused: bool):
+        if fused:
+            return kernels.gated_residual(x, y, gate)
+        return (upcast(x) + upcast(y) * gate).type_as(x)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""DiT training-step benchmark: one step (forward, backward, AdamW) of megawan's Wan DiT against diffusers'
+WanTransformer3DModel (SDPA; optionally under torch.compile) with the same config, in the same run.
+
+    # the 1.3B model at 480p x 81 frames (latents 21 x 60 x 104: 32,760 tokens)
+    python tools/bench_dit.py --model wan2.1-t2v-1.3b --latent 21 60 104 --compare diffusers diffusers-compile
+    # a 14B-width stack of 4 blocks at the 37,440-token shape of the published Megatron Wan trainer
+    python tools/bench_dit.py --model wan2.1-t2v-14b --layers 4 --latent 24 60 104 --compare diffusers
+    python tools/bench_dit.py --tiny          # CPU smoke run (what CI runs)
+
+Reports per implementation: seconds per step (median of --steps after --warmup), model TFLOP/s from
+megawan's FLOP counter (3 x forward), peak memory (CUDA max_memory_allocated; CPU: not measured), and the
+step-time ratio diffusers / megawan (> 1: megawan is faster). Weights are random; both models get the same
+dtype (bf16 on GPU, fp32 on CPU), the same inputs and plain torch AdamW, so the ratio compares the models.
+`--precision fp8` runs megawan's step inside Transformer Engine's fp8_autocast (needs the te backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _diffusers_model(cfg, dtype, device):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+        qk_norm="rms_norm_across_heads" if cfg.qk_norm else None, eps=cfg.eps,
+    ).to(device=device, dtype=dtype)
+
+
+def _megawan_model(cfg, dtype, device):
+    import dataclasses
+
+    from megawan.models.dit import WanDiT
+
+    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    model = WanDiT(dataclasses.replace(cfg, params_dtype=name)).to(device)
+    with torch.no_grad():  # Wan zero-initialises the head; a real checkpoint does not have zeros there
+        model.head.linear.weight.normal_(0, 0.02)
+    return model
+
+
+def _step_fn(impl: str, model, inputs, precision: str):
+    x, t, text, target = inputs
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=x.is_cuda)
+
+    if impl.startswith("diffusers"):
+        forward = model if impl == "diffusers" else torch.compile(model)
+
+        def run():
+            return forward(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    else:
+        forward = model if impl == "megawan" else torch.compile(model)
+
+        def run():
+            if precision == "fp8":
+                from megawan.training.precision import fp8_context
+
+                with fp8_context("delayed"):
+                    return forward(x, t, text)
+            return forward(x, t, text)
+
+    def step():
+        out = run()
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: int, steps: int, device) -> dict:
+    from megawan.models.dit import flops
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    frames, height, width = latent
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_dim, frames, height, width, generator=g).to(device, dtype)
+    t = (torch.rand(batch, generator=g) * 1000).to(device)
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g).to(device, dtype)
+    target = torch.randn(batch, cfg.out_dim, frames, height, width, generator=g).to(device)
+    model_flops = 3 * flops(cfg, batch, frames, height, width)
+    results = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        build = _diffusers_model if impl.startswith("diffusers") else _megawan_model
+        model = build(cfg, dtype, device).train()
+        step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16")
+        times = []
+        for i in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        results[impl] = {"seconds": seconds, "model_tflops": model_flops / seconds / 1e12,
+                         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+        del model, step
+    base = results.get("megawan")
+    if base:
+        for impl, r in results.items():
+            r["ratio_vs_megawan"] = r["seconds"] / base["seconds"]  # > 1: megawan is faster
+    return {"model": cfg.name, "layers": cfg.num_layers, "latent": list(latent), "batch": batch,
+            "tokens": frames * (height // 2) * (width // 2), "precision": precision, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "model_flops_per_step": model_flops, "results": results}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="wan2.1-t2v-1.3b", help="a DiT preset")
+    ap.add_argument("--layers", type=int, help="keep only this many blocks (a 14B-width stack)")
+    ap.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
+                    help="latent frames, height, width (480p x 81 frames: 21 60 104)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--compare", nargs="*", default=["diffusers"],
+                    choices=["diffusers", "diffusers-compile", "megawan-compile"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset at a tiny shape (CPU smoke run)")
+    ap.add_argument("--json", help="also write the result here")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from megawan.config import dit_preset
+
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        cfg, latent, warmup, steps = dit_preset("tiny"), (3, 8, 8), 1, 2
+    else:
+        overrides = {"num_layers": args.layers} if args.layers else {}
+        cfg, latent, warmup, steps = dit_preset(args.model, **overrides), tuple(args.latent), args.warmup, args.steps
+    if args.precision == "fp8":
+        from megawan.capabilities import resolve_backend
+
+        if resolve_backend(cfg.backend) != "te":
+            print("bench_dit: --precision fp8 needs Transformer Engine (model.backend te) on a CUDA device",
+                  file=sys.stderr)
+            return 2
+    impls = ["megawan"] + list(args.compare)
+    result = bench(cfg, latent, args.batch, impls, args.precision, warmup, steps, device)
+    print(f"{result['model']} x{result['layers']} layers, latent {latent} ({result['tokens']} tokens), "
+          f"batch {args.batch}, {result['dtype']} / {args.precision} on {device}")
+    print(f"{'implementation':20} {'s/step':>10} {'TFLOP/s':>10} {'peak GB':>9} {'ratio':>7}")
+    for impl, r in result["results"].items():
+        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
+        print(f"{impl:20} {r['seconds']:10.4f} {r['model_tflops']:10.3f} {peak:>9} {r['ratio_vs_megawan']:7.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
