@@ -214,7 +214,7 @@ class TrainConfig:
 
     steps: int = 1000
     precision: str = "bf16"  # bf16 (fp32 main weights in the optimizer) | fp32
-    fp8: Optional[str] = None  # delayed | current (Transformer Engine backend only)
+    fp8: Optional[str] = None  # delayed (Transformer Engine) | current (TE, or plain torch FP8 on the local backend)
     shift: float = 5.0  # Wan's timestep shift for training
     timestep_distribution: str = "uniform"  # uniform | logit_normal
     expert: Optional[str] = None  # A14B: train the "high" or "low" noise expert on its own timestep range

@@ -12,7 +12,8 @@ Reports per implementation: seconds per step (median of --steps after --warmup),
 megawan's FLOP counter (3 x forward), peak memory (CUDA max_memory_allocated; CPU: not measured), and the
 step-time ratio diffusers / megawan (> 1: megawan is faster). Weights are random; both models get the same
 dtype (bf16 on GPU, fp32 on CPU), the same inputs and plain torch AdamW, so the ratio compares the models.
-`--precision fp8` runs megawan's step inside Transformer Engine's fp8_autocast (needs the te backend).
+`--precision fp8` runs megawan's step in FP8: Transformer Engine's fp8_autocast (delayed scaling) on the te
+backend, else the local backend's plain-torch FP8 products (current scaling, torch._scaled_mm).
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def _step_fn(impl: str, model, inputs, precision: str):
 
         def run():
             if precision == "fp8":
+                from megawan.capabilities import resolve_backend
                 from megawan.training.precision import fp8_context
 
-                with fp8_context("delayed"):
+                backend = resolve_backend(model.dit_config.backend)
+                with fp8_context("delayed" if backend == "te" else "current", backend):
                     return forward(x, t, text)
             return forward(x, t, text)
 
@@ -153,13 +156,6 @@ def main(argv=None) -> int:
     else:
         overrides = {"num_layers": args.layers} if args.layers else {}
         cfg, latent, warmup, steps = dit_preset(args.model, **overrides), tuple(args.latent), args.warmup, args.steps
-    if args.precision == "fp8":
-        from megawan.capabilities import resolve_backend
-
-        if resolve_backend(cfg.backend) != "te":
-            print("bench_dit: --precision fp8 needs Transformer Engine (model.backend te) on a CUDA device",
-                  file=sys.stderr)
-            return 2
     impls = ["megawan"] + list(args.compare)
     result = bench(cfg, latent, args.batch, impls, args.precision, warmup, steps, device)
     print(f"{result['model']} x{result['layers']} layers, latent {latent} ({result['tokens']} tokens), "

@@ -1,7 +1,10 @@
-"""FP8 training through Transformer Engine: the autocast the trainer puts around each forward.
+"""FP8 training: the context the trainer puts around each forward.
 
-    with fp8_context(cfg.train.fp8):      # None -> no-op; "delayed" | "current" -> TE fp8_autocast
+    with fp8_context(cfg.train.fp8, backend):   # None -> no-op; te: TE fp8_autocast; local: plain torch FP8
         output = model(x_t, timestep, text)
+
+On the `local` backend (no Transformer Engine) "current" scaling runs the linears' products through
+torch._scaled_mm (megawan.models.dit.fp8_linear); "delayed" needs Transformer Engine.
 
 Recipes: "delayed" = DelayedScaling (HYBRID: E4M3 forward, E5M2 gradients; scale from the amax history of
 the last 1024 steps, as Megatron-LM's default), "current" = Float8CurrentScaling (per-tensor scale from this
@@ -30,10 +33,16 @@ def fp8_recipe(name: str):
     raise ValueError(f"train.fp8: {name!r} is not one of {RECIPES}")
 
 
-def fp8_context(name: Optional[str]):
+def fp8_context(name: Optional[str], backend: str = "te"):
     """The context manager for one forward pass: a no-op without FP8."""
     if not name:
         return contextlib.nullcontext()
+    if backend == "local":
+        if name != "current":
+            raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine; the local backend does current scaling")
+        from megawan.models.dit.fp8_linear import local_fp8
+
+        return local_fp8()
     if not transformer_engine_available():
         raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine and a CUDA device")
     import transformer_engine.pytorch as te

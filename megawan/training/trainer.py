@@ -56,9 +56,13 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     if cfg.model.model_type == "i2v":
         raise ConfigError("model.model_type: i2v training needs image-conditioning latents (mask + first-frame "
                           "latents, CLIP tokens) that the latent store does not hold; train t2v or ti2v")
-    if cfg.train.fp8 and _backend(cfg.model.backend) != "te":
-        raise ConfigError(f"train.fp8: FP8 training runs on the Transformer Engine backend with CUDA; model.backend "
-                          f"is {cfg.model.backend!r} and resolves to {_backend(cfg.model.backend)!r} here")
+    backend = _backend(cfg.model.backend)
+    if cfg.train.fp8 == "delayed" and backend != "te":
+        raise ConfigError(f"train.fp8: delayed scaling (an amax history) is Transformer Engine's, with CUDA; "
+                          f"model.backend is {cfg.model.backend!r} and resolves to {backend!r} here. "
+                          "train.fp8=current also runs on the local backend (plain torch FP8 products)")
+    if cfg.train.fp8 and backend not in ("te", "local"):
+        raise ConfigError(f"train.fp8: model.backend {cfg.model.backend!r} is unavailable here")
     if not cfg.data.store:
         raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
     try:
@@ -199,6 +203,7 @@ class Trainer:
         if cfg.train.precision == "bf16":
             model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16")
         self.model_cfg = model_cfg
+        self.backend = _backend(model_cfg.backend)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.chunks = build_model_chunks(model_cfg, cfg.parallel)
         if cfg.parallel.recompute != "none":
@@ -323,7 +328,7 @@ class Trainer:
     def _forward_step(self, scale: float):
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            with fp8_context(self.cfg.train.fp8):
+            with fp8_context(self.cfg.train.fp8, self.backend):
                 output = model(mb["x_t"], mb["timestep"], mb["text"])
 
             def loss_fn(prediction):

@@ -8,7 +8,6 @@ reduction across TP ranks that no library norm does.
 
 from __future__ import annotations
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -50,7 +49,10 @@ def _block_spec(column, row, core_attention) -> ModuleSpec:
 
 
 def get_wan_block_local_spec() -> ModuleSpec:
-    return _block_spec(ColumnParallelLinear, RowParallelLinear, SDPACoreAttention)
+    """megatron-core's parallel linears (with an FP8 product on plain torch inside `local_fp8()`) and SDPA."""
+    from megawan.models.dit.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
+
+    return _block_spec(Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPACoreAttention)
 
 
 def get_wan_block_te_spec() -> ModuleSpec:
