@@ -5,7 +5,7 @@ couple of ulps off)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # (tests/conftest.py sets it first on machines without a GPU)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
