@@ -133,8 +133,9 @@ def find_encoders(folder: str) -> dict:
             break
     if tokenizer is None:
         raise FileNotFoundError(f"{folder} holds no tokenizer folder (tokenizer/, google/umt5-xxl/)")
-    return {"vae": vae, "vae_config": detect_vae_preset(load_state_dict_file(vae), vae),
-            "text_encoder": text, "text_config": detect_text_preset(load_state_dict_file(text), text),
+    # presets from names and shapes only: the files are mapped, not read (umT5-XXL is 11 GB)
+    return {"vae": vae, "vae_config": detect_vae_preset(load_state_dict_file(vae, mmap=True), vae),
+            "text_encoder": text, "text_config": detect_text_preset(load_state_dict_file(text, mmap=True), text),
             "tokenizer": tokenizer}
 
 

@@ -8,15 +8,21 @@ import os
 import torch
 
 
-def load_state_dict_file(path: str, device: str = "cpu") -> dict:
-    """A state dict from .safetensors / .pth / .pt / .bin; refuses pickled objects other than tensors."""
+def load_state_dict_file(path: str, device: str = "cpu", mmap: bool = False) -> dict:
+    """A state dict from .safetensors / .pth / .pt / .bin; refuses pickled objects other than tensors.
+    mmap=True maps a .pth instead of reading it (cheap when only names and shapes are wanted)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path, device=device)
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        state = torch.load(path, map_location=device, weights_only=True)  # a legacy (non-zip) file: read it
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
