@@ -30,11 +30,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megawan.convert.pipeline import PIPELINE_FILE  # marks a converted megawan pipeline
+
 # wan/configs/shared_config.py: the negative prompt every official Wan model samples with
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的"
                        "肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
-PIPELINE_FILE = "megawan_pipeline.json"  # marks a converted megawan pipeline (tools/convert_checkpoint.py)
 
 # The official generate.py / wan/configs settings. guidance of A14B: (low-noise expert, high-noise expert).
 _OFFICIAL = {

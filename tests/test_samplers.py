@@ -17,11 +17,16 @@ def _field(target):
     return velocity
 
 
+def _case(seed: int):
+    """(noise, the nonlinear field of a random target) for a sampler comparison."""
+    g = torch.Generator().manual_seed(seed)
+    noise, target = torch.randn(2, 4, 3, 5, 6, generator=g), torch.randn(2, 4, 3, 5, 6, generator=g)
+    return noise, _field(target)
+
+
 @pytest.mark.parametrize("steps,shift", [(10, 5.0), (25, 3.0), (3, 1.0)])
 def test_unipc_equals_diffusers_unipc_on_wans_grid(steps, shift):
-    g = torch.Generator().manual_seed(steps)
-    noise, target = torch.randn(2, 4, 3, 5, 6, generator=g), torch.randn(2, 4, 3, 5, 6, generator=g)
-    velocity = _field(target)
+    noise, velocity = _case(steps)
     ours = sample(velocity, noise, make_sampler("unipc", steps, shift))
 
     # Wan's FlowUniPCMultistepScheduler settings, in diffusers' UniPC given Wan's (unshifted) grid
@@ -38,9 +43,7 @@ def test_unipc_equals_diffusers_unipc_on_wans_grid(steps, shift):
 
 @pytest.mark.parametrize("steps,shift", [(10, 5.0), (20, 3.0)])
 def test_dpmpp_equals_diffusers_dpm_solver_on_wans_grid(steps, shift):
-    g = torch.Generator().manual_seed(steps)
-    noise, target = torch.randn(2, 4, 3, 5, 6, generator=g), torch.randn(2, 4, 3, 5, 6, generator=g)
-    velocity = _field(target)
+    noise, velocity = _case(steps)
     ours = sample(velocity, noise, make_sampler("dpm++", steps, shift))
 
     # Wan's FlowDPMMultistepScheduler settings (dpm-solver++ 2M, midpoint, lower order final) in diffusers'
@@ -81,9 +84,7 @@ def test_per_expert_guidance_and_pinned_frames():
 
 
 def test_euler_equals_diffusers_flow_match_euler():
-    g = torch.Generator().manual_seed(1)
-    noise, target = torch.randn(2, 4, 3, 5, 6, generator=g), torch.randn(2, 4, 3, 5, 6, generator=g)
-    velocity = _field(target)
+    noise, velocity = _case(1)
     ours = sample(velocity, noise, make_sampler("euler", 20, 5.0))
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     scheduler.set_timesteps(sigmas=list(wan_sigmas(20, 5.0)[:-1]))
