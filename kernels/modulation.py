@@ -13,35 +13,34 @@ import triton.language as tl
 
 
 @triton.jit
-def _modulate_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, batch, dim, s_stride_s, s_stride_b, eps,
-                     BLOCK: tl.constexpr):
+def _row(batch, dim, BLOCK: tl.constexpr):
+    """This program's row r = (i, j) of x [s, b, D]: (i, j, offset of the row, column indices, their mask)."""
     row = tl.program_id(0)
-    i, j = row // batch, row % batch
     cols = tl.arange(0, BLOCK)
-    mask = cols < dim
-    x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    return row // batch, row % batch, row * dim, cols, cols < dim
+
+
+@triton.jit
+def _modulate_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, batch, dim, sc_s, sc_b, sh_s, sh_b, eps,
+                     BLOCK: tl.constexpr):
+    i, j, base, cols, mask = _row(batch, dim, BLOCK)
+    x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / dim
     diff = tl.where(mask, x - mean, 0.0)
     var = tl.sum(diff * diff, axis=0) / dim
     y = diff * (1.0 / tl.sqrt(var + eps))
-    offset = i * s_stride_s + j * s_stride_b
-    scale = tl.load(scale_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
-    out = y * (1.0 + scale) + shift
-    tl.store(out_ptr + row * dim + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    scale = tl.load(scale_ptr + i * sc_s + j * sc_b + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + i * sh_s + j * sh_b + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + base + cols, (y * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, batch, dim, g_stride_s, g_stride_b,
-                           BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    i, j = row // batch, row % batch
-    cols = tl.arange(0, BLOCK)
-    mask = cols < dim
-    x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + i * g_stride_s + j * g_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * dim + cols, (x + y * g).to(out_ptr.dtype.element_ty), mask=mask)
+def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, batch, dim, g_s, g_b, BLOCK: tl.constexpr):
+    i, j, base, cols, mask = _row(batch, dim, BLOCK)
+    x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + i * g_s + j * g_b + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + base + cols, (x + y * g).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor, param: torch.Tensor, name: str):
@@ -56,15 +55,12 @@ def _rows(x: torch.Tensor, param: torch.Tensor, name: str):
 
 def modulate_triton(x, scale, shift, eps: float):
     x = x.contiguous()
-    scale, s_s, s_b = _rows(x, scale, "scale")
-    shift, t_s, t_b = _rows(x, shift, "shift")
-    if (t_s, t_b) != (s_s, s_b):
-        shift = shift.expand_as(scale).contiguous() if s_s else shift.contiguous()
-        scale, s_s, s_b = _rows(x, scale.contiguous(), "scale")
-        shift, _, _ = _rows(x, shift.contiguous(), "shift")
+    scale, sc_s, sc_b = _rows(x, scale, "scale")
+    shift, sh_s, sh_b = _rows(x, shift, "shift")
     out = torch.empty_like(x)
     s, b, d = x.shape
-    _modulate_kernel[(s * b,)](x, scale, shift, out, b, d, s_s, s_b, eps, BLOCK=triton.next_power_of_2(d))
+    _modulate_kernel[(s * b,)](x, scale, shift, out, b, d, sc_s, sc_b, sh_s, sh_b, eps,
+                               BLOCK=triton.next_power_of_2(d))
     return out
 
 

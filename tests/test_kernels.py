@@ -35,7 +35,8 @@ def test_modulate_and_gated_residual(dtype, per_token):
     s, b, d = 6, 2, 48  # 48: not a power of two, the row is masked
     x = (torch.randn(s, b, d, generator=g) * 3 + 1).to(DEVICE, dtype)
     rows = s if per_token else 1
-    scale, shift, gate = (torch.randn(rows, b, d, generator=g).to(DEVICE) for _ in range(3))  # fp32, as Wan's e0
+    scale, gate = (torch.randn(rows, b, d, generator=g).to(DEVICE) for _ in range(2))  # fp32, as Wan's e0
+    shift = torch.randn(1, b, d, generator=g).to(DEVICE)  # broadcast differently from scale: its own strides
     got = modulate_triton(x, scale, shift, 1e-6)
     assert _err(got, reference.modulate(x, scale, shift, 1e-6), dtype) <= TOL[dtype]
     y = torch.randn(s, b, d, generator=g).to(DEVICE, dtype)

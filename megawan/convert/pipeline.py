@@ -18,6 +18,7 @@ concatenated only, never cast: bf16 stays bf16 and round trips are bit-exact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -190,8 +191,6 @@ def diffusers_config_json(cfg: DiTConfig) -> dict:
 
 
 def _megawan_run_config(cfg: DiTConfig) -> dict:
-    import dataclasses
-
     model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     return {"model": model}
 
@@ -200,8 +199,6 @@ def _write_megawan_rank(rank: int, src_path: str, src_format: str, src_prefix: s
                         dst: str, tp: int, pp: int) -> None:
     """One rank of a TP x PP world: build its model chunk, fill it from the source (only its own tensors,
     its TP slice of each), save the whole model with dist_checkpointing (collective)."""
-    import dataclasses
-
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -282,8 +279,6 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
                            "low_noise": (os.path.join(src, "transformer_2"), "")} if two
                           else {"transformer": (os.path.join(src, "transformer"), "")})
         if two and index.get("boundary_ratio") is not None:
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, expert_boundary=float(index["boundary_ratio"]))
         enc_folder = None
     else:  # megawan pipeline, or a training checkpoint (+ --encoders)
@@ -294,13 +289,9 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
         out["experts"] = {e: (p, "ema." if ema else "") for e, p in found["experts"].items()}
         enc_folder = encoders or found["encoders"]
     if model is not None:  # the preset the user names: its hyper-parameters, checked against the weights
-        import dataclasses
-
         named = dit_preset(model)
         cfg = dataclasses.replace(named, params_dtype=cfg.params_dtype, expert_boundary=named.expert_boundary)
     if boundary is not None:  # official A14B folders do not record it (it lives in Wan's python configs)
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, expert_boundary=float(boundary))
     out["config"] = cfg
     if fmt == "diffusers":
@@ -377,7 +368,6 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
     if len(experts) == 2 and cfg.expert_boundary is None:
         raise ValueError("two experts but no boundary: name the preset with --model (e.g. wan2.2-t2v-a14b) or "
                          "give --boundary")
-    written = {}
     for expert, (path, prefix) in experts.items():
         sub = _EXPERT_DIRS[dst_format][expert]
         folder = os.path.join(tmp, sub) if sub else tmp
@@ -385,12 +375,11 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
             _write_megawan(path, src_format, prefix, cfg, folder, tp, pp)
         else:
             source = _dit_source(path, src_format, prefix)
-            files = write_safetensors_shards(stream_dit(source, cfg, src_format, dst_format), folder,
+            write_safetensors_shards(stream_dit(source, cfg, src_format, dst_format), folder,
                                              max_shard_bytes=max_shard_bytes)
             config_json = official_config_json(cfg) if dst_format == "official" else diffusers_config_json(cfg)
             with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config_json, f, indent=2)
-            written[expert] = files
     vae_cfg, text_cfg = vae_preset(pipe["vae_config"]), text_preset(pipe["text_config"])
     vae_out = convert_state_dict(pipe["vae_state"], "megawan", "megawan" if dst_format != "official" else "official",
                                  vae_cfg)
@@ -434,8 +423,6 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
         save_file({k: v.contiguous() for k, v in vae_sd.items()}, os.path.join(folder, "vae.safetensors"))
         save_file({k: v.contiguous() for k, v in text_sd.items()}, os.path.join(folder, "text_encoder.safetensors"))
         shutil.copytree(tokenizer, os.path.join(folder, "tokenizer"))
-        import dataclasses
-
         meta = {"format": "megawan-pipeline", "version": 1,
                 "model": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
                 "transformer": {e: _EXPERT_DIRS["megawan"][e] for e in experts},
