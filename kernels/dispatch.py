@@ -16,6 +16,13 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_runnable() -> bool:
+    """Can the Triton kernels run here at all (a CUDA device, or the interpreter)?"""
+    if os.environ.get("MEGAWAN_KERNELS") == "torch" or not _triton_importable():
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_path(t: torch.Tensor) -> bool:
     """Use the Triton kernels for tensor t? MEGAWAN_KERNELS=torch forces the references, =triton the kernels
     (on CPU that needs TRITON_INTERPRET=1); by default kernels on CUDA tensors when Triton is there."""
@@ -70,3 +77,15 @@ def qk_norm_rope(x, weight, cos, sin, heads: int, eps: float):
         return _Fused.apply("qk_norm_rope", qk_norm_rope_triton, reference.qk_norm_rope, (heads, eps), x, weight,
                             cos, sin)
     return reference.qk_norm_rope(x, weight, cos, sin, heads, eps)
+
+
+def fp8_attention(q, k, v, scale=None):
+    """Bidirectional attention with FP8 products (kernels/fp8_flash_attention.py): q [b, h, s_q, d], k / v [b, h, s_k, d].
+    A Triton kernel only: there is no torch FP8 attention to fall back to, so on CPU it runs whenever Triton's
+    interpreter is on."""
+    if not triton_runnable() or not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("FP8 attention (train.fp8_attention) is a Triton kernel: it needs Triton and a CUDA "
+                           "device (on CPU, TRITON_INTERPRET=1 with MEGAWAN_KERNELS=triton)")
+    from kernels.fp8_flash_attention import fp8_attention as fused
+
+    return fused(q, k, v, scale)

@@ -215,6 +215,7 @@ class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # bf16 (fp32 main weights in the optimizer) | fp32
     fp8: Optional[str] = None  # delayed (Transformer Engine) | current (TE, or plain torch FP8 on the local backend)
+    fp8_attention: bool = False  # self-attention in FP8 too (TE's fp8_dpa; local backend: kernels/fp8_flash_attention.py)
     shift: float = 5.0  # Wan's timestep shift for training
     timestep_distribution: str = "uniform"  # uniform | logit_normal
     expert: Optional[str] = None  # A14B: train the "high" or "low" noise expert on its own timestep range
@@ -232,6 +233,7 @@ class TrainConfig:
         need(self.steps >= 1, "steps", "must be at least 1")
         need(self.precision in ("bf16", "fp32"), "precision", f"{self.precision!r} is not bf16 or fp32")
         need(self.fp8 in (None, "delayed", "current"), "fp8", f"{self.fp8!r} is not delayed or current")
+        need(not self.fp8_attention or self.fp8 is not None, "fp8_attention", "needs train.fp8 (delayed or current)")
         need(self.shift > 0, "shift", "must be positive")
         need(self.timestep_distribution in ("uniform", "logit_normal"), "timestep_distribution",
              f"{self.timestep_distribution!r} is not uniform or logit_normal")

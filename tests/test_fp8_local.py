@@ -4,6 +4,7 @@ Stated band: each product within 8 % (relative Frobenius error) of fp32, and a 4
 loss within 2 % of the fp32 run at every step."""
 
 import numpy as np
+import pytest
 import torch
 
 from megawan.config import dit_preset
@@ -27,7 +28,7 @@ def test_fp8_product_and_its_gradients_are_close_to_fp32():
     assert _rel(fp8_grads[0], x.grad) < 0.08 and _rel(fp8_grads[1], w.grad) < 0.08
 
 
-def _train(fp8: bool, steps: int = 40) -> list:
+def _train(fp8: bool, steps: int = 40, attention: bool = False) -> list:
     cfg = dit_preset("tiny", in_dim=4, out_dim=4, dim=64, ffn_dim=128, num_heads=4)
     torch.manual_seed(0)
     model = WanDiT(cfg)
@@ -39,7 +40,7 @@ def _train(fp8: bool, steps: int = 40) -> list:
         gs = torch.Generator().manual_seed(100 + step)
         noise, t = torch.randn(x0.shape, generator=gs), torch.rand(8, generator=gs)
         x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
-        with local_fp8(fp8):
+        with local_fp8(fp8, attention=attention):
             assert fp8_enabled() == fp8
             v = model(x_t, t * 1000, text)
         loss = (v - (noise - x0)).square().mean()
@@ -55,3 +56,15 @@ def test_a_short_fp8_run_tracks_the_fp32_run():
     assert not np.array_equal(fp8, ref)  # the FP8 products were used
     assert (np.abs(fp8 - ref) / ref).max() < 0.02
     assert fp8[-10:].mean() < fp8[0]  # and it trains
+
+
+def test_a_short_run_with_fp8_attention_too_tracks_the_fp32_run():
+    """train.fp8_attention: the self-attention's products in FP8 as well (kernels/fp8_flash_attention.py; on CPU through
+    Triton's interpreter, whose E4M3 casts are coarser than the GPU's, see tests/test_fp8_attention.py)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():  # the run below is on CPU tensors; on a GPU test_fp8_attention / bench_dit cover it
+        pytest.skip("CPU run through Triton's interpreter")
+    fp8, ref = np.array(_train(True, steps=12, attention=True)), np.array(_train(False, steps=12))
+    linears_only = np.array(_train(True, steps=12))
+    assert not np.array_equal(fp8, linears_only)  # the attention ran in FP8
+    assert (np.abs(fp8 - ref) / ref).max() < 0.03

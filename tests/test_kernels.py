@@ -3,12 +3,10 @@ set before Triton is imported) and on a GPU when there is one. fp32: max|Δ| / m
 ‖Δ‖ / ‖ref‖ ≤ 1e-2 (the interpreter truncates bf16 casts instead of rounding, so single elements may be a
 couple of ulps off)."""
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # (tests/conftest.py sets it first on machines without a GPU)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -69,7 +67,7 @@ def test_gradients_flow_through_the_dispatched_kernels(monkeypatch):
     import kernels
 
     g = torch.Generator().manual_seed(2)
-    x, scale, shift, gate = (torch.randn(4, 2, 16, generator=g, requires_grad=True) for _ in range(4))
+    x, scale, shift, gate = (torch.randn(4, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(4))
     grads = {}
     for choice in ("triton", "torch"):
         monkeypatch.setenv("MEGAWAN_KERNELS", choice)
@@ -83,11 +81,11 @@ def test_gradients_flow_through_the_dispatched_kernels(monkeypatch):
 
 
 def test_dispatch_follows_the_switch(monkeypatch):
-    x = torch.zeros(1)
+    x = torch.zeros(1, device=DEVICE)
     monkeypatch.setenv("MEGAWAN_KERNELS", "torch")
     assert not triton_path(x)
     monkeypatch.setenv("MEGAWAN_KERNELS", "triton")
-    assert triton_path(x)  # TRITON_INTERPRET=1 here
+    assert triton_path(x)  # a CUDA tensor, or TRITON_INTERPRET=1 (CPU)
     monkeypatch.setenv("MEGAWAN_KERNELS", "auto")
     assert triton_path(x) == x.is_cuda
 
@@ -105,14 +103,14 @@ def test_dit_block_with_kernels_equals_the_torch_path(monkeypatch):
 
     torch.manual_seed(0)
     cfg = dit_preset("tiny-ti2v", in_dim=4, out_dim=4)  # per-token modulation: the strided broadcast case
-    model = WanDiT(cfg).eval()
+    model = WanDiT(cfg).to(DEVICE).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # Wan zero-initialises the head: perturb every weight so the output is not 0
         for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    x = torch.randn(2, 4, 3, 4, 4, generator=g)
-    t = torch.rand(2, 3 * 2 * 2, generator=g) * 1000
-    text = torch.randn(2, 7, cfg.text_dim, generator=g)
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(DEVICE))
+    x = torch.randn(2, 4, 3, 4, 4, generator=g).to(DEVICE)
+    t = (torch.rand(2, 3 * 2 * 2, generator=g) * 1000).to(DEVICE)
+    text = torch.randn(2, 7, cfg.text_dim, generator=g).to(DEVICE)
     out = {}
     for choice in ("torch", "triton"):
         monkeypatch.setenv("MEGAWAN_KERNELS", choice)

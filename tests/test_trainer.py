@@ -167,6 +167,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     (["train.memory_budget_gb=0.000001"], "train.memory_budget_gb"),
     (["data.video_ratio=1.5"], "data.video_ratio"),
     (["train.fp8=delayed", "model.backend=local"], "train.fp8"),
+    (["train.fp8_attention=true"], "train.fp8_attention"),
 ])
 def test_configs_that_cannot_work_are_refused_before_training(store, overrides, field):
     from megawan.training.trainer import preflight

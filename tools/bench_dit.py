@@ -55,7 +55,19 @@ def _megawan_model(cfg, dtype, device):
     return model
 
 
-def _step_fn(impl: str, model, inputs, precision: str):
+def _recompute(impl: str, model, mode: str, every: int):
+    """Full activation recompute on both sides (diffusers: its gradient checkpointing, every block)."""
+    if mode == "none":
+        return
+    if impl.startswith("diffusers"):
+        model.enable_gradient_checkpointing()
+    else:
+        from megawan.parallel.recompute import apply_activation_recompute
+
+        apply_activation_recompute(model, mode, every)
+
+
+def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = False):
     x, t, text, target = inputs
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=x.is_cuda)
 
@@ -73,7 +85,7 @@ def _step_fn(impl: str, model, inputs, precision: str):
                 from megawan.training.precision import fp8_context
 
                 backend = resolve_backend(model.dit_config.backend)
-                with fp8_context("delayed" if backend == "te" else "current", backend):
+                with fp8_context("delayed" if backend == "te" else "current", backend, fp8_attention):
                     return forward(x, t, text)
             return forward(x, t, text)
 
@@ -88,7 +100,8 @@ def _step_fn(impl: str, model, inputs, precision: str):
     return step
 
 
-def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: int, steps: int, device) -> dict:
+def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: int, steps: int, device,
+          recompute: str = "none", recompute_every: int = 1, fp8_attention: bool = False) -> dict:
     from megawan.models.dit import flops
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -107,7 +120,9 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
             torch.cuda.reset_peak_memory_stats()
         build = _diffusers_model if impl.startswith("diffusers") else _megawan_model
         model = build(cfg, dtype, device).train()
-        step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16")
+        _recompute(impl, model, recompute, recompute_every)
+        step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16",
+                        fp8_attention)
         times = []
         for i in range(warmup + steps):
             _sync(device)
@@ -125,7 +140,9 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
         for impl, r in results.items():
             r["ratio_vs_megawan"] = r["seconds"] / base["seconds"]  # > 1: megawan is faster
     return {"model": cfg.name, "layers": cfg.num_layers, "latent": list(latent), "batch": batch,
-            "tokens": frames * (height // 2) * (width // 2), "precision": precision, "device": str(device),
+            "tokens": frames * (height // 2) * (width // 2), "precision": precision, "fp8_attention": fp8_attention,
+            "recompute": recompute, "recompute_every": recompute_every,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "dtype": str(dtype).replace("torch.", ""), "model_flops_per_step": model_flops, "results": results}
 
 
@@ -137,6 +154,11 @@ def parse_args(argv=None):
                     help="latent frames, height, width (480p x 81 frames: 21 60 104)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--fp8-attention", action="store_true",
+                    help="with --precision fp8: the self-attention in FP8 too (TE fp8_dpa / our Triton kernel)")
+    ap.add_argument("--recompute", default="none", choices=["none", "full"],
+                    help="activation recompute, on both sides (diffusers: gradient checkpointing of every block)")
+    ap.add_argument("--recompute-every", type=int, default=1, help="megawan: recompute every N-th block only")
     ap.add_argument("--compare", nargs="*", default=["diffusers"],
                     choices=["diffusers", "diffusers-compile", "megawan-compile"])
     ap.add_argument("--warmup", type=int, default=2)
@@ -157,9 +179,11 @@ def main(argv=None) -> int:
         overrides = {"num_layers": args.layers} if args.layers else {}
         cfg, latent, warmup, steps = dit_preset(args.model, **overrides), tuple(args.latent), args.warmup, args.steps
     impls = ["megawan"] + list(args.compare)
-    result = bench(cfg, latent, args.batch, impls, args.precision, warmup, steps, device)
+    result = bench(cfg, latent, args.batch, impls, args.precision, warmup, steps, device, args.recompute,
+                   args.recompute_every, args.fp8_attention)
     print(f"{result['model']} x{result['layers']} layers, latent {latent} ({result['tokens']} tokens), "
-          f"batch {args.batch}, {result['dtype']} / {args.precision} on {device}")
+          f"batch {args.batch}, {result['dtype']} / {args.precision}{' + fp8 attention' * args.fp8_attention}, "
+          f"recompute {args.recompute}, on {result['device']}")
     print(f"{'implementation':20} {'s/step':>10} {'TFLOP/s':>10} {'peak GB':>9} {'ratio':>7}")
     for impl, r in result["results"].items():
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"

@@ -22,19 +22,21 @@ from megawan.capabilities import transformer_engine_available
 RECIPES = ("delayed", "current")
 
 
-def fp8_recipe(name: str):
+def fp8_recipe(name: str, attention: bool = False):
+    """attention: FP8 dot-product attention as well (TE's fp8_dpa, fused cuDNN FP8 attention)."""
     from transformer_engine.common import recipe
 
     if name == "delayed":
         return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=1024,
-                                     amax_compute_algo="max")
+                                     amax_compute_algo="max", fp8_dpa=attention, fp8_mha=False)
     if name == "current":
-        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID, fp8_dpa=attention)
     raise ValueError(f"train.fp8: {name!r} is not one of {RECIPES}")
 
 
-def fp8_context(name: Optional[str], backend: str = "te"):
-    """The context manager for one forward pass: a no-op without FP8."""
+def fp8_context(name: Optional[str], backend: str = "te", attention: bool = False):
+    """The context manager for one forward pass: a no-op without FP8. attention (train.fp8_attention): the
+    self-attention's two products in FP8 too (TE: fp8_dpa; local: the Triton kernel kernels/fp8_flash_attention.py)."""
     if not name:
         return contextlib.nullcontext()
     if backend == "local":
@@ -42,9 +44,9 @@ def fp8_context(name: Optional[str], backend: str = "te"):
             raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine; the local backend does current scaling")
         from megawan.models.dit.fp8_linear import local_fp8
 
-        return local_fp8()
+        return local_fp8(attention=attention)
     if not transformer_engine_available():
         raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine and a CUDA device")
     import transformer_engine.pytorch as te
 
-    return te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe(name))
+    return te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe(name, attention))

@@ -63,6 +63,12 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                           "train.fp8=current also runs on the local backend (plain torch FP8 products)")
     if cfg.train.fp8 and backend not in ("te", "local"):
         raise ConfigError(f"train.fp8: model.backend {cfg.model.backend!r} is unavailable here")
+    if cfg.train.fp8_attention and backend == "local":
+        from kernels.dispatch import triton_runnable
+
+        if not triton_runnable():
+            raise ConfigError("train.fp8_attention: the local backend's FP8 attention is a Triton kernel; it needs "
+                              "Triton and a CUDA device (on CPU only Triton's interpreter, TRITON_INTERPRET=1)")
     if not cfg.data.store:
         raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
     try:
@@ -328,7 +334,7 @@ class Trainer:
     def _forward_step(self, scale: float):
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            with fp8_context(self.cfg.train.fp8, self.backend):
+            with fp8_context(self.cfg.train.fp8, self.backend, self.cfg.train.fp8_attention):
                 output = model(mb["x_t"], mb["timestep"], mb["text"])
 
             def loss_fn(prediction):

@@ -16,6 +16,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+import kernels
+from megawan.models.dit.norms import ParallelRMSNorm
 from megawan.models.dit.rope import apply_rope
 
 
@@ -83,17 +85,28 @@ class _WanAttentionBase(MegatronModule):
 class WanSelfAttention(_WanAttentionBase):
     """Self-attention over video tokens with q/k RMSNorm and 3D RoPE."""
 
+    def _fused_norm_rope(self, x) -> bool:
+        """The fused kernel normalises over the hidden it sees: only right when this rank holds all heads."""
+        return (self.tp_group.size() == 1 and isinstance(self.q_norm, ParallelRMSNorm)
+                and kernels.triton_path(x))
+
     def __init__(self, config, submodules: WanAttentionSubmodules, layer_number: int, tp_group,
                  qk_norm: bool = True, eps: float = 1e-6):
         super().__init__(config, submodules, layer_number, tp_group, "self", config.hidden_size, qk_norm, eps)
 
     def forward(self, x: torch.Tensor, rope_cos_sin, valid_tokens: Optional[int] = None) -> torch.Tensor:
-        q = self.q_norm(self.linear_q(x)[0])
-        k = self.k_norm(self.linear_k(x)[0])
-        v = self.linear_v(x)[0]
         cos, sin = rope_cos_sin
-        q = apply_rope(self._heads(q), cos, sin)
-        k = apply_rope(self._heads(k), cos, sin)
+        if self._fused_norm_rope(x):
+            # one Triton pass: RMSNorm over the hidden (all heads on this rank, TP = 1) then the 3D RoPE
+            cos2, sin2 = cos[:, 0, 0], sin[:, 0, 0]
+            q = kernels.qk_norm_rope(self.linear_q(x)[0], self.q_norm.weight, cos2, sin2, self.num_heads_local,
+                                     self.q_norm.eps)
+            k = kernels.qk_norm_rope(self.linear_k(x)[0], self.k_norm.weight, cos2, sin2, self.num_heads_local,
+                                     self.k_norm.eps)
+        else:
+            q = apply_rope(self._heads(self.q_norm(self.linear_q(x)[0])), cos, sin)
+            k = apply_rope(self._heads(self.k_norm(self.linear_k(x)[0])), cos, sin)
+        v = self.linear_v(x)[0]
         out = self._attend(q, k, self._heads(v), valid_tokens)
         return self.linear_proj(out)[0]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megawan.models.dit.fp8_linear import fp8_attention_enabled
 from megawan.parallel.context_parallel import context_parallel_attention
 from megawan.parallel.groups import context_parallel_groups
 
@@ -40,6 +41,7 @@ class SDPACoreAttention(MegatronModule):
         # self-attention over video tokens is split across context-parallel ranks; cross-attention is not
         # (every CP rank holds the full text)
         self.cp = context_parallel_groups() if attention_type == "self" else None
+        self.self_attention = attention_type == "self"
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, valid_tokens=None):
@@ -58,7 +60,14 @@ class SDPACoreAttention(MegatronModule):
         if valid_tokens is not None and valid_tokens < k.shape[-2]:  # a padded sequence (sequence parallel)
             keep = (torch.arange(k.shape[-2], device=k.device) < valid_tokens).view(1, 1, 1, -1)
             mask = keep if mask is None else mask & keep
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
-        )
+        if self.self_attention and mask is None and fp8_attention_enabled():
+            # train.fp8_attention on the local backend: both products in FP8 (the cross-attention to 512 text
+            # tokens, a small share of the FLOPs, stays bf16, as do context-parallel and padded sequences)
+            from kernels import fp8_attention
+
+            out = fp8_attention(q, k, v, self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
+            )
         return out.permute(2, 0, 1, 3).flatten(2)

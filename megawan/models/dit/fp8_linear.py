@@ -21,21 +21,26 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     gather_from_sequence_parallel_region)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-_STATE = {"enabled": False}
+_STATE = {"enabled": False, "attention": False}
 
 
 @contextlib.contextmanager
-def local_fp8(enabled: bool = True):
-    previous = _STATE["enabled"]
-    _STATE["enabled"] = enabled
+def local_fp8(enabled: bool = True, attention: bool = False):
+    """FP8 products in the linears; attention=True: the self-attention too (kernels/fp8_flash_attention.py)."""
+    previous = dict(_STATE)
+    _STATE.update(enabled=enabled, attention=enabled and attention)
     try:
         yield
     finally:
-        _STATE["enabled"] = previous
+        _STATE.update(previous)
 
 
 def fp8_enabled() -> bool:
     return _STATE["enabled"]
+
+
+def fp8_attention_enabled() -> bool:
+    return _STATE["attention"]
 
 
 def quantize(t: torch.Tensor, dtype: torch.dtype):

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What we run on a lent H100 / H200 (the device tool), in one go: the GPU tests of the kernels, the attention
+# benchmark and DiT training-step benchmarks. Results go to $OUT (or ./gpu_results).
+#   bash tools/gpu_session.sh tests attention dit14 dit13 memory
+set -uo pipefail
+OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
+if [ -d .whl ]; then  # megatron-core, diffusers, ... carried as wheels (the GPU image has torch and Triton)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+dit() { local name=$1; shift; timeout 400 python3 tools/bench_dit.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -6; }
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fp8_attention.py \
+             tests/test_bench_dit.py 2>&1 | tee "$OUT/pytest.log" | tail -4 ;;
+    attention) timeout 300 python3 tools/bench_attention.py --tokens 32760 37440 --heads 12 40 \
+             --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -14 ;;
+    dit14) dit dit14_bf16 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --compare diffusers --warmup 2 --steps 5
+           dit dit14_fp8 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --precision fp8 --compare --warmup 2 --steps 5
+           dit dit14_fp8attn --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --precision fp8 --fp8-attention \
+               --compare --warmup 2 --steps 5 ;;
+    dit13) dit dit13_bf16 --model wan2.1-t2v-1.3b --latent 21 60 104 --recompute full --compare diffusers \
+               diffusers-compile megawan-compile --warmup 2 --steps 4 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
