@@ -9,7 +9,8 @@ block. Inside the kernel, for each tile of 128 queries and each tile of keys:
     O += (P·448 → E4M3) · v8 · s_v / 448          FP8 product, fp32 accumulation; P scaled to use E4M3's range
 
 and writes O (bf16) and the log-sum-exp of each query row (fp32, natural log). The backward is bf16: torch's
-flash-attention backward (CUDA) or its CPU flash backward, fed our O and log-sum-exp, so nothing is recomputed
+cuDNN (else flash) attention backward on CUDA, its flash backward on CPU, fed our O and log-sum-exp: nothing is
+recomputed
 (the gradient is the one of the bf16 attention evaluated at the FP8 forward's output, as FP8 attention
 training does in Transformer Engine).
 
@@ -39,22 +40,25 @@ def _quantize_kernel(x_ptr, out_ptr, scale_ptr, heads, seq, dim, sx_b, sx_h, sx_
     b, h = bh // heads, bh % heads
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, DIM)
-    mask = (rows[:, None] < seq) & (cols[None, :] < dim)
-    x = tl.load(x_ptr + b * sx_b + h * sx_h + rows[:, None] * sx_s + cols[None, :] * sx_d, mask=mask,
-                other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sx_b + h * sx_h + rows[:, None] * sx_s + cols[None, :] * sx_d,
+                mask=(rows[:, None] < seq) & (cols[None, :] < dim), other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12)
     scale = amax / 448.0
-    q = (x / scale).to(tl.float8e4nv)
-    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :] * so_d, q, mask=mask)
+    q = (x / scale).to(tl.float8e4nv)  # rows past seq: zeros (the padding)
+    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :] * so_d, q,
+             mask=cols[None, :] < dim)
     tl.store(scale_ptr + bh * n_blocks + blk, scale)
 
 
 def quantize_blocks(x: torch.Tensor, transpose: bool = False):
-    """x [b, h, s, d] (any strides) -> (E4M3 copy, [b, h, s, d] contiguous or [b, h, d, s] if transpose;
-    fp32 dequantisation scales [b, h, ceil(s / 128)])."""
+    """x [b, h, s, d] (any strides) -> (E4M3 copy, [b, h, s_pad, d] contiguous or [b, h, d, s_pad] if transpose,
+    s_pad = s rounded up to whole blocks of 128, zeros after s; fp32 dequantisation scales [b, h, s_pad / 128]).
+    The padding keeps every row of the transposed copy 16-byte aligned (32,760 tokens is not: Triton then loses
+    its wide loads, measured 2x slower) and every tile load in bounds."""
     b, h, s, d = x.shape
     n_blocks = triton.cdiv(s, QUANT_BLOCK)
-    out = torch.empty((b, h, d, s) if transpose else (b, h, s, d), device=x.device, dtype=_FP8)
+    s_pad = n_blocks * QUANT_BLOCK
+    out = torch.empty((b, h, d, s_pad) if transpose else (b, h, s_pad, d), device=x.device, dtype=_FP8)
     so = out.stride()
     so = (so[0], so[1], so[3], so[2]) if transpose else so
     scales = torch.empty((b, h, n_blocks), device=x.device, dtype=torch.float32)
@@ -75,24 +79,25 @@ def _configs():
 def _attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr, heads, seq_q, seq_k, qk_scale,
                       so_b, so_h, so_s, so_d, nq_blocks, nk_blocks,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QBLOCK: tl.constexpr):
+    """q8 [b·h, nq_blocks·128, d], k8 [b·h, nk_blocks·128, d], vt8 [b·h, d, nk_blocks·128]: padded with zeros."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
+    pad_q, pad_k = nq_blocks * QBLOCK, nk_blocks * QBLOCK
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + bh * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=offs_m[:, None] < seq_q, other=0.0)
+    q = tl.load(q_ptr + bh * pad_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
     # the query block's dequantisation scale, the softmax scale and log2(e), folded into one factor
     q_scale = tl.load(sq_ptr + bh * nq_blocks + tile) * qk_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k_base = k_ptr + bh * seq_k * HEAD_DIM
-    vt_base = vt_ptr + bh * seq_k * HEAD_DIM
+    k_base = k_ptr + bh * pad_k * HEAD_DIM
+    vt_base = vt_ptr + bh * pad_k * HEAD_DIM
     for start in range(0, seq_k, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         valid = offs_n < seq_k
-        k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(vt_base + offs_d[:, None] * seq_k + offs_n[None, :], mask=valid[None, :], other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+        vt = tl.load(vt_base + offs_d[:, None] * pad_k + offs_n[None, :])
         k_scale = tl.load(sk_ptr + bh * nk_blocks + start // QBLOCK)
         v_scale = tl.load(sv_ptr + bh * nk_blocks + start // QBLOCK)
         s = tl.dot(q, tl.trans(k)) * (q_scale * k_scale)  # log2 units
@@ -132,16 +137,45 @@ def fp8_attention_forward(q, k, v, scale=None, out=None):
     return out, lse
 
 
-def _flash_backward(grad, q, k, v, out, lse, scale):
-    """bf16 gradients of attention given its output and log-sum-exp (torch's flash-attention backward)."""
-    if q.is_cuda:
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, empty, empty, scale=scale)
-        return dq, dk, dv
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, k, v, out, lse, 0.0, False, scale=scale)
-    return dq, dk, dv
+BACKWARDS = ("cudnn", "flash")  # CUDA: cuDNN's backward (measured 1.7x flash's on an H100), else flash's
+_LAST = {"backward": None}
+
+
+def last_backward() -> str:
+    """Which backward ran last (cudnn / flash / cpu-flash): for tests and benchmarks."""
+    return _LAST["backward"]
+
+
+def _bf16_backward(grad, q, k, v, out, lse, scale):
+    """bf16 gradients of attention given its output and log-sum-exp: torch's own attention backward kernels."""
+    if not q.is_cuda:
+        _LAST["backward"] = "cpu-flash"
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, scale=scale)
+    s_q, s_k = q.shape[2], k.shape[2]
+    errors = []
+    for name in BACKWARDS:
+        if name in _DISABLED:
+            continue
+        try:
+            if name == "cudnn":
+                seed = torch.zeros((), device=q.device, dtype=torch.int64)
+                grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                    grad, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, s_q, s_k, 0.0, False,
+                    scale=scale)
+            else:
+                empty = torch.empty(0, device=q.device, dtype=torch.int64)
+                grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                    grad, q, k, v, out, lse, None, None, s_q, s_k, 0.0, False, empty, empty, scale=scale)
+            _LAST["backward"] = name
+            return grads
+        except RuntimeError as e:  # this torch / GPU lacks the kernel for these shapes: the next one
+            _DISABLED.add(name)
+            errors.append(f"{name}: {str(e).splitlines()[0]}")
+    raise RuntimeError("no attention backward ran: " + "; ".join(errors))
+
+
+_DISABLED: set = set()
 
 
 class FP8Attention(torch.autograd.Function):
@@ -160,7 +194,7 @@ class FP8Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(grad.contiguous(), q, k, v, out, lse, ctx.scale)
+        dq, dk, dv = _bf16_backward(grad.contiguous(), q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None
 
 

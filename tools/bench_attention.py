@@ -61,6 +61,10 @@ def bench_shape(tokens: int, heads: int, head_dim: int, batch: int = 1) -> dict:
         except RuntimeError as e:  # a backend torch cannot run for this shape / GPU
             rows[name] = {"error": str(e).splitlines()[0]}
             continue
+        if name == "fp8-triton":
+            from kernels.fp8_flash_attention import last_backward
+
+            print(f"  (fp8-triton backward: torch's {last_backward()} kernel)")
         rows[name] = {"fwd_ms": fwd, "fwd_tflops": fwd_flops / fwd / 1e9, "fwd_bwd_ms": both,
                       "fwd_bwd_tflops": 3.5 * fwd_flops / both / 1e9, "rel_err_vs_fp32": err}
     base = rows.get("bf16-flash", {}).get("fwd_ms")

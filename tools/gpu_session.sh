@@ -17,7 +17,7 @@ for stage in "$@"; do
   case $stage in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fp8_attention.py \
              tests/test_bench_dit.py 2>&1 | tee "$OUT/pytest.log" | tail -4 ;;
-    attention) timeout 300 python3 tools/bench_attention.py --tokens 32760 37440 --heads 12 40 \
+    attention) timeout 300 python3 tools/bench_attention.py --tokens 32760 37440 --heads ${HEADS:-12 40} \
              --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -14 ;;
     dit14) dit dit14_bf16 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --compare diffusers --warmup 2 --steps 5
            dit dit14_fp8 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --precision fp8 --compare --warmup 2 --steps 5
@@ -25,6 +25,10 @@ for stage in "$@"; do
                --compare --warmup 2 --steps 5 ;;
     dit13) dit dit13_bf16 --model wan2.1-t2v-1.3b --latent 21 60 104 --recompute full --compare diffusers \
                diffusers-compile megawan-compile --warmup 2 --steps 4 ;;
+    profile) timeout 300 python3 tools/profile_dit.py --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
+             --json "$OUT/profile.json" 2>&1 | grep -v Warning | tee "$OUT/profile.log" | tail -40 ;;
+    dit14-torchkernels) MEGAWAN_KERNELS=torch dit dit14_torchkernels --model wan2.1-t2v-14b --layers 2 \
+             --latent 24 60 104 --compare --warmup 2 --steps 5 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
