@@ -25,9 +25,13 @@ def triton_runnable() -> bool:
 
 def triton_path(t: torch.Tensor) -> bool:
     """Use the Triton kernels for tensor t? MEGAWAN_KERNELS=torch forces the references, =triton the kernels
-    (on CPU that needs TRITON_INTERPRET=1); by default kernels on CUDA tensors when Triton is there."""
+    (on CPU that needs TRITON_INTERPRET=1); by default kernels on CUDA tensors when Triton is there. Under
+    torch.compile the references are traced instead: Inductor fuses them with their neighbours and generates
+    their backward too (our kernels recompute the reference for the backward)."""
     choice = os.environ.get("MEGAWAN_KERNELS", "auto")
     if choice == "torch" or not _triton_importable():
+        return False
+    if torch.compiler.is_compiling():  # under torch.compile the references fuse, backward included
         return False
     if choice == "triton":
         return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

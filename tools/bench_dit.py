@@ -119,26 +119,32 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         build = _diffusers_model if impl.startswith("diffusers") else _megawan_model
-        model = build(cfg, dtype, device).train()
-        _recompute(impl, model, recompute, recompute_every)
-        step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16",
-                        fp8_attention)
-        times = []
-        for i in range(warmup + steps):
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        model = step = None
+        try:
+            model = build(cfg, dtype, device).train()
+            _recompute(impl, model, recompute, recompute_every)
+            step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16",
+                            fp8_attention)
+            times = []
+            for i in range(warmup + steps):
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # one implementation failing (OOM, a compile error)
+            results[impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}  # keeps the others
+            del model, step
+            continue
         seconds = statistics.median(times)
         results[impl] = {"seconds": seconds, "model_tflops": model_flops / seconds / 1e12,
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
         del model, step
-    base = results.get("megawan")
-    if base:
-        for impl, r in results.items():
-            r["ratio_vs_megawan"] = r["seconds"] / base["seconds"]  # > 1: megawan is faster
+    base = results.get("megawan", {}).get("seconds")
+    for impl, r in results.items():
+        if base and "seconds" in r:
+            r["ratio_vs_megawan"] = r["seconds"] / base  # > 1: megawan is faster
     return {"model": cfg.name, "layers": cfg.num_layers, "latent": list(latent), "batch": batch,
             "tokens": frames * (height // 2) * (width // 2), "precision": precision, "fp8_attention": fp8_attention,
             "recompute": recompute, "recompute_every": recompute_every,
@@ -186,8 +192,11 @@ def main(argv=None) -> int:
           f"recompute {args.recompute}, on {result['device']}")
     print(f"{'implementation':20} {'s/step':>10} {'TFLOP/s':>10} {'peak GB':>9} {'ratio':>7}")
     for impl, r in result["results"].items():
+        if "error" in r:
+            print(f"{impl:20} {r['error']}")
+            continue
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
-        print(f"{impl:20} {r['seconds']:10.4f} {r['model_tflops']:10.3f} {peak:>9} {r['ratio_vs_megawan']:7.2f}")
+        print(f"{impl:20} {r['seconds']:10.4f} {r['model_tflops']:10.3f} {peak:>9} {r.get('ratio_vs_megawan', float('nan')):7.2f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -11,7 +11,7 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-dit() { local name=$1; shift; timeout 400 python3 tools/bench_dit.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -6; }
+dit() { local name=$1; shift; timeout ${LIMIT:-400} python3 tools/bench_dit.py "$@" --json "$OUT/$name.json" 2>&1 | grep -v Warning | tee "$OUT/$name.log" | tail -6; }
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
@@ -29,6 +29,15 @@ for stage in "$@"; do
              --json "$OUT/profile.json" 2>&1 | grep -v Warning | tee "$OUT/profile.log" | tail -40 ;;
     dit14-torchkernels) MEGAWAN_KERNELS=torch dit dit14_torchkernels --model wan2.1-t2v-14b --layers 2 \
              --latent 24 60 104 --compare --warmup 2 --steps 5 ;;
+    dit14-compile) LIMIT=220 dit dit14_compile --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
+             --compare megawan-compile diffusers diffusers-compile --warmup 2 --steps 4 ;;
+    dit14-fp8-compile) LIMIT=150 dit dit14_fp8_compile --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
+             --precision fp8 --compare megawan-compile --warmup 2 --steps 4 ;;
+    memory) LIMIT=80 dit mem720_none --model wan2.1-t2v-14b --layers 2 --latent 21 90 160 --compare --warmup 1 --steps 2
+            LIMIT=80 dit mem720_full --model wan2.1-t2v-14b --layers 2 --latent 21 90 160 --recompute full --compare \
+               --warmup 1 --steps 2 ;;
+    dit13-quick) LIMIT=150 dit dit13_bf16 --model wan2.1-t2v-1.3b --latent 21 60 104 --recompute full \
+               --compare diffusers --warmup 1 --steps 3 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
