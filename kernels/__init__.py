@@ -11,6 +11,6 @@ The Triton path runs on CUDA tensors when Triton is installed (`megawan.capabili
 TRITON_INTERPRET=1 and MEGAWAN_KERNELS=triton (how the CPU tests run the kernels); else the reference runs.
 """
 
-from kernels.dispatch import fp8_attention, gated_residual, modulate, qk_norm_rope, triton_path
+from kernels.dispatch import fp8_attention, gated_residual, modulate, qk_norm_rope, fused_path
 
-__all__ = ["modulate", "gated_residual", "qk_norm_rope", "fp8_attention", "triton_path"]
+__all__ = ["modulate", "gated_residual", "qk_norm_rope", "fp8_attention", "fused_path"]

@@ -23,19 +23,38 @@ def triton_runnable() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def triton_path(t: torch.Tensor) -> bool:
-    """Use the Triton kernels for tensor t? MEGAWAN_KERNELS=torch forces the references, =triton the kernels
-    (on CPU that needs TRITON_INTERPRET=1); by default kernels on CUDA tensors when Triton is there. Under
-    torch.compile the references are traced instead: Inductor fuses them with their neighbours and generates
-    their backward too (our kernels recompute the reference for the backward)."""
+MODES = ("auto", "triton", "compile", "torch")
+
+
+def kernel_mode(t: torch.Tensor) -> str:
+    """How the fusable pieces of the block (modulated LayerNorm, gated residual, q/k norm + RoPE, FP8 casts)
+    run for tensor t: "triton" (our kernels, the reference's backward), "compile" (the references through
+    torch.compile: Inductor fuses forward and backward) or "torch" (the references, eager).
+
+    MEGAWAN_KERNELS picks one; auto = compile on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1.
+    Inside a torch.compile'd region everything is "torch": the caller's compile fuses it."""
     choice = os.environ.get("MEGAWAN_KERNELS", "auto")
-    if choice == "torch" or not _triton_importable():
-        return False
-    if torch.compiler.is_compiling():  # under torch.compile the references fuse, backward included
-        return False
+    if choice not in MODES:
+        raise ValueError(f"MEGAWAN_KERNELS={choice!r} is not one of {', '.join(MODES)}")
+    if choice == "torch" or torch.compiler.is_compiling():
+        return "torch"
+    if choice == "compile":
+        return "compile"
     if choice == "triton":
-        return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return t.is_cuda
+        ok = _triton_importable() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        return "triton" if ok else "torch"
+    return "compile" if t.is_cuda and _triton_importable() else "torch"
+
+
+def fused_path(t: torch.Tensor) -> bool:
+    """Does the block hand its fusable pieces to this module (our kernels or compiled references)?"""
+    return kernel_mode(t) != "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """fn through torch.compile (one compiled function per reference, reused by every block)."""
+    return torch.compile(fn, dynamic=False)
 
 
 class _Fused(torch.autograd.Function):
@@ -59,28 +78,32 @@ class _Fused(torch.autograd.Function):
 
 
 def modulate(x, scale, shift, eps: float):
-    if triton_path(x):
+    mode = kernel_mode(x)
+    if mode == "triton":
         from kernels.modulation import modulate_triton
 
         return _Fused.apply("modulate", modulate_triton, reference.modulate, (eps,), x, scale, shift)
-    return reference.modulate(x, scale, shift, eps)
+    return (compiled(reference.modulate) if mode == "compile" else reference.modulate)(x, scale, shift, eps)
 
 
 def gated_residual(x, y, gate):
-    if triton_path(x):
+    mode = kernel_mode(x)
+    if mode == "triton":
         from kernels.modulation import gated_residual_triton
 
         return _Fused.apply("gated_residual", gated_residual_triton, reference.gated_residual, (), x, y, gate)
-    return reference.gated_residual(x, y, gate)
+    return (compiled(reference.gated_residual) if mode == "compile" else reference.gated_residual)(x, y, gate)
 
 
 def qk_norm_rope(x, weight, cos, sin, heads: int, eps: float):
-    if triton_path(x):
+    mode = kernel_mode(x)
+    if mode == "triton":
         from kernels.rmsnorm_rope import qk_norm_rope_triton
 
         return _Fused.apply("qk_norm_rope", qk_norm_rope_triton, reference.qk_norm_rope, (heads, eps), x, weight,
                             cos, sin)
-    return reference.qk_norm_rope(x, weight, cos, sin, heads, eps)
+    fn = compiled(reference.qk_norm_rope) if mode == "compile" else reference.qk_norm_rope
+    return fn(x, weight, cos, sin, heads, eps)
 
 
 def fp8_attention(q, k, v, scale=None):

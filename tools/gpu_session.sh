@@ -38,6 +38,14 @@ for stage in "$@"; do
                --warmup 1 --steps 2 ;;
     dit13-quick) LIMIT=150 dit dit13_bf16 --model wan2.1-t2v-1.3b --latent 21 60 104 --recompute full \
                --compare diffusers --warmup 1 --steps 3 ;;
+    final) LIMIT=130 dit f14_bf16 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --compare diffusers \
+             --warmup 2 --steps 4
+           LIMIT=100 dit f14_fp8 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --precision fp8 --compare \
+             --warmup 2 --steps 4
+           LIMIT=130 dit f13_bf16 --model wan2.1-t2v-1.3b --latent 21 60 104 --recompute full --compare diffusers \
+             --warmup 1 --steps 3
+           MEGAWAN_KERNELS=triton LIMIT=45 dit f14_triton --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
+             --compare --warmup 2 --steps 4 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -88,7 +88,7 @@ class WanSelfAttention(_WanAttentionBase):
     def _fused_norm_rope(self, x) -> bool:
         """The fused kernel normalises over the hidden it sees: only right when this rank holds all heads."""
         return (self.tp_group.size() == 1 and isinstance(self.q_norm, ParallelRMSNorm)
-                and kernels.triton_path(x))
+                and kernels.fused_path(x))
 
     def __init__(self, config, submodules: WanAttentionSubmodules, layer_number: int, tp_group,
                  qk_norm: bool = True, eps: float = 1e-6):

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 import kernels
-from kernels.dispatch import triton_path
+from kernels.dispatch import fused_path
 from megawan.models.dit.norms import FP32LayerNorm, layer_norm_fp32, upcast
 
 
@@ -58,7 +58,7 @@ class WanBlock(MegatronModule):
         valid_tokens: real tokens of a padded, context-parallel sequence."""
         shift, scale, gate, c_shift, c_scale, c_gate = (upcast(self.modulation) + e0).unbind(dim=-2)
 
-        fused = triton_path(x)
+        fused = fused_path(x)
         y = self._modulate(x, scale, shift, fused)
         x = self._gated_add(x, self.self_attention(y, rope_cos_sin, valid_tokens), gate, fused)
 
