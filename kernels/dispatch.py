@@ -53,8 +53,9 @@ def fused_path(t: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
-    """fn through torch.compile (one compiled function per reference, reused by every block)."""
-    return torch.compile(fn, dynamic=False)
+    """fn through torch.compile (one compiled function per reference, reused by every block; a second shape
+    makes it shape-generic rather than compiling again per shape)."""
+    return torch.compile(fn)
 
 
 class _Fused(torch.autograd.Function):
