@@ -123,6 +123,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     recompute: str = "none"  # none | full (whole blocks) | selective (core attention only)
     recompute_every: int = 1  # full: recompute every N-th block
+    offload_blocks: int = 0  # activations of the first N blocks of each stage in pinned host memory (plan_parallel)
 
     def validate(self, world_size: Optional[int] = None, prefix: str = "parallel") -> "ParallelConfig":
         def need(ok: bool, field_name: str, why: str) -> None:
@@ -144,6 +145,7 @@ class ParallelConfig:
         need(self.recompute in ("none", "full", "selective"), "recompute",
              f"{self.recompute!r} is not one of none, full, selective")
         need(self.recompute_every >= 1, "recompute_every", f"must be >= 1, got {self.recompute_every}")
+        need(self.offload_blocks >= 0, "offload_blocks", f"must be >= 0, got {self.offload_blocks}")
         need(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
              "sequence parallelism splits activations over TP ranks: it needs tensor_parallel > 1")
         if world_size is not None:
@@ -332,6 +334,10 @@ class RunConfig:
             raise ConfigError(
                 f"model.num_layers: {self.model.num_layers} blocks do not split into pipeline_parallel x "
                 f"virtual_pipeline = {p.pipeline_parallel * (p.virtual_pipeline or 1)} stages")
+        chunk_blocks = self.model.num_layers // (p.pipeline_parallel * (p.virtual_pipeline or 1))
+        if p.offload_blocks > chunk_blocks:
+            raise ConfigError(f"parallel.offload_blocks: {p.offload_blocks} is more than the {chunk_blocks} blocks "
+                              "of a model chunk")
         return self
 
 

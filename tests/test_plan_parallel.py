@@ -69,3 +69,56 @@ def test_plan_for_14b_at_720p_on_64_gpus(capsys):
                  "--gpus", "64", "--gpu-memory-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "75,600 tokens/sample" in out
+
+
+def test_planner_offloads_the_fewest_blocks_that_make_a_layout_fit():
+    """14B at 480p on 16 x 80 GB: TP8 without recompute is short by under two blocks' activations, so the
+    planner lists it with 2 blocks offloaded to host memory (and without the offload it would not fit)."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, "tools")
+    from plan_parallel import GB, plan
+
+    from megawan.parallel.memory import estimate_memory
+
+    cfg, tokens, fits, _ = plan("wan2.1-t2v-14b", 81, 480, 832, gpus=16, gpu_memory_gb=80)
+    offloaded = [(p, m) for p, m, _ in fits if p.offload_blocks]
+    assert offloaded
+    parallel, mem = offloaded[0]
+    assert parallel.recompute == "none" and mem.host_activations > 0
+    budget = 80 * GB * 0.9
+    assert mem.total <= budget
+    fewer = dataclasses.replace(parallel, offload_blocks=parallel.offload_blocks - 1)
+    assert estimate_memory(cfg, fewer, 16, tokens).total > budget
+
+
+def test_offloaded_blocks_train_the_same():
+    """parallel.offload_blocks: the first blocks' saved tensors go through save_on_cpu; gradients are unchanged."""
+    from unittest import mock
+
+    from megawan.parallel import offload
+
+    cfg = dit_preset("tiny", in_dim=4, out_dim=4)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 7, cfg.text_dim, generator=g)
+    t = torch.rand(2, generator=g) * 1000
+    grads = []
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def counting(*args, **kwargs):
+        entered.append(1)
+        return real(*args, **kwargs)
+
+    for blocks in (0, 1):
+        torch.manual_seed(0)
+        model = offload.apply_activation_offload(WanDiT(cfg), blocks)
+        with torch.no_grad():
+            model.head.linear.weight.normal_(0, 0.02)
+        with mock.patch.object(offload.torch.autograd.graph, "save_on_cpu", counting):
+            model(x, t, text).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert len(entered) == 1  # block 0 of the second model only
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -168,6 +168,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     (["data.video_ratio=1.5"], "data.video_ratio"),
     (["train.fp8=delayed", "model.backend=local"], "train.fp8"),
     (["train.fp8_attention=true"], "train.fp8_attention"),
+    (["parallel.offload_blocks=99"], "parallel.offload_blocks"),
 ])
 def test_configs_that_cannot_work_are_refused_before_training(store, overrides, field):
     from megawan.training.trainer import preflight

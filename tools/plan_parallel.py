@@ -8,11 +8,15 @@ Sizes are VIDEO frames / pixels; the VAE stride (4 x 8 x 8, or 4 x 16 x 16 for W
 latent size. Memory: bf16 weights, fp32 grads, fp32 main weights + Adam moments sharded by the distributed
 optimizer over DP x CP, activations of the first pipeline stage with 1F1B (see megawan/parallel/memory.py).
 Selective recompute (attention core only) is not listed: with flash-style attention it frees nothing.
+Without recompute, a layout that is short of memory by a few blocks' activations is listed with the fewest
+blocks whose activations go to host memory that make it fit (parallel.offload_blocks; copies over PCIe,
+preferred to full recompute only when few blocks are offloaded, see --max-offload).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 
@@ -31,12 +35,24 @@ def latent_size(preset: str, frames: int, height: int, width: int):
     return 1 + (frames - 1) // stride_t, height // stride_s, width // stride_s
 
 
+def offload_needed(cfg, parallel: ParallelConfig, gpus: int, tokens: int, micro_batch: int, budget: float,
+                   max_offload: int):
+    """The fewest offloaded blocks (<= max_offload) that bring the layout under budget bytes, or None."""
+    layers = cfg.num_layers // parallel.pipeline_parallel
+    for k in range(0, min(max_offload, layers) + 1):
+        trial = dataclasses.replace(parallel, offload_blocks=k)
+        if estimate_memory(cfg, trial, gpus, tokens, micro_batch).total <= budget:
+            return trial
+    return None
+
+
 def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memory_gb: float,
-         micro_batch: int = 1, headroom: float = 0.9):
+         micro_batch: int = 1, headroom: float = 0.9, max_offload: int = 4):
     cfg = dit_preset(preset)
     f, h, w = latent_size(preset, frames, height, width)
     tokens = count_tokens(cfg, f, h, w)
     step_flops = 3 * flops(cfg, micro_batch, f, h, w)
+    budget = gpu_memory_gb * GB * headroom
     rows = []
     powers = [1, 2, 4, 8, 16, 32, 64]
     for tp, pp, cp, recompute in itertools.product([1, 2, 4, 8], [1, 2, 4, 8], powers, ["none", "full"]):
@@ -49,13 +65,16 @@ def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memor
                 RunConfig(model=cfg, parallel=parallel).validate(gpus)
             except ConfigError:
                 continue
+            if recompute == "none":
+                parallel = offload_needed(cfg, parallel, gpus, tokens, micro_batch, budget, max_offload) or parallel
             mem = estimate_memory(cfg, parallel, gpus, tokens, micro_batch)
             rows.append((parallel, mem, step_flops * parallel.data_parallel(gpus) / gpus))
-    fits = [r for r in rows if r[1].total <= gpu_memory_gb * GB * headroom]
-    # prefer: least recompute, then fewest model-parallel ranks (more DP), then least memory
+    fits = [r for r in rows if r[1].total <= budget]
+    # prefer: least recompute, then fewest offloaded blocks, then fewest model-parallel ranks (more DP), then
+    # least memory
     order = {"none": 0, "full": 1}
-    fits.sort(key=lambda r: (order[r[0].recompute], r[0].tensor_parallel * r[0].pipeline_parallel * r[0].context_parallel,
-                             r[1].total))
+    fits.sort(key=lambda r: (order[r[0].recompute], r[0].offload_blocks,
+                             r[0].tensor_parallel * r[0].pipeline_parallel * r[0].context_parallel, r[1].total))
     return cfg, tokens, fits, rows
 
 
@@ -69,17 +88,19 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--max-offload", type=int, default=4,
+                    help="most blocks per stage whose activations may go to host memory (0: never offload)")
     args = ap.parse_args(argv)
     cfg, tokens, fits, rows = plan(args.preset, args.frames, args.height, args.width, args.gpus,
-                                   args.gpu_memory_gb, args.micro_batch)
+                                   args.gpu_memory_gb, args.micro_batch, max_offload=args.max_offload)
     print(f"{args.preset}: {args.frames} frames {args.height}x{args.width} -> {tokens:,} tokens/sample; "
           f"{args.gpus} GPUs x {args.gpu_memory_gb:g} GB; {len(fits)} of {len(rows)} layouts fit (90% of memory)")
-    print(f"{'TP':>3} {'PP':>3} {'CP':>3} {'DP':>3} {'cp mode':8} {'recompute':9} {'params/GPU':>11} "
+    print(f"{'TP':>3} {'PP':>3} {'CP':>3} {'DP':>3} {'cp mode':8} {'recompute':9} {'offload':>7} {'params/GPU':>11} "
           f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9} {'TFLOP/GPU/microbatch':>21}")
     for parallel, mem, per_gpu_flops in fits[: args.top]:
         print(f"{parallel.tensor_parallel:3} {parallel.pipeline_parallel:3} {parallel.context_parallel:3} "
               f"{parallel.data_parallel(args.gpus):3} {parallel.context_parallel_mode if parallel.context_parallel > 1 else '-':8} "
-              f"{parallel.recompute:9} {mem.params_per_gpu / 1e9:10.2f}B {mem.weights / GB:8.1f} {mem.grads / GB:8.1f} "
+              f"{parallel.recompute:9} {parallel.offload_blocks:7} {mem.params_per_gpu / 1e9:10.2f}B {mem.weights / GB:8.1f} {mem.grads / GB:8.1f} "
               f"{mem.optimizer / GB:8.1f} {mem.activations / GB:8.1f} {mem.total / GB:9.1f} {per_gpu_flops / 1e12:21.1f}")
     if not fits:
         print("no layout fits: more GPUs, recompute, or a smaller video")

@@ -46,6 +46,7 @@ class MemoryEstimate:
     grads: int  # fp32 gradient buffer
     optimizer: int  # fp32 main weights + Adam moments, sharded by the distributed optimizer
     activations: int
+    host_activations: int = 0  # offloaded to pinned host memory (parallel.offload_blocks): not on the GPU
 
     @property
     def total(self) -> int:
@@ -70,13 +71,15 @@ def estimate_memory(cfg: DiTConfig, parallel: ParallelConfig, world_size: int, t
     layers = cfg.num_layers // pp
     per_block = activation_bytes_per_block(cfg, local_tokens, text_len, tp, parallel.sequence_parallel, param_bytes)
     block_input = local_tokens * cfg.dim * param_bytes // (tp if parallel.sequence_parallel else 1)
+    offloaded = min(parallel.offload_blocks, layers)
     if parallel.recompute == "full":
-        kept = block_input * layers + per_block  # inputs of every block, one block's activations at a time
+        # inputs of every block, one block's activations at a time; offloaded blocks send their input to the host
+        kept, host = block_input * (layers - offloaded) + per_block, block_input * offloaded
     else:
-        kept = per_block * layers
+        kept, host = per_block * (layers - offloaded), per_block * offloaded
     in_flight = pp if pp > 1 else 1  # 1F1B: the first stage holds pp micro-batches
-    activations = kept * micro_batch * in_flight
-    return MemoryEstimate(params, weights, grads, optimizer, activations)
+    return MemoryEstimate(params, weights, grads, optimizer, kept * micro_batch * in_flight,
+                          host * micro_batch * in_flight)
 
 
 def _numel(shape) -> int:

@@ -215,6 +215,11 @@ class Trainer:
         if cfg.parallel.recompute != "none":
             for chunk in self.chunks:
                 apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)
+        if cfg.parallel.offload_blocks:
+            from megawan.parallel.offload import apply_activation_offload
+
+            for chunk in self.chunks:
+                apply_activation_offload(chunk, cfg.parallel.offload_blocks)
         for chunk in self.chunks:
             chunk.to(self.device)
         self.ddp = wrap_data_parallel(self.chunks, distributed_optimizer=True)

@@ -61,8 +61,9 @@ def _mm(a, sa, b, sb, out_dtype):
 
 
 def _quantizer(t: torch.Tensor):
-    """quantize, fused by torch.compile where the kernels' mode says so (on CUDA by default): the eager version
-    makes five passes over the activation (cast, abs, amax, scale, cast) where the product itself is one."""
+    """quantize, fused by torch.compile under MEGAWAN_KERNELS=compile: the eager version makes five passes over
+    the activation (cast, abs, amax, scale, cast), which on an H100 cost more than FP8 saves on the product
+    (docs/benchmarks.md)."""
     from kernels.dispatch import compiled, kernel_mode
 
     return compiled(quantize) if kernel_mode(t) == "compile" else quantize
