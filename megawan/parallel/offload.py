@@ -2,8 +2,8 @@
 each model chunk save for their backward are copied to pinned host memory during the forward and brought
 back when the backward reaches them (megatron-core's `cpu_offloading_num_layers`, on torch's save_on_cpu).
 
-It trades PCIe time for GPU memory: a 14B-width block at 75,600 tokens saves ~28 GB (H100 measurement,
-docs/benchmarks.md), ~1 s over a 25 GB/s link each way, so it is meant for the few blocks that do not fit
+It trades PCIe time for GPU memory: a 14B-width block at 75,600 tokens saves up to ~28 GB (estimate; two such
+blocks peaked at 53 GB on an H100, docs/benchmarks.md), about a second over a 25 GB/s link each way, so it is meant for the few blocks that do not fit
 rather than for every block; tools/plan_parallel.py sizes it (the fewest blocks that make a layout fit).
 Combined with full recompute, an offloaded recomputed block sends only its input to the host.
 Parameter names are unchanged (forwards are wrapped in place).
