@@ -59,3 +59,39 @@ def test_matches_full_attention(layout, tmp_path):
         grad = torch.cat([r["grads"][i] for r in ranks])
         torch.testing.assert_close(grad[:tokens], ref_inputs[i].grad, rtol=1e-10, atol=1e-10, msg=f"d{name}")
         assert torch.count_nonzero(grad[tokens:]) == 0  # padding receives no gradient
+
+
+def _fp8_worker(rank, data_path, out_dir):
+    from megawan.models.dit.fp8_linear import local_fp8
+
+    cp = context_parallel_groups()
+    data = torch.load(data_path)
+    local = [split_sequence(data[n], cp.rank, cp.size).clone().requires_grad_() for n in ("q", "k", "v")]
+    with local_fp8(attention=True):
+        out = context_parallel_attention(*local, cp, valid_tokens=data["q"].shape[0])
+    (out * split_sequence(data["probe"], cp.rank, cp.size)).sum().backward()
+    torch.save({"out": out.detach(), "grads": [t.grad for t in local]}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_ulysses_runs_the_fp8_attention_as_one_rank_does(tmp_path):
+    """train.fp8_attention under Ulysses CP2: after the all-to-all each rank quantises whole sequences of its
+    heads, so outputs and gradients equal the FP8 kernel on one rank (and differ from bf16 attention)."""
+    pytest.importorskip("triton")
+    from kernels.fp8_flash_attention import fp8_attention
+
+    tokens, b, h, d = 160, 1, 4, 16
+    g = torch.Generator().manual_seed(1)
+    data = {n: torch.randn(tokens, b, h, d, generator=g) for n in ("q", "k", "v")}
+    data["probe"] = torch.randn(tokens, b, h * d, generator=g)
+    torch.save(data, tmp_path / "data.pt")
+    spawn_local(_fp8_worker, world_size=2, context_parallel=2, context_parallel_mode="ulysses",
+                args=(str(tmp_path / "data.pt"), str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    ref_inputs = [data[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    ref = fp8_attention(*(t.permute(1, 2, 0, 3) for t in ref_inputs)).permute(2, 0, 1, 3).flatten(2)
+    (ref * data["probe"]).sum().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), ref.detach(), rtol=1e-5, atol=1e-6)
+    for i in range(3):
+        torch.testing.assert_close(torch.cat([r["grads"][i] for r in ranks]), ref_inputs[i].grad, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ref, _reference(*(data[n] for n in ("q", "k", "v"))), atol=1e-3)

@@ -210,7 +210,17 @@ def context_parallel_attention(query, key, value, cp: ContextParallelGroups, val
         mask = None
         if valid_tokens is not None and valid_tokens < k.shape[-2]:
             mask = (torch.arange(k.shape[-2], device=k.device) < valid_tokens).view(1, 1, 1, -1)  # True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        from megawan.models.dit.fp8_linear import fp8_attention_enabled  # (the model package imports this one)
+
+        if mask is None and fp8_attention_enabled():
+            # train.fp8_attention: after the all-to-all each rank holds whole sequences of its heads, so the FP8
+            # kernel's per-head, per-128-token quantisation blocks are those of one rank (ring and padded
+            # sequences stay in bf16 / fp32: the kernel's bf16 backward knows no key mask)
+            from kernels import fp8_attention
+
+            out = fp8_attention(q, k, v, scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     out = out.permute(2, 0, 1, 3)  # [L', b, h', d]
     out = all_to_all(out, cp.ulysses, scatter_dim=0, gather_dim=2)
     return out.flatten(2)

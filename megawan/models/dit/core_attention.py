@@ -62,7 +62,8 @@ class SDPACoreAttention(MegatronModule):
             mask = keep if mask is None else mask & keep
         if self.self_attention and mask is None and fp8_attention_enabled():
             # train.fp8_attention on the local backend: both products in FP8 (the cross-attention to 512 text
-            # tokens, a small share of the FLOPs, stays bf16, as do context-parallel and padded sequences)
+            # tokens, a small share of the FLOPs, stays bf16, as do padded sequences; under context parallelism
+            # context_parallel_attention decides: Ulysses runs the FP8 kernel, ring does not)
             from kernels import fp8_attention
 
             out = fp8_attention(q, k, v, self.softmax_scale)
