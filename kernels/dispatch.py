@@ -111,6 +111,17 @@ def qk_norm_rope(x, weight, cos, sin, heads: int, eps: float):
     return fn(x, weight, cos, sin, heads, eps)
 
 
+def quantize_fp8(t, dtype):
+    """Per-tensor FP8 cast for the local backend's FP8 linears: the Triton cast (kernels/fp8_cast.py, two passes),
+    the compiled reference, or the eager reference (five passes)."""
+    mode = kernel_mode(t)
+    if mode == "triton":
+        from kernels.fp8_cast import quantize_fp8 as fused
+
+        return fused(t, dtype)
+    return (compiled(reference.quantize_fp8) if mode == "compile" else reference.quantize_fp8)(t, dtype)
+
+
 def fp8_attention(q, k, v, scale=None):
     """Bidirectional attention with FP8 products (kernels/fp8_flash_attention.py): q [b, h, s_q, d], k / v [b, h, s_k, d].
     A Triton kernel only: there is no torch FP8 attention to fall back to, so on CPU it runs whenever Triton's

@@ -26,3 +26,11 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     c, s_ = cos.float()[:, None, None, :], sin.float()[:, None, None, :]
     x1, x2 = y[..., 0], y[..., 1]
     return torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def quantize_fp8(t: torch.Tensor, dtype: torch.dtype):
+    """Per-tensor current scaling: (t · max / amax saturated and cast to dtype, the inverse scale, fp32 0-d)."""
+    top = torch.finfo(dtype).max
+    amax = t.detach().abs().amax().float().clamp_min(1e-12)
+    scale = top / amax
+    return (t.detach().float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()

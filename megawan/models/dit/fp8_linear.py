@@ -45,10 +45,9 @@ def fp8_attention_enabled() -> bool:
 
 def quantize(t: torch.Tensor, dtype: torch.dtype):
     """(t scaled into dtype's range and cast, the inverse scale as an fp32 scalar tensor)."""
-    top = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float().clamp_min(1e-12)
-    scale = top / amax
-    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+    from kernels.dispatch import quantize_fp8
+
+    return quantize_fp8(t, dtype)
 
 
 def _col(m: torch.Tensor) -> torch.Tensor:
@@ -60,21 +59,11 @@ def _mm(a, sa, b, sb, out_dtype):
     return torch._scaled_mm(a.contiguous(), _col(b), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
-def _quantizer(t: torch.Tensor):
-    """quantize, fused by torch.compile under MEGAWAN_KERNELS=compile: the eager version makes five passes over
-    the activation (cast, abs, amax, scale, cast), which on an H100 cost more than FP8 saves on the product
-    (docs/benchmarks.md)."""
-    from kernels.dispatch import compiled, kernel_mode
-
-    return compiled(quantize) if kernel_mode(t) == "compile" else quantize
-
-
 class _Fp8Matmul(torch.autograd.Function):
     """y = x wᵀ with x [N, in] and w [out, in] in E4M3; dgrad and wgrad with the gradient in E5M2."""
 
     @staticmethod
     def forward(ctx, x, w):
-        quantize = _quantizer(x)
         qx, sx = quantize(x, E4M3)
         qw, sw = quantize(w, E4M3)
         ctx.save_for_backward(qx, sx, qw, sw)
@@ -84,7 +73,7 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qx, sx, qw, sw = ctx.saved_tensors
-        qg, sg = _quantizer(grad)(grad, E5M2)
+        qg, sg = quantize(grad, E5M2)
         grad_x = _mm(qg, sg, qw, sw, ctx.dtypes[0])  # [N, out] @ [out, in]
         grad_w = _mm(qg.t(), sg, qx, sx, ctx.dtypes[1])  # [out, N] @ [N, in]
         return grad_x, grad_w
