@@ -128,7 +128,7 @@ def fp8_attention(q, k, v, scale=None):
     interpreter is on."""
     if not triton_runnable() or not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("FP8 attention (train.fp8_attention) is a Triton kernel: it needs Triton and a CUDA "
-                           "device (on CPU, TRITON_INTERPRET=1 with MEGAWAN_KERNELS=triton)")
+                           "device (on CPU, Triton's interpreter: TRITON_INTERPRET=1)")
     from kernels.fp8_flash_attention import fp8_attention as fused
 
     return fused(q, k, v, scale)

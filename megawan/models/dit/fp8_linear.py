@@ -20,6 +20,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region)
 
+from kernels.dispatch import quantize_fp8
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 _STATE = {"enabled": False, "attention": False}
 
@@ -43,11 +45,6 @@ def fp8_attention_enabled() -> bool:
     return _STATE["attention"]
 
 
-def quantize(t: torch.Tensor, dtype: torch.dtype):
-    """(t scaled into dtype's range and cast, the inverse scale as an fp32 scalar tensor)."""
-    from kernels.dispatch import quantize_fp8
-
-    return quantize_fp8(t, dtype)
 
 
 def _col(m: torch.Tensor) -> torch.Tensor:
@@ -64,8 +61,8 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w):
-        qx, sx = quantize(x, E4M3)
-        qw, sw = quantize(w, E4M3)
+        qx, sx = quantize_fp8(x, E4M3)  # (values in E4M3, the inverse scale)
+        qw, sw = quantize_fp8(w, E4M3)
         ctx.save_for_backward(qx, sx, qw, sw)
         ctx.dtypes = (x.dtype, w.dtype)
         return _mm(qx, sx, qw.t(), sw, x.dtype)
@@ -73,7 +70,7 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qx, sx, qw, sw = ctx.saved_tensors
-        qg, sg = quantize(grad, E5M2)
+        qg, sg = quantize_fp8(grad, E5M2)
         grad_x = _mm(qg, sg, qw, sw, ctx.dtypes[0])  # [N, out] @ [out, in]
         grad_w = _mm(qg.t(), sg, qx, sx, ctx.dtypes[1])  # [out, N] @ [N, in]
         return grad_x, grad_w
