@@ -55,6 +55,17 @@ def _megawan_model(cfg, dtype, device):
     return model
 
 
+def step_inputs(cfg, latent: tuple, batch: int, dtype, device):
+    """The same random (latents, timesteps, text states, target) for every implementation (seed 0)."""
+    frames, height, width = latent
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_dim, frames, height, width, generator=g).to(device, dtype)
+    t = (torch.rand(batch, generator=g) * 1000).to(device)
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g).to(device, dtype)
+    target = torch.randn(batch, cfg.out_dim, frames, height, width, generator=g).to(device)
+    return x, t, text, target
+
+
 def _recompute(impl: str, model, mode: str, every: int):
     """Full activation recompute on both sides (diffusers: its gradient checkpointing, every block)."""
     if mode == "none":
@@ -106,11 +117,7 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     frames, height, width = latent
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cfg.in_dim, frames, height, width, generator=g).to(device, dtype)
-    t = (torch.rand(batch, generator=g) * 1000).to(device)
-    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g).to(device, dtype)
-    target = torch.randn(batch, cfg.out_dim, frames, height, width, generator=g).to(device)
+    x, t, text, target = step_inputs(cfg, latent, batch, dtype, device)
     model_flops = 3 * flops(cfg, batch, frames, height, width)
     results = {}
     for impl in impls:

@@ -40,12 +40,7 @@ def profile(impl: str, cfg, latent, precision: str, fp8_attention: bool, recompu
     import bench_dit
 
     device = torch.device("cuda")
-    frames, height, width = latent
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, cfg.in_dim, frames, height, width, generator=g).to(device, torch.bfloat16)
-    t = (torch.rand(1, generator=g) * 1000).to(device)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device, torch.bfloat16)
-    target = torch.randn(1, cfg.out_dim, frames, height, width, generator=g).to(device)
+    x, t, text, target = bench_dit.step_inputs(cfg, latent, 1, torch.bfloat16, device)
     build = bench_dit._diffusers_model if impl.startswith("diffusers") else bench_dit._megawan_model
     model = build(cfg, torch.bfloat16, device).train()
     bench_dit._recompute(impl, model, recompute, 1)
