@@ -142,8 +142,7 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
                     times.append(time.perf_counter() - start)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # one implementation failing (OOM, a compile error)
             results[impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}  # keeps the others
-            del model, step
-            continue
+            continue  # (the next implementation's `model = step = None` frees this one)
         seconds = statistics.median(times)
         results[impl] = {"seconds": seconds, "model_tflops": model_flops / seconds / 1e12,
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
