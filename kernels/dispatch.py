@@ -28,7 +28,7 @@ MODES = ("auto", "triton", "compile", "torch")
 
 def kernel_mode(t: torch.Tensor) -> str:
     """How the fusable pieces of the block (modulated LayerNorm, gated residual, q/k norm + RoPE, FP8 casts)
-    run for tensor t: "triton" (our kernels, the reference's backward), "compile" (the references through
+    run for tensor t: "triton" (our kernels, forward and backward), "compile" (the references through
     torch.compile: Inductor fuses forward and backward) or "torch" (the references, eager).
 
     MEGAWAN_KERNELS picks one; auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1.
@@ -62,51 +62,87 @@ def compiled(fn):
     return torch.compile(fn)
 
 
-class _Fused(torch.autograd.Function):
-    """A Triton forward with the reference's backward: the backward recomputes the reference (cheap, elementwise
-    and norms) under autograd, so training through the kernels needs no hand-written gradients."""
+class _Modulate(torch.autograd.Function):
+    """Triton forward and backward of the modulated LayerNorm (kernels/modulation.py)."""
 
     @staticmethod
-    def forward(ctx, name, fused, ref, extra, *tensors):
-        ctx.ref, ctx.extra = ref, extra
-        ctx.save_for_backward(*tensors)
-        return fused(*tensors, *extra)
+    def forward(ctx, x, scale, shift, eps):
+        from kernels.modulation import modulate_triton
+
+        ctx.save_for_backward(x, scale)
+        ctx.eps, ctx.shift_shape = eps, (shift.shape, shift.dtype)
+        return modulate_triton(x, scale, shift, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            out = ctx.ref(*inputs, *ctx.extra)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-        return (None, None, None, None, *[next(grads) if t.requires_grad else None for t in inputs])
+        from kernels.modulation import modulate_backward_triton
+
+        x, scale = ctx.saved_tensors
+        shape, dtype = ctx.shift_shape
+        shift = torch.empty(shape, dtype=dtype, device=x.device)  # only its broadcast shape is read
+        dx, dscale, dshift = modulate_backward_triton(x, scale, shift, grad, ctx.eps)
+        return dx, dscale, dshift, None
+
+
+class _GatedResidual(torch.autograd.Function):
+    """Triton forward and backward of x + y · gate (kernels/modulation.py)."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        from kernels.modulation import gated_residual_triton
+
+        ctx.save_for_backward(y, gate)
+        return gated_residual_triton(x, y, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from kernels.modulation import gated_residual_backward_triton
+
+        y, gate = ctx.saved_tensors
+        return gated_residual_backward_triton(y, gate, grad)
+
+
+class _QKNormRope(torch.autograd.Function):
+    """Triton forward and backward of the q/k RMSNorm + 3D RoPE (kernels/rmsnorm_rope.py); the RoPE tables are
+    constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, heads, eps):
+        from kernels.rmsnorm_rope import qk_norm_rope_triton
+
+        if cos.requires_grad or sin.requires_grad:
+            raise ValueError("qk_norm_rope: the RoPE tables must not require gradients")
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.heads, ctx.eps = heads, eps
+        return qk_norm_rope_triton(x, weight, cos, sin, heads, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from kernels.rmsnorm_rope import qk_norm_rope_backward_triton
+
+        x, weight, cos, sin = ctx.saved_tensors
+        dx, dweight = qk_norm_rope_backward_triton(x, weight, cos, sin, grad, ctx.heads, ctx.eps)
+        return dx, dweight, None, None, None, None
 
 
 def modulate(x, scale, shift, eps: float):
     mode = kernel_mode(x)
     if mode == "triton":
-        from kernels.modulation import modulate_triton
-
-        return _Fused.apply("modulate", modulate_triton, reference.modulate, (eps,), x, scale, shift)
+        return _Modulate.apply(x, scale, shift, eps)
     return (compiled(reference.modulate) if mode == "compile" else reference.modulate)(x, scale, shift, eps)
 
 
 def gated_residual(x, y, gate):
     mode = kernel_mode(x)
     if mode == "triton":
-        from kernels.modulation import gated_residual_triton
-
-        return _Fused.apply("gated_residual", gated_residual_triton, reference.gated_residual, (), x, y, gate)
+        return _GatedResidual.apply(x, y, gate)
     return (compiled(reference.gated_residual) if mode == "compile" else reference.gated_residual)(x, y, gate)
 
 
 def qk_norm_rope(x, weight, cos, sin, heads: int, eps: float):
     mode = kernel_mode(x)
     if mode == "triton":
-        from kernels.rmsnorm_rope import qk_norm_rope_triton
-
-        return _Fused.apply("qk_norm_rope", qk_norm_rope_triton, reference.qk_norm_rope, (heads, eps), x, weight,
-                            cos, sin)
+        return _QKNormRope.apply(x, weight, cos, sin, heads, eps)
     fn = compiled(reference.qk_norm_rope) if mode == "compile" else reference.qk_norm_rope
     return fn(x, weight, cos, sin, heads, eps)
 
