@@ -142,6 +142,12 @@ def _gated_residual_backward_kernel(y_ptr, gate_ptr, dout_ptr, dy_ptr, dgate_ptr
         tl.store(dgate_ptr + (block * batch + j) * dim + cols, dgate_acc, mask=in_row)
 
 
+def warps_for(block: int) -> int:
+    """Warps for a program that holds whole rows of `block` values: ~256 values per warp (Triton's LayerNorm
+    tutorial rule), up to 16 so that a 5120-wide row's several live fp32 vectors stay in registers."""
+    return min(max(block // 256, 1), 16)
+
+
 def rows_per_program(seq: int) -> int:
     """Tokens per backward program: enough programs to fill a GPU (~256 per sample), few partial rows to add."""
     return max(1, min(64, triton.cdiv(seq, 256)))
@@ -167,7 +173,8 @@ def modulate_backward_triton(x, scale, shift, dout, eps: float, rows: int | None
     dshift = torch.empty((s if per_token_shift else blocks, b, d), device=x.device, dtype=torch.float32)
     _modulate_backward_kernel[(blocks, b)](x, scale_rows, dout, dx, dscale, dshift, s, b, d, sc_s, sc_b, eps,
                                            ROWS=rows, PER_TOKEN_SCALE=per_token_scale,
-                                           PER_TOKEN_SHIFT=per_token_shift, BLOCK=triton.next_power_of_2(d))
+                                           PER_TOKEN_SHIFT=per_token_shift, BLOCK=triton.next_power_of_2(d),
+                                           num_warps=warps_for(triton.next_power_of_2(d)))
     return dx, _param_grad(dscale, scale), _param_grad(dshift, shift)
 
 
@@ -182,5 +189,6 @@ def gated_residual_backward_triton(y, gate, dout, rows: int | None = None):
     dy = torch.empty_like(y)
     dgate = torch.empty((s if per_token else blocks, b, d), device=y.device, dtype=torch.float32)
     _gated_residual_backward_kernel[(blocks, b)](y, gate_rows, dout, dy, dgate, s, b, d, g_s, g_b, ROWS=rows,
-                                                 PER_TOKEN=per_token, BLOCK=triton.next_power_of_2(d))
+                                                 PER_TOKEN=per_token, BLOCK=triton.next_power_of_2(d),
+                                                 num_warps=warps_for(triton.next_power_of_2(d)))
     return dout, dy, _param_grad(dgate, gate)

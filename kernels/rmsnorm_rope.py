@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.modulation import warps_for
+
 
 @triton.jit
 def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, batch, hidden, half, eps,
@@ -97,9 +99,10 @@ def qk_norm_rope_backward_triton(x, weight, cos, sin, dout, heads: int, eps: flo
     rows_total = s * b
     rows = rows or max(1, min(64, triton.cdiv(rows_total, 512)))  # rows (tokens x samples) per program
     blocks = triton.cdiv(rows_total, rows)
+    block = triton.next_power_of_2(hidden // 2)
     dx = torch.empty_like(x)
     dw = torch.empty((blocks, hidden), device=x.device, dtype=torch.float32)
     _qk_norm_rope_backward_kernel[(blocks,)](x, weight.contiguous(), cos.float().contiguous(),
                                              sin.float().contiguous(), dout, dx, dw, rows_total, b, hidden, half,
-                                             eps, ROWS=rows, BLOCK=triton.next_power_of_2(hidden // 2))
+                                             eps, ROWS=rows, BLOCK=block, num_warps=warps_for(block))
     return dx, dw.sum(0).to(weight.dtype)
