@@ -81,6 +81,14 @@ def gated_residual_triton(x, y, gate):
 
 
 @triton.jit
+def _backward_row(block, r, j, seq, batch, dim, cols, ROWS: tl.constexpr):
+    """Row r of backward program (block, j): its token i, the column mask (all off past the last token: a tail
+    program) and the row's offset in x [s, b, D]."""
+    i = block * ROWS + r
+    return i, cols < tl.where(i < seq, dim, 0), (i * batch + j) * dim
+
+
+@triton.jit
 def _modulate_backward_kernel(x_ptr, scale_ptr, dout_ptr, dx_ptr, dscale_ptr, dshift_ptr, seq, batch, dim,
                               sc_s, sc_b, eps, ROWS: tl.constexpr, PER_TOKEN_SCALE: tl.constexpr,
                               PER_TOKEN_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
@@ -90,9 +98,7 @@ def _modulate_backward_kernel(x_ptr, scale_ptr, dout_ptr, dx_ptr, dscale_ptr, ds
     dscale_acc = tl.zeros([BLOCK], dtype=tl.float32)
     dshift_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in range(ROWS):
-        i = block * ROWS + r
-        mask = cols < tl.where(i < seq, dim, 0)  # a tail program's rows past the end: nothing
-        base = (i * batch + j) * dim
+        i, mask, base = _backward_row(block, r, j, seq, batch, dim, cols, ROWS)
         x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + i * sc_s + j * sc_b + cols, mask=mask, other=0.0).to(tl.float32)
@@ -127,9 +133,7 @@ def _gated_residual_backward_kernel(y_ptr, gate_ptr, dout_ptr, dy_ptr, dgate_ptr
     in_row = cols < dim
     dgate_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in range(ROWS):
-        i = block * ROWS + r
-        mask = cols < tl.where(i < seq, dim, 0)  # a tail program's rows past the end: nothing
-        base = (i * batch + j) * dim
+        i, mask, base = _backward_row(block, r, j, seq, batch, dim, cols, ROWS)
         y = tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(gate_ptr + i * g_s + j * g_b + cols, mask=mask, other=0.0).to(tl.float32)
