@@ -79,7 +79,7 @@ class _Modulate(torch.autograd.Function):
 
         x, scale = ctx.saved_tensors
         shape, dtype = ctx.shift_shape
-        shift = torch.empty(shape, dtype=dtype, device=x.device)  # only its broadcast shape is read
+        shift = torch.empty(shape, dtype=dtype, device="meta")  # only its shape and dtype are read: no memory
         dx, dscale, dshift = modulate_backward_triton(x, scale, shift, grad, ctx.eps)
         return dx, dscale, dshift, None
 
