@@ -1,0 +1,278 @@
+"""One run's config: the sections (parallel layout, data, optimizer, train, checkpoint, logging, validation),
+`RunConfig` and its cross-section checks, and reading it from YAML with `section.key=value` overrides.
+
+One config per run. Every field has a default; an unknown key is an error that names the key (and the nearest
+known one); impossible values are rejected by `validate()` before any rank starts, with a message naming the field.
+
+    cfg = load_config("examples/configs/tiny_tp2.yaml", ["model.num_layers=4", "parallel.tensor_parallel=2"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from megawan.config.dit import DIT_PRESETS, DiTConfig
+from megawan.config.fields import ConfigError, build, checker, did_you_mean
+
+CP_MODES = ("ulysses", "ring", "2d")
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out: world = data x pipeline x context x tensor (megatron-core's order)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    context_parallel: int = 1
+    # ulysses: all-to-all, heads scattered; ring: K/V passed around with online softmax;
+    # 2d: ulysses inside groups of `ulysses_size` ranks (a node), ring across them (the Wan report's layout)
+    context_parallel_mode: str = "ulysses"
+    ulysses_size: Optional[int] = None
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | full (whole blocks) | selective (core attention only)
+    recompute_every: int = 1  # full: recompute every N-th block
+    offload_blocks: int = 0  # activations of the first N blocks of each stage in pinned host memory (plan_parallel)
+
+    def validate(self, world_size: Optional[int] = None, prefix: str = "parallel") -> "ParallelConfig":
+        need = checker(prefix)
+
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        need(self.virtual_pipeline is None or self.virtual_pipeline >= 1, "virtual_pipeline", "must be >= 1")
+        need(self.virtual_pipeline is None or self.pipeline_parallel > 1, "virtual_pipeline",
+             "interleaving needs pipeline_parallel > 1")
+        need(self.context_parallel_mode in CP_MODES, "context_parallel_mode",
+             f"{self.context_parallel_mode!r} is not one of {CP_MODES}")
+        if self.context_parallel_mode == "2d" and self.context_parallel > 1:
+            u = self.ulysses_size
+            need(u is not None and 1 < u < self.context_parallel and self.context_parallel % u == 0, "ulysses_size",
+                 f"2d context parallelism needs 1 < ulysses_size < context_parallel={self.context_parallel} "
+                 f"dividing it, got {u}")
+        need(self.recompute in ("none", "full", "selective"), "recompute",
+             f"{self.recompute!r} is not one of none, full, selective")
+        need(self.recompute_every >= 1, "recompute_every", f"must be >= 1, got {self.recompute_every}")
+        need(self.offload_blocks >= 0, "offload_blocks", f"must be >= 0, got {self.offload_blocks}")
+        need(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
+             "sequence parallelism splits activations over TP ranks: it needs tensor_parallel > 1")
+        if world_size is not None:
+            model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+            need(world_size % model_parallel == 0, "tensor_parallel",
+                 f"world size {world_size} is not divisible by tensor x pipeline x context parallel = {model_parallel}")
+        return self
+
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks over which attention heads are scattered by all-to-all."""
+        if self.context_parallel == 1 or self.context_parallel_mode == "ring":
+            return 1
+        return self.context_parallel if self.context_parallel_mode == "ulysses" else self.ulysses_size
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's samples come from: the latent store, its buckets and the batch sizes."""
+
+    store: str = ""  # the Zarr latent store (tools/precompute_latents.py)
+    buckets: tuple = ()  # bucket names this stage trains on; empty = every bucket of the store
+    video_ratio: float = 1.0  # fraction of steps drawn from video buckets (the rest: image buckets)
+    global_batch_size: int = 8  # samples per step over all data-parallel ranks, video buckets
+    image_global_batch_size: Optional[int] = None  # image buckets (default: global_batch_size)
+    micro_batch_size: int = 1  # samples per forward / backward on a rank
+    num_workers: int = 2  # loader read-ahead threads
+
+    def validate(self, prefix: str = "data") -> "DataConfig":
+        need = checker(prefix)
+        need(0.0 <= self.video_ratio <= 1.0, "video_ratio", f"{self.video_ratio} is not within [0, 1]")
+        for name in ("global_batch_size", "micro_batch_size"):
+            need(getattr(self, name) >= 1, name, "must be at least 1")
+        need(self.image_global_batch_size is None or self.image_global_batch_size >= 1, "image_global_batch_size",
+             "must be at least 1")
+        return self
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (megatron-core's distributed optimizer) and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine | linear
+    decay_steps: Optional[int] = None  # default: train.steps
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 = no clipping
+
+    def validate(self, prefix: str = "optimizer") -> "OptimizerConfig":
+        need = checker(prefix)
+        need(self.decay in ("constant", "cosine", "linear"), "decay", f"{self.decay!r} is not constant, cosine or linear")
+        need(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr / min_lr",
+             f"need 0 <= min_lr <= lr and lr > 0, got {self.lr}, {self.min_lr}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, precision, flow-matching settings, EMA, failure handling."""
+
+    steps: int = 1000
+    precision: str = "bf16"  # bf16 (fp32 main weights in the optimizer) | fp32
+    fp8: Optional[str] = None  # delayed (Transformer Engine) | current (TE, or plain torch FP8 on the local backend)
+    fp8_attention: bool = False  # self-attention in FP8 too (TE's fp8_dpa; local backend: kernels/fp8_flash_attention.py)
+    shift: float = 5.0  # Wan's timestep shift for training
+    timestep_distribution: str = "uniform"  # uniform | logit_normal
+    expert: Optional[str] = None  # A14B: train the "high" or "low" noise expert on its own timestep range
+    ema_decay: float = 0.0  # 0 = no EMA
+    max_bad_steps: int = 5  # NaN / inf losses in a row before the run stops
+    log_every: int = 1
+    memory_budget_gb: Optional[float] = None  # refuse buckets whose estimated step does not fit
+    text_dropout: float = 0.0  # probability that a sample trains with zero text states (the null condition CFG uses)
+
+    def validate(self, prefix: str = "train") -> "TrainConfig":
+        need = checker(prefix)
+
+        need(self.steps >= 1, "steps", "must be at least 1")
+        need(self.precision in ("bf16", "fp32"), "precision", f"{self.precision!r} is not bf16 or fp32")
+        need(self.fp8 in (None, "delayed", "current"), "fp8", f"{self.fp8!r} is not delayed or current")
+        need(not self.fp8_attention or self.fp8 is not None, "fp8_attention", "needs train.fp8 (delayed or current)")
+        need(self.shift > 0, "shift", "must be positive")
+        need(self.timestep_distribution in ("uniform", "logit_normal"), "timestep_distribution",
+             f"{self.timestep_distribution!r} is not uniform or logit_normal")
+        need(self.expert in (None, "high", "low"), "expert", f"{self.expert!r} is not high or low")
+        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        need(self.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
+        need(0.0 <= self.text_dropout < 1.0, "text_dropout", "must be in [0, 1)")
+        return self
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every: int = 100  # steps between checkpoints (also written on SIGTERM / SIGUSR1 and at the end)
+    keep: int = 3  # the newest K complete checkpoints are kept
+    init_from: Optional[str] = None  # warm start: weights only, from a checkpoint of an earlier stage
+
+
+@dataclass
+class LoggingConfig:
+    dir: Optional[str] = None  # metrics.jsonl and TensorBoard events (default: <checkpoint.dir>/logs)
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    """Every `every` steps: the loss on held-out latents at fixed flow times, and videos sampled for held-out
+    prompts (decoded with the VAE: mp4 per prompt + a contact sheet). The held-out store is precomputed like
+    the training store, from clips kept out of it."""
+
+    every: int = 0  # steps between validations; 0 = never
+    store: Optional[str] = None  # held-out latent store (tools/precompute_latents.py)
+    loss_timesteps: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)  # flow times (unshifted) of the held-out loss
+    loss_samples: int = 0  # held-out samples per bucket in the loss; 0 = all
+    num_samples: int = 4  # prompts sampled: the first ones of `bucket` in the held-out store
+    bucket: Optional[str] = None  # the shape sampled; default: the held-out store's first video bucket
+    sampler: str = "unipc"  # unipc | euler
+    steps: int = 20
+    shift: float = 5.0  # sampling shift (Wan: 5.0 at 480p, 3.0 at 720p... as the official generate.py)
+    guidance: float = 1.0  # classifier-free guidance; the unconditional pass uses zero text states
+    batch_size: int = 4  # prompts sampled together by one model replica
+    use_ema: bool = True  # sample and measure with the EMA weights when the run keeps an EMA
+    vae: Optional[str] = None  # VAE weights for decoding (any layout megawan.models.loading reads); None = no videos
+    vae_config: Optional[str] = None  # its preset; default: the store's
+    fps: int = 16
+    seed: int = 1234
+
+    def validate(self, prefix: str = "validation") -> "ValidationConfig":
+        need = checker(prefix)
+
+        need(self.every >= 0, "every", "must be 0 (off) or a number of steps")
+        need(self.every == 0 or bool(self.store), "store", "validation.every is set but no held-out store is given")
+        need(all(0.0 < t < 1.0 for t in self.loss_timesteps), "loss_timesteps", "flow times must be in (0, 1)")
+        need(self.sampler in ("unipc", "euler"), "sampler", f"{self.sampler!r} is not unipc or euler")
+        need(self.steps >= 1 and self.num_samples >= 0 and self.batch_size >= 1, "steps",
+             "steps and batch_size must be at least 1, num_samples at least 0")
+        need(self.shift > 0, "shift", "must be positive")
+        return self
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one YAML file maps onto this."""
+
+    model: DiTConfig = field(default_factory=DiTConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    seed: int = 0
+
+    def validate(self, world_size: Optional[int] = None) -> "RunConfig":
+        p = self.parallel.validate(world_size)
+        self.model.validate(tensor_parallel=p.tensor_parallel)
+        self.data.validate()
+        self.optimizer.validate()
+        self.train.validate()
+        self.validation.validate()
+        if self.train.expert is not None and self.model.expert_boundary is None:
+            raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
+        if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
+            raise ConfigError("checkpoint.every / checkpoint.keep: must be at least 1")
+        heads_split = p.tensor_parallel * p.ulysses_degree
+        if self.model.num_heads % heads_split:
+            raise ConfigError(
+                f"model.num_heads: {self.model.num_heads} heads do not split over tensor_parallel x ulysses "
+                f"context parallel = {heads_split} ranks (use context_parallel_mode=ring or fewer ranks)")
+        if self.model.num_layers % (p.pipeline_parallel * (p.virtual_pipeline or 1)):
+            raise ConfigError(
+                f"model.num_layers: {self.model.num_layers} blocks do not split into pipeline_parallel x "
+                f"virtual_pipeline = {p.pipeline_parallel * (p.virtual_pipeline or 1)} stages")
+        chunk_blocks = self.model.num_layers // (p.pipeline_parallel * (p.virtual_pipeline or 1))
+        if p.offload_blocks > chunk_blocks:
+            raise ConfigError(f"parallel.offload_blocks: {p.offload_blocks} is more than the {chunk_blocks} blocks "
+                              "of a model chunk")
+        return self
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
+    """Read a run config from YAML (or start from defaults) and apply `section.key=value` overrides.
+
+    `model: {preset: NAME, ...}` starts the model section from a preset; other model keys override it.
+    """
+    raw: dict = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.pop("preset", None)
+    if preset is not None:
+        if preset not in DIT_PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}{did_you_mean(preset, DIT_PRESETS)}")
+        model_raw = {"name": preset, **DIT_PRESETS[preset], **model_raw}
+    raw = {**raw, "model": model_raw}
+    return build(RunConfig, raw, "").validate()
