@@ -89,7 +89,7 @@ class WanDiT(MegatronModule):
     A stage holds the blocks `layers` (global indices); the first (pre_process) adds the patch embedding,
     the last (post_process) the head. Every stage embeds the text and the timestep itself (cheap next to a
     block) rather than receiving them: those parameters are pipeline-shared, marked `pipeline_shared`, and
-    their gradients are summed over the stages (megawan.parallel.pipeline).
+    their gradients are summed over the stages (megawan.training.schedule.finalize_model_grads).
     """
 
     def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,
