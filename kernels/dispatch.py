@@ -67,7 +67,7 @@ class _Modulate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
-        from kernels.modulation import modulate_triton
+        from kernels.modulation import modulate_triton  # Triton: an optional dependency
 
         ctx.save_for_backward(x, scale)
         ctx.eps, ctx.shift_shape = eps, (shift.shape, shift.dtype)
@@ -75,7 +75,7 @@ class _Modulate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from kernels.modulation import modulate_backward_triton
+        from kernels.modulation import modulate_backward_triton  # Triton: an optional dependency
 
         x, scale = ctx.saved_tensors
         shape, dtype = ctx.shift_shape
@@ -89,14 +89,14 @@ class _GatedResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, gate):
-        from kernels.modulation import gated_residual_triton
+        from kernels.modulation import gated_residual_triton  # Triton: an optional dependency
 
         ctx.save_for_backward(y, gate)
         return gated_residual_triton(x, y, gate)
 
     @staticmethod
     def backward(ctx, grad):
-        from kernels.modulation import gated_residual_backward_triton
+        from kernels.modulation import gated_residual_backward_triton  # Triton: an optional dependency
 
         y, gate = ctx.saved_tensors
         return gated_residual_backward_triton(y, gate, grad)
@@ -108,7 +108,7 @@ class _QKNormRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, heads, eps):
-        from kernels.rmsnorm_rope import qk_norm_rope_triton
+        from kernels.rmsnorm_rope import qk_norm_rope_triton  # Triton: an optional dependency
 
         if cos.requires_grad or sin.requires_grad:
             raise ValueError("qk_norm_rope: the RoPE tables must not require gradients")
@@ -118,7 +118,7 @@ class _QKNormRope(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from kernels.rmsnorm_rope import qk_norm_rope_backward_triton
+        from kernels.rmsnorm_rope import qk_norm_rope_backward_triton  # Triton: an optional dependency
 
         x, weight, cos, sin = ctx.saved_tensors
         dx, dweight = qk_norm_rope_backward_triton(x, weight, cos, sin, grad, ctx.heads, ctx.eps)
@@ -152,7 +152,7 @@ def quantize_fp8(t, dtype):
     the compiled reference, or the eager reference (five passes)."""
     mode = kernel_mode(t)
     if mode == "triton":
-        from kernels.fp8_cast import quantize_fp8 as fused
+        from kernels.fp8_cast import quantize_fp8 as fused  # Triton: an optional dependency
 
         return fused(t, dtype)
     return (compiled(reference.quantize_fp8) if mode == "compile" else reference.quantize_fp8)(t, dtype)
@@ -165,6 +165,6 @@ def fp8_attention(q, k, v, scale=None):
     if not triton_runnable() or not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("FP8 attention (train.fp8_attention) is a Triton kernel: it needs Triton and a CUDA "
                            "device (on CPU, Triton's interpreter: TRITON_INTERPRET=1)")
-    from kernels.fp8_flash_attention import fp8_attention as fused
+    from kernels.fp8_flash_attention import fp8_attention as fused  # Triton: an optional dependency
 
     return fused(q, k, v, scale)

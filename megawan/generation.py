@@ -192,7 +192,7 @@ def load_dit(path: str, config, use_ema: bool = True):
     from megatron.core import parallel_state as ps
 
     from megawan.config import ParallelConfig
-    from megawan.parallel.pipeline import build_model_chunks
+    from megawan.models.dit.parallelize import build_model_chunks
     from megawan.training.checkpoint import load_checkpoint
     from megawan.training.ema import EMA
 

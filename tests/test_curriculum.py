@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megawan.config import load_config
-from megawan.parallel.memory import estimate_memory
+from megawan.training.memory import estimate_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = {"wan2.1-t2v-1.3b": 64, "wan2.1-t2v-14b": 256}

@@ -2,7 +2,9 @@
 
 import torch
 
+from megawan.config import dit_preset
 from megawan.diffusion import FlowMatching, shift_timesteps
+from megawan.models.dit import WanDiT
 
 
 def test_shift_matches_wan_formula_and_favours_noise():
@@ -52,13 +54,23 @@ def test_clean_first_frame_for_ti2v():
     assert FlowMatching.loss(pred, target) > 0
 
 
+def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching, noise: torch.Tensor,
+                       t: torch.Tensor, clean_first_frame: bool = False) -> torch.Tensor:
+    """MSE between the model's velocity at (x_t, t) and noise - x0 (t in 0-1, already shifted).
+    clean_first_frame: Wan2.2 TI2V's image-to-video mode, where the first latent frame stays clean, gets
+    t = 0 and is left out of the loss."""
+    mask = None
+    if clean_first_frame:
+        x_t, target, timestep, mask = flow.clean_first_frame(x0, noise, t, model.dit_config.patch_size)
+    else:
+        x_t, target = flow.noised(x0, noise, t)
+        timestep = flow.model_timesteps(t)
+    return flow.loss(model(x_t, timestep, text), target, mask)
+
+
 def test_flow_matching_loss_trains_a_tiny_dit():
     """The step is differentiable end to end and a few AdamW steps on one batch lower the loss; TI2V's
     clean-first-frame mode runs with per-token timesteps."""
-    from megawan.config import dit_preset
-    from megawan.models.dit import WanDiT
-    from megawan.training import flow_matching_loss
-
     torch.manual_seed(0)
     for preset, clean in (("tiny", False), ("tiny-ti2v", True)):
         cfg = dit_preset(preset)

@@ -18,7 +18,11 @@ from megawan.convert import convert_state_dict
 from megawan.convert.dit_keys import TP_AXIS
 from megawan.convert.tensor_parallel import tp_axis
 from megawan.diffusion import FlowMatching
+from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
+from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.parallel.launch import spawn_local
+from megawan.training.optimizer import build_optimizer, wrap_data_parallel
+from megawan.training.schedule import forward_backward
 from wan_reference import diffusers_dit
 
 MICRO_BATCHES = 4  # per data-parallel replica
@@ -49,13 +53,33 @@ def _world(layout: dict) -> int:
     return layout.get("tensor_parallel", 1) * layout.get("pipeline_parallel", 1) * layout.get("context_parallel", 1)
 
 
+def flow_forward_step(data_iterator, model):
+    """megatron's forward_step contract: (output, loss_fn). Non-last pipeline stages never call loss_fn.
+    A micro-batch holds the model's inputs already noised (x_t, timestep, text) and the velocity target."""
+    batch = next(data_iterator)
+    output = model(batch["x_t"], batch["timestep"], batch["text"], image=batch.get("image"))
+
+    def loss_fn(prediction):
+        loss = FlowMatching.loss(prediction, batch["target"], batch.get("mask"))
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_fn
+
+
+def train_step(chunks: list, optimizer, microbatches: list, tokens: int, micro_batch_size: int):
+    """Forward / backward over the micro-batches through megatron's schedule, gradient reduction, optimizer
+    step. Returns (per-micro-batch losses on the last pipeline stage, else [], gradient norm)."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    iterators = [iter(microbatches) for _ in chunks]
+    results = forward_backward(chunks, flow_forward_step, iterators, len(microbatches), tokens, micro_batch_size)
+    _, grad_norm, _ = optimizer.step()
+    return [r["loss"].item() for r in results], grad_norm
+
+
 def _worker(rank, setup_path, out_dir, layout, micro_batches=MICRO_BATCHES):
     from megatron.core import parallel_state as ps
-
-    from megawan.parallel.cpu_compat import megatron_cpu_mode
-    from megawan.parallel.ddp import build_optimizer, wrap_data_parallel
-    from megawan.parallel.pipeline import build_model_chunks, chunk_state_dict
-    from megawan.training.parallel_step import train_step
 
     setup = torch.load(setup_path, weights_only=False)
     cfg = DiTConfig(**setup["config"])

@@ -8,7 +8,7 @@ from megawan.config import DiTConfig, dit_preset
 from megawan.models.dit import WanDiT
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.parallel.launch import spawn_local
-from megawan.parallel.memory import activation_bytes_per_block
+from megawan.training.memory import activation_bytes_per_block
 
 
 def saved_activation_bytes(model: WanDiT, tokens: int, text_len: int, dtype) -> int:
@@ -80,7 +80,7 @@ def test_planner_offloads_the_fewest_blocks_that_make_a_layout_fit():
     sys.path.insert(0, "tools")
     from plan_parallel import GB, plan
 
-    from megawan.parallel.memory import estimate_memory
+    from megawan.training.memory import estimate_memory
 
     cfg, tokens, fits, _ = plan("wan2.1-t2v-14b", 81, 480, 832, gpus=16, gpu_memory_gb=80)
     offloaded = [(p, m) for p, m, _ in fits if p.offload_blocks]
@@ -97,7 +97,7 @@ def test_offloaded_blocks_train_the_same():
     """parallel.offload_blocks: the first blocks' saved tensors go through save_on_cpu; gradients are unchanged."""
     from unittest import mock
 
-    from megawan.parallel import offload
+    from megawan.models.dit import parallelize
 
     cfg = dit_preset("tiny", in_dim=4, out_dim=4)
     g = torch.Generator().manual_seed(0)
@@ -113,10 +113,10 @@ def test_offloaded_blocks_train_the_same():
 
     for blocks in (0, 1):
         torch.manual_seed(0)
-        model = offload.apply_activation_offload(WanDiT(cfg), blocks)
+        model = parallelize.apply_activation_offload(WanDiT(cfg), blocks)
         with torch.no_grad():
             model.head.linear.weight.normal_(0, 0.02)
-        with mock.patch.object(offload.torch.autograd.graph, "save_on_cpu", counting):
+        with mock.patch.object(parallelize.torch.autograd.graph, "save_on_cpu", counting):
             model(x, t, text).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert len(entered) == 1  # block 0 of the second model only

@@ -5,7 +5,7 @@ import torch
 
 from megawan.config import dit_preset
 from megawan.models.dit import WanDiT
-from megawan.parallel.recompute import apply_activation_recompute
+from megawan.models.dit.parallelize import apply_activation_recompute
 from wan_reference import random_inputs
 
 

@@ -23,7 +23,7 @@ def _impls():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.fp8_flash_attention import fp8_attention
+    from kernels.fp8_flash_attention import fp8_attention  # Triton: an optional dependency
 
     def sdpa(backend):
         def run(q, k, v):
@@ -62,7 +62,7 @@ def bench_shape(tokens: int, heads: int, head_dim: int, batch: int = 1) -> dict:
             rows[name] = {"error": str(e).splitlines()[0]}
             continue
         if name == "fp8-triton":
-            from kernels.fp8_flash_attention import last_backward
+            from kernels.fp8_flash_attention import last_backward  # Triton: an optional dependency
 
             print(f"  (fp8-triton backward: torch's {last_backward()} kernel)")
         rows[name] = {"fwd_ms": fwd, "fwd_tflops": fwd_flops / fwd / 1e9, "fwd_bwd_ms": both,

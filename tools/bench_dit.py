@@ -19,12 +19,19 @@ backend, else the local backend's plain-torch FP8 products (current scaling, tor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 
 import torch
+
+from megawan.capabilities import resolve_backend
+from megawan.config import dit_preset
+from megawan.models.dit import WanDiT, flops
+from megawan.models.dit.parallelize import apply_activation_recompute
+from megawan.training.precision import fp8_context
 
 
 def _sync(device):
@@ -33,7 +40,7 @@ def _sync(device):
 
 
 def _diffusers_model(cfg, dtype, device):
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel  # diffusers: an optional dependency
 
     return WanTransformer3DModel(
         patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
@@ -44,10 +51,6 @@ def _diffusers_model(cfg, dtype, device):
 
 
 def _megawan_model(cfg, dtype, device):
-    import dataclasses
-
-    from megawan.models.dit import WanDiT
-
     name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
     model = WanDiT(dataclasses.replace(cfg, params_dtype=name)).to(device)
     with torch.no_grad():  # Wan zero-initialises the head; a real checkpoint does not have zeros there
@@ -73,8 +76,6 @@ def _recompute(impl: str, model, mode: str, every: int):
     if impl.startswith("diffusers"):
         model.enable_gradient_checkpointing()
     else:
-        from megawan.parallel.recompute import apply_activation_recompute
-
         apply_activation_recompute(model, mode, every)
 
 
@@ -92,9 +93,6 @@ def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = Fal
 
         def run():
             if precision == "fp8":
-                from megawan.capabilities import resolve_backend
-                from megawan.training.precision import fp8_context
-
                 backend = resolve_backend(model.dit_config.backend)
                 with fp8_context("delayed" if backend == "te" else "current", backend, fp8_attention):
                     return forward(x, t, text)
@@ -113,8 +111,6 @@ def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = Fal
 
 def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: int, steps: int, device,
           recompute: str = "none", recompute_every: int = 1, fp8_attention: bool = False) -> dict:
-    from megawan.models.dit import flops
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     frames, height, width = latent
     x, t, text, target = step_inputs(cfg, latent, batch, dtype, device)
@@ -181,8 +177,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from megawan.config import dit_preset
-
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:

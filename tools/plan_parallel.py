@@ -6,7 +6,7 @@
 
 Sizes are VIDEO frames / pixels; the VAE stride (4 x 8 x 8, or 4 x 16 x 16 for Wan2.2 TI2V-5B) gives the
 latent size. Memory: bf16 weights, fp32 grads, fp32 main weights + Adam moments sharded by the distributed
-optimizer over DP x CP, activations of the first pipeline stage with 1F1B (see megawan/parallel/memory.py).
+optimizer over DP x CP, activations of the first pipeline stage with 1F1B (see megawan/training/memory.py).
 Selective recompute (attention core only) is not listed: with flash-style attention it frees nothing.
 Without recompute, a layout that is short of memory by a few blocks' activations is listed with the fewest
 blocks whose activations go to host memory that make it fit (parallel.offload_blocks; copies over PCIe,
@@ -23,7 +23,7 @@ import sys
 from megawan.config import ConfigError, ParallelConfig, RunConfig, dit_preset
 from megawan.models.dit import flops
 from megawan.models.dit.flops import tokens as count_tokens
-from megawan.parallel.memory import estimate_memory
+from megawan.training.memory import estimate_memory
 
 GB = 1024**3
 

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from megawan.config import dit_preset
+
 KINDS = [  # first match wins: (kind, substrings of the kernel name)
     ("attention-bwd", ("bwd", "backward", "dgrad", "dot_do_o")),
     ("attention-fwd", ("flash_fwd", "fmha", "cudnn", "_attention_kernel", "sm90_flash", "fprop")),
@@ -67,8 +69,6 @@ def profile(impl: str, cfg, latent, precision: str, fp8_attention: bool, recompu
 
 
 def main(argv=None) -> int:
-    from megawan.config import dit_preset
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="wan2.1-t2v-14b")
     ap.add_argument("--layers", type=int, default=2)

@@ -205,7 +205,7 @@ def _write_megawan_rank(rank: int, src_path: str, src_format: str, src_prefix: s
     from megawan.checkpointing import _save_strategy
     from megawan.config import ParallelConfig
     from megawan.convert.tensor_parallel import split_tensor_parallel
-    from megawan.parallel.pipeline import build_model_chunks, chunk_state_dict
+    from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
     from megawan.training.checkpoint import model_sharded_state_dict
 
     source = _dit_source(src_path, src_format, src_prefix)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kernels import fp8_attention
 from megawan.parallel.groups import ContextParallelGroups
 
 
@@ -193,11 +194,12 @@ def ring_attention(q, k, v, group, scale: float, valid: Optional[int] = None):
 
 
 def context_parallel_attention(query, key, value, cp: ContextParallelGroups, valid_tokens: Optional[int] = None,
-                               scale: Optional[float] = None) -> torch.Tensor:
+                               scale: Optional[float] = None, fp8: bool = False) -> torch.Tensor:
     """Self-attention over a sequence split across CP ranks.
 
     query / key / value: [L, b, heads, d], this rank's contiguous chunk (rank order = sequence order);
-    valid_tokens: how many leading tokens of the padded global sequence are real (None: all).
+    valid_tokens: how many leading tokens of the padded global sequence are real (None: all). fp8: the
+    caller's choice of FP8 products (train.fp8_attention), honoured where the FP8 kernel applies (below).
     Returns [L, b, heads * d].
     """
     scale = scale if scale is not None else query.shape[-1] ** -0.5
@@ -210,14 +212,10 @@ def context_parallel_attention(query, key, value, cp: ContextParallelGroups, val
         mask = None
         if valid_tokens is not None and valid_tokens < k.shape[-2]:
             mask = (torch.arange(k.shape[-2], device=k.device) < valid_tokens).view(1, 1, 1, -1)  # True = attend
-        from megawan.models.dit.fp8_linear import fp8_attention_enabled  # (the model package imports this one)
-
-        if mask is None and fp8_attention_enabled():
-            # train.fp8_attention: after the all-to-all each rank holds whole sequences of its heads, so the FP8
-            # kernel's per-head, per-128-token quantisation blocks are those of one rank (ring and padded
-            # sequences stay in bf16 / fp32: the kernel's bf16 backward knows no key mask)
-            from kernels import fp8_attention
-
+        if fp8 and mask is None:
+            # after the all-to-all each rank holds whole sequences of its heads, so the FP8 kernel's per-head,
+            # per-128-token quantisation blocks are those of one rank (ring and padded sequences stay in
+            # bf16 / fp32: the kernel's bf16 backward knows no key mask)
             out = fp8_attention(q, k, v, scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

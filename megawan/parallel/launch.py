@@ -1,6 +1,6 @@
 """Run a function on N local processes over gloo (CPU) with megatron-core model parallelism set up.
 
-The tests and the demo use it; real jobs launch with torchrun or srun instead.
+The tests, the demo and multi-rank checkpoint conversion use it; real jobs launch with torchrun or srun.
 
     def work(rank, out_dir): ...
     spawn_local(work, world_size=2, tensor_parallel=2, args=(out_dir,))

@@ -1,5 +1,3 @@
-"""Training: the flow-matching step (more to come: the loop, optimizer, EMA, checkpoints, curriculum)."""
-
-from megawan.training.step import flow_matching_loss
-
-__all__ = ["flow_matching_loss"]
+"""Training: the loop (trainer), megatron's schedules and the gradient reduction (schedule), DDP and the
+distributed optimizer (optimizer), FP8 (precision), the EMA, metrics sinks, checkpoints, validation and the
+per-GPU memory estimate (memory). Submodules are imported by name; nothing is re-exported here."""

@@ -132,7 +132,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, ema=None) -> dict:
     """Load weights (and, when given, optimizer and EMA) from `path` into this rank's chunks under the current
     layout. Returns the trainer state. A warm start passes no optimizer and then calls the optimizer's
     reload_model_params() so that its fp32 main weights are the loaded ones."""
-    from megawan.parallel.pipeline import chunk_state_dict
+    from megawan.models.dit.parallelize import chunk_state_dict
 
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         trainer_state = json.load(f)

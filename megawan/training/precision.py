@@ -18,6 +18,7 @@ import contextlib
 from typing import Optional
 
 from megawan.capabilities import transformer_engine_available
+from megawan.models.dit.fp8_linear import local_fp8
 
 RECIPES = ("delayed", "current")
 
@@ -42,8 +43,6 @@ def fp8_context(name: Optional[str], backend: str = "te", attention: bool = Fals
     if backend == "local":
         if name != "current":
             raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine; the local backend does current scaling")
-        from megawan.models.dit.fp8_linear import local_fp8
-
         return local_fp8(attention=attention)
     if not transformer_engine_available():
         raise RuntimeError(f"train.fp8={name!r} needs Transformer Engine and a CUDA device")

@@ -50,7 +50,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     """Refuse a run that cannot work, naming the field: layout, store, buckets, shapes, memory. Returns facts
     the trainer reuses (store attributes, the buckets trained on)."""
     from megawan.data.store import LatentStore
-    from megawan.parallel.memory import estimate_memory
+    from megawan.training.memory import estimate_memory
 
     cfg.validate(world_size)
     if cfg.model.model_type == "i2v":
@@ -193,9 +193,8 @@ class Trainer:
 
         from megawan.data.loader import BucketedLoader
         from megawan.parallel import initialize
-        from megawan.parallel.ddp import build_optimizer, wrap_data_parallel
-        from megawan.parallel.pipeline import build_model_chunks
-        from megawan.parallel.recompute import apply_activation_recompute
+        from megawan.models.dit.parallelize import apply_activation_recompute, build_model_chunks
+        from megawan.training.optimizer import build_optimizer, wrap_data_parallel
         from megawan.training.ema import EMA
 
         cfg = self.cfg
@@ -216,7 +215,7 @@ class Trainer:
             for chunk in self.chunks:
                 apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)
         if cfg.parallel.offload_blocks:
-            from megawan.parallel.offload import apply_activation_offload
+            from megawan.models.dit.parallelize import apply_activation_offload
 
             for chunk in self.chunks:
                 apply_activation_offload(chunk, cfg.parallel.offload_blocks)
@@ -357,7 +356,7 @@ class Trainer:
         return forward_step
 
     def _train_step(self, batch: dict) -> dict:
-        from megawan.parallel.pipeline import forward_backward
+        from megawan.training.schedule import forward_backward
 
         ps = self.ps
         micro = self._microbatches(batch)

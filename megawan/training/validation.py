@@ -69,7 +69,7 @@ class Validator:
     def _forward(self, x, timestep, text, capture=None, target=None, weight=None, mask=None):
         """One forward-only pass of the replica. With `capture`, returns the velocity on every rank of the
         replica; else the weighted squared error summed on the last stage (0 elsewhere)."""
-        from megawan.parallel.pipeline import forward_backward
+        from megawan.training.schedule import forward_backward
 
         t = self.trainer
         pt, ph, pw = t.cfg.model.patch_size

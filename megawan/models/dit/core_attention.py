@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from kernels import fp8_attention
 from megawan.models.dit.fp8_linear import fp8_attention_enabled
 from megawan.parallel.context_parallel import context_parallel_attention
 from megawan.parallel.groups import context_parallel_groups
@@ -54,7 +55,9 @@ class SDPACoreAttention(MegatronModule):
         if self.cp is not None:
             if attention_mask is not None:
                 raise ValueError("context-parallel attention takes valid_tokens, not a mask")
-            return context_parallel_attention(query, key, value, self.cp, valid_tokens, self.softmax_scale)
+            # (self.cp is set for self-attention only; context_parallel_attention decides where FP8 applies)
+            return context_parallel_attention(query, key, value, self.cp, valid_tokens, self.softmax_scale,
+                                              fp8=fp8_attention_enabled())
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         mask = None if attention_mask is None else ~attention_mask
         if valid_tokens is not None and valid_tokens < k.shape[-2]:  # a padded sequence (sequence parallel)
@@ -64,8 +67,6 @@ class SDPACoreAttention(MegatronModule):
             # train.fp8_attention on the local backend: both products in FP8 (the cross-attention to 512 text
             # tokens, a small share of the FLOPs, stays bf16, as do padded sequences; under context parallelism
             # context_parallel_attention decides: Ulysses runs the FP8 kernel, ring does not)
-            from kernels import fp8_attention
-
             out = fp8_attention(q, k, v, self.softmax_scale)
         else:
             # (torch picks the kernel: on an H100 with torch 2.11 cuDNN's, 1.65x its flash kernel at 32k tokens)

@@ -27,16 +27,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from megawan.capabilities import cuda_available, resolve_backend
-from megawan.parallel.cpu_compat import cpu_mode_active
 from megawan.config import DiTConfig
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
-from megawan.parallel.context_parallel import gather_sequence, pad_sequence
-from megawan.parallel.groups import context_parallel_groups, sequence_parallel_enabled, tensor_parallel_group
 from megawan.models.state import torch_dtype, with_extra_state
-
+from megawan.parallel.context_parallel import gather_sequence, pad_sequence
+from megawan.parallel.cpu_compat import cpu_mode_active
+from megawan.parallel.groups import context_parallel_groups, sequence_parallel_enabled, tensor_parallel_group
 
 
 def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False,
@@ -89,7 +88,7 @@ class WanDiT(MegatronModule):
     A stage holds the blocks `layers` (global indices); the first (pre_process) adds the patch embedding,
     the last (post_process) the head. Every stage embeds the text and the timestep itself (cheap next to a
     block) rather than receiving them: those parameters are pipeline-shared, marked `pipeline_shared`, and
-    their gradients are summed over the stages (megawan.parallel.pipeline).
+    their gradients are summed over the stages (megawan.training.schedule.finalize_model_grads).
     """
 
     def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,

@@ -19,6 +19,7 @@ from megawan.models.dit.attention import (
 )
 from megawan.models.dit.block import WanBlock, WanBlockSubmodules
 from megawan.models.dit.core_attention import SDPACoreAttention
+from megawan.models.dit.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from megawan.models.dit.norms import ParallelRMSNorm
 
 _TE = "megatron.core.extensions.transformer_engine"
@@ -50,8 +51,6 @@ def _block_spec(column, row, core_attention) -> ModuleSpec:
 
 def get_wan_block_local_spec() -> ModuleSpec:
     """megatron-core's parallel linears (with an FP8 product on plain torch inside `local_fp8()`) and SDPA."""
-    from megawan.models.dit.fp8_linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
-
     return _block_spec(Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPACoreAttention)
 
 

@@ -22,8 +22,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megawan.config import TextConfig
-from megawan.parallel.groups import tensor_parallel_group
 from megawan.models.state import torch_dtype, with_extra_state
+from megawan.parallel.groups import tensor_parallel_group
 
 
 

@@ -3,10 +3,10 @@
     chunks = wrap_data_parallel(build_model_chunks(cfg, parallel), distributed_optimizer=True)
     optimizer = build_optimizer(chunks, lr=1e-4, weight_decay=0.01, clip_grad=1.0)
 
-Gradients are reduced over the data-parallel x context-parallel group (megatron averages over it and its
-schedules multiply each loss by the CP size to compensate); with the distributed optimizer they are
-reduce-scattered, fp32 main weights and Adam moments live sharded, and updated
-weights are all-gathered. On a CPU torch it runs under megawan.parallel.cpu_compat.megatron_cpu_mode().
+The two belong together: with the distributed optimizer DDP's gradient buffers are reduce-scattered, the fp32
+main weights and Adam moments live sharded over the data-parallel x context-parallel group, and updated
+weights are all-gathered. Gradients are averaged over that group (megatron's schedules multiply each loss by
+the CP size to compensate). On a CPU torch it runs under megawan.parallel.cpu_compat.megatron_cpu_mode().
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from megawan.parallel.pipeline import finalize_model_grads
+from megawan.training.schedule import finalize_model_grads
 
 
 def wrap_data_parallel(chunks: list, distributed_optimizer: bool = True) -> list:

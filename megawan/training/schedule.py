@@ -1,62 +1,25 @@
-"""Pipeline parallelism of the Wan DiT through megatron-core's schedules (1F1B and interleaved 1F1B).
+"""Forward and backward over the micro-batches through megatron-core's schedules (no pipelining, 1F1B,
+interleaved 1F1B), and the gradient reduction that ends them.
 
-Each PP rank builds `virtual_pipeline` (or 1) chunks; chunk c of rank r holds the blocks of global chunk
-c * PP + r (megatron's interleaved assignment). The first chunk of the first rank embeds the patches, the
-last chunk of the last rank holds the head; every chunk embeds text and timestep itself, so only the
-video tokens travel between stages and the P2P tensor is megatron's usual [s, b, hidden]. The gradients of
-those pipeline-shared embeddings are summed over chunks and stages before the data-parallel reduction, and
-all but one copy are marked `shared` so that the gradient norm counts them once.
+    results = forward_backward(chunks, forward_step, iterators, num_microbatches, tokens, micro_batch_size)
+
+The pipeline-shared embeddings (every chunk embeds text and timestep itself: megawan.models.dit.parallelize)
+get their gradients summed over this rank's chunks and the PP group before megatron's data-parallel
+reduction; megawan.training.optimizer installs `finalize_model_grads` for that on the DDP-wrapped chunks.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megawan.config import DiTConfig, ParallelConfig
-from megawan.models.dit.model import WanDiT
 from megawan.parallel.cpu_compat import p2p_communicator
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
-
-
-def build_model_chunks(config: DiTConfig, parallel: ParallelConfig) -> list:
-    """This pipeline rank's model chunks (one without interleaving)."""
-    pp = parallel.pipeline_parallel
-    vp = parallel.virtual_pipeline or 1
-    rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
-    per_chunk = config.num_layers // (pp * vp)
-    chunks = []
-    for c in range(vp):
-        first = (c * pp + rank) * per_chunk
-        chunk = WanDiT(config, layers=range(first, first + per_chunk),
-                       pre_process=(rank == 0 and c == 0), post_process=(rank == pp - 1 and c == vp - 1),
-                       pipeline_parallel=pp, virtual_pipeline=parallel.virtual_pipeline)
-        chunks.append(chunk)
-    for chunk in chunks:
-        for p in chunk.parameters():
-            if getattr(p, "pipeline_shared", False) and not chunk.pre_process:
-                p.shared = True  # megatron's gradient norm skips `shared` copies
-    return chunks
-
-
-def chunk_state_dict(state_dict: dict, chunk: WanDiT) -> dict:
-    """The part of a full (megawan, this TP rank's) state dict that `chunk` holds, with local block numbers."""
-    local = {g: i for i, g in enumerate(chunk.layers)}
-    own = set(chunk.state_dict())
-    out = {}
-    for key, value in state_dict.items():
-        m = _BLOCK.match(key)
-        if m:
-            if int(m.group(1)) in local:
-                out[f"blocks.{local[int(m.group(1))]}.{m.group(2)}"] = value
-        elif key in own:
-            out[key] = value
-    return out
 
 
 def reduce_pipeline_shared_grads(chunks: list) -> None:
@@ -83,10 +46,8 @@ def reduce_pipeline_shared_grads(chunks: list) -> None:
 
 def finalize_model_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """megatron's finalize_model_grads (DP / CP reduction, …), preceded by the pipeline-shared sum."""
-    from megatron.core.distributed import finalize_model_grads as megatron_finalize
-
     reduce_pipeline_shared_grads(model)
-    return megatron_finalize(model, num_tokens, pg_collection, force_all_reduce)
+    return megatron_finalize_model_grads(model, num_tokens, pg_collection, force_all_reduce)
 
 
 def forward_backward(chunks: list, forward_step: Callable, data_iterators: list, num_microbatches: int,
@@ -96,9 +57,6 @@ def forward_backward(chunks: list, forward_step: Callable, data_iterators: list,
     forward_step(data_iterator, model) -> (output, loss_fn), megatron's contract. `tokens` is the video
     token count (padded as the model pads it for CP). Returns the last stage's per-micro-batch loss dicts.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     config = chunks[0].config
     cp = parallel_state.get_context_parallel_world_size()
     sp = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1

@@ -1,0 +1,149 @@
+"""Parallelism and memory savings applied to the Wan DiT from outside (torchtitan's `parallelize` pattern): the
+model files know nothing of pipeline stages, recompute or offload; the trainer calls these on what it built.
+
+- `build_model_chunks`: this pipeline rank's chunks (megatron's interleaved assignment), with the
+  pipeline-shared copies marked; `chunk_state_dict` cuts a full state dict down to one chunk.
+- `apply_activation_recompute`: full (every N-th block keeps only its input) or selective (core attention).
+- `apply_activation_offload`: the first N blocks' saved tensors go to pinned host memory.
+
+Tensor and context parallelism need nothing here: the model takes its TP group and the CP groups that
+`megawan.parallel.initialize` set up. Recompute and offload wrap forwards in place, so parameter names (and
+with them checkpoints and conversion) are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+import torch.nn as nn
+from megatron.core import parallel_state
+from torch.utils.checkpoint import checkpoint
+
+from megawan.config import DiTConfig, ParallelConfig
+from megawan.models.dit.model import WanDiT
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline stages
+#
+# Each PP rank builds `virtual_pipeline` (or 1) chunks; chunk c of rank r holds the blocks of global chunk
+# c * PP + r. The first chunk of the first rank embeds the patches, the last chunk of the last rank holds the
+# head; every chunk embeds text and timestep itself, so only the video tokens travel between stages and the
+# P2P tensor is megatron's usual [s, b, hidden]. Those embeddings' gradients are summed over chunks and
+# stages by megawan.training.schedule.finalize_model_grads.
+
+
+def build_model_chunks(config: DiTConfig, parallel: ParallelConfig) -> list:
+    """This pipeline rank's model chunks (one without interleaving)."""
+    pp = parallel.pipeline_parallel
+    vp = parallel.virtual_pipeline or 1
+    rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
+    per_chunk = config.num_layers // (pp * vp)
+    chunks = []
+    for c in range(vp):
+        first = (c * pp + rank) * per_chunk
+        chunk = WanDiT(config, layers=range(first, first + per_chunk),
+                       pre_process=(rank == 0 and c == 0), post_process=(rank == pp - 1 and c == vp - 1),
+                       pipeline_parallel=pp, virtual_pipeline=parallel.virtual_pipeline)
+        chunks.append(chunk)
+    _mark_shared_copies(chunks)
+    return chunks
+
+
+def _mark_shared_copies(chunks: list) -> None:
+    """Every chunk holds the pipeline-shared embeddings; all copies but the first stage's are marked `shared`,
+    which megatron's gradient norm skips, so the summed gradient is counted once."""
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if getattr(p, "pipeline_shared", False) and not chunk.pre_process:
+                p.shared = True
+
+
+def chunk_state_dict(state_dict: dict, chunk: WanDiT) -> dict:
+    """The part of a full (megawan, this TP rank's) state dict that `chunk` holds, with local block numbers."""
+    local = {g: i for i, g in enumerate(chunk.layers)}
+    own = set(chunk.state_dict())
+    out = {}
+    for key, value in state_dict.items():
+        m = _BLOCK.match(key)
+        if m:
+            if int(m.group(1)) in local:
+                out[f"blocks.{local[int(m.group(1))]}.{m.group(2)}"] = value
+        elif key in own:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# activation memory
+
+
+def _dits(model: nn.Module) -> list:
+    """The WanDiTs of a WanDiT or of a WanDiTExperts (A14B: both experts)."""
+    return [model.high_noise, model.low_noise] if hasattr(model, "high_noise") else [model]
+
+
+def _wrap_forward(module: nn.Module, wrapper) -> None:
+    forward = module.forward
+    module.forward = functools.wraps(forward)(wrapper(forward))
+
+
+def _recomputed(forward):
+    def recomputed(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return recomputed
+
+
+def apply_activation_recompute(model: nn.Module, mode: str = "full", every: int = 1) -> nn.Module:
+    """Recompute in the backward what the forward would save.
+
+    full: every `every`-th block keeps only its input. selective: only the core attention of every block (its
+    scores are the largest activation, and the cheapest to redo relative to their size).
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is not one of {RECOMPUTE_MODES}")
+    if every < 1:
+        raise ValueError(f"recompute every must be >= 1, got {every}")
+    if mode == "none":
+        return model
+    for dit in _dits(model):
+        for i, block in enumerate(dit.blocks):
+            if mode == "full" and i % every == 0:
+                _wrap_forward(block, _recomputed)
+            elif mode == "selective":
+                _wrap_forward(block.self_attention.core_attention, _recomputed)
+                _wrap_forward(block.cross_attention.core_attention, _recomputed)
+    return model
+
+
+def _offloaded(forward):
+    def offloaded(*args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return forward(*args, **kwargs)
+
+    return offloaded
+
+
+def apply_activation_offload(model: nn.Module, num_blocks: int) -> nn.Module:
+    """Copy what the first `num_blocks` blocks of a chunk save for their backward to pinned host memory during
+    the forward, and bring it back when the backward reaches them (megatron-core's `cpu_offloading_num_layers`,
+    on torch's save_on_cpu).
+
+    It trades PCIe time for GPU memory: a 14B-width block at 75,600 tokens saves up to ~28 GB (estimate; two
+    such blocks peaked at 53 GB on an H100, docs/benchmarks.md), about a second over a 25 GB/s link each way,
+    so it is meant for the few blocks that do not fit rather than for every block; tools/plan_parallel.py
+    sizes it (the fewest blocks that make a layout fit). Combined with full recompute, an offloaded
+    recomputed block sends only its input to the host.
+    """
+    if num_blocks < 0:
+        raise ValueError(f"offload blocks must be >= 0, got {num_blocks}")
+    for dit in _dits(model):
+        for block in list(dit.blocks)[:num_blocks]:
+            _wrap_forward(block, _offloaded)
+    return model
