@@ -21,20 +21,19 @@ import threading
 import time
 
 import psutil
-
 import torch
+
+from megawan.config import vae_preset
+from megawan.models.vae import WanVAE
 
 
 def _build(preset: str, which: str, device: str):
-    from megawan.config import vae_preset
-    from megawan.models.vae import WanVAE
-
     cfg = vae_preset(preset)
     torch.manual_seed(0)
     ours = WanVAE(cfg).eval()
     if which == "ours":
         return cfg, ours.to(device)
-    from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLWan  # an optional dependency: only the reference side needs it
 
     ref = AutoencoderKLWan(
         base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
