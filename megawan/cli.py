@@ -14,7 +14,7 @@ import sys
 
 
 def _cmd_demo(args) -> int:
-    from megawan.demo import run_demo
+    from megawan.demo.runner import run_demo
 
     run_demo(args.out, steps=args.steps, nproc=args.nproc)
     return 0

@@ -411,21 +411,14 @@ def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> 
 
 
 def _write(vae, vae_cfg, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
-    from megawan.data.synthetic import write_video
     from megawan.utils.images import video_to_uint8
+    from megawan.utils.media import write_media
 
-    mean = torch.tensor(vae_cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae_cfg.latents_std).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        video = video_to_uint8(vae.decode((latents * std + mean).to(vae.quant_conv.weight.dtype))[0].float())
+        video = video_to_uint8(vae.decode(vae.denormalize(latents).to(vae.quant_conv.weight.dtype))[0].float())
     path = _output_path(out, index, prompt, count, still=video.shape[0] == 1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if video.shape[0] > 1:
-        write_video(path, video, fps=fps)
-    else:
-        from PIL import Image
-
-        Image.fromarray(video[0]).save(path)
+    write_media(path, video, fps=fps)
     return path
 
 

@@ -34,7 +34,7 @@ def test_curriculum_stage_is_valid_and_fits(path):
 
 
 def test_tiny_curriculum_warm_starts_stage_after_stage(tmp_path):
-    from megawan.data.tiny_dataset import make_tiny_dataset
+    from megawan.demo.tiny_dataset import make_tiny_dataset
 
     store, _ = make_tiny_dataset(str(tmp_path / "work"), videos=8, images=8)
     previous = None

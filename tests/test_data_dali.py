@@ -9,8 +9,10 @@ import fractions
 import numpy as np
 import pytest
 
-from megawan.data.synthetic import BROKEN_KINDS, ShapeClip, render, write_broken, write_video
-from megawan.data.video import DecodeError, UnsupportedCodecError, decode_video
+from megawan.data.decoding import DecodeError, UnsupportedCodecError
+from megawan.data.video import decode_video
+from megawan.demo.shapes import BROKEN_KINDS, ShapeClip, render, write_broken
+from megawan.utils.media import write_video
 
 LEVEL0, LEVEL_STEP = 16, 6  # patch grey level of source frame k: 16 + 6 k (k < 33 stays below 255)
 

@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 
+from megawan.data.decoding import DecodeError
 from megawan.data.manifest import ManifestError, read_manifest
-from megawan.data.synthetic import COLORS, ShapeClip, render, write_synthetic_dataset, write_video
-from megawan.data.video import DecodeError, decode_image, decode_video
+from megawan.data.video import decode_image, decode_video
+from megawan.demo.shapes import COLORS, ShapeClip, render, write_synthetic_dataset
+from megawan.utils.media import write_video
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,6 @@ def test_csv_manifest(tmp_path):
 @pytest.mark.parametrize("codec,ext,fps", [("libvpx-vp9", "webm", 16), ("libvpx-vp9", "webm", 24), ("libx264", "mp4", 16)])
 def test_same_rate_decoding_keeps_every_frame_despite_rounded_timestamps(tmp_path, codec, ext, fps):
     """webm stores timestamps in whole milliseconds (62 ms for a 62.5 ms frame): still every frame, once."""
-    from megawan.data.synthetic import write_video
-
     frames = np.zeros((16, 32, 32, 3), np.uint8)
     for i in range(16):
         frames[i] = i * 15

@@ -3,13 +3,13 @@
 prompt, within the README's 15 minutes.
 
 The colour check: for each of the 24 held-out prompts, the palette colour nearest to the median of the
-generated pixels that are clearly not background (megawan.data.synthetic.dominant_color) against the colour
+generated pixels that are clearly not background (megawan.demo.shapes.dominant_color) against the colour
 the caption names. The tiny model must get at least 90 % right."""
 
 import json
 import os
 
-from megawan.demo import run_demo
+from megawan.demo.runner import run_demo
 from megawan.training.metrics import read_metrics
 from megawan.training.validation import frames_of
 

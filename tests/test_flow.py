@@ -52,6 +52,10 @@ def test_clean_first_frame_for_ti2v():
     pred[:, :, 0] += 100.0
     assert FlowMatching.loss(pred, target, mask) == 0
     assert FlowMatching.loss(pred, target) > 0
+    assert torch.equal(FlowMatching.per_sample_loss(pred, target, mask), torch.zeros(2))
+    unmasked = FlowMatching.per_sample_loss(pred, target)
+    assert unmasked.shape == (2,) and (unmasked > 0).all()
+    assert torch.allclose(unmasked.mean(), FlowMatching.loss(pred, target))  # equal sizes: the same mean
 
 
 def flow_matching_loss(model, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching, noise: torch.Tensor,

@@ -80,7 +80,7 @@ def test_wanpipeline_given_our_export_samples_the_same_latents(pipelines, tmp_pa
 
 
 def test_cli_writes_the_mp4_from_given_noise(pipelines, tmp_path):
-    from megawan.training.validation import _read_mp4
+    from megawan.utils.media import read_video
 
     noise = torch.randn(4, 5, 4, 6, generator=torch.Generator().manual_seed(1))
     torch.save(noise, tmp_path / "noise.pt")
@@ -91,7 +91,7 @@ def test_cli_writes_the_mp4_from_given_noise(pipelines, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("red.mp4")
-    assert _read_mp4(str(tmp_path / "red.mp4")).shape == (17, 32, 48, 3)
+    assert read_video(str(tmp_path / "red.mp4")).shape == (17, 32, 48, 3)
     api = _generate(_request(pipelines / "megawan", tmp_path, "api", prompts=PROMPTS[:1], steps=5, sampler="dpm++",
                              noise=str(tmp_path / "noise.pt"), guidance=None, negative_prompt=None))
     assert _rel(torch.load(tmp_path / "lat.pt", weights_only=True), api) < 1e-6  # official defaults: guidance 3

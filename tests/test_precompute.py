@@ -17,8 +17,8 @@ import torch
 from megawan.data.precompute import Encoders, PrecomputeJob, prepare, run_precompute
 from megawan.data.manifest import read_manifest
 from megawan.data.store import LatentStore
-from megawan.data.synthetic import write_synthetic_dataset
-from megawan.data.tiny_assets import write_tiny_encoders
+from megawan.demo.shapes import write_synthetic_dataset
+from megawan.demo.tiny_assets import write_tiny_encoders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKETS = ["17x32x32", "17x32x48", "1x32x32"]

@@ -82,7 +82,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from megawan.data.tiny_dataset import make_tiny_dataset
+    from megawan.demo.tiny_dataset import make_tiny_dataset
 
     return make_tiny_dataset(str(tmp_path_factory.mktemp("slurm-data") / "work"), videos=8, images=8)
 
@@ -205,7 +205,7 @@ def test_precompute_job_requeued_by_its_warning_finishes_the_store(cluster, data
     """SIGUSR1 to the batch shell as soon as it runs: the job requeues itself, and the rerun (same id) writes
     what is missing; every clip of the manifest ends up in the store exactly once."""
     from megawan.data.store import LatentStore
-    from megawan.data.tiny_dataset import IMAGE_BUCKET, VIDEO_BUCKET
+    from megawan.demo.tiny_dataset import IMAGE_BUCKET, VIDEO_BUCKET
 
     store, enc = dataset
     out, log = str(tmp_path / "latents.zarr"), str(tmp_path / "precompute-%j.out")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megawan.data.store import LatentStore, Sample
+from megawan.data.store_metadata import StoreMetadata, StoreMetadataError, TextEncoderMetadata, VAEMetadata
 
 VAE = {"name": "tiny-2.1", "z_dim": 4, "stride": [4, 8, 8]}
 TEXT = {"name": "tiny", "max_length": 8, "dim": 6}
@@ -70,3 +71,25 @@ def test_refuses_other_encoders_and_misfit_samples(tmp_path):
         LatentStore.open(path, mode="r+").writer(0).write(bad)
     with pytest.raises(FileNotFoundError):
         LatentStore.open(str(tmp_path / "missing.zarr"))
+
+
+def test_metadata_is_typed_round_trips_and_names_a_missing_field(tmp_path):
+    vae = VAEMetadata(name="tiny-2.1", z_dim=4, stride=(4, 8, 8), latents_mean=(0.5, 0.0, 0.0, 0.0),
+                      latents_std=(2.0, 1.0, 1.0, 1.0), weights="abc")
+    meta = StoreMetadata(vae=vae, text_encoder=TextEncoderMetadata(name="tiny", max_length=8, dim=6),
+                         buckets=("5x16x16",), fps=16.0, dtype="bfloat16", logvar=False, manifest="/m.jsonl")
+    path = str(tmp_path / "s.zarr")
+    LatentStore.create(path, **meta.to_attrs())
+    store = LatentStore.open(path)
+    assert store.metadata == meta
+    assert store.attrs["vae"]["stride"] == [4, 8, 8] and "preset" not in store.attrs["vae"]  # the on-disk keys
+    LatentStore.create(path, **meta.to_attrs())  # the same encoders: a resume, not a refusal
+    mean, std = store.metadata.vae.normalization()
+    assert mean.shape == std.shape == (1, 4, 1, 1, 1) and (mean[0, 0].item(), std[0, 0].item()) == (0.5, 2.0)
+    # a store without statistics trains its latents as stored; one without a field readers need is refused
+    plain = LatentStore.create(str(tmp_path / "plain.zarr"), vae=VAE, text_encoder=TEXT)
+    mean, std = plain.metadata.vae.normalization()
+    assert torch.equal(mean, torch.zeros(1, 4, 1, 1, 1)) and torch.equal(std, torch.ones(1, 4, 1, 1, 1))
+    old = LatentStore.create(str(tmp_path / "old.zarr"), vae={"name": "tiny-2.1", "z_dim": 4}, text_encoder=TEXT)
+    with pytest.raises(StoreMetadataError, match=r"no 'vae\.stride'"):
+        old.metadata

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from megawan.data.synthetic import (BACKGROUND, COLORS, DIRECTIONS, SHAPES, ShapeClip, caption_color, dominant_color,
-                                    render)
-from megawan.data.tiny_assets import TINY_VAE_STEPS, train_tiny_vae, write_tiny_encoders
+from megawan.demo.shapes import (BACKGROUND, COLORS, DIRECTIONS, SHAPES, ShapeClip, caption_color, dominant_color,
+                                 render)
+from megawan.demo.tiny_assets import TINY_VAE_STEPS, train_tiny_vae, write_tiny_encoders
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ _PORT = [29740]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from megawan.data.tiny_dataset import make_tiny_dataset
+    from megawan.demo.tiny_dataset import make_tiny_dataset
 
     path, _ = make_tiny_dataset(str(tmp_path_factory.mktemp("trainer")), videos=24, images=16)
     return path

@@ -23,7 +23,7 @@ _PORT = [29860]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from megawan.data.tiny_dataset import make_tiny_dataset
+    from megawan.demo.tiny_dataset import make_tiny_dataset
 
     root = tmp_path_factory.mktemp("validation")
     store, encoders = make_tiny_dataset(str(root), videos=12, images=8, held_out_videos=3, held_out_images=2)

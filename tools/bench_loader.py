@@ -23,15 +23,17 @@ import time
 import torch
 
 from megawan.config import dit_preset
+from megawan.data.buckets import Bucket
 from megawan.data.loader import BucketedLoader
 from megawan.data.store import LatentStore, Sample
 from megawan.models.dit.flops import flops
 
+STRIDE = (4, 8, 8)  # the Wan-VAE's (temporal, height, width) stride
+
 
 def make_store(path: str, count: int, bucket: str, z_dim: int, text_len: int, text_dim: int, seed: int = 0):
-    f, h, w = (int(v) for v in bucket.split("x"))
-    shape = (z_dim, (f - 1) // 4 + 1, h // 8, w // 8)
-    store = LatentStore.create(path, vae={"name": "bench", "z_dim": z_dim, "stride": [4, 8, 8]},
+    shape = (z_dim, *Bucket.from_name(bucket).latent_shape(STRIDE))
+    store = LatentStore.create(path, vae={"name": "bench", "z_dim": z_dim, "stride": list(STRIDE)},
                                text_encoder={"name": "bench", "max_length": text_len, "dim": text_dim})
     writer, g = store.writer(0), torch.Generator().manual_seed(seed)
     for i in range(count):
@@ -62,8 +64,7 @@ def measure(store_path: str, bucket: str, batch: int, workers: int, steps: int) 
 
 def h100_samples_per_s(model: str, bucket: str, tflops: float) -> tuple:
     cfg = dit_preset(model)
-    f, h, w = (int(v) for v in bucket.split("x"))
-    step = 3 * flops(cfg, 1, (f - 1) // 4 + 1, h // 8, w // 8)
+    step = 3 * flops(cfg, 1, *Bucket.from_name(bucket).latent_shape(STRIDE))
     return tflops * 1e12 / step, step
 
 
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
         disk = dir_bytes(os.path.join(path, "buckets", args.bucket)) / count
         need, step_flops = h100_samples_per_s(args.model, args.bucket, args.tflops)
         rows = [measure(path, args.bucket, args.batch, w, args.steps) for w in args.workers]
-    f, h, w = (int(v) for v in args.bucket.split("x"))
-    raw = f * h * w * 3 * 4
+    pixels = Bucket.from_name(args.bucket)
+    raw = pixels.frames * pixels.height * pixels.width * 3 * 4
     print(f"bucket {args.bucket}: {count} samples, {disk / 1e6:.2f} MB per sample on disk "
           f"(raw fp32 pixels {raw / 1e6:.1f} MB: {raw / disk:.0f}x smaller)")
     print(f"one H100 training {args.model} at {args.tflops:g} model TFLOP/s: {step_flops / 1e12:.0f} TFLOP per "

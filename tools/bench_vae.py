@@ -21,7 +21,6 @@ import threading
 import time
 
 import psutil
-
 import torch
 
 from megawan.config import vae_preset
@@ -34,7 +33,7 @@ def _build(preset: str, which: str, device: str):
     ours = WanVAE(cfg).eval()
     if which == "ours":
         return cfg, ours.to(device)
-    from diffusers import AutoencoderKLWan  # diffusers: an optional dependency
+    from diffusers import AutoencoderKLWan  # an optional dependency: only the reference side needs it
 
     ref = AutoencoderKLWan(
         base_dim=cfg.base_dim, decoder_base_dim=cfg.decoder_base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),

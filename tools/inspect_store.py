@@ -25,7 +25,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megawan.config import ConfigError, vae_preset
+from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
+from megawan.data.store_metadata import StoreMetadata
+from megawan.models.loading import load_vae as load_vae_weights
 from megawan.utils.images import contact_sheet, video_to_uint8
 
 ENCODER_KEYS = ("format_version", "vae", "text_encoder")
@@ -37,10 +41,11 @@ ENCODER_KEYS = ("format_version", "vae", "text_encoder")
 
 def parse_bucket(name: str) -> Optional[tuple]:
     """'81x480x832' -> (81, 480, 832); None if the name is not of that form."""
-    parts = name.split("x")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+    try:
+        bucket = Bucket.from_name(name)
+    except ValueError:
         return None
-    return tuple(int(p) for p in parts)
+    return bucket.frames, bucket.height, bucket.width
 
 
 def dir_bytes(path: str) -> int:
@@ -99,6 +104,8 @@ def summarize(store: LatentStore) -> dict:
         "pixels_fp32_bytes": pixels_fp32, "latents_fp32_bytes": latents_fp32,
         "ratio_pixels": _ratio(pixels_fp32, known), "ratio_latents": _ratio(latents_fp32, known),
     }
+    # the attributes as stored, every key: an inspection shows what is on disk (store.metadata, the typed view
+    # the trainer reads, keeps only the fields it knows)
     return {"attrs": store.attrs, "buckets": rows, "total": totals, "store_bytes": dir_bytes(store.path)}
 
 
@@ -217,22 +224,17 @@ def format_sample(sample: dict, bucket: str, index: int) -> str:
 
 def load_vae(weights: str, preset: str, device: str = "cpu"):
     """WanVAE of `preset` with the weights of a file in the megawan / diffusers or the official layout."""
-    from megawan.config import vae_preset
-    from megawan.models.loading import load_vae as load
-
-    return load(weights, vae_preset(preset), device=device)
+    return load_vae_weights(weights, vae_preset(preset), device=device)
 
 
-def vae_preset_name(attrs: dict, override: Optional[str]) -> str:
-    from megawan.config import ConfigError, vae_preset
-
+def vae_preset_name(metadata: StoreMetadata, override: Optional[str]) -> str:
     if override:
         return override
-    vae = attrs.get("vae", {})
-    if vae.get("preset"):
-        return vae["preset"]
+    vae = metadata.vae
+    if vae.preset:
+        return vae.preset
     try:  # stores written before "preset" was recorded may name the preset as their VAE name
-        return vae_preset(str(vae.get("name"))).name
+        return vae_preset(vae.name).name
     except ConfigError:
         pass
     raise ValueError(f"the store does not name a VAE preset (vae = {vae}); pass --vae-config PRESET")
@@ -294,7 +296,13 @@ def main(argv=None) -> int:
     if args.png:
         if not args.vae:
             raise SystemExit("--png needs --vae WEIGHTS")
-        vae = load_vae(args.vae, vae_preset_name(store.attrs, args.vae_config), args.device)
+        preset = args.vae_config
+        if not preset:
+            try:
+                preset = vae_preset_name(store.metadata, None)
+            except ValueError as e:  # StoreMetadataError too: an old store without the VAE's name
+                raise SystemExit(str(e))
+        vae = load_vae(args.vae, preset, args.device)
         if vae.vae_config.z_dim != sample["latents"].shape[0]:
             raise SystemExit(f"the VAE has z_dim={vae.vae_config.z_dim}; the latents have {sample['latents'].shape[0]} "
                              f"channels")

@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from megawan.data.synthetic import write_synthetic_dataset
+from megawan.demo.shapes import write_synthetic_dataset
 
 
 def main(argv=None) -> int:

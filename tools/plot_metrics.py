@@ -14,10 +14,10 @@ import sys
 
 import numpy as np
 
+from megawan.training.metrics import read_metrics
+
 
 def load_curve(path: str) -> tuple:
-    from megawan.training.metrics import read_metrics
-
     last = {}
     for row in read_metrics(path):
         last.setdefault(row["step"], {}).update(row)  # validation writes its own row at a step

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         import torch
         import torch.distributed as dist
 
+        # here, not at the top: megawan.parallel loads megatron (seconds), which a one-process run never needs
         from megawan.parallel import initialize
 
         initialize()  # torchrun or srun; every rank is its own data-parallel worker

@@ -5,6 +5,7 @@ a batch drawn from one bucket stacks without padding.
     buckets = stage_buckets("video-480")                  # or parse_buckets(["81x480x832", "1x256x256"])
     bucket = assign_bucket(buckets, frames=120, height=1080, width=1920)   # -> Bucket(81, 480, 832)
     clip = resize_center_crop(frames, bucket.height, bucket.width)
+    Bucket.from_name("81x480x832").latent_shape(stride=(4, 8, 8))          # -> (21, 60, 104)
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ class Bucket:
     def is_image(self) -> bool:
         return self.frames == 1
 
+    @classmethod
+    def from_name(cls, name: str) -> "Bucket":
+        """"81x480x832" -> Bucket(81, 480, 832), as a store or a batch names it (no grid check: parse_buckets)."""
+        try:
+            frames, height, width = (int(v) for v in name.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bucket {name!r} is not FRAMESxHEIGHTxWIDTH") from None
+        return cls(frames, height, width)
+
+    def latent_shape(self, stride=(4, 8, 8)) -> tuple:
+        """(T', H', W') of this bucket's VAE latents; stride: the VAE's (temporal, height, width) stride. The
+        causal VAE encodes the first frame alone and each following `stride[0]` frames into one latent frame."""
+        st, sh, sw = stride
+        return (self.frames - 1) // st + 1, self.height // sh, self.width // sw
+
 
 # Wan's recipe: 256 px images; 192 px 5 s 16 fps video (81 frames); then 480 px and 720 px, several aspects.
 STAGE_BUCKETS = {
@@ -54,10 +70,8 @@ def parse_buckets(spec, grid: int = GRID, temporal_stride: int = 4) -> list:
     buckets = []
     for item in spec:
         if isinstance(item, str):
-            try:
-                frames, height, width = (int(v) for v in item.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"bucket {item!r} is not FRAMESxHEIGHTxWIDTH") from None
+            named = Bucket.from_name(item)
+            frames, height, width = named.frames, named.height, named.width
         else:
             frames, height, width = (int(v) for v in item)
         if (frames - 1) % temporal_stride:

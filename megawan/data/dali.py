@@ -5,7 +5,7 @@
 
 The op is `fn.decoders.video` (DALI >= 2.0; `fn.experimental.decoders.video` is its deprecated alias): it
 decodes one in-memory file and takes an explicit list of frame indices (`frames=`), so the clip is chosen here,
-by timestamps, exactly as the PyAV path chooses it (`video.frame_indices`). `fn.readers.video` and
+by timestamps, exactly as the PyAV path chooses it (`decoding.frame_indices`). `fn.readers.video` and
 `fn.experimental.readers.video` are epoch readers over file lists with a fixed sequence length and stride: they
 cannot pick "the last frame shown at or before t" of a variable-frame-rate file, nor one window of one file.
 
@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from megawan.data.video import DecodeError, UnsupportedCodecError, frame_indices, open_video
+from megawan import capabilities
+from megawan.data.decoding import DecodeError, UnsupportedCodecError, frame_indices, open_video
 
 # codec names as FFmpeg's avcodec_get_name gives them (PyAV: codec_context.codec.canonical_name)
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -63,8 +64,6 @@ def decode_video_dali(path: str, fps: float = 16.0, num_frames: Optional[int] = 
     if output not in ("numpy", "torch"):
         raise ValueError(f"unknown output {output!r} (numpy | torch)")
     if device == "gpu":
-        from megawan import capabilities
-
         if not capabilities.cuda_available():
             raise RuntimeError("DALI GPU decoding needs a CUDA device; use device='cpu' (VP8 / VP9 / MJPEG) or PyAV")
     if not dali_available():

@@ -35,7 +35,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from megawan.data.buckets import parse_buckets
+from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore, _to_torch
 
 STREAMS = ("image", "video")
@@ -118,7 +118,7 @@ class BatchPlan:
 
 
 def _stream(bucket: str) -> str:
-    return "image" if parse_buckets([bucket], grid=1, temporal_stride=1)[0].is_image else "video"
+    return "image" if Bucket.from_name(bucket).is_image else "video"
 
 
 class _BucketReader:

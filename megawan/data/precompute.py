@@ -26,10 +26,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megawan.config import text_preset, vae_preset
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
+from megawan.data.decoding import DecodeError
 from megawan.data.manifest import ManifestEntry, read_manifest
 from megawan.data.store import LatentStore, Sample
-from megawan.data.video import DecodeError, decode_image, decode_video
+from megawan.data.store_metadata import StoreMetadata, TextEncoderMetadata, VAEMetadata
+from megawan.data.video import decode_image, decode_video
+from megawan.models.loading import load_text_encoder, load_tokenizer, load_vae
+from megawan.utils.progress import Progress
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -116,9 +121,6 @@ class Encoders:
     """The Wan-VAE, the umT5 encoder and its tokenizer, loaded once per rank."""
 
     def __init__(self, job: PrecomputeJob, device: torch.device):
-        from megawan.config import text_preset, vae_preset
-        from megawan.models.loading import load_text_encoder, load_tokenizer, load_vae
-
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = STORE_DTYPES[job.compute_dtype] if job.compute_dtype else default
         self.device, self.dtype = device, dtype
@@ -130,15 +132,15 @@ class Encoders:
         self._cache: dict = {}
         self._cache_size = job.text_cache
         c = self.vae_config
-        self.vae_attrs = {"name": c.name, "z_dim": c.z_dim,
-                          "stride": [c.temporal_stride, c.spatial_stride, c.spatial_stride],
-                          "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std),
-                          "weights": fingerprint(self.vae.state_dict()), "normalized": False}
+        self.vae_metadata = VAEMetadata(name=c.name, z_dim=c.z_dim,
+                                        stride=(c.temporal_stride, c.spatial_stride, c.spatial_stride),
+                                        latents_mean=tuple(c.latents_mean), latents_std=tuple(c.latents_std),
+                                        weights=fingerprint(self.vae.state_dict()), normalized=False)
         t = self.text_config
-        self.text_attrs = {"name": t.name, "max_length": t.text_len, "dim": t.d_model,
-                           "weights": fingerprint(self.text.state_dict()),
-                           "tokenizer": fingerprint({"pieces": torch.tensor(
-                               [len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.sp.get_piece_size())])})}
+        pieces = [len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.sp.get_piece_size())]
+        self.text_metadata = TextEncoderMetadata(name=t.name, max_length=t.text_len, dim=t.d_model,
+                                                 weights=fingerprint(self.text.state_dict()),
+                                                 tokenizer=fingerprint({"pieces": torch.tensor(pieces)}))
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> tuple:
@@ -179,19 +181,18 @@ def skipped_files(store: LatentStore) -> list:
 def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barrier=None, device=None,
                    progress: bool = True) -> dict:
     """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
-    from megawan.utils.progress import Progress
-
     barrier = barrier or (lambda: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entries = read_manifest(job.manifest)
     buckets = job.resolved_buckets()
     encoders = Encoders(job, device)
-    provenance = {"buckets": [b.name for b in buckets], "fps": job.fps, "dtype": job.dtype,
-                  "logvar": job.save_logvar, "manifest": os.path.abspath(job.manifest)}
+    metadata = StoreMetadata(vae=encoders.vae_metadata, text_encoder=encoders.text_metadata,
+                             buckets=tuple(b.name for b in buckets), fps=job.fps, dtype=job.dtype,
+                             logvar=job.save_logvar, manifest=os.path.abspath(job.manifest))
     if rank == 0:
-        LatentStore.create(job.out, vae=encoders.vae_attrs, text_encoder=encoders.text_attrs, **provenance)
+        LatentStore.create(job.out, **metadata.to_attrs())
     barrier()
-    store = LatentStore.create(job.out, vae=encoders.vae_attrs, text_encoder=encoders.text_attrs, **provenance)
+    store = LatentStore.create(job.out, **metadata.to_attrs())
     done = set(store.ids()) | {s["id"] for s in skipped_files(store)}
     mine = [e for e in entries[rank::world_size] if e.id not in done]
 

@@ -2,11 +2,13 @@
 
     store = LatentStore.create("latents.zarr", vae={"name": "wan2.1", "z_dim": 16, ...},
                                text_encoder={"name": "umt5-xxl", "max_length": 512, "dim": 4096})
+                                                     # (precompute: **StoreMetadata(...).to_attrs())
     writer = store.writer(rank)                      # every precompute rank appends to its own part
     if sample_id not in store.ids():
         writer.write(Sample(id=..., bucket="81x480x832", latents=mean, text=states, text_length=n, ...))
     reader = LatentStore.open("latents.zarr")
     for bucket in reader.buckets(): sample = reader.read(bucket, 0)
+    reader.metadata.vae.z_dim                        # the store's attributes, typed (store_metadata.py)
 
 Layout: buckets/<bucket>/part-<rank>/{latents, logvar?, text, text_length, id, source, caption, fps,
 frame_indices}, one sample per chunk, shards of many samples, zstd. Each writer has its own part (its own
@@ -24,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from megawan.data.store_metadata import StoreMetadata
 
 FORMAT_VERSION = 1
 SHARD_SAMPLES = 64
@@ -92,7 +96,13 @@ class LatentStore:
 
     @property
     def attrs(self) -> dict:
+        """The root attributes as stored (every key, as JSON gives it back)."""
         return dict(self.root.attrs)
+
+    @property
+    def metadata(self) -> StoreMetadata:
+        """The attributes, typed; StoreMetadataError (a ValueError) names a field an old or damaged store lacks."""
+        return StoreMetadata.from_attrs(self.attrs, where=self.path)
 
     def writer(self, rank: int = 0) -> "StoreWriter":
         return StoreWriter(self, rank)

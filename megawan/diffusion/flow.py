@@ -10,7 +10,9 @@ frame stays x0, and it is left out of the loss.
     fm = FlowMatching(shift=5.0, distribution="logit_normal")
     t = fm.sample_timesteps(batch, generator=g)
     x_t, target = fm.noised(x0, noise, t)
-    loss = fm.loss(model(x_t, fm.model_timesteps(t), text), target)
+    prediction = model(x_t, fm.model_timesteps(t), text)
+    loss = fm.loss(prediction, target)                        # one number for the batch
+    per_sample = fm.per_sample_loss(prediction, target)       # [B]: what the trainer weighs, validation sums
 """
 
 from __future__ import annotations
@@ -78,8 +80,21 @@ class FlowMatching:
         return x_t, target, token_t, keep
 
     @staticmethod
+    def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B] mean squared error of each sample, in fp32; with a mask, each sample's mean over its masked-in
+        elements (a sample with none counts 0). The trainer weighs these (padded copies weigh 0) and
+        validation sums them, so both measure exactly the same thing."""
+        err = (prediction.float() - target.float()).pow(2)
+        if mask is None:
+            return err.flatten(1).mean(1)
+        mask = mask.float().expand_as(err)
+        return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+
+    @staticmethod
     def loss(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean squared error, in fp32; with a mask, the mean over masked-in elements."""
+        """Mean squared error over the whole batch, in fp32; with a mask, the mean over masked-in elements (unlike
+        the mean of per_sample_loss, every element counts alike, whichever sample holds it)."""
         err = (prediction.float() - target.float()).pow(2)
         if mask is None:
             return err.mean()

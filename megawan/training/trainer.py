@@ -26,10 +26,29 @@ import time
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megawan.config import ConfigError, RunConfig, config_to_dict
+from kernels.dispatch import triton_runnable
+from megawan.capabilities import resolve_backend
+from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
+from megawan.data.buckets import Bucket
+from megawan.data.loader import BucketedLoader
+from megawan.data.store import LatentStore
 from megawan.diffusion.flow import FlowMatching
+from megawan.models.dit.flops import flops
+from megawan.models.dit.parallelize import apply_activation_offload, apply_activation_recompute, build_model_chunks
+from megawan.parallel import initialize
+from megawan.parallel.cpu_compat import megatron_cpu_mode
+from megawan.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from megawan.training.ema import EMA
+from megawan.training.memory import estimate_memory
+from megawan.training.metrics import MetricsLogger
+from megawan.training.optimizer import build_optimizer, wrap_data_parallel
 from megawan.training.precision import fp8_context
+from megawan.training.schedule import forward_backward
+from megawan.training.validation import Validator
+from megawan.utils.progress import Progress
 
 logger = logging.getLogger("megawan")
 
@@ -42,16 +61,9 @@ class TrainingError(RuntimeError):
 # Checks before any process group exists
 
 
-def _bucket_shape(name: str) -> tuple:
-    return tuple(int(v) for v in name.split("x"))
-
-
 def preflight(cfg: RunConfig, world_size: int) -> dict:
     """Refuse a run that cannot work, naming the field: layout, store, buckets, shapes, memory. Returns facts
-    the trainer reuses (store attributes, the buckets trained on)."""
-    from megawan.data.store import LatentStore
-    from megawan.training.memory import estimate_memory
-
+    the trainer reuses: "metadata" (the store's StoreMetadata), "buckets" (the bucket names trained on)."""
     cfg.validate(world_size)
     if cfg.model.model_type == "i2v":
         raise ConfigError("model.model_type: i2v training needs image-conditioning latents (mask + first-frame "
@@ -64,8 +76,6 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     if cfg.train.fp8 and backend not in ("te", "local"):
         raise ConfigError(f"train.fp8: model.backend {cfg.model.backend!r} is unavailable here")
     if cfg.train.fp8_attention and backend == "local":
-        from kernels.dispatch import triton_runnable
-
         if not triton_runnable():
             raise ConfigError("train.fp8_attention: the local backend's FP8 attention is a Triton kernel; it needs "
                               "Triton and a CUDA device (on CPU only Triton's interpreter, TRITON_INTERPRET=1)")
@@ -73,9 +83,9 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
         raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
     try:
         store = LatentStore.open(cfg.data.store)
-    except (FileNotFoundError, ValueError) as e:
+        meta = store.metadata
+    except (FileNotFoundError, ValueError) as e:  # ValueError: another format version, a field missing
         raise ConfigError(f"data.store: {e}") from None
-    attrs = store.attrs
     buckets = list(cfg.data.buckets) or store.buckets()
     missing = [b for b in buckets if b not in store.buckets()]
     if missing:
@@ -83,25 +93,24 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     empty = [b for b in buckets if store.count(b) == 0]
     if empty:
         raise ConfigError(f"data.buckets: {empty} hold no samples in {cfg.data.store}")
-    z = attrs.get("vae", {}).get("z_dim")
-    if z is not None and z != cfg.model.in_dim:
-        raise ConfigError(f"model.in_dim: {cfg.model.in_dim} input channels, but the store's latents have z_dim={z}")
-    text = attrs.get("text_encoder", {})
-    if text.get("dim") is not None and text["dim"] != cfg.model.text_dim:
-        raise ConfigError(f"model.text_dim: {cfg.model.text_dim}, but the store's text states have dim={text['dim']}")
-    if text.get("max_length") is not None and text["max_length"] > cfg.model.text_len:
+    if meta.vae.z_dim != cfg.model.in_dim:
+        raise ConfigError(f"model.in_dim: {cfg.model.in_dim} input channels, but the store's latents have "
+                          f"z_dim={meta.vae.z_dim}")
+    text = meta.text_encoder
+    if text.dim != cfg.model.text_dim:
+        raise ConfigError(f"model.text_dim: {cfg.model.text_dim}, but the store's text states have dim={text.dim}")
+    if text.max_length > cfg.model.text_len:
         raise ConfigError(f"model.text_len: {cfg.model.text_len} tokens, but the store's text states are "
-                          f"{text['max_length']} long")
-    has = {"video": any(_bucket_shape(b)[0] > 1 for b in buckets), "image": any(_bucket_shape(b)[0] == 1 for b in buckets)}
+                          f"{text.max_length} long")
+    shapes = {b: Bucket.from_name(b) for b in buckets}
+    has = {"video": any(not s.is_image for s in shapes.values()), "image": any(s.is_image for s in shapes.values())}
     if cfg.data.video_ratio > 0 and not has["video"]:
         raise ConfigError(f"data.video_ratio: {cfg.data.video_ratio} asks for video, but the buckets {buckets} are images")
     if cfg.data.video_ratio < 1 and not has["image"]:
         raise ConfigError(f"data.video_ratio: {cfg.data.video_ratio} asks for images, but the buckets {buckets} are videos")
-    stride = attrs.get("vae", {}).get("stride", [4, 8, 8])
     pt, ph, pw = cfg.model.patch_size
     for b in buckets:
-        f, h, w = _bucket_shape(b)
-        lt, lh, lw = (f - 1) // stride[0] + 1, h // stride[1], w // stride[2]
+        lt, lh, lw = shapes[b].latent_shape(meta.vae.stride)
         if lt % pt or lh % ph or lw % pw:
             raise ConfigError(f"data.buckets: {b} gives latents {lt}x{lh}x{lw}, not divisible by the patch size "
                               f"{cfg.model.patch_size}")
@@ -117,18 +126,14 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                     f"{cfg.train.memory_budget_gb:g} (more TP / CP, recompute, or a smaller bucket)")
     _preflight_validation(cfg)
     if cfg.checkpoint.init_from:
-        from megawan.training.checkpoint import resolve_checkpoint
-
         try:
             resolve_checkpoint(cfg.checkpoint.init_from)
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"checkpoint.init_from: {e}") from None
-    return {"store": attrs, "buckets": buckets}
+    return {"metadata": meta, "buckets": buckets}
 
 
 def _backend(name: str) -> str:
-    from megawan.capabilities import resolve_backend
-
     try:
         return resolve_backend(name)
     except RuntimeError:
@@ -136,20 +141,18 @@ def _backend(name: str) -> str:
 
 
 def _preflight_validation(cfg: RunConfig) -> None:
-    from megawan.data.store import LatentStore
-
     v = cfg.validation
     if not v.every:
         return
     try:
         held_out = LatentStore.open(v.store)
+        meta = held_out.metadata
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"validation.store: {e}") from None
-    attrs = held_out.attrs
-    z, dim = attrs.get("vae", {}).get("z_dim"), attrs.get("text_encoder", {}).get("dim")
-    if z is not None and z != cfg.model.in_dim:
+    z, dim = meta.vae.z_dim, meta.text_encoder.dim
+    if z != cfg.model.in_dim:
         raise ConfigError(f"validation.store: its latents have z_dim={z}, the model takes {cfg.model.in_dim} channels")
-    if dim is not None and dim != cfg.model.text_dim:
+    if dim != cfg.model.text_dim:
         raise ConfigError(f"validation.store: its text states have dim={dim}, the model takes {cfg.model.text_dim}")
     if not held_out.buckets() or not any(held_out.count(b) for b in held_out.buckets()):
         raise ConfigError(f"validation.store: {v.store} holds no samples")
@@ -188,15 +191,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _setup(self):
-        from megatron.core import parallel_state as ps
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from megawan.data.loader import BucketedLoader
-        from megawan.parallel import initialize
-        from megawan.models.dit.parallelize import apply_activation_recompute, build_model_chunks
-        from megawan.training.optimizer import build_optimizer, wrap_data_parallel
-        from megawan.training.ema import EMA
-
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         if self.facts is None:
@@ -215,8 +209,6 @@ class Trainer:
             for chunk in self.chunks:
                 apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)
         if cfg.parallel.offload_blocks:
-            from megawan.models.dit.parallelize import apply_activation_offload
-
             for chunk in self.chunks:
                 apply_activation_offload(chunk, cfg.parallel.offload_blocks)
         for chunk in self.chunks:
@@ -240,19 +232,14 @@ class Trainer:
         self.loader = BucketedLoader(d.store, sizes, video_ratio=d.video_ratio, seed=cfg.seed,
                                      dp_rank=self.dp_rank, dp_size=self.dp_size, buckets=self.facts["buckets"],
                                      num_workers=d.num_workers)
-        vae = self.facts["store"].get("vae", {})
-        z = cfg.model.in_dim
-        mean, std = vae.get("latents_mean"), vae.get("latents_std")
-        self.latents_mean = torch.tensor(mean if mean else [0.0] * z).view(1, z, 1, 1, 1)
-        self.latents_std = torch.tensor(std if std else [1.0] * z).view(1, z, 1, 1, 1)
-        self.stride = vae.get("stride", [4, 8, 8])
+        vae = self.facts["metadata"].vae
+        self.latents_mean, self.latents_std = vae.normalization()
+        self.stride = vae.stride
         self.flow = FlowMatching(shift=cfg.train.shift, distribution=cfg.train.timestep_distribution)
         self.step, self.bad_in_row, self.skipped_steps, self.consumed = 0, 0, 0, 0
 
     # ------------------------------------------------------------------------------------------
     def _resume(self):
-        from megawan.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
-
         cfg = self.cfg
         latest = latest_checkpoint(cfg.checkpoint.dir)
         if latest is not None:
@@ -271,8 +258,6 @@ class Trainer:
             self._log0(f"warm start from {source} (weights only)")
 
     def _save(self):
-        from megawan.training.checkpoint import save_checkpoint
-
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row,
                  "consumed_samples": self.consumed, "scheduler": self.scheduler.state_dict(),
                  "loader": self.loader.state_dict(), "seed": self.cfg.seed,
@@ -342,12 +327,7 @@ class Trainer:
                 output = model(mb["x_t"], mb["timestep"], mb["text"])
 
             def loss_fn(prediction):
-                err = (prediction.float() - mb["target"].float()).pow(2)
-                if mb["mask"] is not None:
-                    m = mb["mask"].float().expand_as(err)
-                    per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
-                else:
-                    per_sample = err.flatten(1).mean(1)
+                per_sample = FlowMatching.per_sample_loss(prediction, mb["target"], mb["mask"])
                 weighted = (per_sample * mb["weight"]).sum()
                 return weighted * scale, {"weighted_sum": weighted.detach().clone()}
 
@@ -356,13 +336,10 @@ class Trainer:
         return forward_step
 
     def _train_step(self, batch: dict) -> dict:
-        from megawan.training.schedule import forward_backward
-
         ps = self.ps
         micro = self._microbatches(batch)
-        f, h, w = _bucket_shape(batch["bucket"])
         pt, ph, pw = self.cfg.model.patch_size
-        lt, lh, lw = (f - 1) // self.stride[0] + 1, h // self.stride[1], w // self.stride[2]
+        lt, lh, lw = Bucket.from_name(batch["bucket"]).latent_shape(self.stride)
         tokens = (lt // pt) * (lh // ph) * (lw // pw)
         # megatron divides each micro-batch's loss by their number and DDP averages over DP: undo both so the
         # gradient is that of sum(weight * loss) / global samples
@@ -390,11 +367,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from megawan.models.dit.flops import flops
-        from megawan.parallel.cpu_compat import megatron_cpu_mode
-        from megawan.training.metrics import MetricsLogger
-        from megawan.utils.progress import Progress
-
         cfg = self.cfg
         signals = _Signals()
         with megatron_cpu_mode():
@@ -405,9 +377,11 @@ class Trainer:
                                     config_to_dict(cfg), enabled=self.rank == 0)
             validator = None
             if cfg.validation.every:
-                from megawan.training.validation import Validator
-
-                validator = Validator(self, os.path.join(log_dir, "validation"))
+                validator = Validator(cfg.validation, self.ddp, patch_size=cfg.model.patch_size,
+                                      model_type=cfg.model.model_type, micro_batch_size=cfg.data.micro_batch_size,
+                                      device=self.device, dtype=self.dtype,
+                                      normalization=(self.latents_mean, self.latents_std),
+                                      ema=self.ema, out_dir=os.path.join(log_dir, "validation"))
             bar = Progress(cfg.train.steps, desc="train", unit="steps", enabled=self.rank == 0 and cfg.logging.progress)
             bar.count = self.step
             it = iter(self.loader)
@@ -477,8 +451,6 @@ def _memory_gb() -> float:
 
 def train(config_path: str | None, overrides: tuple = ()) -> dict:
     """`megawan train`: load + check the config, then run on this rank."""
-    from megawan.config import load_config
-
     cfg = load_config(config_path, overrides)
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     facts = preflight(cfg, world)

@@ -19,31 +19,52 @@ import json
 import math
 import os
 import time
+import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from PIL import Image
 
+from megawan.config import ValidationConfig, vae_preset
+from megawan.data.buckets import Bucket
+from megawan.data.store import LatentStore
 from megawan.diffusion.flow import FlowMatching
 from megawan.diffusion.samplers import make_sampler, sample
+from megawan.models.loading import load_vae
+from megawan.training.schedule import forward_backward
+from megawan.utils.images import contact_sheet, video_to_uint8
+from megawan.utils.media import media_suffix, read_media, write_media
 
 
 def _noise(seed: int, key: str, shape) -> torch.Tensor:
     """Fixed noise per (seed, sample): the same in every layout and at every validation."""
-    import zlib
-
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode())))
 
 
 class Validator:
-    def __init__(self, trainer, out_dir: str):
-        from megawan.data.store import LatentStore
+    """Held-out loss and samples for the model being trained, in its layout (megatron's parallel state, set up
+    by the trainer, says which replica and stage this rank is).
 
-        self.trainer, self.cfg = trainer, trainer.cfg.validation
+    settings: the run's `validation` section (held-out store, VAE, sampler, …); chunks: the DDP-wrapped model
+    chunks of this rank; patch_size, model_type: the DiT's; micro_batch_size: held-out samples per forward;
+    device, dtype: where and in which dtype the model runs; normalization: (mean, std) [1, z, 1, 1, 1], the
+    latent statistics the model is trained with; ema: the trainer's EMA (swapped in when settings.use_ema);
+    out_dir: where each validation step's folder goes.
+    """
+
+    def __init__(self, settings: ValidationConfig, chunks: list, *, patch_size: tuple, model_type: str,
+                 micro_batch_size: int, device: torch.device, dtype: torch.dtype, normalization: tuple, out_dir: str,
+                 ema=None):
+        self.cfg, self.chunks, self.ema = settings, chunks, ema
+        self.patch_size, self.ti2v, self.micro_batch_size = tuple(patch_size), model_type == "ti2v", micro_batch_size
+        self.device, self.dtype = device, dtype
+        self.latents_mean, self.latents_std = normalization
         self.store = LatentStore.open(self.cfg.store)
         self.out_dir = out_dir
         self._vae = None
-        ps = trainer.ps
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.leader = (self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
@@ -52,7 +73,7 @@ class Validator:
     # ------------------------------------------------------------------------------------------
     def run(self, step: int) -> dict:
         start = time.perf_counter()
-        ema = self.trainer.ema if (self.cfg.use_ema and self.trainer.ema is not None) else None
+        ema = self.ema if self.cfg.use_ema else None
         if ema is not None:
             ema.apply()
         try:
@@ -69,13 +90,11 @@ class Validator:
     def _forward(self, x, timestep, text, capture=None, target=None, weight=None, mask=None):
         """One forward-only pass of the replica. With `capture`, returns the velocity on every rank of the
         replica; else the weighted squared error summed on the last stage (0 elsewhere)."""
-        from megawan.training.schedule import forward_backward
-
-        t = self.trainer
-        pt, ph, pw = t.cfg.model.patch_size
+        pt, ph, pw = self.patch_size
         tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
         out = {}
-        batch = {"x": x.to(t.device, t.dtype), "t": timestep.to(t.device), "text": text.to(t.device, t.dtype)}
+        batch = {"x": x.to(self.device, self.dtype), "t": timestep.to(self.device),
+                 "text": text.to(self.device, self.dtype)}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -85,36 +104,31 @@ class Validator:
                 if capture:
                     out["v"] = prediction.detach().float()
                     return prediction.float().sum() * 0, {}
-                err = (prediction.float() - target.to(prediction.device).float()).pow(2)
-                if mask is not None:
-                    m = mask.to(err.device).float().expand_as(err)
-                    per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
-                else:
-                    per_sample = err.flatten(1).mean(1)
-                out["sum"] = float((per_sample * weight.to(err.device)).sum())
+                on = prediction.device
+                per_sample = FlowMatching.per_sample_loss(prediction, target.to(on),
+                                                          None if mask is None else mask.to(on))
+                out["sum"] = float((per_sample * weight.to(on)).sum())
                 return per_sample.sum() * 0, {}
 
             return output, loss_fn
 
         with torch.no_grad():
-            forward_backward(t.ddp, forward_step, [iter([batch]) for _ in t.ddp], 1, tokens, x.shape[0],
+            forward_backward(self.chunks, forward_step, [iter([batch]) for _ in self.chunks], 1, tokens, x.shape[0],
                              forward_only=True)
         if not capture:
             return out.get("sum", 0.0)
         v = out.get("v")
         if self.pp_size > 1:
             if v is None:
-                v = torch.empty(x.shape, dtype=torch.float32, device=t.device)
-            ps = t.ps
+                v = torch.empty(x.shape, dtype=torch.float32, device=self.device)
             dist.broadcast(v, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return v.cpu()
 
     def _share(self, n: int) -> list:
         """This replica's indices of 0..n-1 (round robin), padded with None to the same count on every replica."""
-        t = self.trainer
-        mine = list(range(t.dp_rank, n, t.dp_size))
-        return mine + [None] * (math.ceil(n / t.dp_size) - len(mine))
+        mine = list(range(self.dp_rank, n, self.dp_size))
+        return mine + [None] * (math.ceil(n / self.dp_size) - len(mine))
 
     def _read(self, bucket: str, indices: list) -> list:
         rows = [self.store.read(bucket, i if i is not None else 0) for i in indices]
@@ -126,11 +140,10 @@ class Validator:
     def _loss(self) -> dict:
         """Mean flow-matching loss over the held-out samples at each fixed flow time (unshifted), with noise
         fixed per sample, so the numbers of two validations differ only by the weights."""
-        t, cfg = self.trainer, self.cfg
+        cfg = self.cfg
         times = list(cfg.loss_timesteps)
         sums, count = torch.zeros(len(times), dtype=torch.float64), 0
-        mbs = t.cfg.data.micro_batch_size
-        ti2v = t.cfg.model.model_type == "ti2v"
+        mbs = self.micro_batch_size
         for bucket in self.store.buckets():
             n = self.store.count(bucket)
             n = min(n, cfg.loss_samples) if cfg.loss_samples else n
@@ -140,14 +153,14 @@ class Validator:
             share = self._share(n)
             for s in range(0, len(share), mbs):
                 rows = self._read(bucket, share[s:s + mbs])
-                x0 = (torch.stack([r["latents"].float() for r in rows]) - t.latents_mean) / t.latents_std
+                x0 = (torch.stack([r["latents"].float() for r in rows]) - self.latents_mean) / self.latents_std
                 noise = torch.stack([_noise(cfg.seed, f"loss/{r['id']}", x0.shape[1:]) for r in rows])
                 text = torch.stack([r["text"] for r in rows])
                 weight = torch.tensor([r["weight"] for r in rows])
                 for k, flow_time in enumerate(times):
                     tt = torch.full((x0.shape[0],), flow_time)
-                    if ti2v:
-                        x_t, target, timestep, mask = FlowMatching.clean_first_frame(x0, noise, tt, t.cfg.model.patch_size)
+                    if self.ti2v:
+                        x_t, target, timestep, mask = FlowMatching.clean_first_frame(x0, noise, tt, self.patch_size)
                     else:
                         (x_t, target), timestep, mask = FlowMatching.noised(x0, noise, tt), tt * 1000, None
                     value = self._forward(x_t, timestep, text, target=target, weight=weight, mask=mask)
@@ -163,7 +176,7 @@ class Validator:
         if self.cfg.bucket:
             return self.cfg.bucket
         buckets = self.store.buckets()
-        videos = [b for b in buckets if int(b.split("x")[0]) > 1]
+        videos = [b for b in buckets if not Bucket.from_name(b).is_image]
         return (videos or buckets)[0]
 
     def _samples(self, step: int) -> dict:
@@ -197,27 +210,19 @@ class Validator:
 
     def _vae_model(self):
         if self._vae is None:
-            from megawan.config import vae_preset
-            from megawan.models.loading import load_vae
-
-            name = self.cfg.vae_config or self.store.attrs.get("vae", {}).get("name")
-            self._vae = load_vae(self.cfg.vae, vae_preset(name), device=self.trainer.device).eval()
+            name = self.cfg.vae_config or self.store.metadata.vae.name
+            self._vae = load_vae(self.cfg.vae, vae_preset(name), device=self.device).eval()
         return self._vae
 
     def _write(self, folder: str, rows: list, latents: torch.Tensor) -> list:
-        from PIL import Image
-
-        from megawan.data.synthetic import write_video
-        from megawan.utils.images import contact_sheet, video_to_uint8
-
         out = []
         keep = [i for i, r in enumerate(rows) if r["weight"] > 0]
         if not keep:
             return out
         if self.cfg.vae:
-            z = latents[keep] * self.trainer.latents_std + self.trainer.latents_mean  # the VAE's raw latents
+            vae = self._vae_model()
             with torch.no_grad():
-                video = self._vae_model().decode(z.to(self.trainer.device))
+                video = vae.decode(vae.denormalize(latents[keep].to(self.device)))  # the VAE's raw latents
         for j, i in enumerate(keep):
             r = rows[i]
             record = {"id": r["id"], "caption": r["caption"]}
@@ -225,20 +230,15 @@ class Validator:
             record["latents"] = f"{r['id']}.latents.pt"
             if self.cfg.vae:
                 frames = video_to_uint8(video[j])
-                if frames.shape[0] > 1:
-                    write_video(os.path.join(folder, f"{r['id']}.mp4"), frames, fps=self.cfg.fps)
-                    record["video"] = f"{r['id']}.mp4"
-                else:
-                    Image.fromarray(frames[0]).save(os.path.join(folder, f"{r['id']}.png"))
-                    record["image"] = f"{r['id']}.png"
+                name = r["id"] + media_suffix(frames.shape[0])
+                write_media(os.path.join(folder, name), frames, fps=self.cfg.fps)
+                record["video" if frames.shape[0] > 1 else "image"] = name
                 contact_sheet(frames, max_frames=8).save(os.path.join(folder, f"{r['id']}.strip.png"))
                 record["strip"] = f"{r['id']}.strip.png"
             out.append(record)
         return out
 
     def _merge(self, folder: str) -> None:
-        from PIL import Image
-
         rows = []
         for name in sorted(os.listdir(folder)):
             if name.startswith("samples-rank") and name.endswith(".jsonl"):
@@ -272,15 +272,4 @@ def read_samples(folder: str) -> list:
 
 def frames_of(row: dict) -> np.ndarray:
     """uint8 frames [T, H, W, 3] of a sampled row (its mp4 or png)."""
-    if "video" in row:
-        return _read_mp4(row["video"])
-    from PIL import Image
-
-    return np.asarray(Image.open(row["image"]).convert("RGB"))[None]
-
-
-def _read_mp4(path: str) -> np.ndarray:
-    import av
-
-    with av.open(path) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    return read_media(row["video"] if "video" in row else row["image"])

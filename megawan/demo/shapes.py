@@ -1,5 +1,6 @@
 """Synthetic videos of moving coloured shapes, whose captions name the colour, shape and direction:
-the tiny end-to-end job and the tests learn and check against them.
+the tiny end-to-end job and the tests learn and check against them; the colour metric that checks what a
+model generated; and broken files that a decoder must skip.
 
     write_synthetic_dataset("data/shapes", count=200, frames=33, height=64, width=64, broken=10)
     -> data/shapes/*.mp4 and data/shapes/manifest.jsonl
@@ -14,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from megawan.utils.media import write_video
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
           "purple": (150, 60, 200), "cyan": (40, 200, 210)}
@@ -114,23 +117,6 @@ def caption_color(caption: str) -> str | None:
         if word in COLORS:
             return word
     return None
-
-
-def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx264") -> None:
-    """Encode uint8 [T, H, W, 3] frames with PyAV (mp4 / H.264 by default; `libvpx-vp9` for webm)."""
-    import av
-
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 BROKEN_KINDS = ("truncated", "empty", "garbage", "audio_only")

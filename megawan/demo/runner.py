@@ -8,7 +8,7 @@
        optimizer), joint image + video batches, EMA, text dropout for guidance, checkpoints, validation
        (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet)
     4. the colour check: the dominant colour of each held-out prompt's generated frames against the colour
-       its caption names (megawan.data.synthetic.dominant_color)
+       its caption names (megawan.demo.shapes.dominant_color)
     5. `megawan generate` samples the checkpoint for new prompts on 2 ranks (tensor parallel) -> mp4
 
     megawan demo --out runs/demo          (python -m megawan.cli demo)
@@ -23,6 +23,13 @@ import sys
 import time
 
 import yaml
+
+from megawan.demo.shapes import caption_color, dominant_color
+from megawan.demo.tiny_assets import TINY_VAE_STEPS
+from megawan.demo.tiny_dataset import make_tiny_dataset
+from megawan.generation import slug
+from megawan.parallel.launch import free_port
+from megawan.training.validation import frames_of, read_samples
 
 DEMO_PROMPTS = ("a red circle moves right", "a blue square moves down", "a yellow triangle moves left")
 
@@ -54,9 +61,6 @@ def demo_config(out_dir: str, store: str, held_out: str, vae: str, steps: int, h
 
 def color_accuracy(rows: list) -> dict:
     """Share of sampled held-out prompts whose frames' dominant colour is the colour their caption names."""
-    from megawan.data.synthetic import caption_color, dominant_color
-    from megawan.training.validation import frames_of
-
     results = []
     for row in rows:
         want, got = caption_color(row["caption"]), dominant_color(frames_of(row))
@@ -68,10 +72,6 @@ def color_accuracy(rows: list) -> dict:
 def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, images: int = 64,
              held_out_videos: int = 24, vae_steps: int | None = None, nproc: int = 4,
              prompts: tuple = DEMO_PROMPTS) -> dict:
-    from megawan.data.tiny_dataset import make_tiny_dataset
-    from megawan.parallel.launch import free_port
-    from megawan.training.validation import read_samples
-
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, "checkpoints")):
         raise FileExistsError(f"{out_dir}/checkpoints exists: choose another --out or remove it")
@@ -82,8 +82,6 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
     _say(f"1-2/5 synthetic clips ({videos} + {held_out_videos} held out) and stills ({images}), tiny encoders, "
          f"precomputed latents")
     t0 = time.perf_counter()
-    from megawan.data.tiny_assets import TINY_VAE_STEPS
-
     kwargs = {"train_vae_steps": TINY_VAE_STEPS if vae_steps is None else vae_steps}
     store, encoders = make_tiny_dataset(os.path.join(out_dir, "data"), videos=videos, images=images,
                                         held_out_videos=held_out_videos, held_out_images=0, **kwargs)
@@ -128,8 +126,6 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"megawan generate failed (exit {proc.returncode}); the log is above")
-    from megawan.generation import slug
-
     videos_out = [os.path.join(samples, f"{i:03d}_{slug(p)}.mp4") for i, p in enumerate(prompts)]
     missing = [v for v in videos_out if not os.path.isfile(v)]
     if missing:

@@ -9,7 +9,10 @@ import json
 import os
 import random
 
-from megawan.data.synthetic import COLORS, DIRECTIONS, SHAPES, ShapeClip, render, write_synthetic_dataset
+from megawan.data.precompute import PrecomputeJob, run_precompute
+from megawan.demo.shapes import COLORS, DIRECTIONS, SHAPES, ShapeClip, render, write_synthetic_dataset
+from megawan.demo.tiny_assets import write_tiny_encoders
+from megawan.utils.media import write_image
 
 VIDEO_BUCKET = "17x32x48"
 IMAGE_BUCKET = "1x32x32"
@@ -17,8 +20,6 @@ IMAGE_BUCKET = "1x32x32"
 
 def write_images(folder: str, count: int, size: int = 32, seed: int = 1) -> list:
     """PNG stills of the shapes (caption: "a red circle"), as manifest rows."""
-    from PIL import Image
-
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
     rows = []
@@ -26,7 +27,7 @@ def write_images(folder: str, count: int, size: int = 32, seed: int = 1) -> list
         clip = ShapeClip(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS)))
         frame = render(clip, 2, size, size, seed=seed * 7919 + i)[0]
         name = f"image_{i:05d}.png"
-        Image.fromarray(frame).save(os.path.join(folder, name))
+        write_image(os.path.join(folder, name), frame)
         rows.append({"id": f"image_{i:05d}", "path": os.path.join(folder, name), "caption": f"a {clip.color} {clip.shape}"})
     return rows
 
@@ -40,8 +41,6 @@ def make_tiny_dataset(root: str, videos: int = 24, images: int = 16, broken: int
     seeds), encoded by the same encoders: the validation store. `encoders` reuses existing encoder files;
     `train_vae_steps` trains the tiny VAE as an autoencoder of the shapes first (so decoded samples show them).
     """
-    from megawan.data.tiny_assets import write_tiny_encoders
-
     root = os.path.abspath(root)
     if encoders is None:
         kwargs = {"train_vae_steps": train_vae_steps} if train_vae_steps else {}
@@ -54,8 +53,6 @@ def make_tiny_dataset(root: str, videos: int = 24, images: int = 16, broken: int
 
 def _precompute_split(root: str, name: str, encoders: dict, videos: int, images: int, broken: int, seed: int,
                       progress: bool) -> str:
-    from megawan.data.precompute import PrecomputeJob, run_precompute
-
     video_dir = os.path.join(root, "videos" if name == "latents" else f"{name}_videos")
     manifest = write_synthetic_dataset(video_dir, count=videos, frames=17, height=32, width=48, broken=broken,
                                        seed=seed)

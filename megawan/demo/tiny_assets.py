@@ -22,7 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from megawan.data.synthetic import BACKGROUND, COLORS, DIRECTIONS, SHAPES, ShapeClip, render
+from megawan.config import text_preset, vae_preset
+from megawan.convert import convert_state_dict
+from megawan.demo.shapes import BACKGROUND, COLORS, DIRECTIONS, SHAPES, ShapeClip, render
+from megawan.models.text import UMT5Encoder
+from megawan.models.vae import WanVAE
+from megawan.models.vae.blocks import AttentionBlock, ResidualBlock, Resample
+from megawan.models.vae.model import unpatchify
 
 TINY_VAE_STEPS = 300  # ~1-1.5 min on 2 CPU cores; decoded held-out clips and stills keep their colour
 
@@ -90,8 +96,6 @@ def _init_for_training(vae, generator: torch.Generator) -> None:
     the image) and the random earlier taps mix frames, and the tiny model does not get past "background
     everywhere" within a few hundred steps.
     """
-    from megawan.models.vae.blocks import AttentionBlock, ResidualBlock, Resample
-
     for m in vae.modules():
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             w = m.weight
@@ -124,7 +128,7 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
                    ema: float = 0.98, time_taps: bool = False, log_every: int = 0) -> dict:
     """Train `vae` (a WanVAE, in place) from scratch as an autoencoder of the synthetic shapes; returns stats.
 
-    Data: freshly rendered every step (megawan.data.synthetic.render: random colour, shape, direction and
+    Data: freshly rendered every step (megawan.demo.shapes.render: random colour, shape, direction and
     start), pixels scaled to [-1, 1]. The first `still_fraction` of the steps see `warmup_stills` stills
     (image_size x image_size, one random frame of a clip each); the rest see `stills` stills plus `clips` full
     clips of `frames` x height x width (17 frames: the first frame alone then four chunks of 4, the causal
@@ -156,8 +160,6 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
     peak-to-peak 2), "latent_mean", "latent_std" (per channel, of the normalised posterior means over those
     batches)}.
     """
-    from megawan.models.vae.model import unpatchify
-
     cfg = vae.vae_config
     param = next(vae.parameters())
     device, dtype = param.device, param.dtype
@@ -169,8 +171,6 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
     vae.train().requires_grad_(True)
     hooks = []
     if not time_taps:  # causal convs stay per-frame: only the temporal resampling convs mix frames
-        from megawan.models.vae.blocks import Resample
-
         resampling = {id(m.time_conv) for m in vae.modules() if isinstance(m, Resample) and hasattr(m, "time_conv")}
         for m in vae.modules():
             if isinstance(m, nn.Conv3d) and m.weight.shape[2] > 1 and id(m) not in resampling:
@@ -259,11 +259,6 @@ def write_tiny_encoders(out_dir: str, vae_config: str = "tiny-2.1", text_config:
     recommended count) and the result also carries "vae_training" (train_tiny_vae's stats). Either way the
     umT5 encoder's weights are the same for a given seed.
     """
-    from megawan.config import text_preset, vae_preset
-    from megawan.convert import convert_state_dict
-    from megawan.models.text import UMT5Encoder
-    from megawan.models.vae import WanVAE
-
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     vae_cfg, text_cfg = vae_preset(vae_config), text_preset(text_config)

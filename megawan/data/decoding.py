@@ -1,0 +1,80 @@
+"""What the PyAV decoder (`megawan.data.video`) and the DALI decoder (`megawan.data.dali`) share, so that they
+fail alike and pick the same frames: the errors a file raises, the rule that picks a clip's frames from the
+frames' timestamps, and opening a file with PyAV (DALI's path probes the container with PyAV's demuxer).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+
+class DecodeError(Exception):
+    """A file that does not give the requested frames; `reason` says why, for the skipped-files report."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class UnsupportedCodecError(DecodeError):
+    """The file may be fine, but this decoder cannot read it: its codec (DALI on CPU and H.264), or for DALI a
+    container whose packets carry no timestamps. `decode_video(backend="auto")` then falls back to PyAV."""
+
+    def __init__(self, path: str, codec: str, reason: str):
+        super().__init__(path, reason)
+        self.codec = codec
+
+
+def sample_times(first: float, last_end: float, fps: float, num_frames: Optional[int]) -> np.ndarray:
+    """Times t0 + k / fps inside [first, last_end)."""
+    # every k with t0 + k / fps < last_end; a tenth of a frame of slack for timestamps rounded by the container
+    count = int(np.ceil((last_end - first) * fps - 0.1))
+    if num_frames is not None:
+        count = min(count, num_frames)
+    return first + np.arange(max(count, 0)) / fps
+
+
+def frame_indices(path: str, times: np.ndarray, fps: float, num_frames: Optional[int], start: Optional[float],
+                  end: Optional[float]) -> np.ndarray:
+    """Which of the frames shown at `times` (ascending, seconds, already cut to the window) make the clip.
+
+    The clip's frames are at first + k / fps (first: `start`, else the first frame's time), up to `end` (else the
+    last frame's time plus the median frame step); each is the last frame shown at or before its time. Works for
+    variable frame rates: only the timestamps count. Shared by the PyAV and DALI paths so they pick alike.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    step = np.median(np.diff(times)) if len(times) > 1 else 1.0 / fps
+    first = start if start is not None else times[0]
+    last_end = end if end is not None else times[-1] + step
+    wanted = sample_times(first, last_end, fps, num_frames)
+    if num_frames is not None and len(wanted) < num_frames:
+        raise DecodeError(path, f"too short: {len(wanted)} frames at {fps:g} fps, {num_frames} needed")
+    if len(wanted) == 0:
+        raise DecodeError(path, "no frames at the requested rate")
+    # for each sampling time, the last frame shown at or before it. Containers round timestamps (webm: to 1 ms),
+    # so a frame stamped up to 2 ms after a sampling time counts as shown at it; a quarter frame step at most.
+    slack = min(2e-3, 0.25 * step) if step > 0 else 2e-3
+    return np.clip(np.searchsorted(times, wanted + slack, side="right") - 1, 0, len(times) - 1)
+
+
+def open_video(path: str):
+    """(container, first video stream) with PyAV, or DecodeError for a missing / empty / unreadable / audio-only file.
+    The caller closes the container."""
+    import av
+
+    if not os.path.isfile(path):
+        raise DecodeError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise DecodeError(path, "empty file")
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise DecodeError(path, f"not a readable media file ({type(e).__name__}: {e})") from None
+    if not container.streams.video:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
+        container.close()
+        raise DecodeError(path, f"no video stream (contains {kinds})")
+    return container, container.streams.video[0]
