@@ -227,9 +227,8 @@ def load_vae(weights: str, preset: str, device: str = "cpu"):
     return load_vae_weights(weights, vae_preset(preset), device=device)
 
 
-def vae_preset_name(metadata: StoreMetadata, override: Optional[str]) -> str:
-    if override:
-        return override
+def vae_preset_name(metadata: StoreMetadata) -> str:
+    """The VAE preset the store's latents were made with."""
     vae = metadata.vae
     if vae.preset:
         return vae.preset
@@ -296,12 +295,10 @@ def main(argv=None) -> int:
     if args.png:
         if not args.vae:
             raise SystemExit("--png needs --vae WEIGHTS")
-        preset = args.vae_config
-        if not preset:
-            try:
-                preset = vae_preset_name(store.metadata, None)
-            except ValueError as e:  # StoreMetadataError too: an old store without the VAE's name
-                raise SystemExit(str(e))
+        try:  # --vae-config first: a store that names no preset (or lacks a field) still decodes with it
+            preset = args.vae_config or vae_preset_name(store.metadata)
+        except ValueError as e:  # no preset named; StoreMetadataError: a field readers need is missing
+            raise SystemExit(str(e))
         vae = load_vae(args.vae, preset, args.device)
         if vae.vae_config.z_dim != sample["latents"].shape[0]:
             raise SystemExit(f"the VAE has z_dim={vae.vae_config.z_dim}; the latents have {sample['latents'].shape[0]} "
