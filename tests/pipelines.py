@@ -11,7 +11,7 @@ import torch
 
 from megawan.config import dit_preset
 from megawan.convert import convert_state_dict
-from megawan.convert.pipeline import official_config_json, write_safetensors_shards
+from megawan.export import official_config_json, write_safetensors_shards
 from megawan.data.tiny_assets import write_tiny_encoders
 from wan_reference import diffusers_dit
 

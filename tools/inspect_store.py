@@ -218,7 +218,7 @@ def format_sample(sample: dict, bucket: str, index: int) -> str:
 def load_vae(weights: str, preset: str, device: str = "cpu"):
     """WanVAE of `preset` with the weights of a file in the megawan / diffusers or the official layout."""
     from megawan.config import vae_preset
-    from megawan.models.loading import load_vae as load
+    from megawan.artifacts import load_vae as load
 
     return load(weights, vae_preset(preset), device=device)
 

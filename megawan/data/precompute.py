@@ -117,7 +117,7 @@ class Encoders:
 
     def __init__(self, job: PrecomputeJob, device: torch.device):
         from megawan.config import text_preset, vae_preset
-        from megawan.models.loading import load_text_encoder, load_tokenizer, load_vae
+        from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
 
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = STORE_DTYPES[job.compute_dtype] if job.compute_dtype else default

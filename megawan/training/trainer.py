@@ -12,7 +12,7 @@ the loss is sum(weight * per-sample MSE) / global samples, so padded copies coun
 distributed optimizer (AdamW, fp32 main weights, clipping) steps under the LR schedule; the EMA follows.
 A non-finite loss (known to every rank: it is all-reduced) skips the step and stops the run after
 `train.max_bad_steps` in a row. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM /
-SIGUSR1 (Slurm's pre-emption warning): see megawan.training.checkpoint.
+SIGUSR1 (Slurm's pre-emption warning): see megawan.checkpoint.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                     f"{cfg.train.memory_budget_gb:g} (more TP / CP, recompute, or a smaller bucket)")
     _preflight_validation(cfg)
     if cfg.checkpoint.init_from:
-        from megawan.training.checkpoint import resolve_checkpoint
+        from megawan.checkpoint import resolve_checkpoint
 
         try:
             resolve_checkpoint(cfg.checkpoint.init_from)
@@ -252,7 +252,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _resume(self):
-        from megawan.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+        from megawan.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
 
         cfg = self.cfg
         latest = latest_checkpoint(cfg.checkpoint.dir)
@@ -272,7 +272,7 @@ class Trainer:
             self._log0(f"warm start from {source} (weights only)")
 
     def _save(self):
-        from megawan.training.checkpoint import save_checkpoint
+        from megawan.checkpoint import save_checkpoint
 
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row,
                  "consumed_samples": self.consumed, "scheduler": self.scheduler.state_dict(),

@@ -198,7 +198,7 @@ class Validator:
     def _vae_model(self):
         if self._vae is None:
             from megawan.config import vae_preset
-            from megawan.models.loading import load_vae
+            from megawan.artifacts import load_vae
 
             name = self.cfg.vae_config or self.store.attrs.get("vae", {}).get("name")
             self._vae = load_vae(self.cfg.vae, vae_preset(name), device=self.trainer.device).eval()
