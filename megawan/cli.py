@@ -12,17 +12,20 @@ import argparse
 import os
 import sys
 
+from megawan.config import ConfigError, ParallelConfig, dit_preset, preset_names
+
+# The other subcommands import their modules when they run: those pull in torch and megatron-core (seconds),
+# which `megawan --help` and `megawan presets` should not wait for.
+
 
 def _cmd_demo(args) -> int:
-    from megawan.demo.runner import run_demo
+    from megawan.demo.runner import run_demo  # lazy: torch and megatron-core
 
     run_demo(args.out, steps=args.steps, nproc=args.nproc)
     return 0
 
 
 def _cmd_presets(args) -> int:
-    from megawan.config import dit_preset, preset_names
-
     print(f"{'preset':18} {'type':5} {'dim':>5} {'ffn':>6} {'heads':>5} {'layers':>6} {'in':>3} {'out':>3}  params")
     for name in preset_names():
         c = dit_preset(name)
@@ -36,14 +39,13 @@ def _cmd_presets(args) -> int:
 def _parameter_count(config) -> int:
     from math import prod
 
-    from megawan.convert.dit_keys import dit_param_shapes
+    from megawan.convert.dit_keys import dit_param_shapes  # lazy: megawan.convert imports torch
 
     return sum(prod(s) for s in dit_param_shapes(config).values())
 
 
 def _cmd_flops(args) -> int:
-    from megawan.config import dit_preset
-    from megawan.models.dit import flops
+    from megawan.models.dit import flops  # lazy: torch and megatron-core
     from megawan.models.dit.flops import tokens
 
     c = dit_preset(args.preset)
@@ -54,8 +56,7 @@ def _cmd_flops(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from megawan.config import ConfigError
-    from megawan.training.trainer import TrainingError, train
+    from megawan.training.trainer import TrainingError, train  # lazy: torch and megatron-core
 
     try:
         overrides = tuple(args.overrides) + ((f"checkpoint.init_from={args.init_from}",) if args.init_from else ())
@@ -67,8 +68,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from megawan.config import ParallelConfig
-    from megawan.generation import GenerationRequest, generate
+    from megawan.generation import GenerationRequest, generate  # lazy: torch and megatron-core
     from megawan.parallel import initialize
 
     if args.prompts:

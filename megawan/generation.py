@@ -28,9 +28,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import yaml
+from megatron.core import parallel_state as ps
 
-from megawan.convert.pipeline import PIPELINE_FILE  # marks a converted megawan pipeline
+from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
+from megawan.config import text_preset, vae_preset
+from megawan.diffusion.samplers import make_sampler, sample
+from megawan.utils.progress import Progress
 
 # wan/configs/shared_config.py: the negative prompt every official Wan model samples with
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -90,123 +93,6 @@ class GenerationRequest:
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding the pieces
-
-
-def _detect(state: dict, presets: list, kind: str, path: str):
-    """The first preset whose key table and shapes `state` fits (any layout), with the state in megawan names."""
-    from megawan.models.loading import TEXT_LAYOUTS, VAE_LAYOUTS, to_megawan
-
-    errors = []
-    for name, cfg in presets:
-        try:
-            converted, _ = to_megawan(state, cfg, VAE_LAYOUTS if kind == "vae" else TEXT_LAYOUTS, kind, path)
-            return name, cfg, converted
-        except ValueError as e:
-            errors.append(f"{name}: {str(e).splitlines()[-1][:200]}")
-    raise ValueError(f"{path} is not a {kind} of any known preset ({'; '.join(errors)})")
-
-
-def find_encoders(folder: str) -> dict:
-    """The encoder files of a folder in the official layout (Wan2.x_VAE.pth, models_t5_umt5-*.pth, a
-    tokenizer folder) or megawan's (vae.safetensors, text_encoder.safetensors, tokenizer/): paths and the
-    preset each one's weights fit."""
-    from megawan.convert import load_state_dict_file
-
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no encoder folder at {folder}")
-    names = sorted(os.listdir(folder))
-
-    def pick(patterns, what):
-        for pattern in patterns:
-            for n in names:
-                if re.fullmatch(pattern, n):
-                    return os.path.join(folder, n)
-        raise FileNotFoundError(f"{folder} holds no {what} (looked for {', '.join(patterns)})")
-
-    vae = pick([r"vae\.safetensors", r"Wan2\.\d_VAE\.pth", r".*vae.*\.(pth|safetensors)"], "Wan-VAE weights")
-    text = pick([r"text_encoder\.safetensors", r"models_t5_umt5.*\.pth", r".*umt5.*\.(pth|safetensors)"],
-                "umT5 encoder weights")
-    tokenizer = None
-    for candidate in ("tokenizer", os.path.join("google", "umt5-xxl"), "umt5-tokenizer"):
-        if os.path.isdir(os.path.join(folder, candidate)):
-            tokenizer = os.path.join(folder, candidate)
-            break
-    if tokenizer is None:
-        raise FileNotFoundError(f"{folder} holds no tokenizer folder (tokenizer/, google/umt5-xxl/)")
-    # presets from names and shapes only: the files are mapped, not read (umT5-XXL is 11 GB)
-    return {"vae": vae, "vae_config": detect_vae_preset(load_state_dict_file(vae, mmap=True), vae),
-            "text_encoder": text, "text_config": detect_text_preset(load_state_dict_file(text, mmap=True), text),
-            "tokenizer": tokenizer}
-
-
-def detect_vae_preset(state: dict, path: str = "") -> str:
-    from megawan.config import vae_preset
-
-    names = ("wan2.1", "wan2.2", "tiny-2.1", "tiny-2.2")
-    return _detect(state, [(n, vae_preset(n)) for n in names], "vae", path)[0]
-
-
-def detect_text_preset(state: dict, path: str = "") -> str:
-    from megawan.config import text_preset
-
-    names = ("umt5-xxl", "tiny")
-    return _detect(state, [(n, text_preset(n)) for n in names], "text", path)[0]
-
-
-def resolve_model(ckpt: str, low_noise_ckpt: Optional[str] = None) -> dict:
-    """What to load: {"config": DiTConfig fields, "experts": {name: checkpoint dir}, "encoders": folder|None,
-    "null_text": bool (trained with text dropout: zero states are its unconditional input)}."""
-    from megawan.training.checkpoint import resolve_checkpoint
-
-    pipeline = os.path.join(ckpt, PIPELINE_FILE)
-    if os.path.isfile(pipeline):
-        with open(pipeline, encoding="utf-8") as f:
-            meta = json.load(f)
-        experts = {k: os.path.join(ckpt, v) for k, v in meta["transformer"].items()}
-        return {"config": meta["model"], "experts": experts, "encoders": ckpt, "null_text": False}
-    path = resolve_checkpoint(ckpt)
-    with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
-        run = yaml.safe_load(f)
-    model = dict(run["model"])
-    null_text = float(run.get("train", {}).get("text_dropout", 0.0) or 0.0) > 0
-    if model.get("expert_boundary") is not None:
-        if low_noise_ckpt is None:
-            raise ValueError(f"{model.get('name')} is a two-expert model: --ckpt is the high-noise expert's "
-                             "checkpoint, --low-noise-ckpt the low-noise one's")
-        return {"config": model, "experts": {"high_noise": path, "low_noise": resolve_checkpoint(low_noise_ckpt)},
-                "encoders": None, "null_text": null_text}
-    if low_noise_ckpt is not None:
-        raise ValueError(f"--low-noise-ckpt given, but {model.get('name')} has a single expert")
-    return {"config": model, "experts": {"transformer": path}, "encoders": None, "null_text": null_text}
-
-
-def _has_ema(path: str) -> bool:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return any(k.startswith("ema.") for k in FileSystemReader(path).read_metadata().state_dict_metadata)
-
-
-def load_dit(path: str, config, use_ema: bool = True):
-    """The DiT of checkpoint `path` in the current TP / CP layout (PP = 1), EMA weights when it holds them."""
-    from megatron.core import parallel_state as ps
-
-    from megawan.config import ParallelConfig
-    from megawan.models.dit.parallelize import build_model_chunks
-    from megawan.training.checkpoint import load_checkpoint
-    from megawan.training.ema import EMA
-
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("generation splits a model over tensor and context parallel ranks, not pipeline stages")
-    (model,) = build_model_chunks(config, ParallelConfig(tensor_parallel=ps.get_tensor_model_parallel_world_size()))
-    ema = EMA([model], 0.0) if use_ema and _has_ema(path) else None
-    load_checkpoint(path, [model], ema=ema)
-    if ema is not None:
-        ema.apply()
-    return model.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------
 # Conditioning
 
 
@@ -242,15 +128,8 @@ def _i2v_condition(vae, image: torch.Tensor, frames: int, temporal_stride: int) 
 def generate(req: GenerationRequest) -> list:
     """Sample every prompt of `req`; collective over the world (call on every rank). Returns the written paths
     (on the ranks that wrote them)."""
-    from megatron.core import parallel_state as ps
-
-    from megawan.config import DiTConfig, text_preset, vae_preset
-    from megawan.diffusion.samplers import make_sampler, sample
-    from megawan.models.loading import load_vae
-    from megawan.utils.progress import Progress
-
     found = resolve_model(req.ckpt, req.low_noise_ckpt)
-    cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in found["config"].items()})
+    cfg = found["config"]
     d = official_defaults(cfg.name, cfg.model_type, cfg.expert_boundary, req.height, req.width)
     frames, height, width = req.frames or d["frames"], req.height or d["height"], req.width or d["width"]
     steps, shift = req.steps or d["steps"], req.shift if req.shift is not None else d["shift"]
@@ -348,8 +227,6 @@ def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype 
     """umT5 states [N, text_len, dim] (zeros past each prompt), rounded through `dtype` (bf16: as a precomputed
     store holds them). Collective over the tensor-parallel group: the encoder is sharded like the DiT (every
     CP rank of a replica computes the same states)."""
-    from megawan.models.loading import load_text_encoder, load_tokenizer
-
     encoder = load_text_encoder(enc["text_encoder"], text_cfg)
     tokenizer = load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len)
     with torch.no_grad():

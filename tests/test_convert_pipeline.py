@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py: whole pipelines between the official layout, diffusers and megawan's sharded
+"""tools/convert_checkpoint.py (megawan.export): whole pipelines between the official layout, diffusers and megawan's sharded
 format. Round trips are bit-exact for every tensor (bf16 kept bf16); wrong keys and shapes are refused."""
 
 import json
@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from megawan.convert.pipeline import DistCheckpointDir, SafetensorsDir, convert_pipeline
+from megawan.checkpoint import CheckpointTensors
+from megawan.convert import SafetensorsDir
+from megawan.export import convert_pipeline
 from pipelines import make_official_pipeline
 
 pytest.importorskip("diffusers")
@@ -71,7 +73,7 @@ def test_official_to_diffusers_to_megawan_keeps_every_tensor(official, tmp_path)
     assert json.loads((diff / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     convert_pipeline(str(diff), "diffusers", str(mw), "megawan", tp=2)
     expected = convert_state_dict(_tensors(src), "official", "megawan", cfg)
-    got = DistCheckpointDir(str(mw / "transformer"))
+    got = CheckpointTensors(str(mw / "transformer"))
     assert sorted(got.keys()) == sorted(expected)
     for k, v in expected.items():
         assert torch.equal(got.get(k), v) and got.get(k).dtype == v.dtype, k

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megawan.convert.pipeline import convert_pipeline
+from megawan.export import convert_pipeline
 from megawan.generation import GenerationRequest, run_generate
 from megawan.parallel.launch import spawn_local
 from pipelines import TINY_T2V, make_official_pipeline
@@ -55,6 +55,45 @@ def test_tp2_cp2_dp2_sample_the_same_latents_as_one_rank(pipelines, tmp_path):
         assert _rel(got, one) < 1e-5, name
     # the videos were decoded and written once per prompt
     assert sorted(os.listdir(tmp_path / "dp2")) == ["000_a_red_circle_moves_left.mp4", "001_a_blue_square_moves_down.mp4"]
+
+
+class _NoOptimizer:
+    def sharded_state_dict(self, model_sharded, **kwargs):
+        return {}
+
+
+def _training_run(rank, pipeline, root):
+    """A run's checkpoint (as the trainer writes one) of the pipeline's DiT: weights doubled, their EMA exact."""
+    from megawan.artifacts import load_dit, resolve_model
+    from megawan.checkpoint import save_checkpoint
+    from megawan.config import config_to_dict
+    from megawan.training.ema import EMA
+
+    found = resolve_model(pipeline)
+    model = load_dit(found["experts"]["transformer"], found["config"])
+    ema = EMA([model], 0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    run = {"model": config_to_dict(found["config"]), "train": {"text_dropout": 0.1}}
+    save_checkpoint(root, 5, [model], _NoOptimizer(), {"step": 5}, run, ema=ema)
+
+
+def test_a_training_run_samples_with_its_ema_weights(pipelines, tmp_path):
+    """--ckpt a run's checkpoint folder (its `latest`) + --encoders: the EMA weights by default, --no-ema the
+    trained ones; text dropout in the run config makes the zero states the null condition."""
+    from megawan.artifacts import resolve_model
+
+    root = tmp_path / "run"
+    spawn_local(_training_run, world_size=1, args=(str(pipelines / "megawan"), str(root)))
+    found = resolve_model(str(root))
+    assert found["null_text"] and found["encoders"] is None and list(found["experts"]) == ["transformer"]
+    kw = dict(prompts=PROMPTS[:1], encoders=str(pipelines / "megawan"))
+    pipeline = _generate(_request(pipelines / "megawan", tmp_path, "pipeline", **kw))
+    ema = _generate(_request(root, tmp_path, "ema", **kw))
+    assert _rel(ema, pipeline) < 1e-6
+    trained = _generate(_request(root, tmp_path, "trained", use_ema=False, **kw))
+    assert _rel(trained, pipeline) > 1e-3
 
 
 def test_wanpipeline_given_our_export_samples_the_same_latents(pipelines, tmp_path):
@@ -104,7 +143,7 @@ def test_ti2v_keeps_the_given_first_frame(tmp_path):
     from PIL import Image
 
     from megawan.config import vae_preset
-    from megawan.models.loading import load_vae
+    from megawan.artifacts import load_vae
 
     make_official_pipeline(tmp_path / "official", preset="tiny-ti2v", vae="tiny-2.2", dtype=torch.float32,
                            overrides=dict(in_dim=6, out_dim=6, text_dim=32, text_len=24))

@@ -94,7 +94,7 @@ def test_training_is_deterministic_and_leaves_the_global_rng_alone(tmp_path, two
 
 def test_trained_tiny_vae_keeps_the_colors_of_held_out_clips_and_stills(tmp_path, two_threads):
     from megawan.config import vae_preset
-    from megawan.models.loading import load_vae
+    from megawan.artifacts import load_vae
 
     encoders = write_tiny_encoders(str(tmp_path / "encoders"), train_vae_steps=TINY_VAE_STEPS)
     stats = encoders["vae_training"]

@@ -160,6 +160,19 @@ def test_full_size_tables_match_the_official_checkpoints():
         assert probe in {row[1] for row in table}
 
 
+@pytest.mark.parametrize("preset", ["wan2.1", "wan2.2", "tiny-2.1", "tiny-2.2"])
+def test_conversion_shapes_are_the_models_parameters(preset):
+    """megawan.convert works the VAE's parameters out from the config (it imports no model code): the same
+    names, shapes and order as WanVAE's, for every preset and for variants of the knobs the layout depends on."""
+    from megawan.convert.vae_keys import vae_param_shapes
+
+    for overrides in ({}, {"attn_scales": (1.0, 0.5)}, {"num_res_blocks": 1}, {"temperal_downsample": (True, False, True)}):
+        cfg = vae_preset(preset, **overrides)
+        with torch.device("meta"):
+            model = WanVAE(cfg)
+        assert list(vae_param_shapes(cfg).items()) == [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+
+
 def test_wrong_shapes_and_keys_are_named():
     cfg = vae_preset("tiny-2.1")
     official = convert_state_dict(diffusers_vae(cfg).state_dict(), src="diffusers", dst="official", config=cfg)

@@ -19,7 +19,7 @@ the key named. Loading never unpickles objects (safetensors, or torch.load with 
 import argparse
 import sys
 
-from megawan.convert.pipeline import FORMATS, convert_pipeline
+from megawan.export import FORMATS, convert_pipeline
 
 
 def parse_args(argv=None):

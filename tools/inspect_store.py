@@ -29,7 +29,7 @@ from megawan.config import ConfigError, vae_preset
 from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.data.store_metadata import StoreMetadata
-from megawan.models.loading import load_vae as load_vae_weights
+from megawan.artifacts import load_vae as load_vae_weights
 from megawan.utils.images import contact_sheet, video_to_uint8
 
 ENCODER_KEYS = ("format_version", "vae", "text_encoder")

@@ -187,7 +187,7 @@ class ValidationConfig:
     guidance: float = 1.0  # classifier-free guidance; the unconditional pass uses zero text states
     batch_size: int = 4  # prompts sampled together by one model replica
     use_ema: bool = True  # sample and measure with the EMA weights when the run keeps an EMA
-    vae: Optional[str] = None  # VAE weights for decoding (any layout megawan.models.loading reads); None = no videos
+    vae: Optional[str] = None  # VAE weights for decoding (any layout megawan.artifacts reads); None = no videos
     vae_config: Optional[str] = None  # its preset; default: the store's
     fps: int = 16
     seed: int = 1234

@@ -16,10 +16,13 @@ import torch
 
 from megawan.config import DiTConfig, TextConfig, VAEConfig
 from megawan.convert.dit_keys import LAYOUTS, TP_AXIS, dit_key_table, dit_param_shapes
-from megawan.convert.files import load_state_dict_file
+from megawan.convert.files import SafetensorsDir, load_safetensors_folder, load_state_dict_file
 from megawan.convert.tensor_parallel import merge_tensor_parallel, split_tensor_parallel
+from megawan.convert.text_keys import TEXT_LAYOUTS, TEXT_TP_AXIS, TIED, text_key_table, text_param_shapes
+from megawan.convert.vae_keys import vae_key_table, vae_param_shapes
 
-__all__ = ["convert_state_dict", "load_state_dict_file", "split_tensor_parallel", "merge_tensor_parallel", "LAYOUTS"]
+__all__ = ["convert_state_dict", "load_state_dict_file", "load_safetensors_folder", "SafetensorsDir",
+           "split_tensor_parallel", "merge_tensor_parallel", "LAYOUTS"]
 
 
 def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1):
@@ -31,8 +34,6 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
     if isinstance(config, TextConfig):
         return _convert_text(state_dict, src, dst, config, tp_size)
     if isinstance(config, VAEConfig):
-        from megawan.convert.vae_keys import vae_key_table, vae_param_shapes
-
         if tp_size > 1 or isinstance(state_dict, (list, tuple)):
             raise ValueError("the VAE is not tensor-parallel")
         return _rename(dict(state_dict), src, dst, vae_key_table(config), vae_param_shapes(config), config.name, "VAE")
@@ -59,8 +60,6 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
 
 def _convert_text(state_dict, src: str, dst: str, config, tp_size: int):
     """umT5: layouts megawan / official / transformers; TP shards like the DiT's."""
-    from megawan.convert.text_keys import TEXT_LAYOUTS, TEXT_TP_AXIS, TIED, text_key_table, text_param_shapes
-
     for name, layout in (("src", src), ("dst", dst)):
         if layout not in TEXT_LAYOUTS:
             raise ValueError(f"{name}={layout!r} is not one of {TEXT_LAYOUTS} for the umT5 encoder")

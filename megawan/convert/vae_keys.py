@@ -1,12 +1,10 @@
 """Wan-VAE state-dict names: ours are diffusers' AutoencoderKLWan names; the official Wan2.1_VAE.pth and
-Wan2.2_VAE.pth names follow from them by the rules below (the module tree is walked once on the meta device, so the table
-covers exactly the parameters a model of this config has)."""
+Wan2.2_VAE.pth names follow from them by the rules below. The parameter names and shapes are worked out from the
+config (`vae_param_shapes`), so the table covers exactly the parameters a model of this config has."""
 
 from __future__ import annotations
 
 import re
-
-import torch
 
 from megawan.config import VAEConfig
 
@@ -71,8 +69,97 @@ def vae_key_table(config: VAEConfig) -> list:
 
 
 def vae_param_shapes(config: VAEConfig) -> dict:
-    from megawan.models.vae import WanVAE
+    """{megawan name: shape} for every parameter of a WanVAE with this config, in the model's parameter order.
+    Worked out from the config as megawan.models.vae builds its modules (tests check it against the model), so
+    that this module needs no model code."""
+    shapes = {}
 
-    with torch.device("meta"):
-        model = WanVAE(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    def conv(name, out_dim, in_dim, kernel):  # CausalConv3d (3 kernel dims) or nn.Conv2d (2)
+        shapes[f"{name}.weight"] = (out_dim, in_dim, *kernel)
+        shapes[f"{name}.bias"] = (out_dim,)
+
+    def norm(name, dim, images=False):  # RMSNorm
+        shapes[f"{name}.gamma"] = (dim, 1, 1) if images else (dim, 1, 1, 1)
+
+    def residual(name, in_dim, out_dim):  # ResidualBlock
+        norm(f"{name}.norm1", in_dim)
+        conv(f"{name}.conv1", out_dim, in_dim, (3, 3, 3))
+        norm(f"{name}.norm2", out_dim)
+        conv(f"{name}.conv2", out_dim, out_dim, (3, 3, 3))
+        if in_dim != out_dim:
+            conv(f"{name}.conv_shortcut", out_dim, in_dim, (1, 1, 1))
+
+    def attention(name, dim):  # AttentionBlock
+        norm(f"{name}.norm", dim, images=True)
+        conv(f"{name}.to_qkv", 3 * dim, dim, (1, 1))
+        conv(f"{name}.proj", dim, dim, (1, 1))
+
+    def mid(name, dim):  # MidBlock
+        residual(f"{name}.resnets.0", dim, dim)
+        residual(f"{name}.resnets.1", dim, dim)
+        attention(f"{name}.attentions.0", dim)
+
+    def resample(name, dim, mode, upsample_out_dim=None):  # Resample
+        if mode.startswith("upsample"):
+            conv(f"{name}.resample.1", upsample_out_dim or dim // 2, dim, (3, 3))
+        else:
+            conv(f"{name}.resample.1", dim, dim, (3, 3))
+        if mode == "upsample3d":
+            conv(f"{name}.time_conv", 2 * dim, dim, (3, 1, 1))
+        elif mode == "downsample3d":
+            conv(f"{name}.time_conv", dim, dim, (3, 1, 1))
+
+    c, r, z = config, config.num_res_blocks, config.z_dim
+    last = len(c.dim_mult) - 1
+    # Encoder3d
+    dims = [c.base_dim * m for m in (1, *c.dim_mult)]
+    conv("encoder.conv_in", dims[0], c.in_channels, (3, 3, 3))
+    scale, index = 1.0, 0
+    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        temporal = bool(c.temperal_downsample[i]) if i != last else False
+        mode = "downsample3d" if temporal else "downsample2d"
+        if c.is_residual:  # ResidualDownBlock
+            for k in range(r):
+                residual(f"encoder.down_blocks.{i}.resnets.{k}", in_dim if k == 0 else out_dim, out_dim)
+            if i != last:
+                resample(f"encoder.down_blocks.{i}.downsampler", out_dim, mode)
+            continue
+        for _ in range(r):
+            residual(f"encoder.down_blocks.{index}", in_dim, out_dim)
+            index += 1
+            if scale in c.attn_scales:
+                attention(f"encoder.down_blocks.{index}", out_dim)
+                index += 1
+            in_dim = out_dim
+        if i != last:
+            resample(f"encoder.down_blocks.{index}", out_dim, mode)
+            index += 1
+            scale /= 2.0
+    mid("encoder.mid_block", dims[-1])
+    norm("encoder.norm_out", dims[-1])
+    conv("encoder.conv_out", 2 * z, dims[-1], (3, 3, 3))
+    # WanVAE
+    conv("quant_conv", 2 * z, 2 * z, (1, 1, 1))
+    conv("post_quant_conv", z, z, (1, 1, 1))
+    # Decoder3d
+    base = c.decoder_base_dim or c.base_dim
+    dims = [base * m for m in (c.dim_mult[-1], *c.dim_mult[::-1])]
+    temporal_up = tuple(c.temperal_downsample[::-1])
+    conv("decoder.conv_in", dims[0], z, (3, 3, 3))
+    mid("decoder.mid_block", dims[0])
+    for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        up = i != last
+        temporal = bool(temporal_up[i]) if up else False
+        mode = "upsample3d" if temporal else "upsample2d"
+        name = f"decoder.up_blocks.{i}"
+        if not c.is_residual:  # UpBlock: Wan2.1's up-sampling halves the channels
+            in_dim = in_dim // 2 if i > 0 else in_dim
+        for k in range(r + 1):
+            residual(f"{name}.resnets.{k}", in_dim if k == 0 else out_dim, out_dim)
+        if up and c.is_residual:  # ResidualUpBlock
+            resample(f"{name}.upsampler", out_dim, mode, upsample_out_dim=out_dim)
+        elif up:
+            resample(f"{name}.upsamplers.0", out_dim, mode)
+    norm("decoder.norm_out", dims[-1])
+    conv("decoder.conv_out", c.out_channels, dims[-1], (3, 3, 3))
+    return shapes

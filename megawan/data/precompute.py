@@ -33,7 +33,7 @@ from megawan.data.manifest import ManifestEntry, read_manifest
 from megawan.data.store import LatentStore, Sample
 from megawan.data.store_metadata import StoreMetadata, TextEncoderMetadata, VAEMetadata
 from megawan.data.video import decode_image, decode_video
-from megawan.models.loading import load_text_encoder, load_tokenizer, load_vae
+from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
 from megawan.utils.progress import Progress
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

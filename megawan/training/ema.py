@@ -12,6 +12,8 @@ import dataclasses
 
 import torch
 
+from megawan.checkpoint import EMA_PREFIX
+
 
 class EMA:
     def __init__(self, chunks: list, decay: float):
@@ -65,7 +67,9 @@ class EMA:
             for key, entry in sharded.items():
                 name = by_param.get(id(getattr(entry, "data", None)))
                 if name is not None:
-                    part[key] = dataclasses.replace(entry, key=f"ema.{entry.key}", data=shadow[name])
+                    # fp32 beside bf16 weights: the entry's dtype is the shadow's
+                    part[key] = dataclasses.replace(entry, key=EMA_PREFIX + entry.key, data=shadow[name],
+                                                    dtype=shadow[name].dtype)
                     names[key] = name
             out[f"chunk{i}"] = part
             self.key_to_name.append(names)

@@ -12,7 +12,7 @@ the loss is sum(weight * per-sample MSE) / global samples, so padded copies coun
 distributed optimizer (AdamW, fp32 main weights, clipping) steps under the LR schedule; the EMA follows.
 A non-finite loss (known to every rank: it is all-reduced) skips the step and stops the run after
 `train.max_bad_steps` in a row. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM /
-SIGUSR1 (Slurm's pre-emption warning): see megawan.training.checkpoint.
+SIGUSR1 (Slurm's pre-emption warning): see megawan.checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.dispatch import triton_runnable
 from megawan.capabilities import resolve_backend
+from megawan.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
 from megawan.data.loader import BucketedLoader
@@ -40,7 +41,6 @@ from megawan.models.dit.flops import flops
 from megawan.models.dit.parallelize import apply_activation_offload, apply_activation_recompute, build_model_chunks
 from megawan.parallel import initialize
 from megawan.parallel.cpu_compat import megatron_cpu_mode
-from megawan.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from megawan.training.ema import EMA
 from megawan.training.memory import estimate_memory
 from megawan.training.metrics import MetricsLogger

@@ -32,7 +32,7 @@ from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.diffusion.flow import FlowMatching
 from megawan.diffusion.samplers import make_sampler, sample
-from megawan.models.loading import load_vae
+from megawan.artifacts import load_vae
 from megawan.training.schedule import forward_backward
 from megawan.utils.images import contact_sheet, video_to_uint8
 from megawan.utils.media import media_suffix, read_media, write_media

@@ -6,9 +6,11 @@ the tokenizer and the configs. `tools/convert_checkpoint.py` is the command line
                google/umt5-xxl/ (the tokenizer)
     diffusers  what `diffusers.WanPipeline.from_pretrained` loads: model_index.json, transformer/ (+ transformer_2/),
                vae/, text_encoder/, tokenizer/, scheduler/
-    megawan    megawan_pipeline.json; transformer/ (or high_noise_model/ + low_noise_model/): megatron-core
-               dist_checkpointing directories written at the requested TP x PP (loadable at any layout, and by
-               `megawan train --init-from`); vae.safetensors, text_encoder.safetensors (megawan names); tokenizer/
+    megawan    a megawan pipeline (megawan.artifacts' marker file); transformer/ (or high_noise_model/ +
+               low_noise_model/): weights-only checkpoints (megawan.checkpoint) written at the requested TP x PP
+               (loadable at any layout, and by `megawan train --init-from`); vae.safetensors,
+               text_encoder.safetensors (megawan names); tokenizer/. A training checkpoint (+ --encoders) is a
+               megawan source too.
 
 The DiT streams: tensors are read one at a time (safetensors' lazy reader, dist_checkpointing's partial load)
 and written shard by shard, so converting a 14B model never holds two copies of it. A megawan destination is
@@ -22,81 +24,63 @@ import dataclasses
 import json
 import os
 import shutil
-import warnings
 from typing import Iterator, Optional
 
 import torch
+from megatron.core import parallel_state as ps
+from safetensors.torch import save_file
 
-from megawan.config import DiTConfig, dit_config_from, dit_preset
+from megawan.artifacts import (
+    TEXT_LAYOUTS,
+    VAE_LAYOUTS,
+    detect_text_preset,
+    detect_vae_preset,
+    find_encoders,
+    resolve_model,
+    to_megawan,
+    write_pipeline_file,
+)
+from megawan.checkpoint import CheckpointTensors, save_model_checkpoint
+from megawan.config import (
+    DiTConfig,
+    ParallelConfig,
+    config_to_dict,
+    dit_config_from,
+    dit_preset,
+    text_preset,
+    vae_preset,
+)
+from megawan.convert import (
+    SafetensorsDir,
+    convert_state_dict,
+    load_safetensors_folder,
+    load_state_dict_file,
+    split_tensor_parallel,
+)
 from megawan.convert.dit_keys import TP_AXIS, dit_key_table, dit_param_shapes
-from megawan.convert.files import load_state_dict_file
+from megawan.generation import official_defaults
+from megawan.parallel.launch import spawn_local
+from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
 
 FORMATS = ("official", "diffusers", "megawan")
-PIPELINE_FILE = "megawan_pipeline.json"
 SHARD_BYTES = 5 * 1024 ** 3  # official / diffusers shard size (bytes), as the Hub files are cut
 _EXPERT_DIRS = {  # expert -> folder, per format
     "official": {"high_noise": "high_noise_model", "low_noise": "low_noise_model", "transformer": ""},
     "diffusers": {"high_noise": "transformer", "low_noise": "transformer_2", "transformer": "transformer"},
     "megawan": {"high_noise": "high_noise_model", "low_noise": "low_noise_model", "transformer": "transformer"},
 }
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading DiT tensors lazily
+# Reading DiT tensors
 
 
-class SafetensorsDir:
-    """The tensors of a folder of (sharded) safetensors files, read one at a time."""
-
-    def __init__(self, folder: str, stem: str = "diffusion_pytorch_model"):
-        from safetensors import safe_open
-
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and f.startswith(stem))
-        if not files:
-            raise FileNotFoundError(f"{folder} holds no {stem}*.safetensors")
-        self._where, self._handles = {}, []
-        for name in files:
-            handle = safe_open(os.path.join(folder, name), framework="pt")
-            self._handles.append(handle)
-            for key in handle.keys():
-                if key in self._where:
-                    raise ValueError(f"{key!r} appears in two shards of {folder}")
-                self._where[key] = handle
-
-    def keys(self) -> list:
-        return list(self._where)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
-
-
-class DistCheckpointDir:
-    """The model tensors of a megatron-core dist_checkpointing directory, each loaded whole on its own
-    (any TP / PP layout it was saved at), without a process group. `prefix="ema."` reads the EMA weights."""
-
-    def __init__(self, folder: str, prefix: str = ""):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        self.folder, self.prefix = folder, prefix
-        meta = FileSystemReader(folder).read_metadata().state_dict_metadata
-        self._meta = {k[len(prefix):]: m for k, m in meta.items()
-                      if k.startswith(prefix) and hasattr(m, "size") and not k.startswith("optimizer")
-                      and (prefix or not k.startswith("ema."))}
-        if not self._meta:
-            raise ValueError(f"{folder} holds no {'EMA ' if prefix else ''}model tensors")
-
-    def keys(self) -> list:
-        return list(self._meta)
-
-    def get(self, key: str) -> torch.Tensor:
-        import torch.distributed.checkpoint as dcp
-
-        m = self._meta[key]
-        out = {self.prefix + key: torch.empty(tuple(m.size), dtype=m.properties.dtype)}
-        with warnings.catch_warnings():  # torch's notice about no_dist, not ours to act on
-            warnings.simplefilter("ignore")
-            dcp.load(out, checkpoint_id=self.folder, no_dist=True)
-        return out[self.prefix + key]
+def _dit_source(path: str, fmt: str, ema: bool = False):
+    """One expert's tensors, read one at a time: a checkpoint folder (megawan) or sharded safetensors."""
+    if fmt == "megawan":
+        return CheckpointTensors(path, ema=ema)
+    return SafetensorsDir(path)
 
 
 def _renamer(config: DiTConfig, src: str, dst: str):
@@ -136,8 +120,6 @@ def write_safetensors_shards(tensors: Iterator, folder: str, stem: str = "diffus
                              max_shard_bytes: int = SHARD_BYTES) -> list:
     """Write (key, tensor) pairs into shards of at most max_shard_bytes as they come (one shard in memory);
     several shards get the Hub's names and an index.json. Returns the files."""
-    from safetensors.torch import save_file
-
     os.makedirs(folder, exist_ok=True)
     parts, current, size = [], {}, 0
 
@@ -171,48 +153,13 @@ def write_safetensors_shards(tensors: Iterator, folder: str, stem: str = "diffus
     return final
 
 
-def official_config_json(cfg: DiTConfig) -> dict:
-    model_type = "flf2v" if cfg.image_pos_len else cfg.model_type
-    return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": model_type,
-            "patch_size": list(cfg.patch_size), "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim,
-            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim, "out_dim": cfg.out_dim,
-            "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "window_size": [-1, -1],
-            "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps}
-
-
-def diffusers_config_json(cfg: DiTConfig) -> dict:
-    return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
-            "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
-            "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_dim, "out_channels": cfg.out_dim,
-            "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
-            "cross_attn_norm": cfg.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
-            "eps": cfg.eps, "image_dim": cfg.image_dim, "added_kv_proj_dim": cfg.dim if cfg.image_dim else None,
-            "rope_max_seq_len": cfg.rope_max_len, "pos_embed_seq_len": cfg.image_pos_len}
-
-
-def _megawan_run_config(cfg: DiTConfig) -> dict:
-    model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    return {"model": model}
-
-
-def _write_megawan_rank(rank: int, src_path: str, src_format: str, src_prefix: str, cfg: DiTConfig,
-                        dst: str, tp: int, pp: int) -> None:
+def _write_megawan_rank(rank: int, src_path: str, src_format: str, ema: bool, cfg: DiTConfig,
+                        dst: str, tp: int, pp: int, converted: dict) -> None:
     """One rank of a TP x PP world: build its model chunk, fill it from the source (only its own tensors,
-    its TP slice of each), save the whole model with dist_checkpointing (collective)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    from megawan.checkpointing import _save_strategy
-    from megawan.config import ParallelConfig
-    from megawan.convert.tensor_parallel import split_tensor_parallel
-    from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
-    from megawan.training.checkpoint import model_sharded_state_dict
-
-    source = _dit_source(src_path, src_format, src_prefix)
+    its TP slice of each), save the whole model as a weights-only checkpoint (collective)."""
+    source = _dit_source(src_path, src_format, ema)
     first = next(iter(source.keys()))
-    dtype = source.get(first).dtype
-    model_cfg = dataclasses.replace(cfg, params_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
-                                                       torch.float32: "float32"}[dtype])
+    model_cfg = dataclasses.replace(cfg, params_dtype=_DTYPE_NAMES[source.get(first).dtype])
     chunks = build_model_chunks(model_cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
     tp_rank = ps.get_tensor_model_parallel_rank()
     (chunk,) = chunks
@@ -240,13 +187,13 @@ def _write_megawan_rank(rank: int, src_path: str, src_format: str, src_prefix: s
         raise KeyError(f"rank {rank}: the source lacks {sorted(own - set(state))[:3]} for its part of the model")
     with torch.no_grad():
         chunk.load_state_dict(state, strict=False)
-    dist_checkpointing.save({"model": model_sharded_state_dict(chunks)}, dst, sharded_strategy=_save_strategy())
+    save_model_checkpoint(dst, chunks, {"model": config_to_dict(cfg)}, converted)
 
 
-def _dit_source(path: str, fmt: str, prefix: str = ""):
-    if fmt == "megawan":
-        return DistCheckpointDir(path, prefix)
-    return SafetensorsDir(path)
+def _write_megawan(path: str, src_format: str, ema: bool, cfg: DiTConfig, folder: str, tp: int, pp: int) -> None:
+    converted = {"step": 0, "converted_from": src_format, "layout": {"tensor_parallel": tp, "pipeline_parallel": pp}}
+    spawn_local(_write_megawan_rank, world_size=tp * pp, tensor_parallel=tp, pipeline_parallel=pp,
+                args=(path, src_format, ema, cfg, folder, tp, pp, converted))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +202,8 @@ def _dit_source(path: str, fmt: str, prefix: str = ""):
 
 def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Optional[str] = None,
                   ema: bool = False, boundary: Optional[float] = None) -> dict:
-    """What a source pipeline holds: {"config", "experts": {name: (path, reader-prefix)}, "vae", "text_encoder",
-    "tokenizer", "vae_state", "text_state", "boundary"}; encoder states in megawan names."""
+    """What a source pipeline holds: {"config", "experts": {name: (path, read EMA weights)}, "vae_config",
+    "text_config", "vae_state", "text_state", "tokenizer"}; encoder states in megawan names."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
     out = {"experts": {}}
@@ -267,7 +214,7 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
             config_json = json.load(f)
         keys = SafetensorsDir(next(iter(experts.values()))).keys()
         cfg = dit_config_from(config_json, state_dict_keys=keys)
-        out["experts"] = {e: (p, "") for e, p in experts.items()}
+        out["experts"] = {e: (p, False) for e, p in experts.items()}
         enc_folder = encoders or src
     elif fmt == "diffusers":
         with open(os.path.join(src, "model_index.json"), encoding="utf-8") as f:
@@ -275,18 +222,16 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
         with open(os.path.join(src, "transformer", "config.json"), encoding="utf-8") as f:
             cfg = dit_config_from(json.load(f))
         two = os.path.isdir(os.path.join(src, "transformer_2")) and (index.get("transformer_2") or [None])[0]
-        out["experts"] = ({"high_noise": (os.path.join(src, "transformer"), ""),
-                           "low_noise": (os.path.join(src, "transformer_2"), "")} if two
-                          else {"transformer": (os.path.join(src, "transformer"), "")})
+        out["experts"] = ({"high_noise": (os.path.join(src, "transformer"), False),
+                           "low_noise": (os.path.join(src, "transformer_2"), False)} if two
+                          else {"transformer": (os.path.join(src, "transformer"), False)})
         if two and index.get("boundary_ratio") is not None:
             cfg = dataclasses.replace(cfg, expert_boundary=float(index["boundary_ratio"]))
         enc_folder = None
     else:  # megawan pipeline, or a training checkpoint (+ --encoders)
-        from megawan.generation import resolve_model
-
         found = resolve_model(src)
-        cfg = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in found["config"].items()})
-        out["experts"] = {e: (p, "ema." if ema else "") for e, p in found["experts"].items()}
+        cfg = found["config"]
+        out["experts"] = {e: (p, ema) for e, p in found["experts"].items()}
         enc_folder = encoders or found["encoders"]
     if model is not None:  # the preset the user names: its hyper-parameters, checked against the weights
         named = dit_preset(model)
@@ -304,10 +249,6 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
 
 
 def _read_encoders(folder: str) -> dict:
-    from megawan.config import text_preset, vae_preset
-    from megawan.generation import find_encoders
-    from megawan.models.loading import TEXT_LAYOUTS, VAE_LAYOUTS, to_megawan
-
     enc = find_encoders(folder)
     vae_state, _ = to_megawan(load_state_dict_file(enc["vae"]), vae_preset(enc["vae_config"]), VAE_LAYOUTS, "Wan-VAE")
     text_state, _ = to_megawan(load_state_dict_file(enc["text_encoder"]), text_preset(enc["text_config"]),
@@ -317,13 +258,9 @@ def _read_encoders(folder: str) -> dict:
 
 
 def _read_diffusers_encoders(src: str) -> dict:
-    from megawan.config import text_preset, vae_preset
-    from megawan.convert import convert_state_dict
-    from megawan.generation import detect_text_preset, detect_vae_preset
-
-    vae_sd = _load_folder_state(os.path.join(src, "vae"))
+    vae_sd = load_safetensors_folder(os.path.join(src, "vae"))
     vae_name = detect_vae_preset(vae_sd, os.path.join(src, "vae"))
-    text_sd = _load_folder_state(os.path.join(src, "text_encoder"))
+    text_sd = load_safetensors_folder(os.path.join(src, "text_encoder"))
     text_name = detect_text_preset(text_sd, os.path.join(src, "text_encoder"))
     return {"vae_config": vae_name, "text_config": text_name,
             "vae_state": convert_state_dict(vae_sd, "megawan", "megawan", vae_preset(vae_name)),
@@ -331,24 +268,10 @@ def _read_diffusers_encoders(src: str) -> dict:
             "tokenizer": os.path.join(src, "tokenizer")}
 
 
-def _load_folder_state(folder: str) -> dict:
-    from safetensors import safe_open
-
-    state = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys()})
-    return state
-
-
 def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
                      tp: int = 1, pp: int = 1, encoders: Optional[str] = None, ema: bool = False,
                      max_shard_bytes: int = SHARD_BYTES, boundary: Optional[float] = None) -> dict:
     """Convert the pipeline at `src` into `dst` (a new folder). Returns a summary of what was written."""
-    from megawan.config import text_preset, vae_preset
-    from megawan.convert import convert_state_dict
-
     if dst_format not in FORMATS:
         raise ValueError(f"--dst-format {dst_format!r} is not one of {FORMATS}")
     if os.path.exists(dst) and os.listdir(dst):
@@ -368,15 +291,15 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
     if len(experts) == 2 and cfg.expert_boundary is None:
         raise ValueError("two experts but no boundary: name the preset with --model (e.g. wan2.2-t2v-a14b) or "
                          "give --boundary")
-    for expert, (path, prefix) in experts.items():
+    for expert, (path, expert_ema) in experts.items():
         sub = _EXPERT_DIRS[dst_format][expert]
         folder = os.path.join(tmp, sub) if sub else tmp
         if dst_format == "megawan":
-            _write_megawan(path, src_format, prefix, cfg, folder, tp, pp)
+            _write_megawan(path, src_format, expert_ema, cfg, folder, tp, pp)
         else:
-            source = _dit_source(path, src_format, prefix)
+            source = _dit_source(path, src_format, expert_ema)
             write_safetensors_shards(stream_dit(source, cfg, src_format, dst_format), folder,
-                                             max_shard_bytes=max_shard_bytes)
+                                     max_shard_bytes=max_shard_bytes)
             config_json = official_config_json(cfg) if dst_format == "official" else diffusers_config_json(cfg)
             with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config_json, f, indent=2)
@@ -392,25 +315,7 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
     return {"config": cfg.name, "experts": sorted(experts), "dst": dst, "format": dst_format, "tp": tp, "pp": pp}
 
 
-def _write_megawan(path: str, src_format: str, prefix: str, cfg: DiTConfig, folder: str, tp: int, pp: int) -> None:
-    import yaml
-
-    from megawan.parallel.launch import spawn_local
-    from megawan.training.checkpoint import STATE_FILE
-
-    os.makedirs(folder, exist_ok=True)
-    spawn_local(_write_megawan_rank, world_size=tp * pp, tensor_parallel=tp, pipeline_parallel=pp,
-                args=(path, src_format, prefix, cfg, folder, tp, pp))
-    with open(os.path.join(folder, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(_megawan_run_config(cfg), f, sort_keys=False)
-    with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
-        json.dump({"step": 0, "converted_from": src_format, "layout": {"tensor_parallel": tp,
-                                                                      "pipeline_parallel": pp}}, f, indent=1)
-
-
 def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokenizer, experts) -> None:
-    from safetensors.torch import save_file
-
     if fmt == "official":
         vae_name = "Wan2.2_VAE.pth" if vae_cfg.is_residual else "Wan2.1_VAE.pth"
         torch.save(vae_sd, os.path.join(folder, vae_name))
@@ -423,13 +328,9 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
         save_file({k: v.contiguous() for k, v in vae_sd.items()}, os.path.join(folder, "vae.safetensors"))
         save_file({k: v.contiguous() for k, v in text_sd.items()}, os.path.join(folder, "text_encoder.safetensors"))
         shutil.copytree(tokenizer, os.path.join(folder, "tokenizer"))
-        meta = {"format": "megawan-pipeline", "version": 1,
-                "model": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
-                "transformer": {e: _EXPERT_DIRS["megawan"][e] for e in experts},
-                "vae": "vae.safetensors", "vae_config": vae_cfg.name, "text_encoder": "text_encoder.safetensors",
-                "text_config": text_cfg.name, "tokenizer": "tokenizer"}
-        with open(os.path.join(folder, PIPELINE_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
+        write_pipeline_file(folder, cfg, {e: _EXPERT_DIRS["megawan"][e] for e in experts},
+                            vae="vae.safetensors", vae_config=vae_cfg.name, text_encoder="text_encoder.safetensors",
+                            text_config=text_cfg.name, tokenizer="tokenizer")
         return
     # diffusers
     os.makedirs(os.path.join(folder, "vae"))
@@ -458,6 +359,42 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
         json.dump(index, f, indent=2)
 
 
+def _write_diffusers_tokenizer(src: str, dst: str, text_cfg) -> None:
+    """transformers' T5Tokenizer folder around the sentencepiece model (no extra ids: umT5's vocabulary has its
+    sentinels inside the model)."""
+    os.makedirs(dst)
+    model = os.path.join(src, "spiece.model") if os.path.isdir(src) else src
+    shutil.copy(model, os.path.join(dst, "spiece.model"))
+    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": text_cfg.text_len,
+                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": []},
+                  f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files of the official and diffusers layouts (config.json, vae/, text_encoder/, scheduler/).
+# One block on purpose: it moves into the config package as a unit.
+
+
+def official_config_json(cfg: DiTConfig) -> dict:
+    model_type = "flf2v" if cfg.image_pos_len else cfg.model_type
+    return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": model_type,
+            "patch_size": list(cfg.patch_size), "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim,
+            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim, "out_dim": cfg.out_dim,
+            "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "window_size": [-1, -1],
+            "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps}
+
+
+def diffusers_config_json(cfg: DiTConfig) -> dict:
+    return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+            "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
+            "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_dim, "out_channels": cfg.out_dim,
+            "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
+            "cross_attn_norm": cfg.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
+            "eps": cfg.eps, "image_dim": cfg.image_dim, "added_kv_proj_dim": cfg.dim if cfg.image_dim else None,
+            "rope_max_seq_len": cfg.rope_max_len, "pos_embed_seq_len": cfg.image_pos_len}
+
+
 def _diffusers_vae_config(c) -> dict:
     return {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0", "base_dim": c.base_dim,
             "decoder_base_dim": c.decoder_base_dim, "z_dim": c.z_dim, "dim_mult": list(c.dim_mult),
@@ -478,21 +415,7 @@ def _transformers_umt5_config(c) -> dict:
             "eos_token_id": 1, "decoder_start_token_id": 0, "torch_dtype": "float32"}
 
 
-def _write_diffusers_tokenizer(src: str, dst: str, text_cfg) -> None:
-    """transformers' T5Tokenizer folder around the sentencepiece model (no extra ids: umT5's vocabulary has its
-    sentinels inside the model)."""
-    os.makedirs(dst)
-    model = os.path.join(src, "spiece.model") if os.path.isdir(src) else src
-    shutil.copy(model, os.path.join(dst, "spiece.model"))
-    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": text_cfg.text_len,
-                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": []},
-                  f, indent=2)
-
-
 def _diffusers_scheduler_config(cfg: DiTConfig) -> dict:
-    from megawan.generation import official_defaults
-
     d = official_defaults(cfg.name, cfg.model_type, cfg.expert_boundary)
     return {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.33.0", "num_train_timesteps": 1000,
             "solver_order": 2, "prediction_type": "flow_prediction", "use_flow_sigmas": True,

@@ -1,0 +1,343 @@
+"""THE checkpoint format: megatron-core dist_checkpointing folders (model, distributed optimizer, EMA;
+reshardable to any TP / PP / CP / DP), the trainer's state and the run config beside them. This is the only
+module that knows the names on disk; the trainer, generation, export, tools and tests call it.
+
+    <root>/iter_0000100/          one folder per checkpoint: dist_checkpointing files (model under `model.`,
+                                  optimizer, EMA under `ema.`) + trainer_state.json + config.yaml (the run config)
+    <root>/latest                 the name of the newest complete one; moved last
+
+    save_checkpoint(root, step, chunks, optimizer, trainer_state, config, ema=ema)   # collective
+    state = load_checkpoint(latest_checkpoint(root), chunks, optimizer, ema)       # any layout
+    load_weights(resolve_checkpoint(path), [model], ema=has_ema(path))             # inference
+    save_model_checkpoint(folder, chunks, config, trainer_state)                   # weights only (export)
+    CheckpointTensors(folder).get(key)                                             # one tensor, no process group
+
+A checkpoint is written under `<name>.tmp` and renamed once every rank has finished; `latest` is replaced
+atomically after that; older ones beyond `keep` are removed last. A job killed at any moment leaves `latest`
+naming a complete checkpoint (or none), which is what a resume reads; a reader never sees a half-written folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.utils import _get_failure_dict
+
+from megawan.capabilities import cuda_available
+from megawan.models.dit.parallelize import chunk_state_dict
+
+STATE_FILE = "trainer_state.json"  # step, LR schedule, loader position, counters
+CONFIG_FILE = "config.yaml"  # the run config the checkpoint was trained with
+LATEST = "latest"  # names the newest complete checkpoint of a root
+EMA_PREFIX = "ema."  # the EMA's tensors: `ema.<model key>`
+_ITER = re.compile(r"^iter_(\d{7})$")
+_OPTIMIZER_PREFIX = "optimizer"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads under any TP / PP / DP
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and folders
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint folder's name carries (iter_0000100 -> 100)."""
+    m = _ITER.match(os.path.basename(os.path.normpath(path)))
+    if m is None:
+        raise ValueError(f"{path} is not named like a checkpoint (iter_<7 digits>)")
+    return int(m.group(1))
+
+
+def is_checkpoint(path: str) -> bool:
+    """A complete checkpoint folder (its trainer state is written last, just before the rename)."""
+    return os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The folder `latest` names, if it is complete; None for a fresh run."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not is_checkpoint(path):
+        raise RuntimeError(f"{pointer} names {name}, which is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder, or a run's checkpoint root (its `latest`): what --init-from and --ckpt accept."""
+    if os.path.isfile(os.path.join(path, LATEST)):
+        return latest_checkpoint(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run's checkpoint "
+                                f"directory (no `{LATEST}`)")
+    return path
+
+
+def read_trainer_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_run_config(path: str) -> dict:
+    """The run config (a plain dict: model, train, ...) saved beside checkpoint `path`."""
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _tensor_metadata(path: str) -> dict:
+    return FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+def has_ema(path: str) -> bool:
+    """Whether checkpoint `path` holds EMA weights."""
+    return any(k.startswith(EMA_PREFIX) for k in _tensor_metadata(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+class _CpuTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist save strategy without its two CUDA calls, for CPU-only ranks over gloo.
+
+    megatron stages tensors with non-blocking copies followed by torch.cuda.synchronize(), and broadcasts
+    write failures in a CUDA tensor; a CPU-only torch refuses both. Files and metadata are the same.
+    """
+
+    def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret) -> AsyncRequest:
+        save_fn, preload_fn, save_args = writer.get_save_function_and_args()
+        storage_writer, global_metadata, dist_wrapper = save_state_dict_ret
+
+        def preload():
+            return writer.preload_tensors(writer.write_buckets, non_blocking=False)
+
+        def finalize():
+            all_results = dist_wrapper.gather_object(storage_writer.retrieve_write_results())
+            failures = {}
+            if dist_wrapper.is_coordinator:
+                failures = _get_failure_dict(all_results)
+                if not failures:
+                    storage_writer.finish(global_metadata, all_results)
+            failed = torch.tensor([int(bool(failures))], dtype=torch.int)
+            dist.broadcast(failed, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
+            if failed.item():
+                raise CheckpointException("write", failures)
+
+        return AsyncRequest(save_fn, save_args, [finalize], preload_fn=preload if preload_fn else None)
+
+
+def _save_strategy():
+    return None if cuda_available() else _CpuTorchDistSaveStrategy("torch_dist", 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _write(path: str, sharded: dict, config: dict, trainer_state: dict, content_metadata=None) -> None:
+    """Collective: `sharded` (dist_checkpointing) + config + trainer state into `path`, via `path`.tmp.
+    `path` must not exist; the caller has created nothing."""
+    tmp = path + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(sharded, tmp, sharded_strategy=_save_strategy(), content_metadata=content_metadata)
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(trainer_state, f, indent=1)
+        os.rename(tmp, path)
+
+
+def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state: dict, config: dict,
+                    ema=None, keep: int = 3) -> str:
+    """Model, optimizer, EMA (when given), trainer state and run config as `<root>/iter_<step>`; then `latest`
+    names it and checkpoints beyond the newest `keep` are removed. Collective: every rank calls it. Returns
+    the final folder."""
+    name = checkpoint_name(step)
+    path = os.path.join(root, name)
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        for stale in os.listdir(root):  # what killed saves left behind
+            if stale.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)  # a checkpoint of this step written by a run that died before moving `latest`
+    model_sd = model_sharded_state_dict(chunks)
+    sharded = {"model": model_sd, _OPTIMIZER_PREFIX: optimizer.sharded_state_dict(model_sd,
+                                                                                  metadata=OPTIMIZER_METADATA)}
+    if ema is not None:
+        sharded["ema"] = ema.sharded_state_dict([model_sd[f"chunk{i}"] for i in range(len(chunks))])
+    _write(path, sharded, config, trainer_state, content_metadata=OPTIMIZER_METADATA)
+    if _rank() == 0:
+        pointer = os.path.join(root, LATEST)
+        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+        os.replace(pointer + ".tmp", pointer)  # the commit
+        complete = sorted(n for n in os.listdir(root) if _ITER.match(n))
+        for old in complete[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return path
+
+
+def save_model_checkpoint(path: str, chunks: list, config: dict, trainer_state: dict) -> str:
+    """A weights-only checkpoint folder at `path` (e.g. a converted DiT): loadable by load_weights /
+    load_checkpoint at any layout and as a warm start. Collective over the world that holds `chunks`."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):  # every rank sees it (a shared file system) and stops before the collective
+        raise FileExistsError(f"checkpoint {path} exists already")
+    _write(path, {"model": model_sharded_state_dict(chunks)}, config, trainer_state)
+    _barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """Two gaps in megatron-core 0.16's DistributedOptimizer with torch's Adam (apex / TE's fused Adam, which
+    megatron is mostly run with, take other paths):
+    - state_dict() needs Adam's state to exist (torch creates it at the first step): a fresh optimizer gets
+      megatron's own placeholder state (one zero-gradient step); the load overwrites every value of it.
+    - the fully_reshardable load copies every key of torch's per-parameter state from the checkpoint, but
+      the checkpoint holds param / exp_avg / exp_avg_sq only; Adam's `step` comes back through the param
+      groups (megatron's load_state_dict sets it), so the per-parameter copy keeps that value.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+        if getattr(opt, "_megawan_step_kept", False) or not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            if "step" not in tensors:
+                group_index, group_order = opt.model_param_group_index_map[model_param]
+                main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+                step = opt.optimizer.state.get(main_param, {}).get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        opt._megawan_step_kept = True
+
+
+def _load(sharded: dict, path: str) -> dict:
+    with warnings.catch_warnings():  # torch's deprecation notice inside megatron's loader, not ours to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist_checkpointing.load(sharded, path)
+
+
+def _fill_chunks(chunks: list, loaded_model: dict) -> None:
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(chunk_state_dict(loaded_model[f"chunk{i}"], chunk))
+
+
+def load_checkpoint(path: str, chunks: list, optimizer=None, ema=None) -> dict:
+    """Load weights (and, when given, optimizer and EMA) from `path` into this rank's chunks under the current
+    layout. Returns the trainer state. A warm start passes no optimizer and then calls the optimizer's
+    reload_model_params() so that its fp32 main weights are the loaded ones."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    trainer_state = read_trainer_state(path)
+    model_sd = model_sharded_state_dict(chunks)
+    sharded = {"model": model_sd}
+    if optimizer is not None:
+        _prepare_optimizer_for_load(optimizer)
+        sharded[_OPTIMIZER_PREFIX] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                  metadata=OPTIMIZER_METADATA)
+    if ema is not None:
+        sharded["ema"] = ema.sharded_state_dict([model_sd[f"chunk{i}"] for i in range(len(chunks))])
+    loaded = _load(sharded, path)
+    _fill_chunks(chunks, loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded[_OPTIMIZER_PREFIX])
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            # megatron hands every parameter one shared `step` tensor; torch's Adam increments each
+            # parameter's step in place, so a shared one would advance once per parameter per step
+            for state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+    if ema is not None:
+        ema.load_loaded(loaded["ema"])
+    return trainer_state
+
+
+def load_weights(path: str, chunks: list, ema: bool = False) -> None:
+    """The model weights of checkpoint `path` into this rank's chunks (any layout it was saved at); with
+    ema=True the EMA's (fp32) weights take the parameters' place, cast to their dtype (buffers and extra
+    states still come from the model)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    model_sd = model_sharded_state_dict(chunks)
+    if ema:
+        for i, chunk in enumerate(chunks):
+            params = {id(p) for p in chunk.parameters()}
+            part = model_sd[f"chunk{i}"]
+            for key, entry in part.items():
+                data = getattr(entry, "data", None)
+                if id(data) in params:  # the EMA keeps an fp32 copy of each parameter's shard
+                    part[key] = dataclasses.replace(entry, key=EMA_PREFIX + entry.key, dtype=torch.float32,
+                                                    data=torch.empty_like(data, dtype=torch.float32))
+    loaded = _load({"model": model_sd}, path)
+    with torch.no_grad():
+        _fill_chunks(chunks, loaded["model"])
+
+
+class CheckpointTensors:
+    """The model tensors of a checkpoint folder, each loaded whole on its own (whatever TP / PP layout it was
+    saved at), without a process group: what conversion streams from. ema=True reads the EMA weights."""
+
+    def __init__(self, folder: str, ema: bool = False):
+        self.folder, self.prefix = folder, EMA_PREFIX if ema else ""
+        self._meta = {k[len(self.prefix):]: m for k, m in _tensor_metadata(folder).items()
+                      if k.startswith(self.prefix) and hasattr(m, "size") and not k.startswith(_OPTIMIZER_PREFIX)
+                      and (ema or not k.startswith(EMA_PREFIX))}
+        if not self._meta:
+            raise ValueError(f"{folder} holds no {'EMA ' if ema else ''}model tensors")
+
+    def keys(self) -> list:
+        return list(self._meta)
+
+    def get(self, key: str) -> torch.Tensor:
+        m = self._meta[key]
+        out = {self.prefix + key: torch.empty(tuple(m.size), dtype=m.properties.dtype)}
+        with warnings.catch_warnings():  # torch's notice about no_dist, not ours to act on
+            warnings.simplefilter("ignore")
+            dcp.load(out, checkpoint_id=self.folder, no_dist=True)
+        return out[self.prefix + key]
