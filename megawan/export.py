@@ -45,9 +45,13 @@ from megawan.config import (
     DiTConfig,
     ParallelConfig,
     config_to_dict,
+    diffusers_config_json,
+    diffusers_vae_config_json,
     dit_config_from,
     dit_preset,
+    official_config_json,
     text_preset,
+    transformers_config_json,
     vae_preset,
 )
 from megawan.convert import (
@@ -58,9 +62,9 @@ from megawan.convert import (
     split_tensor_parallel,
 )
 from megawan.convert.dit_keys import TP_AXIS, dit_key_table, dit_param_shapes
-from megawan.generation import official_defaults
-from megawan.parallel.launch import spawn_local
+from megawan.diffusion.defaults import diffusers_scheduler_config_json
 from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
+from megawan.parallel.launch import spawn_local
 
 FORMATS = ("official", "diffusers", "megawan")
 SHARD_BYTES = 5 * 1024 ** 3  # official / diffusers shard size (bytes), as the Hub files are cut
@@ -337,16 +341,16 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
     save_file({k: v.contiguous() for k, v in vae_sd.items()}, os.path.join(folder, "vae",
                                                                            "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(folder, "vae", "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_diffusers_vae_config(vae_cfg), f, indent=2)
+        json.dump(diffusers_vae_config_json(vae_cfg), f, indent=2)
     os.makedirs(os.path.join(folder, "text_encoder"))
     text_sd = {k: v for k, v in text_sd.items() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
     save_file({k: v.contiguous() for k, v in text_sd.items()}, os.path.join(folder, "text_encoder", "model.safetensors"))
     with open(os.path.join(folder, "text_encoder", "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_transformers_umt5_config(text_cfg), f, indent=2)
+        json.dump(transformers_config_json(text_cfg), f, indent=2)
     _write_diffusers_tokenizer(tokenizer, os.path.join(folder, "tokenizer"), text_cfg)
     os.makedirs(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-        json.dump(_diffusers_scheduler_config(cfg), f, indent=2)
+        json.dump(diffusers_scheduler_config_json(cfg), f, indent=2)
     two = len(experts) == 2
     index = {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
              "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -369,55 +373,3 @@ def _write_diffusers_tokenizer(src: str, dst: str, text_cfg) -> None:
         json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": text_cfg.text_len,
                    "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": []},
                   f, indent=2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Config files of the official and diffusers layouts (config.json, vae/, text_encoder/, scheduler/).
-# One block on purpose: it moves into the config package as a unit.
-
-
-def official_config_json(cfg: DiTConfig) -> dict:
-    model_type = "flf2v" if cfg.image_pos_len else cfg.model_type
-    return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": model_type,
-            "patch_size": list(cfg.patch_size), "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim,
-            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim, "out_dim": cfg.out_dim,
-            "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "window_size": [-1, -1],
-            "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps}
-
-
-def diffusers_config_json(cfg: DiTConfig) -> dict:
-    return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
-            "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
-            "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_dim, "out_channels": cfg.out_dim,
-            "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
-            "cross_attn_norm": cfg.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
-            "eps": cfg.eps, "image_dim": cfg.image_dim, "added_kv_proj_dim": cfg.dim if cfg.image_dim else None,
-            "rope_max_seq_len": cfg.rope_max_len, "pos_embed_seq_len": cfg.image_pos_len}
-
-
-def _diffusers_vae_config(c) -> dict:
-    return {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0", "base_dim": c.base_dim,
-            "decoder_base_dim": c.decoder_base_dim, "z_dim": c.z_dim, "dim_mult": list(c.dim_mult),
-            "num_res_blocks": c.num_res_blocks, "attn_scales": list(c.attn_scales),
-            "temperal_downsample": list(c.temperal_downsample), "dropout": 0.0, "is_residual": c.is_residual,
-            "in_channels": c.in_channels, "out_channels": c.out_channels, "patch_size": c.patch_size,
-            "scale_factor_spatial": c.spatial_stride, "scale_factor_temporal": c.temporal_stride,
-            "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std)}
-
-
-def _transformers_umt5_config(c) -> dict:
-    return {"architectures": ["UMT5EncoderModel"], "model_type": "umt5", "vocab_size": c.vocab_size,
-            "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff, "num_heads": c.num_heads, "num_layers": c.num_layers,
-            "relative_attention_num_buckets": c.relative_attention_num_buckets,
-            "relative_attention_max_distance": c.relative_attention_max_distance,
-            "layer_norm_epsilon": c.layer_norm_epsilon, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
-            "is_gated_act": True, "tie_word_embeddings": False, "dropout_rate": 0.0, "pad_token_id": 0,
-            "eos_token_id": 1, "decoder_start_token_id": 0, "torch_dtype": "float32"}
-
-
-def _diffusers_scheduler_config(cfg: DiTConfig) -> dict:
-    d = official_defaults(cfg.name, cfg.model_type, cfg.expert_boundary)
-    return {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.33.0", "num_train_timesteps": 1000,
-            "solver_order": 2, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
-            "flow_shift": d["shift"], "predict_x0": True, "solver_type": "bh2", "lower_order_final": True,
-            "final_sigmas_type": "zero", "thresholding": False, "timestep_spacing": "linspace"}

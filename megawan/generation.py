@@ -32,39 +32,9 @@ from megatron.core import parallel_state as ps
 
 from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
 from megawan.config import text_preset, vae_preset
+from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.utils.progress import Progress
-
-# wan/configs/shared_config.py: the negative prompt every official Wan model samples with
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的"
-                       "肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
-
-# The official generate.py / wan/configs settings. guidance of A14B: (low-noise expert, high-noise expert).
-_OFFICIAL = {
-    "wan2.1-t2v-1.3b": dict(frames=81, height=480, width=832, steps=50, shift=5.0, guidance=5.0, fps=16),
-    "wan2.1-t2v-14b": dict(frames=81, height=720, width=1280, steps=50, shift=5.0, guidance=5.0, fps=16),
-    "wan2.1-i2v-14b": dict(frames=81, height=720, width=1280, steps=40, shift=5.0, guidance=5.0, fps=16),
-    "wan2.1-flf2v-14b": dict(frames=81, height=720, width=1280, steps=50, shift=16.0, guidance=5.0, fps=16),
-    "wan2.2-t2v-a14b": dict(frames=81, height=720, width=1280, steps=40, shift=12.0, guidance=(3.0, 4.0), fps=16),
-    "wan2.2-i2v-a14b": dict(frames=81, height=720, width=1280, steps=40, shift=5.0, guidance=(3.5, 3.5), fps=16),
-    "wan2.2-ti2v-5b": dict(frames=121, height=704, width=1280, steps=50, shift=5.0, guidance=5.0, fps=24),
-}
-_TINY = dict(frames=17, height=32, width=48, steps=25, shift=3.0, guidance=3.0, fps=16)
-
-
-def official_defaults(preset: str, model_type: str = "t2v", expert_boundary: Optional[float] = None,
-                      height: Optional[int] = None, width: Optional[int] = None) -> dict:
-    """Sampling defaults of a model preset as the official repos set them; tiny presets get the demo's."""
-    d = dict(_OFFICIAL.get(preset, _TINY))
-    if preset not in _OFFICIAL and expert_boundary is not None:
-        d["guidance"] = (d["guidance"], d["guidance"])
-    # Wan2.1 generate.py: image-to-video at 480p samples with shift 3
-    if preset == "wan2.1-i2v-14b" and {height, width} == {480, 832}:
-        d["shift"] = 3.0
-    d["negative_prompt"] = WAN_NEGATIVE_PROMPT
-    return d
-
 
 @dataclasses.dataclass
 class GenerationRequest:

@@ -9,10 +9,10 @@ import os
 
 import torch
 
-from megawan.config import dit_preset
+from megawan.config import dit_preset, official_config_json
 from megawan.convert import convert_state_dict
 from megawan.demo.tiny_assets import write_tiny_encoders
-from megawan.export import official_config_json, write_safetensors_shards
+from megawan.export import write_safetensors_shards
 from wan_reference import diffusers_dit
 
 TINY_T2V = dict(in_dim=4, out_dim=4, text_dim=32, text_len=24)  # fits the tiny-2.1 VAE and the tiny umT5

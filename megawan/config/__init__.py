@@ -2,19 +2,23 @@
 field, and the presets and foreign config.json readers of each model beside its config.
 
     fields.py   ConfigError, the field check, building a dataclass from a mapping, config_to_dict
-    dit.py      DiTConfig, the official / tiny DiT presets, dit_config_from (official or diffusers config.json)
-    vae.py      VAEConfig, the Wan2.1 / Wan2.2 / tiny presets and latent statistics, vae_config_from (diffusers)
-    text.py     TextConfig, the umT5 presets, text_config_from (transformers' UMT5Config)
+    dit.py      DiTConfig, the official / tiny DiT presets, dit_config_from (official or diffusers config.json) and
+                the writers of both (official_config_json, diffusers_config_json)
+    vae.py      VAEConfig, the Wan2.1 / Wan2.2 / tiny presets and latent statistics, vae_config_from /
+                diffusers_vae_config_json (diffusers' AutoencoderKLWan)
+    text.py     TextConfig, the umT5 presets, text_config_from / transformers_config_json (transformers' UMT5Config)
     run.py      the run sections (parallel, data, optimizer, train, checkpoint, logging, validation), RunConfig,
                 load_config (YAML + `section.key=value` overrides)
 """
 
-from megawan.config.dit import BACKENDS, MODEL_TYPES, DiTConfig, dit_config_from, dit_preset, preset_names
+from megawan.config.dit import (BACKENDS, MODEL_TYPES, DiTConfig, diffusers_config_json, dit_config_from, dit_preset,
+                                official_config_json, preset_names)
 from megawan.config.fields import DTYPES, ConfigError, config_to_dict
 from megawan.config.run import (CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
                                 RunConfig, TrainConfig, ValidationConfig, load_config)
-from megawan.config.text import TextConfig, text_config_from, text_preset
-from megawan.config.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, vae_config_from, vae_preset
+from megawan.config.text import TextConfig, text_config_from, text_preset, transformers_config_json
+from megawan.config.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, diffusers_vae_config_json,
+                                vae_config_from, vae_preset)
 
 __all__ = [
     "BACKENDS", "DTYPES", "MODEL_TYPES", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD",
@@ -23,4 +27,5 @@ __all__ = [
     "ValidationConfig", "RunConfig",
     "dit_preset", "preset_names", "dit_config_from", "vae_preset", "vae_config_from", "text_preset",
     "text_config_from", "load_config", "config_to_dict",
+    "official_config_json", "diffusers_config_json", "diffusers_vae_config_json", "transformers_config_json",
 ]

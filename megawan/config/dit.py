@@ -178,3 +178,27 @@ def dit_config_from(config_json: dict, state_dict_keys=None, **overrides: Any) -
                           "nor a diffusers WanTransformer3DModel config (num_attention_heads, …)")
     values.update(overrides)
     return build(DiTConfig, values, "model").validate()
+
+
+# Writers: the config.json of each foreign layout (export writes them; dit_config_from reads them).
+
+
+def official_config_json(cfg: DiTConfig) -> dict:
+    """The official Wan config.json of `cfg` (what dit_config_from reads back)."""
+    model_type = "flf2v" if cfg.image_pos_len else cfg.model_type
+    return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": model_type,
+            "patch_size": list(cfg.patch_size), "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim,
+            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim, "out_dim": cfg.out_dim,
+            "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "window_size": [-1, -1],
+            "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps}
+
+
+def diffusers_config_json(cfg: DiTConfig) -> dict:
+    """diffusers' WanTransformer3DModel config.json of `cfg` (what dit_config_from reads back)."""
+    return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+            "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
+            "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_dim, "out_channels": cfg.out_dim,
+            "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
+            "cross_attn_norm": cfg.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
+            "eps": cfg.eps, "image_dim": cfg.image_dim, "added_kv_proj_dim": cfg.dim if cfg.image_dim else None,
+            "rope_max_seq_len": cfg.rope_max_len, "pos_embed_seq_len": cfg.image_pos_len}

@@ -57,3 +57,14 @@ def text_config_from(config_json: dict, **overrides) -> TextConfig:
     values["name"] = "transformers"
     values.update(overrides)
     return build(TextConfig, values, "text").validate()
+
+
+def transformers_config_json(c: "TextConfig") -> dict:
+    """transformers' UMT5Config config.json of `c` (what text_config_from reads back)."""
+    return {"architectures": ["UMT5EncoderModel"], "model_type": "umt5", "vocab_size": c.vocab_size,
+            "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff, "num_heads": c.num_heads, "num_layers": c.num_layers,
+            "relative_attention_num_buckets": c.relative_attention_num_buckets,
+            "relative_attention_max_distance": c.relative_attention_max_distance,
+            "layer_norm_epsilon": c.layer_norm_epsilon, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
+            "is_gated_act": True, "tie_word_embeddings": False, "dropout_rate": 0.0, "pad_token_id": 0,
+            "eos_token_id": 1, "decoder_start_token_id": 0, "torch_dtype": "float32"}

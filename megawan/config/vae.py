@@ -83,3 +83,14 @@ def vae_config_from(config_json: dict, **overrides) -> VAEConfig:
     values["name"] = "diffusers"
     values.update(overrides)
     return build(VAEConfig, values, "vae").validate()
+
+
+def diffusers_vae_config_json(c: "VAEConfig") -> dict:
+    """The diffusers AutoencoderKLWan config.json of `c` (what vae_config_from reads back)."""
+    return {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0", "base_dim": c.base_dim,
+            "decoder_base_dim": c.decoder_base_dim, "z_dim": c.z_dim, "dim_mult": list(c.dim_mult),
+            "num_res_blocks": c.num_res_blocks, "attn_scales": list(c.attn_scales),
+            "temperal_downsample": list(c.temperal_downsample), "dropout": 0.0, "is_residual": c.is_residual,
+            "in_channels": c.in_channels, "out_channels": c.out_channels, "patch_size": c.patch_size,
+            "scale_factor_spatial": c.spatial_stride, "scale_factor_temporal": c.temporal_stride,
+            "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std)}

@@ -1,4 +1,5 @@
-"""Flow matching (rectified flow) for training, and Wan's samplers."""
+"""Flow matching (rectified flow) for training (with the one per-sample loss), Wan's samplers, and the official
+sampling defaults per model (`defaults`)."""
 
 from megawan.diffusion.flow import FlowMatching, shift_timesteps
 from megawan.diffusion.samplers import EulerSampler, UniPCSampler, make_sampler, sample, wan_sigmas
