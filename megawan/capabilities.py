@@ -1,6 +1,8 @@
-"""The one capability check behind every GPU-only path (Transformer Engine, FP8, DALI mixed, Triton).
+"""The one capability check behind every GPU-only path (Transformer Engine, FP8, DALI mixed, NCCL, pinned memory).
 
-Everything else asks this module, so a CPU machine and a GPU machine differ in exactly one place.
+megawan asks this module, never `torch.cuda.is_available()` itself, so a CPU machine and a GPU machine differ in
+exactly one place (`kernels/`, which sits below megawan and imports none of it, makes its own Triton check).
+Which GPU a rank uses is chosen once, by `megawan.parallel.initialize` (LOCAL_RANK); `rank_device()` reports it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import torch
 @functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def rank_device() -> torch.device:
+    """This rank's device: the CUDA device `megawan.parallel.initialize` set for it, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
 @functools.lru_cache(maxsize=None)

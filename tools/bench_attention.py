@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from megawan.capabilities import cuda_available
+
 
 def _impls():
     import torch.nn.functional as F
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not cuda_available():
         print("bench_attention needs a CUDA GPU (the FP8 kernel is Triton; the CPU interpreter is ~300x slower)")
         return 2
     out = []

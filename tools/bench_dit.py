@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from megawan.capabilities import resolve_backend
+from megawan.capabilities import rank_device, resolve_backend
 from megawan.config import dit_preset
 from megawan.models.dit import WanDiT, flops
 from megawan.models.dit.parallelize import apply_activation_recompute
@@ -178,7 +178,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = rank_device()
     if args.tiny:
         cfg, latent, warmup, steps = dit_preset("tiny"), (3, 8, 8), 1, 2
     else:

@@ -23,6 +23,7 @@ import time
 import psutil
 import torch
 
+from megawan.capabilities import rank_device
 from megawan.config import vae_preset
 from megawan.models.vae import WanVAE
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--frames", type=int, nargs="+", default=[17, 33, 81])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=str(rank_device()))
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     rows = []

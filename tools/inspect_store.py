@@ -25,11 +25,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megawan.artifacts import load_vae as load_vae_weights
+from megawan.capabilities import rank_device
 from megawan.config import ConfigError, vae_preset
 from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.data.store_metadata import StoreMetadata
-from megawan.artifacts import load_vae as load_vae_weights
 from megawan.utils.images import contact_sheet, video_to_uint8
 
 ENCODER_KEYS = ("format_version", "vae", "text_encoder")
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-config", metavar="PRESET", help="VAE preset (default: the store's vae.preset)")
     ap.add_argument("--frames", type=int, default=8, help="frames on the sheet, evenly spaced (default 8)")
     ap.add_argument("--columns", type=int, default=4, help="frames per row (default 4)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=str(rank_device()))
     args = ap.parse_args(argv)
 
     try:

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from megawan.capabilities import rank_device
 from megawan.data.buckets import STAGE_BUCKETS
 from megawan.data.precompute import STORE_DTYPES, PrecomputeJob, run_precompute
 
@@ -54,7 +55,6 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank, barrier, device = 0, None, None
     if world > 1:
-        import torch
         import torch.distributed as dist
 
         # here, not at the top: megawan.parallel loads megatron (seconds), which a one-process run never needs
@@ -62,8 +62,7 @@ def main(argv=None) -> int:
 
         initialize()  # torchrun or srun; every rank is its own data-parallel worker
         rank, world, barrier = dist.get_rank(), dist.get_world_size(), dist.barrier
-        if torch.cuda.is_available():
-            device = f"cuda:{torch.cuda.current_device()}"
+        device = rank_device()  # initialize() gave this rank its GPU (LOCAL_RANK), when there is one
     summary = run_precompute(job, rank=rank, world_size=world, barrier=barrier, device=device,
                              progress=not args.no_progress)
     print(f"[rank {rank}] wrote {summary['written']} clips ({summary['clips_per_s']:.2f} clips/s), "

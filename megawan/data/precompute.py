@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
+from megawan.capabilities import rank_device
 from megawan.config import text_preset, vae_preset
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
 from megawan.data.decoding import DecodeError
@@ -33,7 +35,6 @@ from megawan.data.manifest import ManifestEntry, read_manifest
 from megawan.data.store import LatentStore, Sample
 from megawan.data.store_metadata import StoreMetadata, TextEncoderMetadata, VAEMetadata
 from megawan.data.video import decode_image, decode_video
-from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
 from megawan.utils.progress import Progress
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -182,7 +183,7 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
                    progress: bool = True) -> dict:
     """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
     barrier = barrier or (lambda: None)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else rank_device()
     entries = read_manifest(job.manifest)
     buckets = job.resolved_buckets()
     encoders = Encoders(job, device)

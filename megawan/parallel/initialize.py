@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megawan.capabilities import cuda_available
 from megawan.config import ParallelConfig
 from megawan.parallel import groups as _groups
 from megawan.parallel.groups import ContextParallelGroups, set_context_parallel_groups, set_sequence_parallel
@@ -71,7 +72,7 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
         world_size = int(env.get("WORLD_SIZE", "1"))
         parallel.validate(world_size)
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if cuda_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_device(int(env.get("LOCAL_RANK", "0"))))
         if "RANK" in env:
@@ -128,7 +129,7 @@ def _seed(seed: int) -> None:
     """Same seed on every rank (weights are initialised whole, then split); dropout-free Wan needs no
     per-TP-rank streams. On GPU megatron's CUDA RNG tracker is seeded too."""
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if cuda_available():
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.dispatch import triton_runnable
-from megawan.capabilities import resolve_backend
+from megawan.capabilities import cuda_available, rank_device, resolve_backend
 from megawan.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
@@ -197,7 +197,7 @@ class Trainer:
             self.facts = preflight(cfg, world)
         initialize(cfg.parallel, seed=cfg.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = rank_device()
         model_cfg = cfg.model
         if cfg.train.precision == "bf16":
             model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16")
@@ -442,7 +442,7 @@ class Trainer:
 
 
 def _memory_gb() -> float:
-    if torch.cuda.is_available():
+    if cuda_available():
         return torch.cuda.max_memory_allocated() / 2**30
     import psutil
 

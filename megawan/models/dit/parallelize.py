@@ -21,6 +21,7 @@ import torch.nn as nn
 from megatron.core import parallel_state
 from torch.utils.checkpoint import checkpoint
 
+from megawan.capabilities import cuda_available
 from megawan.config import DiTConfig, ParallelConfig
 from megawan.models.dit.model import WanDiT
 
@@ -124,7 +125,7 @@ def apply_activation_recompute(model: nn.Module, mode: str = "full", every: int 
 
 def _offloaded(forward):
     def offloaded(*args, **kwargs):
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        with torch.autograd.graph.save_on_cpu(pin_memory=cuda_available()):
             return forward(*args, **kwargs)
 
     return offloaded
