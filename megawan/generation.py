@@ -34,6 +34,8 @@ from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_t
 from megawan.config import text_preset, vae_preset
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
+from megawan.utils.images import video_to_uint8
+from megawan.utils.media import write_media
 from megawan.utils.progress import Progress
 
 @dataclasses.dataclass
@@ -258,8 +260,6 @@ def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> 
 
 
 def _write(vae, vae_cfg, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
-    from megawan.utils.images import video_to_uint8
-    from megawan.utils.media import write_media
 
     with torch.no_grad():
         video = video_to_uint8(vae.decode(vae.denormalize(latents).to(vae.quant_conv.weight.dtype))[0].float())
