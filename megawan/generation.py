@@ -260,7 +260,6 @@ def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> 
 
 
 def _write(vae, vae_cfg, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
-
     with torch.no_grad():
         video = video_to_uint8(vae.decode(vae.denormalize(latents).to(vae.quant_conv.weight.dtype))[0].float())
     path = _output_path(out, index, prompt, count, still=video.shape[0] == 1)
