@@ -1,9 +1,9 @@
 """An exponential moving average of the weights, kept in fp32 beside each rank's own shards and saved in the
-checkpoint sharded exactly like them (keys `ema.<param key>`), so it reshards with the model.
+checkpoint sharded exactly like them (under megawan.checkpoint's EMA prefix), so it reshards with the model.
 
     ema = EMA(chunks, decay=0.9999)
     ...optimizer.step(); ema.update()
-    ema.copy_to(chunks)     # e.g. to sample with the averaged weights (ema.swap() to exchange and back)
+    ema.apply(); validate(); ema.restore()   # sample with the averaged weights, then back (a kept copy: exact)
 """
 
 from __future__ import annotations
