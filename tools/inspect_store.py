@@ -69,17 +69,16 @@ def summarize(store: LatentStore) -> dict:
     """{"attrs", "buckets": [per-bucket dict], "total", "store_bytes"}; byte counts are sizes of files on disk."""
     rows = []
     for name in store.buckets():
-        bucket_dir = os.path.join(store.path, "buckets", name)
-        parts = store._parts(name)
+        bucket_dir = store.bucket_path(name)
+        parts = store.parts(name)
         samples = store.count(name)
         latent_bytes = text_bytes = 0
         latent_shape, latent_dtype = None, None
         for part in parts:
-            part_dir = os.path.join(bucket_dir, part.basename)
-            latent_bytes += dir_bytes(os.path.join(part_dir, "latents")) + dir_bytes(os.path.join(part_dir, "logvar"))
-            text_bytes += dir_bytes(os.path.join(part_dir, "text"))
-            if latent_shape is None and "latents" in part:
-                latent_shape, latent_dtype = tuple(part["latents"].shape[1:]), part["latents"].attrs.get("dtype")
+            latent_bytes += dir_bytes(os.path.join(part.path, "latents")) + dir_bytes(os.path.join(part.path, "logvar"))
+            text_bytes += dir_bytes(os.path.join(part.path, "text"))
+            if latent_shape is None and part.latent_shape is not None:
+                latent_shape, latent_dtype = part.latent_shape, part.latent_dtype
         total = dir_bytes(bucket_dir)
         pixels = parse_bucket(name)
         pixels_fp32 = pixels[0] * pixels[1] * pixels[2] * 3 * 4 if pixels else None
@@ -167,20 +166,6 @@ def format_summary(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # One sample
-
-
-def find_sample(store: LatentStore, sample_id: str) -> tuple:
-    """(bucket, index) of the committed sample with this id; KeyError if there is none."""
-    for bucket in store.buckets():
-        offset = 0
-        for part in store._parts(bucket):
-            n = int(part.attrs.get("count", 0))
-            if n:
-                ids = [str(i) for i in part["id"][:n]]
-                if sample_id in ids:
-                    return bucket, offset + ids.index(sample_id)
-            offset += n
-    raise KeyError(f"no sample with id {sample_id!r} in {store.path}")
 
 
 def parse_sample_ref(ref: str) -> tuple:
@@ -273,7 +258,7 @@ def main(argv=None) -> int:
     bucket = index = None
     if args.id is not None:
         try:
-            bucket, index = find_sample(store, args.id)
+            bucket, index = store.locate(args.id)
         except KeyError as e:
             raise SystemExit(e.args[0])
     elif args.sample is not None:

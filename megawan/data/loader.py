@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from megawan.data.buckets import Bucket
-from megawan.data.store import LatentStore, _to_torch
+from megawan.data.store import BucketReader, LatentStore
 
 STREAMS = ("image", "video")
 
@@ -121,31 +121,6 @@ def _stream(bucket: str) -> str:
     return "image" if Bucket.from_name(bucket).is_image else "video"
 
 
-class _BucketReader:
-    """Reads samples of one bucket by index over its parts, keeping the arrays open (threads share it)."""
-
-    def __init__(self, store: LatentStore, bucket: str, count: int):
-        self.parts = []
-        for part in store._parts(bucket):
-            n = int(part.attrs.get("count", 0))
-            if n:
-                arrays = {k: part[k] for k in ("latents", "text", "text_length", "id") if k in part}
-                self.parts.append((n, arrays, {k: part[k].attrs.get("dtype") for k in ("latents", "text")}))
-        total = sum(n for n, _, _ in self.parts)
-        if total < count:
-            raise ValueError(f"bucket {bucket} holds {total} samples, fewer than the {count} this loader's plan "
-                             "was made with: the store lost samples (or this is another store)")
-
-    def read(self, index: int) -> tuple:
-        for n, arrays, dtypes in self.parts:
-            if index < n:
-                return (_to_torch(arrays["latents"][index], dtypes["latents"]),
-                        _to_torch(arrays["text"][index], dtypes["text"]),
-                        int(arrays["text_length"][index]), str(arrays["id"][index]))
-            index -= n
-        raise IndexError(index)
-
-
 class BucketedLoader:
     def __init__(self, store: Union[str, LatentStore], global_batch_size: Union[int, dict], video_ratio: float = 1.0,
                  seed: int = 0, dp_rank: int = 0, dp_size: int = 1, buckets: Optional[list] = None,
@@ -194,9 +169,9 @@ class BucketedLoader:
                            positions={k: tuple(v) for k, v in state["positions"].items()})
 
     # ------------------------------------------------------------------------------------------
-    def _reader(self, bucket: str) -> _BucketReader:
+    def _reader(self, bucket: str) -> BucketReader:
         if bucket not in self._readers:
-            self._readers[bucket] = _BucketReader(self.store, bucket, self._state["counts"][bucket])
+            self._readers[bucket] = self.store.bucket_reader(bucket, self._state["counts"][bucket])
         return self._readers[bucket]
 
     def offset(self, planned: PlannedBatch) -> int:

@@ -163,22 +163,6 @@ class Encoders:
         return out
 
 
-def _report_group(store: LatentStore, rank: int):
-    reports = store.root["reports"] if "reports" in store.root else store.root.create_group("reports")
-    name = f"rank-{rank:05d}"
-    return reports[name] if name in reports else reports.create_group(name)
-
-
-def skipped_files(store: LatentStore) -> list:
-    """Every file any rank reported as skipped: [{"id", "path", "reason"}]."""
-    if "reports" not in store.root:
-        return []
-    out = []
-    for _, group in sorted(store.root["reports"].groups()):
-        out.extend(group.attrs.get("skipped", []))
-    return out
-
-
 def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barrier=None, device=None,
                    progress: bool = True) -> dict:
     """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
@@ -194,12 +178,11 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
         LatentStore.create(job.out, **metadata.to_attrs())
     barrier()
     store = LatentStore.create(job.out, **metadata.to_attrs())
-    done = set(store.ids()) | {s["id"] for s in skipped_files(store)}
+    done = set(store.ids()) | {s["id"] for s in store.skipped_files()}
     mine = [e for e in entries[rank::world_size] if e.id not in done]
 
-    writer, report = store.writer(rank), _report_group(store, rank)
-    skipped = list(report.attrs.get("skipped", []))
-    skipped_before = len(skipped)
+    writer = store.writer(rank)
+    skipped_before = skipped = len(writer.skipped())
     written, start = 0, time.perf_counter()
     bar = Progress(len(mine), desc=f"precompute [rank {rank}]", unit="clips", enabled=progress)
     with ThreadPoolExecutor(max_workers=max(job.decode_workers, 1)) as pool:
@@ -210,8 +193,8 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
                 pending.append(pool.submit(prepare, mine[i + job.prefetch], buckets, job.fps, job.decode_backend))
             e = item.entry
             if item.skip_reason is not None:
-                skipped.append({"id": e.id, "path": e.path, "reason": item.skip_reason})
-                report.attrs["skipped"] = skipped  # recorded at once: a resumed job does not retry it
+                writer.record_skip(e.id, e.path, item.skip_reason)  # at once: a resumed job does not retry it
+                skipped += 1
             else:
                 mean, logvar = encoders.encode_video(item.video)
                 text, length = encoders.encode_text(e.caption)
@@ -220,16 +203,16 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
                                     frame_indices=item.frame_indices,
                                     logvar=logvar if job.save_logvar else None))
                 written += 1
-            bar.update(1, skipped=len(skipped))
+            bar.update(1, skipped=skipped)
     bar.close()
     elapsed = time.perf_counter() - start
     barrier()
-    summary = {"rank": rank, "written": written, "skipped_now": len(skipped) - skipped_before,
+    summary = {"rank": rank, "written": written, "skipped_now": skipped - skipped_before,
                "already_done": len(entries[rank::world_size]) - len(mine), "seconds": elapsed,
                "clips_per_s": written / elapsed if elapsed > 0 else 0.0}
     if rank == 0:
         final = LatentStore.open(job.out)
-        every_skip = skipped_files(final)
+        every_skip = final.skipped_files()
         with open(job.out.rstrip("/") + ".skipped.jsonl", "w", encoding="utf-8") as f:
             for row in every_skip:
                 f.write(json.dumps(row) + "\n")

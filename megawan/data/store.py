@@ -10,8 +10,8 @@
     for bucket in reader.buckets(): sample = reader.read(bucket, 0)
     reader.metadata.vae.z_dim                        # the store's attributes, typed (store_metadata.py)
 
-Layout: buckets/<bucket>/part-<rank>/{latents, logvar?, text, text_length, id, source, caption, fps,
-frame_indices}, one sample per chunk, shards of many samples, zstd. Each writer has its own part (its own
+Layout (this module is the only one that knows it): buckets/<bucket>/part-<rank>/{latents, logvar?, text,
+text_length, id, source, caption, fps, frame_indices}, reports/rank-<r> (skipped files), one sample per chunk, shards of many samples, zstd. Each writer has its own part (its own
 shards), so no two processes ever write one chunk or shard. A part's attribute `count` moves only after a
 sample's arrays are written: a killed writer leaves at most one uncommitted row, overwritten on resume, and
 ids already committed anywhere in the store are never written again. bfloat16 is stored losslessly as its
@@ -31,6 +31,7 @@ from megawan.data.store_metadata import StoreMetadata
 
 FORMAT_VERSION = 1
 SHARD_SAMPLES = 64
+REPORTS = "reports"  # reports/rank-<r>: the files precompute rank r skipped, with the reason
 
 
 @dataclass
@@ -128,6 +129,46 @@ class LatentStore:
                     out.extend(str(i) for i in part["id"][:n])
         return out
 
+    def bucket_path(self, bucket: str) -> str:
+        """The folder holding a bucket's parts (for sizes on disk)."""
+        return os.path.join(self.path, "buckets", bucket)
+
+    def parts(self, bucket: str) -> list:
+        """What each writer's part of a bucket holds: [PartInfo(path, count, latent_shape, latent_dtype)]."""
+        out = []
+        for part in self._parts(bucket):
+            latents = part["latents"] if "latents" in part else None
+            out.append(PartInfo(path=os.path.join(self.bucket_path(bucket), part.basename),
+                                count=int(part.attrs.get("count", 0)),
+                                latent_shape=tuple(latents.shape[1:]) if latents is not None else None,
+                                latent_dtype=latents.attrs.get("dtype") if latents is not None else None))
+        return out
+
+    def locate(self, sample_id: str) -> tuple:
+        """(bucket, index) of the committed sample with this id; KeyError if there is none."""
+        for bucket in self.buckets():
+            offset = 0
+            for part in self._parts(bucket):
+                n = int(part.attrs.get("count", 0))
+                if n:
+                    ids = [str(i) for i in part["id"][:n]]
+                    if sample_id in ids:
+                        return bucket, offset + ids.index(sample_id)
+                offset += n
+        raise KeyError(f"no sample with id {sample_id!r} in {self.path}")
+
+    def bucket_reader(self, bucket: str, count: int) -> "BucketReader":
+        return BucketReader(self, bucket, count)
+
+    def skipped_files(self) -> list:
+        """Every file any precompute rank reported as skipped: [{"id", "path", "reason"}]."""
+        if REPORTS not in self.root:
+            return []
+        out = []
+        for _, group in sorted(self.root[REPORTS].groups()):
+            out.extend(group.attrs.get("skipped", []))
+        return out
+
     def _locate(self, bucket: str, index: int):
         for part in self._parts(bucket):
             n = int(part.attrs.get("count", 0))
@@ -148,10 +189,62 @@ class LatentStore:
         return out
 
 
+class BucketReader:
+    """Reads (latents, text, text_length, id) of one bucket by index over its parts, keeping the arrays open
+    (the loader's read-ahead threads share it)."""
+
+    def __init__(self, store: LatentStore, bucket: str, count: int):
+        self.parts = []
+        for part in store._parts(bucket):
+            n = int(part.attrs.get("count", 0))
+            if n:
+                arrays = {k: part[k] for k in ("latents", "text", "text_length", "id") if k in part}
+                self.parts.append((n, arrays, {k: part[k].attrs.get("dtype") for k in ("latents", "text")}))
+        total = sum(n for n, _, _ in self.parts)
+        if total < count:
+            raise ValueError(f"bucket {bucket} holds {total} samples, fewer than the {count} this loader's plan "
+                             "was made with: the store lost samples (or this is another store)")
+
+    def read(self, index: int) -> tuple:
+        for n, arrays, dtypes in self.parts:
+            if index < n:
+                return (_to_torch(arrays["latents"][index], dtypes["latents"]),
+                        _to_torch(arrays["text"][index], dtypes["text"]),
+                        int(arrays["text_length"][index]), str(arrays["id"][index]))
+            index -= n
+        raise IndexError(index)
+
+
+@dataclass
+class PartInfo:
+    path: str  # the part's folder
+    count: int  # committed samples
+    latent_shape: Optional[tuple]
+    latent_dtype: Optional[str]
+
+
 class StoreWriter:
     def __init__(self, store: LatentStore, rank: int):
         self.store, self.rank = store, rank
         self._parts: dict = {}
+        self._report = None
+
+    def skipped(self) -> list:
+        """The files this writer's rank reported as skipped (in this run and the runs it resumes)."""
+        return list(self._report_group().attrs.get("skipped", []))
+
+    def record_skip(self, sample_id: str, path: str, reason: str) -> None:
+        """Report a file that gives no sample, at once: a resumed job does not try it again."""
+        group = self._report_group()
+        group.attrs["skipped"] = [*group.attrs.get("skipped", []), {"id": sample_id, "path": path, "reason": reason}]
+
+    def _report_group(self):
+        if self._report is None:
+            root = self.store.root
+            reports = root[REPORTS] if REPORTS in root else root.create_group(REPORTS)
+            name = f"rank-{self.rank:05d}"
+            self._report = reports[name] if name in reports else reports.create_group(name)
+        return self._report
 
     def _part(self, sample: Sample):
         if sample.bucket in self._parts:
