@@ -188,7 +188,7 @@ def generate(req: GenerationRequest) -> list:
         bar.close()
         latents_out[i] = lat[0]
         if first_of_replica:
-            written.append(_write(vae, vae_cfg, lat, req.out, i, prompts[i], len(prompts), fps))
+            written.append(_write(vae, lat, req.out, i, prompts[i], len(prompts), fps))
     if req.save_latents:
         _save_latents(req.save_latents, latents_out, len(prompts), first_of_replica)
     dist.barrier()
@@ -259,7 +259,7 @@ def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> 
     return os.path.join(out, f"{index:03d}_{slug(prompt)}{ext}")
 
 
-def _write(vae, vae_cfg, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
+def _write(vae, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
     with torch.no_grad():
         video = video_to_uint8(vae.decode(vae.denormalize(latents).to(vae.quant_conv.weight.dtype))[0].float())
     path = _output_path(out, index, prompt, count, still=video.shape[0] == 1)
