@@ -32,6 +32,7 @@ from megatron.core import parallel_state as ps
 
 from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
 from megawan.config import text_preset, vae_preset
+from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.utils.images import video_to_uint8
@@ -137,7 +138,7 @@ def generate(req: GenerationRequest) -> list:
         raise ValueError(f"frames must be 1 + {t_stride}k and height / width multiples of "
                          f"{s_stride * cfg.patch_size[1]} for {cfg.name} with {enc['vae_config']}; got "
                          f"{frames} x {height} x {width}")
-    shape = (vae_cfg.z_dim, (frames - 1) // t_stride + 1, height // s_stride, width // s_stride)
+    shape = (vae_cfg.z_dim, *Bucket(frames, height, width).latent_shape((t_stride, s_stride, s_stride)))
 
     experts = {name: load_dit(path, cfg, req.use_ema) for name, path in found["experts"].items()}
     boundary = cfg.expert_boundary * 1000.0 if cfg.expert_boundary is not None else None
