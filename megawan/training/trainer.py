@@ -225,7 +225,6 @@ class Trainer:
             lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant")
         self.ema = EMA(self.chunks, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.ps = ps
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         d = cfg.data
         sizes = {"video": d.global_batch_size, "image": d.image_global_batch_size or d.global_batch_size}
@@ -336,7 +335,6 @@ class Trainer:
         return forward_step
 
     def _train_step(self, batch: dict) -> dict:
-        ps = self.ps
         micro = self._microbatches(batch)
         pt, ph, pw = self.cfg.model.patch_size
         lt, lh, lw = Bucket.from_name(batch["bucket"]).latent_shape(self.stride)
