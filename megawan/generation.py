@@ -36,7 +36,7 @@ from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.utils.images import video_to_uint8
-from megawan.utils.media import write_media
+from megawan.utils.media import IMAGE_SUFFIX, VIDEO_SUFFIX, media_suffix, write_media
 from megawan.utils.progress import Progress
 
 @dataclasses.dataclass
@@ -252,9 +252,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
 
 
-def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> str:
-    ext = ".png" if still else ".mp4"
-    if count == 1 and os.path.splitext(out)[1].lower() in (".mp4", ".png"):
+def _output_path(out: str, index: int, prompt: str, count: int, num_frames: int) -> str:
+    ext = media_suffix(num_frames)
+    if count == 1 and os.path.splitext(out)[1].lower() in (VIDEO_SUFFIX, IMAGE_SUFFIX):
         return os.path.splitext(out)[0] + ext
     os.makedirs(out, exist_ok=True)
     return os.path.join(out, f"{index:03d}_{slug(prompt)}{ext}")
@@ -263,7 +263,7 @@ def _output_path(out: str, index: int, prompt: str, count: int, still: bool) -> 
 def _write(vae, latents: torch.Tensor, out: str, index: int, prompt: str, count: int, fps: int) -> str:
     with torch.no_grad():
         video = video_to_uint8(vae.decode(vae.denormalize(latents).to(vae.quant_conv.weight.dtype))[0].float())
-    path = _output_path(out, index, prompt, count, still=video.shape[0] == 1)
+    path = _output_path(out, index, prompt, count, num_frames=video.shape[0])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_media(path, video, fps=fps)
     return path

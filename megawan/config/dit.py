@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megawan.config.fields import DTYPES, ConfigError, build, checker, did_you_mean
+from megawan.config.fields import DTYPES, ConfigError, build, checker, from_preset
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 BACKENDS = ("auto", "local", "te")
@@ -118,11 +118,7 @@ def preset_names() -> list:
 
 def dit_preset(name: str, **overrides: Any) -> DiTConfig:
     """The DiT config of a named model: `dit_preset("wan2.1-t2v-14b")`, `dit_preset("tiny", num_layers=3)`."""
-    if name not in DIT_PRESETS:
-        raise ConfigError(f"unknown DiT preset {name!r}{did_you_mean(name, DIT_PRESETS)}; known: {', '.join(preset_names())}")
-    values = {"name": name, **DIT_PRESETS[name]}
-    values.update(overrides)
-    return build(DiTConfig, values, "model").validate()
+    return from_preset(DiTConfig, DIT_PRESETS, name, "DiT", "model", overrides)
 
 
 def dit_config_from(config_json: dict, state_dict_keys=None, **overrides: Any) -> DiTConfig:

@@ -28,6 +28,15 @@ def checker(prefix: str):
     return need
 
 
+def from_preset(cls, presets: dict, name: str, what: str, prefix: str, overrides: dict):
+    """`cls` built from preset `name` of `presets` with `overrides`, validated; an unknown name is a ConfigError
+    naming the nearest known one and listing them all (`what`: "DiT", "VAE", ...)."""
+    if name not in presets:
+        raise ConfigError(f"unknown {what} preset {name!r}{did_you_mean(name, presets)}; known: "
+                          f"{', '.join(sorted(presets))}")
+    return build(cls, {"name": name, **presets[name], **overrides}, prefix).validate()
+
+
 def config_to_dict(cfg: Any) -> dict:
     """Plain dict (YAML-safe) of a config, e.g. to save the resolved config beside a checkpoint."""
     out = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megawan.config.fields import DTYPES, ConfigError, build, checker, did_you_mean
+from megawan.config.fields import DTYPES, build, checker, from_preset
 
 
 @dataclass
@@ -45,9 +45,7 @@ _TEXT_PRESETS = {
 
 def text_preset(name: str, **overrides) -> TextConfig:
     """`text_preset("umt5-xxl" | "tiny")`."""
-    if name not in _TEXT_PRESETS:
-        raise ConfigError(f"unknown text-encoder preset {name!r}{did_you_mean(name, _TEXT_PRESETS)}")
-    return build(TextConfig, {"name": name, **_TEXT_PRESETS[name], **overrides}, "text").validate()
+    return from_preset(TextConfig, _TEXT_PRESETS, name, "text-encoder", "text", overrides)
 
 
 def text_config_from(config_json: dict, **overrides) -> TextConfig:

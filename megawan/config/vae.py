@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from megawan.config.fields import DTYPES, ConfigError, build, checker, did_you_mean
+from megawan.config.fields import DTYPES, build, checker, from_preset
 from megawan.config.wan22_stats import WAN22_LATENT_MEAN, WAN22_LATENT_STD
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -71,9 +71,7 @@ _VAE_PRESETS = {
 
 def vae_preset(name: str, **overrides) -> VAEConfig:
     """`vae_preset("wan2.1" | "wan2.2" | "tiny-2.1" | "tiny-2.2")`."""
-    if name not in _VAE_PRESETS:
-        raise ConfigError(f"unknown VAE preset {name!r}{did_you_mean(name, _VAE_PRESETS)}")
-    return build(VAEConfig, {"name": name, **_VAE_PRESETS[name], **overrides}, "vae").validate()
+    return from_preset(VAEConfig, _VAE_PRESETS, name, "VAE", "vae", overrides)
 
 
 def vae_config_from(config_json: dict, **overrides) -> VAEConfig:
