@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from megawan.data.buckets import Bucket, assign_bucket, parse_buckets, resize_center_crop, stage_buckets
+from megawan.data.buckets import (Bucket, assign_bucket, cover_crop, parse_buckets, resize_center_crop,
+                                   stage_buckets)
 
 
 def test_stage_sets_fit_the_latent_grid():
@@ -36,3 +37,18 @@ def test_resize_center_crop_keeps_the_centre():
     row, col = divmod(int(brightness.argmax()), 48)
     assert 21 <= row <= 27 and 21 <= col <= 27  # still in the middle after scaling 90x160 -> 48x85 and cropping
     assert brightness[row, col] > 0.5 and out[:, :, :8, :8].mean() < -0.9
+
+
+@pytest.mark.parametrize("source,target,resized,top,left", [
+    ((1080, 1920), (480, 832), (480, 853), 0, 10),  # 16:9 into 480x832: width has the slack
+    ((64, 64), (32, 48), (48, 48), 8, 0),  # square into landscape: height has the slack
+    ((30, 50), (48, 48), (48, 80), 0, 16),  # up-scaled
+    ((37, 59), (32, 32), (32, 51), 0, 9),  # odd sizes: round(59 * 32 / 37) = 51
+    ((64, 96), (32, 48), (32, 48), 0, 0),  # same aspect: no crop
+])
+def test_cover_crop_geometry(source, target, resized, top, left):
+    """The one geometry of the CPU resize and of DALI's GPU resize: cover the target, keep the aspect, centre."""
+    crop = cover_crop(*source, *target)
+    assert (crop.resized, crop.top, crop.left, crop.height, crop.width) == (resized, top, left, *target)
+    frames = np.random.default_rng(0).integers(0, 256, (2, *source, 3), dtype=np.uint8)
+    assert resize_center_crop(frames, *target).shape == (3, 2, *target)

@@ -1,5 +1,7 @@
 """DALI decoding beside PyAV: the same frames (by timestamps, windows, fps resampling, variable frame rate), the
-codecs DALI's CPU decoder refuses, the `backend` choice and its fallback, broken files reported with a reason.
+codecs DALI's CPU decoder refuses, the `backend` choice and its fallback, broken files reported with a reason;
+the resize + crop inside DALI's pipeline against the CPU path's, and the GPU pipeline's graph (rank's device,
+gpu ops), read without a GPU. Only the tests that run NVDEC skip here, for want of CUDA.
 
 Every clip carries its source frame number as the grey level of a flat 16x16 corner patch, so a test can say
 which source frame each decoded frame is, whichever decoder produced it."""
@@ -8,8 +10,13 @@ import fractions
 
 import numpy as np
 import pytest
+import torch
 
+from megawan import capabilities
+from megawan.data.buckets import Bucket, cover_crop, resize_center_crop
 from megawan.data.decoding import DecodeError, UnsupportedCodecError
+from megawan.data.manifest import ManifestEntry
+from megawan.data.precompute import prepare
 from megawan.data.video import decode_video
 from megawan.demo.shapes import BROKEN_KINDS, ShapeClip, render, write_broken
 from megawan.utils.media import write_video
@@ -22,6 +29,10 @@ LEVEL0, LEVEL_STEP = 16, 6  # patch grey level of source frame k: 16 + 6 k (k < 
 # SWS_BILINEAR), so flat areas agree within a level or two and only the coloured shapes' edges differ by tens of
 # levels. The frames chosen are identical (checked exactly through the corner patch). Thresholds a little above:
 MEAN_ABS_TOL, P99_ABS_TOL, MAX_ABS_TOL = 1.0, 14, 50
+# DALI's resize against resize_center_crop on the same decoded frames, in uint8 levels: float rounding inside
+# the frame (measured <= 0.001), up to ~2 levels on its outer 2 pixels, where DALI and torch end the
+# antialiasing filter differently (measured 1.8 on noise halved; 0 on these clips)
+INNER_TOL, BORDER_TOL = 0.01, 2.5
 
 
 def stamped(clip: ShapeClip, frames: int, height: int, width: int) -> np.ndarray:
@@ -77,9 +88,12 @@ def clips(tmp_path_factory):
     return paths
 
 
+needs_cuda = pytest.mark.skipif(not capabilities.cuda_available(), reason="needs CUDA (NVDEC, GPU resize)")
+
+
 @pytest.fixture
 def dali():
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the [test] extra installs it on Linux)")
     from megawan.data import dali
 
     return dali
@@ -172,7 +186,7 @@ def test_dali_errors_become_decode_errors(dali, clips, tmp_path):
     path = tmp_path / "garbage.webm"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(DecodeError, match=r"DALI: Failed to create video decoder"):
-        dali._run(str(path), np.array([0], dtype=np.int32), "cpu", 0, "numpy")
+        dali._run(str(path), np.array([0], dtype=np.int32), "cpu", None)
     assert decode_video(clips["vp9"], fps=16, backend="dali-cpu").shape == (22, 64, 96, 3)  # pipeline rebuilt
 
 
@@ -196,7 +210,7 @@ def test_variable_frame_rate_by_timestamps(tmp_path, codec, ext):
     assert source_index(decode_video(path, fps=16, start=0.25, end=0.75, backend="pyav")) == \
         (np.searchsorted(times, 0.25 + np.arange(8) / 16 + 1e-6, side="right") - 1).tolist()
     if ext == "webm":
-        pytest.importorskip("nvidia.dali")
+        pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the [test] extra installs it on Linux)")
         ours = decode_video(path, fps=16, backend="dali-cpu")
         assert source_index(ours) == expected(times, 16, 20)
         diff = np.abs(ours.astype(np.int16) - frames.astype(np.int16))
@@ -213,7 +227,7 @@ def test_backend_argument(clips):
             decode_video(clips["vp9"], backend="dali-gpu")
 
 
-@pytest.mark.skipif("not __import__('megawan.capabilities').capabilities.cuda_available()", reason="needs CUDA")
+@needs_cuda
 @pytest.mark.parametrize("name", ["vp9", "h264"])
 def test_dali_gpu_matches_pyav(dali, clips, name):
     """NVDEC ("mixed"). Not run where this was written (no GPU): frame choice is exact; the colour tolerance is a
@@ -226,3 +240,142 @@ def test_dali_gpu_matches_pyav(dali, clips, name):
     assert np.abs(ours.astype(np.int16) - ref.astype(np.int16)).mean() < 3.0
     on_gpu = dali.decode_video_dali(clips[name], fps=16, device="gpu", output="torch")
     assert on_gpu.is_cuda and on_gpu.dtype == torch.uint8 and np.array_equal(on_gpu.cpu().numpy(), ours)
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """Largest |a - b| of two [-1, 1] clips in uint8 levels: (inside the frame, on its outer 2 pixels)."""
+    diff = (a.cpu() - b.cpu()).abs() * 127.5
+    return float(diff[..., 2:-2, 2:-2].max()), float(diff.max())
+
+
+@pytest.mark.parametrize("name,fps,height,width", [
+    ("vp9", 16, 32, 48),  # 64x96 halved, same aspect
+    ("vp9", 16, 64, 32),  # portrait window: width has the slack
+    ("vp9", 16, 48, 80),  # 64x96 -> 53x80: an odd slack (5 rows), the window at row 2
+    ("vp9", 8, 128, 160),  # up-scaled, height has the slack
+    ("vp9_square", 48, 48, 32),  # 30 -> 48 fps: repeated frames
+])
+def test_dali_resize_is_the_cpu_resize(dali, clips, name, fps, height, width):
+    """decode_clip_dali runs the GPU path's graph; here on the CPU, against resize_center_crop of the same frames."""
+    clip = dali.select_frames(clips[name], fps=fps, device="cpu")
+    ours = dali.decode_clip_dali(clips[name], clip, height, width, device="cpu")
+    ref = resize_center_crop(decode_video(clips[name], fps=fps, backend="dali-cpu"), height, width)
+    assert ours.shape == ref.shape == (3, len(clip.frames), height, width) and ours.dtype == torch.float32
+    assert -1 <= float(ours.min()) and float(ours.max()) <= 1
+    inner, border = levels(ours, ref)
+    assert inner <= INNER_TOL and border <= BORDER_TOL, (inner, border)
+    first_frames = clip._replace(frames=clip.frames[:5])  # a bucket's prefix, as precompute cuts it
+    assert torch.equal(dali.decode_clip_dali(clips[name], first_frames, height, width, device="cpu"), ours[:, :5])
+
+
+def test_a_decoded_size_other_than_the_probed_one_is_refused(dali, clips):
+    """The resize is sized from the container's frame size: a decoder giving another size must not be resized
+    into a distorted clip."""
+    clip = dali.select_frames(clips["vp9"], fps=16, device="cpu")
+    with pytest.raises(DecodeError, match=r"DALI decoded 22 frames of 96x64, 22 of 96x66 expected"):
+        dali.decode_clip_dali(clips["vp9"], clip._replace(height=66), 32, 48, device="cpu")
+
+
+def test_window_inputs_place_dali_crop_exactly(dali):
+    """DALI puts the window at trunc(float32(pos) * (resized - crop)): that must land on cover_crop's top / left."""
+    for source_h in range(16, 400, 7):
+        for source_w in range(16, 400, 11):
+            for height, width in [(32, 48), (48, 32), (480, 832), (192, 192)]:
+                crop = cover_crop(source_h, source_w, height, width)
+                inputs = dali.window_inputs(crop)
+                assert inputs["size"].tolist() == list(crop.resized)
+                assert inputs["crop"].tolist() == [height, width]
+                slack = np.asarray(crop.resized, dtype=np.float32) - inputs["crop"]
+                placed = np.trunc(inputs["crop_pos"] * slack).astype(int).tolist()
+                assert placed == [crop.top, crop.left], (source_h, source_w, height, width)
+
+
+def graph(outputs) -> list:
+    """(operator, device, arguments) of every op behind `outputs`, inputs first, DALI's bookkeeping left out."""
+    ops, seen = [], set()
+
+    def visit(node):
+        op = node.source
+        if op is None or id(op) in seen:
+            return
+        seen.add(id(op))
+        for parent in op.inputs:
+            visit(parent)
+        lines = str(op.spec).splitlines()
+        args = dict(line.strip().split(": ", 1) for line in lines[lines.index("  Arguments:") + 1:] if ": " in line)
+        device = args.pop("device")
+        args = {k: v for k, v in args.items() if not k.startswith("_") and k != "preserve_name"}
+        ops.append((lines[0].removeprefix("OpSpec for ").rstrip(":"), device, args))
+
+    for node in outputs:
+        visit(node)
+    return ops
+
+
+def test_gpu_pipeline_is_the_cpu_one_on_the_ranks_device(dali, monkeypatch):
+    """Defined, not built (building needs the GPU): the rank's device id, NVDEC ("mixed"), then every frame op on
+    the GPU with the arguments of the CPU graph that test_dali_resize_is_the_cpu_resize runs."""
+    monkeypatch.setattr(capabilities, "rank_device", lambda: torch.device("cuda", 3))  # LOCAL_RANK 3's GPU
+    device_id = dali._device_id("gpu", None)
+    assert device_id == 3 and dali._device_id("gpu", 1) == 1 and dali._device_id("cpu", None) is None
+    pipe, (clip, shape) = dali.define_pipeline("gpu", device_id, resize=True)
+    assert pipe.device_id == 3 and clip.device == "gpu" and shape.device == "cpu"
+    gpu = graph([clip, shape])
+    devices = {name: device for name, device, _ in gpu}
+    assert devices["decoders__Video"] == "mixed" and devices["ExternalSource"] == "cpu"  # argument inputs: host
+    assert devices["ResizeCropMirror"] == devices["Transpose"] == devices["_ArithmeticGenericOp"] == "gpu"
+    after_decoder = [device for name, device, _ in gpu if name not in ("ExternalSource", "_TensorSubscript")]
+    assert after_decoder[0] == "mixed" and set(after_decoder[1:]) == {"gpu", "cpu"}  # cpu: only the _Shape
+    assert [d for name, d, _ in gpu if name == "_Shape"] == ["cpu"]
+    _, cpu_outputs = dali.define_pipeline("cpu", None, resize=True)
+    cpu = graph(cpu_outputs)
+    strip = lambda ops: [(name, {k: v for k, v in args.items() if k != "affine"}) for name, _, args in ops]
+    assert strip(gpu) == strip(cpu)
+    resize = next(args for name, _, args in gpu if name == "ResizeCropMirror")
+    assert resize["antialias"] == "True" and resize["rounding"] == "truncate"
+
+
+def test_prepare_on_gpu_with_dali_cpu_standing_in(dali, clips, monkeypatch):
+    """precompute.prepare's GPU branch (frames chosen from the container, bucket, then only its frames decoded and
+    resized by DALI) on the rank's device id, with DALI's CPU device standing in for the GPU."""
+    buckets = [Bucket(9, 48, 48), Bucket(17, 48, 64), Bucket(1, 32, 32)]  # 64x96 clips -> 48x72, cropped
+    entry = ManifestEntry("a", clips["vp9"], "a red circle", start=0.25)
+    ref = prepare(entry, buckets, 16, "dali-cpu")  # DALI decodes on the CPU, torch resizes
+
+    asked = []
+    select, decode = dali.select_frames, dali.decode_clip_dali
+    monkeypatch.setattr(capabilities, "cuda_available", lambda: True)
+    monkeypatch.setattr(dali, "select_frames", lambda *a, device, **k: select(*a, device="cpu", **k))
+
+    def decode_on_cpu(path, clip, height, width, device, device_id):
+        asked.append((device, device_id))
+        return decode(path, clip, height, width, device="cpu")
+
+    monkeypatch.setattr(dali, "decode_clip_dali", decode_on_cpu)
+    ours = prepare(entry, buckets, 16, "dali-gpu", device_id=5)
+    assert asked == [("gpu", 5)] and ours.skip_reason is None
+    assert ours.bucket == ref.bucket == Bucket(17, 48, 64)
+    assert ours.frame_indices.tolist() == ref.frame_indices.tolist() == list(range(4, 21))
+    inner, border = levels(ours.video, ref.video)
+    assert inner <= INNER_TOL and border <= BORDER_TOL, (inner, border)
+
+    h264 = ManifestEntry("b", clips["h264"], "a green square")
+    assert prepare(h264, buckets, 16, "auto").bucket == Bucket(9, 48, 48)  # NVDEC refused -> PyAV, CPU resize
+    skipped = prepare(h264, buckets, 16, "dali-gpu")
+    assert "codec h264 is not decodable by DALI on CPU" in skipped.skip_reason and len(asked) == 1
+    short = prepare(ManifestEntry("c", clips["vp9"], "0.3 s", end=0.3), buckets, 16, "dali-gpu")
+    assert short.skip_reason == "no bucket fits this video of 5 frames at 16 fps (96x64)" and len(asked) == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["vp9", "h264"])
+def test_dali_gpu_clip_on_the_ranks_device(dali, clips, name):
+    """Not run where this was written (no GPU). NVDEC's frames resized on the GPU against the same frames resized
+    by torch: only the resize differs, so the CPU comparison's tolerances hold."""
+    device = capabilities.rank_device()
+    clip = dali.select_frames(clips[name], fps=16, device="gpu")
+    ours = dali.decode_clip_dali(clips[name], clip, 48, 32, device="gpu")
+    assert ours.is_cuda and ours.device == device and ours.dtype == torch.float32 and ours.shape == (3, 17, 48, 32)
+    frames = dali.decode_video_dali(clips[name], fps=16, device="gpu")
+    inner, border = levels(ours, resize_center_crop(frames, 48, 32))
+    assert inner <= INNER_TOL and border <= BORDER_TOL, (inner, border)

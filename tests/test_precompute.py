@@ -2,9 +2,11 @@
 reported, never fatal; a job killed at a random point and run again ends with the same store as an
 uninterrupted one; stored latents are the VAE's output, bit for bit after the bf16 cast."""
 
+import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +16,10 @@ import pytest
 from parallel_harness import kill_tree
 import torch
 
-from megawan.data.precompute import Encoders, PrecomputeJob, prepare, run_precompute
+from megawan import capabilities
+from megawan.config import ConfigError
+from megawan.data import dali, precompute
+from megawan.data.precompute import Encoders, PrecomputeJob, decode_device_id, prepare, run_precompute
 from megawan.data.manifest import read_manifest
 from megawan.data.store import LatentStore
 from megawan.demo.shapes import write_synthetic_dataset
@@ -139,3 +144,47 @@ def test_a_store_refuses_other_encoders(dataset, tmp_path):
     job.vae = other["vae"]
     with pytest.raises(ValueError, match="different vae"):
         run_precompute(job, progress=False)
+
+
+def test_a_backend_this_machine_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """dali-gpu without a CUDA device: one line naming the option and the alternatives, from the job and from the
+    tool, before a manifest or an encoder is read (none of these files exist) or a store is made."""
+    monkeypatch.setattr(capabilities, "cuda_available", lambda: False)
+    missing = str(tmp_path / "missing")
+    job = PrecomputeJob(manifest=missing, out=str(tmp_path / "s.zarr"), vae=missing, text_encoder=missing,
+                        tokenizer=missing, buckets=BUCKETS, decode_backend="dali-gpu")
+    refused = (r"PrecomputeJob.decode_backend \(--decode-backend\): dali-gpu decodes with NVDEC on a CUDA device "
+               r"and this machine has none; use dali-cpu \(VP8 / VP9 / MJPEG\) or pyav \(every codec\)")
+    with pytest.raises(ConfigError, match=refused):
+        run_precompute(job, progress=False)
+    assert not os.path.exists(job.out)
+
+    spec = importlib.util.spec_from_file_location("precompute_latents", os.path.join(ROOT, "tools",
+                                                                                   "precompute_latents.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    enc = {"vae": missing, "vae_config": "tiny-2.1", "text_encoder": missing, "text_config": "tiny",
+           "tokenizer": missing}
+    assert tool.main(_args(missing, job.out, enc) + ["--decode-backend", "dali-gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(refused, err), err
+
+    job.decode_backend = "ffmpeg"
+    with pytest.raises(ConfigError, match=r"unknown 'ffmpeg'; use one of auto \| pyav \| dali-cpu \| dali-gpu"):
+        job.check()
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    job.decode_backend = "dali-cpu"
+    with pytest.raises(ConfigError, match=r"dali-cpu needs NVIDIA DALI, which does not import here .*; use pyav"):
+        job.check()
+    for backend in ("auto", "pyav"):  # what a CPU machine without DALI runs
+        job.decode_backend = backend
+        job.check()
+
+
+def test_each_rank_decodes_on_its_own_gpu(monkeypatch):
+    """DALI decodes on the encoders' device, which tools/precompute_latents.py takes from parallel.initialize
+    (LOCAL_RANK): rank 3's clips on cuda:3, never all on cuda:0."""
+    assert decode_device_id(torch.device("cuda", 3)) == 3
+    assert decode_device_id(torch.device("cpu")) is None
+    monkeypatch.setattr(precompute, "rank_device", lambda: torch.device("cuda", 5))  # set_device(5) in this rank
+    assert decode_device_id(torch.device("cuda")) == 5

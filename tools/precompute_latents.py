@@ -39,7 +39,9 @@ def parse_args(argv=None):
     ap.add_argument("--save-logvar", action="store_true", help="also store the VAE posterior log-variance")
     ap.add_argument("--decode-workers", type=int, default=4)
     ap.add_argument("--prefetch", type=int, default=8, help="clips decoded ahead of the encoders")
-    ap.add_argument("--decode-backend", default="auto", help="auto | pyav | dali-cpu | dali-gpu")
+    ap.add_argument("--decode-backend", default="auto",
+                    help="auto (DALI on the rank's GPU where there is one, else PyAV) | pyav (every codec) | "
+                         "dali-cpu (VP8 / VP9 / MJPEG) | dali-gpu (NVDEC, decoded and resized on the rank's GPU)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -51,7 +53,11 @@ def main(argv=None) -> int:
                         buckets=args.stage_buckets, fps=args.fps, dtype=args.dtype, compute_dtype=args.compute_dtype,
                         save_logvar=args.save_logvar, decode_workers=args.decode_workers, prefetch=args.prefetch,
                         decode_backend=args.decode_backend)
-    job.resolved_buckets()  # a bad bucket fails here, before any rank starts work
+    try:
+        job.check()  # a bad bucket, or a decode backend this machine cannot run, fails here before any work
+    except ValueError as e:  # ConfigError included: one line, no traceback
+        print(f"precompute_latents.py: {e}", file=sys.stderr, flush=True)
+        return 2
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank, barrier, device = 0, None, None
     if world > 1:

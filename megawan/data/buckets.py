@@ -4,7 +4,7 @@ a batch drawn from one bucket stacks without padding.
 
     buckets = stage_buckets("video-480")                  # or parse_buckets(["81x480x832", "1x256x256"])
     bucket = assign_bucket(buckets, frames=120, height=1080, width=1920)   # -> Bucket(81, 480, 832)
-    clip = resize_center_crop(frames, bucket.height, bucket.width)
+    clip = resize_center_crop(frames, bucket.height, bucket.width)             # cover_crop: the geometry
     Bucket.from_name("81x480x832").latent_shape(stride=(4, 8, 8))          # -> (21, 60, 104)
 """
 
@@ -105,15 +105,33 @@ def assign_bucket(buckets: list, frames: int, height: int, width: int) -> Option
     return min(candidates, key=lambda b: (round(abs(math.log(b.aspect) - aspect), 6), -b.frames, -b.height * b.width))
 
 
+@dataclass(frozen=True)
+class CoverCrop:
+    """How a frame becomes a bucket's height x width: scaled to `resized` (height, width), which covers the
+    target with the aspect ratio kept up to rounding, then the height x width window at (top, left) of it, centred.
+    The one geometry of the CPU path (`resize_center_crop`) and of DALI's GPU path (`megawan.data.dali`)."""
+
+    resized: tuple
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def cover_crop(source_height: int, source_width: int, height: int, width: int) -> CoverCrop:
+    """The CoverCrop taking a source_height x source_width frame to height x width."""
+    scale = max(height / source_height, width / source_width)
+    # max(): rounding must never leave the resized frame a pixel short of the window
+    resized = (max(height, round(source_height * scale)), max(width, round(source_width * scale)))
+    return CoverCrop(resized, (resized[0] - height) // 2, (resized[1] - width) // 2, height, width)
+
+
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, T, height, width] in [-1, 1]: scaled (antialiased bilinear) to cover the
-    target, then centre-cropped."""
+    target, then centre-cropped (`cover_crop`)."""
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    h, w = video.shape[-2:]
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    video = video[..., top:top + height, left:left + width]
+    crop = cover_crop(video.shape[-2], video.shape[-1], height, width)
+    if crop.resized != tuple(video.shape[-2:]):
+        video = F.interpolate(video, size=crop.resized, mode="bilinear", antialias=True, align_corners=False)
+    video = video[..., crop.top:crop.top + height, crop.left:crop.left + width]
     return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()

@@ -8,7 +8,8 @@
 Every rank takes rows rank, rank + W, … of the manifest (disjoint, balanced), skips ids the store already
 holds (committed by any rank, in any earlier run) or already reported as skipped, and writes to its own part
 of each bucket. Decoding runs in a thread pool `prefetch` clips ahead of the encoders, so the next clips are
-decoded while the current one is encoded. Files that cannot give a clip are reported (id, path, reason) in
+decoded while the current one is encoded; with DALI on the GPU, decoding, resize and crop run on the rank's GPU
+and the clip reaches the VAE without visiting the host. Files that cannot give a clip are reported (id, path, reason) in
 the store's `reports/rank-*` groups and in `<out>.skipped.jsonl`; they never stop the job. A killed job run
 again does only what is missing, and ends with the same store as an uninterrupted run.
 """
@@ -26,15 +27,17 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megawan import capabilities
 from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
 from megawan.capabilities import rank_device
-from megawan.config import text_preset, vae_preset
+from megawan.config import ConfigError, text_preset, vae_preset
+from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
-from megawan.data.decoding import DecodeError
+from megawan.data.decoding import DecodeError, UnsupportedCodecError
 from megawan.data.manifest import ManifestEntry, read_manifest
 from megawan.data.store import LatentStore, Sample
 from megawan.data.store_metadata import StoreMetadata, TextEncoderMetadata, VAEMetadata
-from megawan.data.video import decode_image, decode_video
+from megawan.data.video import BACKENDS, decode_image, decode_video
 from megawan.utils.progress import Progress
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -56,7 +59,7 @@ class PrecomputeJob:
     save_logvar: bool = False
     decode_workers: int = 4
     prefetch: int = 8
-    decode_backend: str = "auto"
+    decode_backend: str = "auto"  # auto | pyav | dali-cpu | dali-gpu (megawan.data.video)
     text_cache: int = 4096  # captions repeat (templated sets, images of one video): encode each once
 
     def resolved_buckets(self) -> list:
@@ -65,18 +68,39 @@ class PrecomputeJob:
             spec += STAGE_BUCKETS[item] if item in STAGE_BUCKETS else [item]
         return parse_buckets(spec)
 
+    def check(self) -> None:
+        """Refuse what cannot run on this machine, in one line naming the option, before any work starts."""
+        backend, option = self.decode_backend, "PrecomputeJob.decode_backend (--decode-backend)"
+        if backend not in BACKENDS:
+            raise ConfigError(f"{option}: unknown {backend!r}; use one of {' | '.join(BACKENDS)}")
+        if backend == "dali-gpu" and not capabilities.cuda_available():
+            raise ConfigError(f"{option}: dali-gpu decodes with NVDEC on a CUDA device and this machine has none; "
+                              "use dali-cpu (VP8 / VP9 / MJPEG) or pyav (every codec)")
+        if backend.startswith("dali-") and not dali.dali_available():
+            raise ConfigError(f"{option}: {backend} needs NVIDIA DALI, which does not import here "
+                              "(pip install nvidia-dali-cuda120); use pyav")
+        self.resolved_buckets()
+
 
 @dataclass
 class Prepared:
     entry: ManifestEntry
     bucket: Optional[Bucket] = None
-    video: Optional[torch.Tensor] = None  # [3, T, H, W] in [-1, 1]
+    video: Optional[torch.Tensor] = None  # float32 [3, T, H, W] in [-1, 1]; on the GPU when DALI decoded it there
     frame_indices: Optional[np.ndarray] = None
     skip_reason: Optional[str] = None
 
 
-def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str = "auto") -> Prepared:
-    """Decode one manifest row, pick its bucket, resize + crop. A bad file gives skip_reason, never raises."""
+def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str = "auto",
+            device_id: Optional[int] = None) -> Prepared:
+    """Decode one manifest row, pick its bucket, resize + crop. A bad file gives skip_reason, never raises.
+
+    A video goes through DALI on the GPU with decode_backend "dali-gpu", or "auto" where CUDA and DALI are there
+    (a codec NVDEC refuses then falls back to PyAV): decoded, resized and cropped on GPU `device_id` (by default
+    the calling thread's current one), `video` a CUDA tensor. Otherwise decoded on the CPU (PyAV, or DALI's CPU
+    decoder) and resized there by `resize_center_crop`. Both use `buckets.cover_crop`'s geometry."""
+    on_gpu = decode_backend == "dali-gpu" or (decode_backend == "auto" and capabilities.cuda_available()
+                                              and dali.dali_available())
     try:
         if entry.is_image:
             frames = decode_image(entry.path)
@@ -88,9 +112,16 @@ def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str
             end = start + longest / rate + 1e-6  # never decode more of a long video than a bucket can use
             if entry.end is not None:
                 end = min(end, entry.end)
+            first = int(round(start * rate))
+            if on_gpu:
+                try:
+                    return _prepare_on_gpu(entry, buckets, rate, end, first, device_id)
+                except UnsupportedCodecError:
+                    if decode_backend == "dali-gpu":
+                        raise
+                    decode_backend = "pyav"  # a codec NVDEC does not take (e.g. ProRes): FFmpeg reads it
             kwargs = {"backend": decode_backend} if decode_backend != "auto" else {}
             frames = decode_video(entry.path, fps=rate, start=entry.start, end=end, **kwargs)
-            first = int(round(start * rate))
     except DecodeError as e:
         return Prepared(entry, skip_reason=e.reason)
     except (ImportError, NameError, AttributeError, TypeError):
@@ -100,11 +131,32 @@ def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str
     t, h, w = frames.shape[:3]
     bucket = assign_bucket(buckets, frames=t, height=h, width=w)
     if bucket is None:
-        kind = "image" if t == 1 else f"video of {t} frames at {rate:g} fps"
-        return Prepared(entry, skip_reason=f"no bucket fits this {kind} ({w}x{h})")
+        return Prepared(entry, skip_reason=_no_bucket(t, rate, h, w))
     video = resize_center_crop(frames[: bucket.frames], bucket.height, bucket.width)
-    # frame k of the clip is at time k / fps of the source: indices on the sampling grid (fps stored beside)
-    return Prepared(entry, bucket, video, np.arange(first, first + bucket.frames, dtype=np.int32))
+    return Prepared(entry, bucket, video, _clip_indices(first, bucket))
+
+
+def _prepare_on_gpu(entry: ManifestEntry, buckets: list, rate: float, end: float, first: int,
+                    device_id: Optional[int]) -> Prepared:
+    """The frames chosen from the container (nothing decoded yet), the bucket from their count and size, then
+    only the bucket's frames decoded, resized and cropped by DALI on the GPU."""
+    clip = dali.select_frames(entry.path, fps=rate, start=entry.start, end=end, device="gpu")
+    bucket = assign_bucket(buckets, frames=len(clip.frames), height=clip.height, width=clip.width)
+    if bucket is None:
+        return Prepared(entry, skip_reason=_no_bucket(len(clip.frames), rate, clip.height, clip.width))
+    video = dali.decode_clip_dali(entry.path, clip._replace(frames=clip.frames[: bucket.frames]), bucket.height,
+                                  bucket.width, device="gpu", device_id=device_id)
+    return Prepared(entry, bucket, video, _clip_indices(first, bucket))
+
+
+def _no_bucket(frames: int, rate: float, height: int, width: int) -> str:
+    kind = "image" if frames == 1 else f"video of {frames} frames at {rate:g} fps"
+    return f"no bucket fits this {kind} ({width}x{height})"
+
+
+def _clip_indices(first: int, bucket: Bucket) -> np.ndarray:
+    """Frame k of the clip is at time k / fps of the source: indices on the sampling grid (fps stored beside)."""
+    return np.arange(first, first + bucket.frames, dtype=np.int32)
 
 
 def fingerprint(state_dict: dict) -> str:
@@ -163,11 +215,22 @@ class Encoders:
         return out
 
 
+def decode_device_id(device: torch.device) -> Optional[int]:
+    """The GPU that DALI decodes this rank's clips on: the encoders' (this rank's, from LOCAL_RANK), so the frames
+    never cross GPUs; None for CPU encoders. Named here in the rank's main thread: the decoding threads' own
+    current CUDA device is cuda:0 whatever `torch.cuda.set_device` said in this one."""
+    if device.type != "cuda":
+        return None
+    return rank_device().index if device.index is None else device.index
+
+
 def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barrier=None, device=None,
                    progress: bool = True) -> dict:
     """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
+    job.check()  # before anything loads: a backend this machine cannot run fails in one line
     barrier = barrier or (lambda: None)
     device = torch.device(device) if device else rank_device()
+    decode_gpu = decode_device_id(device)
     entries = read_manifest(job.manifest)
     buckets = job.resolved_buckets()
     encoders = Encoders(job, device)
@@ -186,11 +249,13 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
     written, start = 0, time.perf_counter()
     bar = Progress(len(mine), desc=f"precompute [rank {rank}]", unit="clips", enabled=progress)
     with ThreadPoolExecutor(max_workers=max(job.decode_workers, 1)) as pool:
-        pending = [pool.submit(prepare, e, buckets, job.fps, job.decode_backend) for e in mine[: job.prefetch]]
+        pending = [pool.submit(prepare, e, buckets, job.fps, job.decode_backend, decode_gpu)
+                   for e in mine[: job.prefetch]]
         for i in range(len(mine)):
             item = pending.pop(0).result()
             if i + job.prefetch < len(mine):  # keep the decoders `prefetch` clips ahead of the encoders
-                pending.append(pool.submit(prepare, mine[i + job.prefetch], buckets, job.fps, job.decode_backend))
+                pending.append(pool.submit(prepare, mine[i + job.prefetch], buckets, job.fps, job.decode_backend,
+                                           decode_gpu))
             e = item.entry
             if item.skip_reason is not None:
                 writer.record_skip(e.id, e.path, item.skip_reason)  # at once: a resumed job does not retry it
