@@ -28,10 +28,16 @@ EXTRAS = {
         "protobuf",  # transformers reads sentencepiece models through it
         "triton>=3.0",  # the kernels/ tests run it on CPU through its interpreter (TRITON_INTERPRET=1)
         "accelerate",  # diffusers needs it to load WanPipeline.from_pretrained (fp32-kept modules)
+        # DALI's CPU decoders (VP8 / VP9 / MJPEG) run without a GPU, so its tests run in CI; pinned to the release
+        # the decoding tolerances in tests/test_data_dali.py were measured with. One py3-none wheel (~420 MB) for
+        # every Python 3, no torch dependency; Linux only (x86_64, aarch64)
+        "nvidia-dali-cuda120==2.4.0; sys_platform == 'linux'",
     ],
     "gpu": [
         "transformer-engine[pytorch]>=2.0",
-        "nvidia-dali-cuda120>=1.40",
+        # fn.decoders.video with frames=, as megawan.data.dali uses it. The CUDA 12 build also runs under CUDA 13
+        # drivers; a cluster may install nvidia-dali-cuda130 instead (not both: they share the nvidia.dali package)
+        "nvidia-dali-cuda120>=2.4,<3; sys_platform == 'linux'",
         "triton>=3.0",
     ],
 }
