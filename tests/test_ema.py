@@ -4,7 +4,8 @@
   weights (reassembled from megatron's own shards) computed alongside, to 1e-6, over several buckets;
 - apply() gives every rank the whole averaged weights, restore() the trained ones bit for bit;
 - a checkpoint saved at DP2 and resumed at DP1 holds the same average exactly and continues it;
-- without an optimizer the whole parameters are averaged (the fallback generation and tests use).
+- megatron's non-distributed optimizer: its whole fp32 copies are averaged; without an optimizer the whole
+  parameters are (the fallback generation and tests use).
 """
 
 import dataclasses
@@ -171,6 +172,49 @@ def test_sharded_ema_follows_the_main_weights_and_resumes_at_another_dp_size(tmp
         saved = ranks[0][precision]["ema"]
         assert all(torch.equal(resumed[precision]["loaded"][n], t) for n, t in saved.items())  # resharded exactly
         _check_run(resumed[precision], total, dp=1)
+
+
+def _non_distributed(rank, setup_path, out_dir):
+    """bf16 with megatron's non-distributed optimizer: every rank averages its whole fp32 copies."""
+    from megawan.models.dit.parallelize import build_model_chunks
+    from megawan.parallel.cpu_compat import megatron_cpu_mode
+    from megawan.training.optimizer import build_optimizer, wrap_data_parallel
+
+    cfg = DiTConfig(**{**torch.load(setup_path)["config"], "params_dtype": "bfloat16"})
+    with megatron_cpu_mode():
+        chunks = build_model_chunks(cfg, ParallelConfig())
+        ddp = wrap_data_parallel(chunks, distributed_optimizer=False)
+        optimizer = build_optimizer(ddp, lr=1e-2, distributed_optimizer=False, bf16=True)
+        ema = EMA(chunks, DECAY, optimizer)
+        inner = getattr(optimizer, "chained_optimizers", [optimizer])[0]  # megatron returns a ChainedOptimizer
+        copies = {p: m for models, mains in zip(inner.float16_groups, inner.fp32_from_float16_groups)
+                  for p, m in zip(models, mains)}
+        reference = {p: m.detach().clone() for p, m in copies.items()}
+        for step in range(2):
+            assert _train_step(ddp, optimizer, cfg, step, range(2))
+            ema.update()
+            for p, main in copies.items():
+                reference[p].lerp_(main.detach(), 1 - DECAY)
+        averages = ema.shards.whole_tensors(gather=False)
+        before = [p.detach().clone() for p in chunks[0].parameters()]
+        ema.apply()
+        applied = all(torch.equal(p, averages[p].to(p.dtype)) for p in chunks[0].parameters())
+        ema.restore()
+        restored = all(torch.equal(p, b) for p, b in zip(chunks[0].parameters(), before))
+    error = max((averages[p] - ref).abs().max().item() for p, ref in reference.items())
+    torch.save(dict(numel=ema.numel, covered=len(copies), error=error, applied=applied, restored=restored),
+               os.path.join(out_dir, "rank0.pt"))
+
+
+def test_a_non_distributed_optimizer_averages_its_whole_fp32_copies(tmp_path):
+    cfg = dit_preset("tiny")
+    model = WanDiT(cfg)
+    torch.save({"config": dataclasses.asdict(cfg)}, tmp_path / "setup.pt")
+    spawn_local(_non_distributed, world_size=1, args=(str(tmp_path / "setup.pt"), str(tmp_path)))
+    result = torch.load(tmp_path / "rank0.pt")
+    assert result["numel"] == sum(p.numel() for p in model.parameters())
+    assert result["covered"] == len(list(model.parameters()))
+    assert result["error"] <= 1e-6 and result["applied"] and result["restored"]
 
 
 def test_without_an_optimizer_the_whole_weights_are_averaged():
