@@ -115,6 +115,8 @@ def _distributed(opt, slots: list, buckets: list) -> set:
 
 
 def find_shards(chunks: list, optimizer=None) -> Shards:
+    """The ranges of the chunks' parameters this rank averages: its distributed optimizers' shards, whole
+    parameters elsewhere (toward a non-distributed optimizer's fp32 copy when there is one)."""
     slots, buckets, ddp_chunks, held = [], [], [], set()
     fp32_copies = {}
     for opt in _optimizers(optimizer):
