@@ -282,7 +282,8 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, ema=None) -> dict:
         sharded[_OPTIMIZER_PREFIX] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                   metadata=OPTIMIZER_METADATA)
     if ema is not None:
-        sharded["ema"] = ema.sharded_state_dict([model_sd[f"chunk{i}"] for i in range(len(chunks))])
+        sharded["ema"] = ema.sharded_state_dict([model_sd[f"chunk{i}"] for i in range(len(chunks))],
+                                                is_loading=True)
     loaded = _load(sharded, path)
     _fill_chunks(chunks, loaded["model"])
     if optimizer is not None:
@@ -311,7 +312,7 @@ def load_weights(path: str, chunks: list, ema: bool = False) -> None:
             part = model_sd[f"chunk{i}"]
             for key, entry in part.items():
                 data = getattr(entry, "data", None)
-                if id(data) in params:  # the EMA keeps an fp32 copy of each parameter's shard
+                if id(data) in params:  # the EMA is saved as fp32 tensors shaped like the parameters
                     part[key] = dataclasses.replace(entry, key=EMA_PREFIX + entry.key, dtype=torch.float32,
                                                     data=torch.empty_like(data, dtype=torch.float32))
     loaded = _load({"model": model_sd}, path)

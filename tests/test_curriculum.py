@@ -27,7 +27,7 @@ def test_curriculum_stage_is_valid_and_fits(path):
                                 key=lambda s: ((s[0] - 1) // 4 + 1) * s[1] * s[2])
     tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     est = estimate_memory(cfg.model, cfg.parallel, world, tokens, cfg.data.micro_batch_size,
-                          text_len=cfg.model.text_len)
+                          text_len=cfg.model.text_len, ema=cfg.train.ema_decay > 0)
     assert est.total / 2**30 < cfg.train.memory_budget_gb, (path, tokens, est)
     stage = int(os.path.basename(path)[5])
     assert (cfg.checkpoint.init_from is None) == (stage == 0)

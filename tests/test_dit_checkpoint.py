@@ -89,9 +89,8 @@ class _NoOptimizer:
 def _save_training(rank, cfg_dict, weights_path, root):
     model = _model(cfg_dict, weights_path)
     ema = EMA([model], 0.0)
-    for shadow in ema.shadow:  # an average that differs from the (bf16) weights in fp32
-        for name, value in shadow.items():
-            value.mul_(0.5).add_(0.3)
+    for average in ema.averages:  # an average that differs from the (bf16) weights in fp32
+        average.mul_(0.5).add_(0.3)
     for step in (1, 2):
         save_checkpoint(root, step, [model], _NoOptimizer(), {"step": step}, {"model": cfg_dict}, ema=ema, keep=1)
 

@@ -122,3 +122,29 @@ def test_offloaded_blocks_train_the_same():
     assert len(entered) == 1  # block 0 of the second model only
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_the_ema_is_counted_sharded_like_the_main_weights(capsys):
+    """14B at TP2 on 64 GPUs: a full fp32 EMA per GPU would be ~28 GB; sharded over DP32 it is 1/32 of that,
+    a quarter of the optimizer's three fp32 tensors, and the planner shows it with --ema."""
+    import sys
+
+    from megawan.config import ParallelConfig
+    from megawan.training.memory import estimate_memory
+
+    cfg = dit_preset("wan2.1-t2v-14b")
+    parallel = ParallelConfig(tensor_parallel=2, sequence_parallel=True, recompute="full")
+    without = estimate_memory(cfg, parallel, 64, 75_600)
+    sharded = estimate_memory(cfg, parallel, 64, 75_600, ema=True)
+    whole = estimate_memory(cfg, parallel, 64, 75_600, ema=True, distributed_optimizer=False)
+    assert without.ema == 0 and sharded.ema == sharded.params_per_gpu * 4 // 32
+    assert sharded.total - without.total == sharded.ema == sharded.optimizer // 3
+    assert 26 * 2**30 < whole.ema < 28 * 2**30 and whole.ema // 32 == sharded.ema
+
+    sys.path.insert(0, "tools")
+    from plan_parallel import main
+
+    main(["--preset", "wan2.1-t2v-14b", "--gpus", "64", "--top", "1", "--ema"])
+    header, row = capsys.readouterr().out.splitlines()[1:3]
+    assert header.split()[-5:-3] == ["ema", "activ"]  # ... ema activ total GB TFLOP/...
+    assert float(row.split()[-4]) > 0

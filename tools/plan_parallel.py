@@ -6,7 +6,8 @@
 
 Sizes are VIDEO frames / pixels; the VAE stride (4 x 8 x 8, or 4 x 16 x 16 for Wan2.2 TI2V-5B) gives the
 latent size. Memory: bf16 weights, fp32 grads, fp32 main weights + Adam moments sharded by the distributed
-optimizer over DP x CP, activations of the first pipeline stage with 1F1B (see megawan/training/memory.py).
+optimizer over DP x CP, with --ema an fp32 EMA sharded like them (train.ema_decay > 0), activations of the
+first pipeline stage with 1F1B (see megawan/training/memory.py).
 Selective recompute (attention core only) is not listed: with flash-style attention it frees nothing.
 Without recompute, a layout that is short of memory by a few blocks' activations is listed with the fewest
 blocks whose activations go to host memory that make it fit (parallel.offload_blocks; copies over PCIe,
@@ -36,18 +37,18 @@ def latent_size(preset: str, frames: int, height: int, width: int):
 
 
 def offload_needed(cfg, parallel: ParallelConfig, gpus: int, tokens: int, micro_batch: int, budget: float,
-                   max_offload: int):
+                   max_offload: int, ema: bool = False):
     """The fewest offloaded blocks (<= max_offload) that bring the layout under budget bytes, or None."""
     layers = cfg.num_layers // parallel.pipeline_parallel
     for k in range(0, min(max_offload, layers) + 1):
         trial = dataclasses.replace(parallel, offload_blocks=k)
-        if estimate_memory(cfg, trial, gpus, tokens, micro_batch).total <= budget:
+        if estimate_memory(cfg, trial, gpus, tokens, micro_batch, ema=ema).total <= budget:
             return trial
     return None
 
 
 def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memory_gb: float,
-         micro_batch: int = 1, headroom: float = 0.9, max_offload: int = 4):
+         micro_batch: int = 1, headroom: float = 0.9, max_offload: int = 4, ema: bool = False):
     cfg = dit_preset(preset)
     f, h, w = latent_size(preset, frames, height, width)
     tokens = count_tokens(cfg, f, h, w)
@@ -66,8 +67,8 @@ def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memor
             except ConfigError:
                 continue
             if recompute == "none":
-                parallel = offload_needed(cfg, parallel, gpus, tokens, micro_batch, budget, max_offload) or parallel
-            mem = estimate_memory(cfg, parallel, gpus, tokens, micro_batch)
+                parallel = offload_needed(cfg, parallel, gpus, tokens, micro_batch, budget, max_offload, ema) or parallel
+            mem = estimate_memory(cfg, parallel, gpus, tokens, micro_batch, ema=ema)
             rows.append((parallel, mem, step_flops * parallel.data_parallel(gpus) / gpus))
     fits = [r for r in rows if r[1].total <= budget]
     # prefer: least recompute, then fewest offloaded blocks, then fewest model-parallel ranks (more DP), then
@@ -90,18 +91,19 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--max-offload", type=int, default=4,
                     help="most blocks per stage whose activations may go to host memory (0: never offload)")
+    ap.add_argument("--ema", action="store_true", help="the run keeps an EMA of the weights (train.ema_decay > 0)")
     args = ap.parse_args(argv)
     cfg, tokens, fits, rows = plan(args.preset, args.frames, args.height, args.width, args.gpus,
-                                   args.gpu_memory_gb, args.micro_batch, max_offload=args.max_offload)
+                                   args.gpu_memory_gb, args.micro_batch, max_offload=args.max_offload, ema=args.ema)
     print(f"{args.preset}: {args.frames} frames {args.height}x{args.width} -> {tokens:,} tokens/sample; "
           f"{args.gpus} GPUs x {args.gpu_memory_gb:g} GB; {len(fits)} of {len(rows)} layouts fit (90% of memory)")
     print(f"{'TP':>3} {'PP':>3} {'CP':>3} {'DP':>3} {'cp mode':8} {'recompute':9} {'offload':>7} {'params/GPU':>11} "
-          f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9} {'TFLOP/GPU/microbatch':>21}")
+          f"{'weights':>8} {'grads':>8} {'optim':>8} {'ema':>8} {'activ':>8} {'total GB':>9} {'TFLOP/GPU/microbatch':>21}")
     for parallel, mem, per_gpu_flops in fits[: args.top]:
         print(f"{parallel.tensor_parallel:3} {parallel.pipeline_parallel:3} {parallel.context_parallel:3} "
               f"{parallel.data_parallel(args.gpus):3} {parallel.context_parallel_mode if parallel.context_parallel > 1 else '-':8} "
               f"{parallel.recompute:9} {parallel.offload_blocks:7} {mem.params_per_gpu / 1e9:10.2f}B {mem.weights / GB:8.1f} {mem.grads / GB:8.1f} "
-              f"{mem.optimizer / GB:8.1f} {mem.activations / GB:8.1f} {mem.total / GB:9.1f} {per_gpu_flops / 1e12:21.1f}")
+              f"{mem.optimizer / GB:8.1f} {mem.ema / GB:8.1f} {mem.activations / GB:8.1f} {mem.total / GB:9.1f} {per_gpu_flops / 1e12:21.1f}")
     if not fits:
         print("no layout fits: more GPUs, recompute, or a smaller video")
         return 1

@@ -1,4 +1,5 @@
-"""Memory estimates of a Wan DiT training step under a parallel layout (per GPU, bytes).
+"""Memory estimates of a Wan DiT training step under a parallel layout (per GPU, bytes): weights, fp32 grads,
+optimizer state and the EMA (fp32, both sharded over DP x CP by the distributed optimizer), activations.
 
 Activations are counted from what our block saves for its backward (checked against tensors actually
 saved on tiny CPU runs in tests/test_plan_parallel.py). Per video token and block, with p the parameter
@@ -47,15 +48,18 @@ class MemoryEstimate:
     optimizer: int  # fp32 main weights + Adam moments, sharded by the distributed optimizer
     activations: int
     host_activations: int = 0  # offloaded to pinned host memory (parallel.offload_blocks): not on the GPU
+    ema: int = 0  # fp32 average of the main weights (train.ema_decay > 0), sharded like them
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.ema + self.activations
 
 
 def estimate_memory(cfg: DiTConfig, parallel: ParallelConfig, world_size: int, tokens: int, micro_batch: int = 1,
-                    text_len: int | None = None, param_bytes: int = 2, distributed_optimizer: bool = True) -> MemoryEstimate:
-    """Per-GPU memory of one training step (the first pipeline stage, which holds the most activations)."""
+                    text_len: int | None = None, param_bytes: int = 2, distributed_optimizer: bool = True,
+                    ema: bool = False) -> MemoryEstimate:
+    """Per-GPU memory of one training step (the first pipeline stage, which holds the most activations);
+    ema: the run keeps an EMA of the weights (megawan.training.ema)."""
     tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
     dp = parallel.data_parallel(world_size)
     shapes = dit_param_shapes(cfg)
@@ -64,7 +68,9 @@ def estimate_memory(cfg: DiTConfig, parallel: ParallelConfig, world_size: int, t
     params = block_params // (tp * pp) + other_params  # embeddings / head are small and replicated
     weights = params * param_bytes
     grads = params * FP32
-    optimizer = params * 3 * FP32 // (dp * cp if distributed_optimizer else 1)
+    optimizer_shards = dp * cp if distributed_optimizer else 1  # the group the main weights are sharded over
+    optimizer = params * 3 * FP32 // optimizer_shards
+    ema_bytes = params * FP32 // optimizer_shards if ema else 0
 
     text_len = cfg.text_len if text_len is None else text_len
     local_tokens = -(-tokens // cp)
@@ -79,7 +85,7 @@ def estimate_memory(cfg: DiTConfig, parallel: ParallelConfig, world_size: int, t
         kept, host = per_block * (layers - offloaded), per_block * offloaded
     in_flight = pp if pp > 1 else 1  # 1F1B: the first stage holds pp micro-batches
     return MemoryEstimate(params, weights, grads, optimizer, kept * micro_batch * in_flight,
-                          host * micro_batch * in_flight)
+                          host * micro_batch * in_flight, ema_bytes)
 
 
 def _numel(shape) -> int:

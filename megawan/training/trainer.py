@@ -118,7 +118,8 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
             tokens = (lt // pt) * (lh // ph) * (lw // pw)
             est = estimate_memory(cfg.model, cfg.parallel, world_size, tokens, cfg.data.micro_batch_size,
                                   text_len=cfg.model.text_len,
-                                  param_bytes=2 if cfg.train.precision == "bf16" else 4)
+                                  param_bytes=2 if cfg.train.precision == "bf16" else 4,
+                                  ema=cfg.train.ema_decay > 0)
             if est.total / 2**30 > cfg.train.memory_budget_gb:
                 raise ConfigError(
                     f"data.buckets: {b} ({tokens} tokens, micro batch {cfg.data.micro_batch_size}) needs about "
@@ -224,7 +225,7 @@ class Trainer:
             lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(decay_steps, o.warmup_steps + 1),
             lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant")
-        self.ema = EMA(self.chunks, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema = EMA(self.chunks, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_decay > 0 else None
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         d = cfg.data
         sizes = {"video": d.global_batch_size, "image": d.image_global_batch_size or d.global_batch_size}
@@ -253,7 +254,7 @@ class Trainer:
             load_checkpoint(source, self.chunks)
             self.optimizer.reload_model_params()
             if self.ema is not None:
-                self.ema = type(self.ema)(self.chunks, cfg.train.ema_decay)
+                self.ema.reset()  # the average starts at the loaded weights
             self._log0(f"warm start from {source} (weights only)")
 
     def _save(self):
@@ -357,9 +358,9 @@ class Trainer:
         loss = total.item() / batch["global_samples"]
         grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if math.isfinite(loss):
-            _, grad_norm, _ = self.optimizer.step()
+            stepped, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
-            if self.ema is not None:
+            if stepped and self.ema is not None:  # an update the optimizer skipped is not averaged in
                 self.ema.update()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "latent": (lt, lh, lw)}
 
