@@ -39,24 +39,26 @@ def test_tiny_cpu_run_passes_every_phase_that_needs_no_gpu(tmp_path):
     assert (tmp_path / "work" / "generated.mp4").is_file()
 
 
-def test_a_failed_phase_fails_the_run_and_skips_what_needs_it(tmp_path):
+def test_a_failed_phase_fails_the_run_keeps_what_it_measured_and_skips_what_needs_it(tmp_path):
     from e2e_support import E2EError, Report, check
 
     report = Report(str(tmp_path / "r.json"), {"device": "cpu"})
 
-    def broken():
+    def data(out):
+        out["clips"] = 3
+
+    def broken(out):
+        out["first_loss"] = 1.25
         check(False, "latents are not finite")
 
-    report.phase("data", lambda: {"clips": 3})
+    report.phase("data", data)
     report.phase("train", broken, needs=("data",))
-    report.phase("generate", lambda: {}, needs=("train",))
+    report.phase("generate", lambda out: None, needs=("train",))
     assert report.finish() is False
-    written = json.loads((tmp_path / "r.json").read_text())
-    assert written["phases"]["data"] == {"status": "ok", "clips": 3, "seconds": written["phases"]["data"]["seconds"]}
-    assert written["phases"]["train"]["status"] == "failed"
-    assert written["phases"]["train"]["error"] == "E2EError: latents are not finite"
-    assert written["phases"]["generate"] == {"status": "skipped",
-                                             "reason": "needs phase train, which did not pass"}
-    assert written["ok"] is False
-    with pytest.raises(E2EError):
+    written = json.loads((tmp_path / "r.json").read_text())["phases"]
+    assert written["data"]["status"] == "ok" and written["data"]["clips"] == 3
+    assert written["train"]["status"] == "failed" and written["train"]["first_loss"] == 1.25
+    assert written["train"]["error"] == "E2EError: latents are not finite"
+    assert written["generate"] == {"status": "skipped", "reason": "needs phase train, which did not pass"}
+    with pytest.raises(E2EError, match="x"):
         check(False, "x")

@@ -13,22 +13,26 @@ from e2e_train import latest_step
 PROMPT = "a red circle moves right"
 NEGATIVE = "a blurry still frame"  # an explicit negative prompt: both samplers encode the same text
 BF16_TOLERANCE = 1e-2  # diffusers' bf16 pipeline against megawan generate, max |diff| / max |latents|
+GUIDANCE = 4.0  # classifier-free guidance in both samplers
+MIN_CHANGE = 0.05  # the sampled latents must differ from the noise by this much of its scale
 
 
-def phase_generate(run) -> dict:
+def phase_generate(run, out: dict) -> None:
     from megawan.utils.media import read_video
 
     p = run.plan
     check(run.state.get("ckpt") and latest_step(run.state["ckpt"]) is not None, "training wrote no checkpoint")
     has_device = cli_lists_option("generate", "--device", run.env)
     frames, height, width = (p.frames, p.height, p.width) if (has_device or not run.cuda) else p.gen_size_cpu
-    where = run.device if has_device else "cpu"
+    out.update(device_option=has_device, sampled_on=run.device if has_device else "cpu", size=[frames, height, width])
+    if not has_device and run.cuda:
+        out["note"] = "megawan generate has no --device yet: it sampled on the CPU, at a smaller size"
     noise = torch.randn(4, (frames - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator().manual_seed(7))
     torch.save(noise, run.path("noise.pt"))
     out_mp4, latents = run.path("generated.mp4"), run.path("generated_latents.pt")
     args = ["generate", "--ckpt", run.state["ckpt"], "--encoders", os.path.dirname(run.state["encoders"]["vae"]),
             "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--frames", str(frames), "--height", str(height),
-            "--width", str(width), "--steps", str(p.gen_steps), "--shift", "3", "--guidance", "4",
+            "--width", str(width), "--steps", str(p.gen_steps), "--shift", "3", "--guidance", str(GUIDANCE),
             "--noise", run.path("noise.pt"), "--save-latents", latents, "--out", out_mp4]
     if has_device:
         args += ["--device", run.device]
@@ -39,25 +43,21 @@ def phase_generate(run) -> dict:
     else:
         env = run.env
     child = run_cli(args, run.path("generate.log"), env, run.timeout(240))
-    video = read_video(out_mp4)
-    check(video.shape == (frames, height, width, 3), f"{out_mp4} is {video.shape}, expected {(frames, height, width, 3)}")
-    lat = torch.load(latents, weights_only=True)
-    check(tuple(lat.shape) == (1, *noise.shape) and bool(torch.isfinite(lat).all()),
-          f"saved latents {tuple(lat.shape)} (finite: {bool(torch.isfinite(lat).all())}), expected {(1, *noise.shape)}")
-    moved = rel_error(lat[0], noise)
-    check(moved > 0.05, f"the sampled latents are the noise again (max change {moved:.3f} of its scale): the "
-                        f"model's output is ~0, so nothing was sampled")
-    run.state.update(gen_size=(frames, height, width), gen_latents=lat, noise=noise)
-    out = {"device_option": has_device, "sampled_on": where, "size": [frames, height, width],
-           "video": os.path.relpath(out_mp4, run.work), "change_from_noise": round(moved, 4)}
-    if not has_device and run.cuda:
-        out["note"] = "megawan generate has no --device yet: it sampled on the CPU, at a smaller size"
     if has_device and run.cuda:
         out["peak_gpu_gb"] = child.peak_gb()
-    return out
+    video = read_video(out_mp4)
+    check(video.shape == (frames, height, width, 3),
+          f"{out_mp4} is {video.shape}, expected {(frames, height, width, 3)}")
+    out["video"] = os.path.relpath(out_mp4, run.work)
+    lat = torch.load(latents, weights_only=True)
+    finite = bool(torch.isfinite(lat).all())
+    check(tuple(lat.shape) == (1, *noise.shape) and finite,
+          f"saved latents {tuple(lat.shape)} (finite: {finite}), expected {(1, *noise.shape)}")
+    out["change_from_noise"] = round(rel_error(lat[0], noise), 4)
+    run.state.update(gen_size=(frames, height, width), gen_latents=lat, noise=noise)
 
 
-def phase_diffusers(run) -> dict:
+def phase_diffusers(run, out: dict) -> None:
     import numpy as np
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from diffusers.utils import logging as diffusers_logging
@@ -85,7 +85,7 @@ def phase_diffusers(run) -> dict:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     frames, height, width = run.state["gen_size"]
-    ours = run.state["gen_latents"]
+    ours, noise = run.state["gen_latents"], run.state["noise"]
     if run.cuda:
         torch.cuda.reset_peak_memory_stats()
     found = {}
@@ -97,25 +97,30 @@ def phase_diffusers(run) -> dict:
                                                                      torch_dtype=dtype).to(device)
         with torch.no_grad():
             found[dtype] = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
-                                num_frames=frames, num_inference_steps=run.plan.gen_steps, guidance_scale=4.0,
-                                latents=run.state["noise"][None].to(device), output_type="latent",
+                                num_frames=frames, num_inference_steps=run.plan.gen_steps, guidance_scale=GUIDANCE,
+                                latents=noise[None].to(device), output_type="latent",
                                 max_sequence_length=run.plan.model["text_len"]).frames.float().cpu()
-    err = rel_error(ours, found[torch.float32])
-    tol = run.plan.tolerance
-    check(err <= tol, f"diffusers' WanPipeline (fp32) and megawan generate sampled different latents: "
-                      f"max |diff| / max |latents| = {err:.2e} > {tol:g}")
-    out = {"rel_error_fp32": err, "tolerance_fp32": tol, "latents_max_abs": round(float(ours.abs().max()), 4)}
-    if torch.bfloat16 in found:
-        err16 = rel_error(ours, found[torch.bfloat16])
-        # how far diffusers' bf16 pipeline is from its own fp32 one: bf16 rounding, which guidance amplifies
-        floor = rel_error(found[torch.float32], found[torch.bfloat16])
-        out.update(rel_error_bf16=err16, bf16_vs_fp32_diffusers=floor, tolerance_bf16=BF16_TOLERANCE)
-        check(err16 <= max(BF16_TOLERANCE, 1.5 * floor),
-              f"diffusers' bf16 WanPipeline is {err16:.2e} (max |diff| / max |latents|) from megawan generate, over "
-              f"{BF16_TOLERANCE:g} and over 1.5x its own distance from its fp32 run ({floor:.2e})")
     if run.cuda:
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     del pipe
     if run.cuda:
         torch.cuda.empty_cache()
-    return out
+    err, tol = rel_error(ours, found[torch.float32]), run.plan.tolerance
+    out.update(rel_error_fp32=err, tolerance_fp32=tol, latents_max_abs=round(float(ours.abs().max()), 4))
+    if torch.bfloat16 in found:
+        # diffusers' bf16 pipeline from its own fp32 one: bf16 rounding, which guidance amplifies
+        floor = rel_error(found[torch.float32], found[torch.bfloat16])
+        out.update(rel_error_bf16=rel_error(ours, found[torch.bfloat16]), bf16_vs_fp32_diffusers=floor,
+                   tolerance_bf16=BF16_TOLERANCE)
+    check(err <= tol, f"diffusers' WanPipeline (fp32) and megawan generate sampled different latents: "
+                      f"max |diff| / max |latents| = {err:.2e} > {tol:g}")
+    if "rel_error_bf16" in out:
+        check(out["rel_error_bf16"] <= max(BF16_TOLERANCE, 1.5 * floor),
+              f"diffusers' bf16 WanPipeline is {out['rel_error_bf16']:.2e} (max |diff| / max |latents|) from "
+              f"megawan generate, over {BF16_TOLERANCE:g} and over 1.5x its own distance from its fp32 run "
+              f"({floor:.2e})")
+    # agreement means something only if the model moved the latents: a model whose output is ~0 leaves the
+    # noise, and any two samplers agree on that
+    moved = rel_error(ours[0], noise)
+    check(moved > MIN_CHANGE, f"the sampled latents are the noise again (max change {moved:.3f} of its scale, "
+                              f"needs > {MIN_CHANGE}): the comparison above says nothing")

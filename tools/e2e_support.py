@@ -36,8 +36,10 @@ def rel_error(ours, theirs) -> float:
 
 class Report:
     """Phases run in order; each is timed and its outcome kept as {"status": ok | failed | skipped, "seconds",
-    its own measurements, "error"}. A failed phase does not stop the run (a GPU lease is too short to lose the
-    later phases to an early one): the phases that need it are skipped, and the script exits non-zero."""
+    its measurements, "error"}. A phase is fn(out): it puts each measurement in `out` as soon as it has it, so
+    a check that fails later keeps them in the JSON. A failed phase does not stop the run (a GPU lease is too
+    short to lose the later phases to an early one): the phases that need it are skipped, and the script exits
+    non-zero."""
 
     def __init__(self, path: str | None, facts: dict):
         self.path, self.data = path, {**facts, "phases": {}, "ok": None}
@@ -56,11 +58,13 @@ class Report:
             return phases[name]
         print(f"[e2e] {name} ...", flush=True)
         t0 = self.current = (name, time.perf_counter())
+        out: dict = {}
         try:
-            result = {"status": "ok", **(fn() or {})}
+            fn(out)
+            result = {"status": "ok", **out}
         except Exception as e:  # recorded, and the phases after it still run
             tail = traceback.format_exc(limit=6) if not isinstance(e, E2EError) else ""
-            result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            result = {"status": "failed", **out, "error": f"{type(e).__name__}: {e}"}
             print(f"[e2e] {name} FAILED: {type(e).__name__}: {e}\n{tail}", flush=True)
         finally:
             kill_children()  # nothing a phase started outlives it
@@ -106,7 +110,8 @@ _CHILD = """
 import atexit, json, os, sys
 def _peak():
     import torch
-    gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    used = torch.cuda.is_available() and torch.cuda.is_initialized()
+    gb = torch.cuda.max_memory_allocated() / 2**30 if used else None
     with open(os.environ["E2E_PEAK_FILE"], "w") as f:
         json.dump({"cuda_peak_gb": gb}, f)
 atexit.register(_peak)

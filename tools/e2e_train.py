@@ -63,7 +63,12 @@ def _losses(rows: list) -> dict:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def phase_train(run) -> dict:
+def _finite(values) -> bool:
+    """metrics.jsonl writes a NaN or infinite loss as null."""
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def phase_train(run, out: dict) -> None:
     p = run.plan
     ckpt = run.state["ckpt"] = run.path("run", "checkpoints")  # generation samples it even if a check below fails
     config = _write_yaml(run.path("train.yaml"), train_config(run, ckpt, p.steps, validation=True, ema=p.ema))
@@ -77,53 +82,52 @@ def phase_train(run) -> dict:
     t0 = time.perf_counter()
     child = Child(args, run.path("train_killed.log"), run.env)
     code = child.wait(run.timeout(240), kill_when=checkpointed_and_past_it)
-    killed_seconds = time.perf_counter() - t0
+    out["killed_run_seconds"] = round(time.perf_counter() - t0, 2)
     check(code == -9, f"the first training run was to be SIGKILLed mid-run but exited with {code} "
                       f"(latest checkpoint: step {latest_step(ckpt)}); tail:\n{child.tail()}")
     before = _metrics(ckpt)
-    resumed_from = latest_step(ckpt)
-    killed_at = max(r["step"] for r in before)
+    resumed_from = out["resumed_from_step"] = latest_step(ckpt)
+    out["killed_after_step"] = max(r["step"] for r in before)
     check(resumed_from is not None and 0 < resumed_from < p.steps,
           f"after the kill the latest checkpoint is step {resumed_from}, expected one in 1..{p.steps - 1}")
 
     t0 = time.perf_counter()
     child = run_cli(args, run.path("train_resumed.log"), run.env, run.timeout(300))
-    resumed_seconds = time.perf_counter() - t0
+    out["resumed_run_seconds"] = round(time.perf_counter() - t0, 2)
+    if run.cuda:
+        out["peak_gpu_gb"] = child.peak_gb()
     log = child.text()
     check(f"at step {resumed_from}" in log and "resumed from" in log,
           f"the second run did not report resuming at step {resumed_from}; tail:\n{child.tail()}")
     after = _metrics(ckpt)[len(before):]  # metrics.jsonl is appended to: these rows are the resumed run's
     train_rows = [r for r in after if "loss" in r]
+    old, new = _losses(before), _losses(after)
+    losses = {**old, **new}
+    out.update(first_loss=losses.get(1), last_loss=losses.get(p.steps),
+               final_step=train_rows[-1]["step"] if train_rows else None, losses=[losses[s] for s in sorted(losses)],
+               step_seconds_median=_median([r["step_seconds"] for r in after if "step_seconds" in r]))
+    memory = [r["memory_gb"] for r in before + after if r.get("memory_gb") is not None]
+    if run.cuda and memory:
+        out["peak_gpu_gb_logged"] = round(max(memory), 3)  # the trainer's own memory_gb (max_memory_allocated)
     check(train_rows and train_rows[0]["step"] == resumed_from + 1,
           f"the resumed run's first logged step is {train_rows[0]['step'] if train_rows else None}, "
           f"expected {resumed_from + 1}")
     check(train_rows[-1]["step"] == p.steps and latest_step(ckpt) == p.steps,
           f"the resumed run ended at step {train_rows[-1]['step']} (latest checkpoint {latest_step(ckpt)}), "
           f"expected {p.steps}")
-    old, new = _losses(before), _losses(after)
-    check(all(math.isfinite(v) for v in new.values()), f"non-finite losses after the resume: {new}")
+    check(_finite(old.values()) and _finite(new.values()), f"non-finite losses: killed run {old}, resumed {new}")
     # steps the killed run had logged past its checkpoint, run again from the same state: the same losses
     # (bit for bit on CPU; on GPU within bf16 kernels' run-to-run differences)
     redone = sorted(s for s in old if s > resumed_from and s in new)
     worst = max((abs(new[s] - old[s]) / max(abs(old[s]), 1e-12) for s in redone), default=0.0)
+    out.update(relogged_steps=redone, relogged_max_rel_diff=worst)
     check(worst <= (2e-2 if run.cuda else 1e-6),
           f"the resumed run re-logged steps {redone} with losses {[new[s] for s in redone]}, the killed run had "
           f"{[old[s] for s in redone]} (relative difference {worst:.2e})")
     val = [r for r in after if "val/loss" in r]
-    check(val and math.isfinite(val[-1]["val/loss"]), f"no finite validation loss logged: {val}")
-    videos = _check_validation_videos(run, ckpt)
-    losses = {**old, **new}
-    memory = [r["memory_gb"] for r in before + after if r.get("memory_gb") is not None]
-    out = {"first_loss": losses[1], "last_loss": losses[p.steps], "killed_after_step": killed_at,
-           "resumed_from_step": resumed_from, "final_step": p.steps, "relogged_steps": redone,
-           "relogged_max_rel_diff": worst, "val_loss": val[-1]["val/loss"], "val_videos": videos,
-           "killed_run_seconds": round(killed_seconds, 2), "resumed_run_seconds": round(resumed_seconds, 2),
-           "step_seconds_median": _median([r["step_seconds"] for r in after if "step_seconds" in r]),
-           "losses": [losses[s] for s in sorted(losses)]}
-    if run.cuda:
-        out["peak_gpu_gb"] = child.peak_gb()
-        out["peak_gpu_gb_logged"] = round(max(memory), 3) if memory else None  # the trainer's memory_gb
-    return out
+    check(val and _finite([val[-1]["val/loss"]]), f"no finite validation loss logged: {val}")
+    out["val_loss"] = val[-1]["val/loss"]
+    out["val_videos"] = _check_validation_videos(run, ckpt)
 
 
 def _median(values: list):
@@ -146,7 +150,7 @@ def _check_validation_videos(run, ckpt: str) -> list:
     return [os.path.relpath(r["video"], run.work) for r in rows]
 
 
-def phase_fp8(run) -> dict:
+def phase_fp8(run, out: dict) -> None:
     p = run.plan
     ckpt = run.path("run_fp8", "checkpoints")
     config = train_config(run, ckpt, p.fp8_steps, validation=False, ema=0.0)
@@ -154,16 +158,16 @@ def phase_fp8(run) -> dict:
     config["checkpoint"]["every"] = p.fp8_steps
     child = run_cli(["train", "--config", _write_yaml(run.path("train_fp8.yaml"), config)],
                     run.path("train_fp8.log"), run.env, run.timeout(180))
+    out["peak_gpu_gb"] = child.peak_gb()
     fp8 = _losses(_metrics(ckpt))
-    check(sorted(fp8) == list(range(1, p.fp8_steps + 1)) and all(math.isfinite(v) for v in fp8.values()),
+    out["losses"] = [fp8[s] for s in sorted(fp8)]
+    check(sorted(fp8) == list(range(1, p.fp8_steps + 1)) and _finite(fp8.values()),
           f"FP8 run: losses {fp8}, expected {p.fp8_steps} finite ones")
     check(latest_step(ckpt) == p.fp8_steps, f"the FP8 run wrote no checkpoint at step {p.fp8_steps}")
-    out = {"losses": [fp8[s] for s in sorted(fp8)], "peak_gpu_gb": child.peak_gb()}
     # the same data, noise and initial weights as the bf16 run (whose steps 1..fp8_steps ran before its kill):
     # FP8 products should follow its losses closely
     bf16 = _losses(_metrics(run.state["ckpt"])) if run.state.get("ckpt") else {}
-    if all(s in bf16 for s in fp8):
+    if all(s in bf16 for s in fp8) and _finite(bf16[s] for s in fp8):
         diff = max(abs(fp8[s] - bf16[s]) / abs(bf16[s]) for s in fp8)
         out["max_rel_diff_to_bf16"] = round(diff, 5)
         check(diff < 0.1, f"FP8 losses {fp8} drift {diff:.1%} from the bf16 run's {[bf16[s] for s in fp8]}")
-    return out

@@ -111,13 +111,12 @@ class Run:
 # 1-2: data
 
 
-def phase_clips(run: Run) -> dict:
+def phase_clips(run: Run, out: dict) -> None:
     from megawan.data.decoding import open_video
     from megawan.demo.shapes import write_synthetic_dataset
     from megawan.utils.media import read_video
 
     p = run.plan
-    out = {}
     for name, count, seed in (("train", p.clips, 0), ("held_out", p.held_out, 1)):
         manifest = write_synthetic_dataset(run.path("clips", name), count=count, frames=p.frames, height=p.height,
                                            width=p.width, seed=seed)
@@ -136,7 +135,6 @@ def phase_clips(run: Run) -> dict:
     out["clip"] = p.bucket
     out["megabytes"] = round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run.path("clips"))
                                  for f in fs) / 2**20, 2)
-    return out
 
 
 def _decode_backend(run: Run) -> tuple:
@@ -152,7 +150,7 @@ def _decode_backend(run: Run) -> tuple:
     return "pyav", "DALI is not installed here (nvidia.dali does not import): PyAV decodes instead"
 
 
-def phase_precompute(run: Run) -> dict:
+def phase_precompute(run: Run, out: dict) -> None:
     import time
 
     from megawan.data.precompute import PrecomputeJob, run_precompute
@@ -162,7 +160,7 @@ def phase_precompute(run: Run) -> dict:
     p = run.plan
     t0 = time.perf_counter()
     enc = write_tiny_encoders(run.path("encoders"))  # random tiny VAE and umT5, a tokenizer of the captions
-    out = {"encoders_seconds": round(time.perf_counter() - t0, 2)}
+    out["encoders_seconds"] = round(time.perf_counter() - t0, 2)
     backend, why = _decode_backend(run)
     out["decode_backend"], out["decode_note"] = backend, why
     if backend != "pyav":
@@ -176,22 +174,23 @@ def phase_precompute(run: Run) -> dict:
                             text_config=enc["text_config"], tokenizer=enc["tokenizer"], buckets=[p.bucket],
                             decode_workers=4, decode_backend=backend)
         summary = run_precompute(job, device=run.device, progress=False)
+        out[f"{name}_clips_per_s"] = round(summary["clips_per_s"], 2)
+        if run.cuda:
+            out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         skipped = [f"{s['id']}: {s['reason']}" for s in summary["skipped"]]
         check(not skipped, f"precompute ({backend}) skipped {len(skipped)} clip(s): {skipped[:3]}")
-        check(summary["store"] == {p.bucket: count}, f"{store} holds {summary['store']}, expected {count} in {p.bucket}")
+        check(summary["store"] == {p.bucket: count},
+              f"{store} holds {summary['store']}, expected {count} in {p.bucket}")
         sample = LatentStore.open(store).read(p.bucket, 0)
         z = sample["latents"].float()
         shape = (4, (p.frames - 1) // 4 + 1, p.height // 8, p.width // 8)  # the tiny Wan2.1 VAE: 4 channels, 4x8x8
         check(tuple(z.shape) == shape, f"latents {tuple(z.shape)}, expected {shape}")
         check(bool(torch.isfinite(z).all()) and float(z.std()) > 0, "latents are not finite or are constant")
-        out[f"{name}_clips_per_s"] = round(summary["clips_per_s"], 2)
+        out["latent_shape"] = list(shape)
         run.state[f"{name}_store"] = store
     run.state["encoders"] = enc
-    out["latent_shape"] = list(shape)
     if run.cuda:
-        out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         torch.cuda.empty_cache()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,24 +200,25 @@ def phase_precompute(run: Run) -> dict:
 # 7: the kernels' GPU tests
 
 
-def phase_kernel_tests(run: Run) -> dict:
+def phase_kernel_tests(run: Run, out: dict) -> None:
     import re
     import subprocess
 
     files = ["tests/test_kernels.py", "tests/test_fp8_attention.py"]
     limit = run.timeout(240)
     try:
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=ROOT,
-                             env=run.env, capture_output=True, text=True, timeout=limit)
+        # the environment of the `tests` stage: the tests choose MEGAWAN_KERNELS themselves
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=ROOT,
+                              env=child_env(run.device), capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
         raise E2EError(f"pytest {' '.join(files)} ran past {limit:.0f} s") from None
     with open(run.path("kernel_tests.log"), "w", encoding="utf-8") as f:
-        f.write(out.stdout + out.stderr)
-    summary = (out.stdout.strip().splitlines() or [""])[-1]
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
-    tail = "\n".join(out.stdout.strip().splitlines()[-30:])
-    check(out.returncode == 0, f"pytest {' '.join(files)} exited {out.returncode}: {summary}\n{tail}")
-    return {"summary": summary, **counts}
+        f.write(proc.stdout + proc.stderr)
+    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    out["summary"] = summary
+    out.update({k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)})
+    tail = "\n".join(proc.stdout.strip().splitlines()[-30:])
+    check(proc.returncode == 0, f"pytest {' '.join(files)} exited {proc.returncode}: {summary}\n{tail}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,16 +290,16 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stopped)
     gpu_only = None if run.cuda else "GPU only"
-    report.phase("clips", lambda: phase_clips(run))
-    report.phase("precompute", lambda: phase_precompute(run), needs=("clips",))
-    report.phase("train", lambda: phase_train(run), needs=("precompute",))
+    report.phase("clips", lambda out: phase_clips(run, out))
+    report.phase("precompute", lambda out: phase_precompute(run, out), needs=("clips",))
+    report.phase("train", lambda out: phase_train(run, out), needs=("precompute",))
     # fp8 and generate need the data and a checkpoint, not every check of the train phase: one GPU lease
     # should tell as much as it can
-    report.phase("fp8", lambda: phase_fp8(run), needs=("precompute",),
+    report.phase("fp8", lambda out: phase_fp8(run, out), needs=("precompute",),
                  skip=gpu_only and "train.fp8=current runs torch._scaled_mm, which needs a CUDA GPU")
-    report.phase("generate", lambda: phase_generate(run), needs=("precompute",))
-    report.phase("diffusers", lambda: phase_diffusers(run), needs=("generate",))
-    report.phase("kernel_tests", lambda: phase_kernel_tests(run),
+    report.phase("generate", lambda out: phase_generate(run, out), needs=("precompute",))
+    report.phase("diffusers", lambda out: phase_diffusers(run, out), needs=("generate",))
+    report.phase("kernel_tests", lambda out: phase_kernel_tests(run, out),
                  skip=gpu_only and "the Triton kernels' tests compare against CUDA runs")
     ok = report.finish()
     print(f"[e2e] {'all phases passed' if ok else 'FAILED'} in {report.data['total_seconds']} s"
