@@ -42,7 +42,9 @@ class Report:
     non-zero."""
 
     def __init__(self, path: str | None, facts: dict):
-        self.path, self.data = path, {**facts, "phases": {}, "ok": None}
+        self.path, self.data = path, {**facts}
+        self.data.setdefault("phases", {})
+        self.data.setdefault("ok", None)
         self.start = time.perf_counter()
         self.current = None  # the phase running now, for a run stopped from outside
 

@@ -15,9 +15,10 @@
   7 kernels     pytest tests/test_kernels.py tests/test_fp8_attention.py (GPU only)
 
     python tools/gpu_e2e.py --json gpu_results/e2e.json            # GPU: 1.3B-wide DiT (2 blocks), bf16, 480x832
-    python tools/gpu_e2e.py --device cpu --tiny --json e2e.json    # CPU: the tiny model, fp32 (about a minute)
+    python tools/gpu_e2e.py --device cpu --tiny --json e2e.json    # CPU: the tiny model, fp32 (~40 s of CPU)
 
-On the GPU it is sized to finish in about 5 of the 8 minutes tools/gpu_session.sh gives its `e2e` stage.
+On the GPU it is sized (by estimate: it has not run on one yet) to finish in 3-5 of the 8 minutes that
+tools/gpu_session.sh gives its `e2e` stage; --budget cuts its child processes short of that.
 The JSON (rewritten after every phase) holds each phase's seconds, peak CUDA memory, losses, resume step,
 outputs and errors, and the device and torch version.
 """
@@ -267,6 +268,8 @@ def main(argv=None) -> int:
     missing = missing_packages()
     if missing:  # before any device time is spent on phases that cannot run
         print("[e2e] cannot run, missing:\n  " + "\n  ".join(missing), file=sys.stderr)
+        if args.json:
+            Report(args.json, {"ok": False, "missing": missing}).write()
         return 2
     plan = TINY if args.tiny else GPU
     run = Run(args, plan)
@@ -300,7 +303,7 @@ def main(argv=None) -> int:
     report.phase("generate", lambda out: phase_generate(run, out), needs=("precompute",))
     report.phase("diffusers", lambda out: phase_diffusers(run, out), needs=("generate",))
     report.phase("kernel_tests", lambda out: phase_kernel_tests(run, out),
-                 skip=gpu_only and "the Triton kernels' tests compare against CUDA runs")
+                 skip=gpu_only and "GPU only: on CPU, CI runs them through Triton's interpreter")
     ok = report.finish()
     print(f"[e2e] {'all phases passed' if ok else 'FAILED'} in {report.data['total_seconds']} s"
           + (f"; JSON {args.json}" if args.json else ""), flush=True)
