@@ -2,6 +2,11 @@
 # What we run on a lent H100 / H200 (the device tool), in one go: the GPU tests of the kernels, the attention
 # benchmark and DiT training-step benchmarks. Results go to $OUT (or ./gpu_results).
 #   bash tools/gpu_session.sh tests attention dit14 dit13 memory
+#   bash tools/gpu_session.sh e2e        # tools/gpu_e2e.py: data -> train (killed, resumed) -> FP8 -> generate ->
+#                                        # diffusers -> kernel tests; e2e.json + e2e.log. Besides megatron-core and
+#                                        # diffusers it needs the wheels of av, zarr, numcodecs, donfig and
+#                                        # google-crc32c in .whl/ (it names what is missing and stops at once);
+#                                        # DALI (hundreds of MB) cannot travel in the 64 MiB: PyAV decodes instead
 set -uo pipefail
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
 if [ -d .whl ]; then  # megatron-core, diffusers, ... carried as wheels (the GPU image has torch and Triton)
@@ -46,6 +51,9 @@ for stage in "$@"; do
              --warmup 1 --steps 3
            MEGAWAN_KERNELS=triton LIMIT=45 dit f14_triton --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
              --compare --warmup 2 --steps 4 ;;
+    e2e) # its own --budget (450 s) cuts its children short; on SIGTERM it kills them and leaves its JSON written
+         timeout -k 15 ${LIMIT:-480} python3 tools/gpu_e2e.py --json "$OUT/e2e.json" 2>&1 | grep -v Warning \
+             | tee "$OUT/e2e.log" | tail -40 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
