@@ -7,8 +7,8 @@ final out and lse (P_block = exp(S_block - lse), delta = rowsum(dO * out)). So n
 matrix has to exist outside a kernel's own bounded tiles.
 
 Kernels, chosen by device and dtype (`kernel_for`):
-- "cpu": aten._scaled_dot_product_flash_attention_for_cpu and its backward (tiles of <= 256 queries x
-  512 keys per thread; every float dtype, fp32 and fp64 exact to rounding);
+- "cpu": aten._scaled_dot_product_flash_attention_for_cpu and its backward (score tiles of <= 256 queries
+  x 512 keys per thread; every float dtype, fp32 and fp64 exact to rounding);
 - "flash": CUDA FlashAttention-2 through aten._scaled_dot_product_flash_attention (bf16 / fp16);
 - "tiled": anything else (fp32 / fp64 on a GPU, a head size flash does not take): an online softmax in
   torch over tiles of QUERY_TILE x KEY_TILE scores, so memory stays bounded there too.
@@ -27,11 +27,12 @@ KEY_TILE = 512
 def kernel_for(q: torch.Tensor) -> str:
     if q.device.type == "cpu":
         return "cpu"
-    d = q.shape[-1]
-    if (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
-            and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0)):
-        return "flash"
+    if q.device.type == "cuda" and q.shape[-1] % 8 == 0:  # SDPA pads other head sizes; the bare op does not
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        # torch's own test: dtype, head size, GPU generation, and flash not switched off (sdpa_kernel)
+        if can_use_flash_attention(SDPAParams(q, q, q, None, 0.0, False, False)):
+            return "flash"
     return "tiled"
 
 
@@ -67,6 +68,16 @@ def attention_with_lse_backward(grad_out, q, k, v, out, lse, scale: float):
             grad_out, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, False, no_rng, no_rng,
             scale=scale)
     return tiled_attention_with_lse_backward(grad_out, q, k, v, out, lse, scale)
+
+
+def merge_attention(out, lse, block_out, block_lse):
+    """Fold one key block's (out, lse) into the running (out, lse) of the same queries, in block_lse's dtype
+    (>= fp32); out is updated in place. Pass out = lse = None for the first block."""
+    if out is None:  # the first block with real keys (an earlier one may have been all padding)
+        return block_out.to(block_lse.dtype), block_lse
+    merged = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - merged).unsqueeze(-1)).addcmul_(block_out, torch.exp(block_lse - merged).unsqueeze(-1))
+    return out, merged
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megawan.parallel.block_attention import attention_with_lse, attention_with_lse_backward, compute_dtype
+from megawan.parallel.block_attention import (attention_with_lse, attention_with_lse_backward, compute_dtype,
+                                              merge_attention)
 
 _KV_TAG, _GRAD_TAG = 0, 1  # the K/V blocks and the dK/dV accumulators are separate streams of messages
 
@@ -73,7 +74,7 @@ class _RingAttention(torch.autograd.Function):
             n = _valid_keys(ring.block(step), kv.shape[-2], valid)
             if n:
                 block_out, block_lse = attention_with_lse(qc, kv[0, ..., :n, :], kv[1, ..., :n, :], scale)
-                out, lse = _merge(out, lse, block_out, block_lse.to(acc_dtype))
+                out, lse = merge_attention(out, lse, block_out, block_lse.to(acc_dtype))
             _wait(works)
             kv, kv_next = kv_next, kv
         ctx.save_for_backward(q, k, v, out.to(dtype), lse)
@@ -86,7 +87,9 @@ class _RingAttention(torch.autograd.Function):
         group, scale, valid = ctx.args
         ring = _Ring(group)
         dtype = out.dtype
-        qc, do = q.to(dtype), grad_out.to(dtype)
+        qc = q.to(dtype)
+        # dO in out's memory layout: flash's backward wants the two alike and would copy them at every step
+        do = torch.empty_like(out).copy_(grad_out)
         kv = torch.stack([k.to(dtype), v.to(dtype)])
         kv_next = torch.empty_like(kv)
         dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
@@ -98,7 +101,9 @@ class _RingAttention(torch.autograd.Function):
             last = step == ring.world - 1
             kv_works = [] if last else ring.shift(kv, kv_next, _KV_TAG)
             n = _valid_keys(ring.block(step), kv.shape[-2], valid)
-            share = attention_with_lse_backward(do, qc, kv[0, ..., :n, :], kv[1, ..., :n, :], out, lse, scale) if n else None
+            share = None
+            if n:  # this rank's share of the block's gradients, while the next block travels
+                share = attention_with_lse_backward(do, qc, kv[0, ..., :n, :], kv[1, ..., :n, :], out, lse, scale)
             _wait(grad_works)  # the accumulator of this block, from the previous rank (and our last send done)
             if share is not None:
                 dq += share[0]
@@ -111,15 +116,6 @@ class _RingAttention(torch.autograd.Function):
             kv, kv_next = kv_next, kv
         _wait(grad_works)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
-
-
-def _merge(out, lse, block_out, block_lse):
-    """Fold one block's (out, lse) into the running ones, in lse's dtype (>= fp32)."""
-    if out is None:  # the first block with real keys (an earlier one may have been all padding)
-        return block_out.to(block_lse.dtype), block_lse
-    merged = torch.logaddexp(lse, block_lse)
-    out.mul_(torch.exp(lse - merged).unsqueeze(-1)).addcmul_(block_out, torch.exp(block_lse - merged).unsqueeze(-1))
-    return out, merged
 
 
 def ring_attention(q, k, v, group, scale: float, valid: Optional[int] = None):
