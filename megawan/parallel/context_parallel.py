@@ -3,12 +3,13 @@ chunks, and self-attention is exchanged across them in one of three ways.
 
 - Ulysses (all-to-all): trade a sequence chunk of every head for the whole sequence of 1/CP of the heads,
   attend locally, trade back. Two all-to-alls each way; heads must divide by CP.
-- Ring: keep the queries, pass K/V blocks around the ring and merge partial attentions with an online
-  softmax (log-sum-exp). The backward passes dK/dV accumulators around the same ring.
+- Ring: keep the queries, pass K/V blocks around the ring and merge partial attentions through their
+  log-sum-exp, computed by flash-style kernels; the next block travels while this one is computed. The
+  backward passes dK/dV accumulators around the same ring (ring_attention.py).
 - 2D: Ulysses inside a group of ranks (fast links, a node), ring across the groups (the Wan report's layout).
 
-A token count that CP does not divide is padded at the end; padded keys are masked out. Megatron's
-convention for masks is kept: True = not attended.
+A token count that CP does not divide is padded at the end; padded keys are masked out (the ring drops
+them from its blocks instead). Megatron's convention for masks is kept: True = not attended.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import torch.nn.functional as F
 
 from kernels import fp8_attention
 from megawan.parallel.groups import ContextParallelGroups
+from megawan.parallel.ring_attention import ring_attention
+
+__all__ = ["all_to_all", "context_parallel_attention", "gather_sequence", "pad_sequence", "padded_length",
+           "ring_attention", "split_sequence"]
 
 
 def _size(group) -> int:
@@ -100,94 +105,6 @@ def pad_sequence(x: torch.Tensor, multiple: int, dim: int = 0) -> torch.Tensor:
 def split_sequence(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 0) -> torch.Tensor:
     """Pad x along dim to a multiple of cp_size (zeros at the end) and take this rank's contiguous chunk."""
     return pad_sequence(x, cp_size, dim).chunk(cp_size, dim=dim)[cp_rank]
-
-
-# ----------------------------------------------------------------------------------------------
-# ring attention
-
-
-def _exchange(tensors: list, group) -> list:
-    """Send these tensors to the next rank of the ring and receive the previous rank's (same shapes)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    received = torch.empty_like(flat)
-    send = dist.isend(flat, dst=dist.get_global_rank(group, (rank + 1) % world), group=group)
-    recv = dist.irecv(received, src=dist.get_global_rank(group, (rank - 1) % world), group=group)
-    send.wait()
-    recv.wait()
-    out, offset = [], 0
-    for t in tensors:
-        out.append(received[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
-
-
-def _block_scores(q, k, scale, block: int, block_len: int, valid: Optional[int]):
-    """q k^T * scale for key block `block`, with keys at global positions >= valid masked to -inf."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if valid is not None and (block + 1) * block_len > valid:
-        positions = block * block_len + torch.arange(block_len, device=s.device)
-        s = s.masked_fill(positions >= valid, float("-inf"))
-    return s
-
-
-class _RingAttention(torch.autograd.Function):
-    """q, k, v: [b, h, L, d] (this rank's block of a sequence split in ring order); maths in >= fp32."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, scale, valid):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        block_len = k.shape[-2]
-        dtype = torch.promote_types(q.dtype, torch.float32)  # accumulate in at least fp32
-        qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-        m = torch.full(q.shape[:-1] + (1,), float("-inf"), dtype=dtype, device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        for step in range(world):
-            block = (rank - step) % world
-            s = _block_scores(qf, kf, scale, block, block_len, valid)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe)
-            alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.matmul(p, vf)
-            m = m_new
-            if step < world - 1:
-                kf, vf = _exchange([kf, vf], group)
-        out = acc / l
-        lse = m + torch.log(l)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, scale, valid)
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, scale, valid = ctx.args
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        block_len = k.shape[-2]
-        dtype = out.dtype
-        qf, kf, vf, do = q.to(dtype), k.to(dtype), v.to(dtype), grad_out.to(dtype)
-        delta = (do * out).sum(dim=-1, keepdim=True)
-        dq = torch.zeros_like(qf)
-        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-        for step in range(world):
-            block = (rank - step) % world
-            p = torch.exp(_block_scores(qf, kf, scale, block, block_len, valid) - lse)
-            dp = torch.matmul(do, vf.transpose(-1, -2))
-            ds = p * (dp - delta)
-            dq += torch.matmul(ds, kf) * scale
-            dk += torch.matmul(ds.transpose(-1, -2), qf) * scale
-            dv += torch.matmul(p.transpose(-1, -2), do)
-            # pass the block and its gradient accumulators on; after `world` hops they are home again
-            kf, vf, dk, dv = _exchange([kf, vf, dk, dv], group)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def ring_attention(q, k, v, group, scale: float, valid: Optional[int] = None):
-    """Attention of this rank's queries over the keys of every rank of `group` ([b, h, L, d] each)."""
-    return _RingAttention.apply(q, k, v, group, scale, valid)
 
 
 # ----------------------------------------------------------------------------------------------
