@@ -9,8 +9,11 @@ dtype's bytes (2 for bf16) and 4 for the fp32 upcasts Wan's numerics need:
     split over TP:                       d/tp * (3*4 + 9*p)  q, k, v, attention out, q/k norm inputs, RoPE
     MLP:                                 f/tp * 2*p          fc1 output before and after GELU
     per-token statistics:                9*4 + 2*4*h/tp      LayerNorm / RMSNorm stats, attention log-sum-exp
-and per text token and block: d * p (replicated) + d/tp * (4 + 3*p) + 4. The attention core is assumed
-flash-style (no s x s scores), as torch SDPA and TE provide.
+and per text token and block: d * p (replicated) + d/tp * (4 + 3*p) + 4. The attention core is flash-style (no
+s x s scores), as torch SDPA and TE provide, and so is megawan's ring attention (megawan.parallel.ring_attention):
+per block it saves the output and an fp32 log-sum-exp only (the 4 bytes per head and token above), and its
+transients (K/V in flight, fp32 accumulators: ~14 d bytes per local token and head forward, ~36 d backward in
+bf16) live for one block's attention, never all blocks' at once.
 """
 
 from __future__ import annotations
