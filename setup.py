@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "packaging",
     "psutil",  # megatron-core dist_checkpointing needs it
+    "einops",  # megatron-core's hierarchical context-parallel groups (parallel.context_parallel_mode=2d)
     "sentencepiece>=0.2",  # the umT5 tokenizer
     "av>=12",  # PyAV: video decoding on CPU, synthetic videos
     "zarr>=3,<4",  # the latent store (v3 format, sharding)
@@ -30,7 +31,7 @@ EXTRAS = {
         "accelerate",  # diffusers needs it to load WanPipeline.from_pretrained (fp32-kept modules)
     ],
     "gpu": [
-        "transformer-engine[pytorch]>=2.0",
+        "transformer-engine[pytorch]>=2.9",  # te.autocast; megatron-core 0.16.1 declares 2.9 - 2.11
         "nvidia-dali-cuda120>=1.40",
         "triton>=3.0",
     ],
