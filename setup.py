@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "packaging",
     "psutil",  # megatron-core dist_checkpointing needs it
+    "einops",  # megatron-core's hierarchical context-parallel groups (parallel.context_parallel_mode=2d)
     "sentencepiece>=0.2",  # the umT5 tokenizer
     "av>=12",  # PyAV: video decoding on CPU, synthetic videos
     "zarr>=3,<4",  # the latent store (v3 format, sharding)
@@ -34,7 +35,7 @@ EXTRAS = {
         "nvidia-dali-cuda120==2.4.0; sys_platform == 'linux'",
     ],
     "gpu": [
-        "transformer-engine[pytorch]>=2.0",
+        "transformer-engine[pytorch]>=2.9",  # te.autocast; megatron-core 0.16.1 declares 2.9 - 2.11
         # fn.decoders.video with frames=, as megawan.data.dali uses it. The CUDA 12 build also runs under CUDA 13
         # drivers; a cluster may install nvidia-dali-cuda130 instead (not both: they share the nvidia.dali package)
         "nvidia-dali-cuda120>=2.4,<3; sys_platform == 'linux'",

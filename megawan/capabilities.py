@@ -25,14 +25,15 @@ def rank_device() -> torch.device:
 
 @functools.lru_cache(maxsize=None)
 def transformer_engine_available() -> bool:
-    """Transformer Engine's PyTorch part is importable and a CUDA device is there to run it."""
+    """Transformer Engine's PyTorch part (2.9 or newer, what megatron-core 0.16.1 declares) is importable and a
+    CUDA device is there to run it."""
     if not cuda_available() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch as te
     except Exception:  # a TE built against another torch fails at import
         return False
-    return True
+    return hasattr(te, "autocast")  # TE 2.9's context manager, which megawan.training.precision enters
 
 
 def resolve_backend(backend: str) -> str:
@@ -41,7 +42,7 @@ def resolve_backend(backend: str) -> str:
         return "te" if transformer_engine_available() else "local"
     if backend == "te" and not transformer_engine_available():
         raise RuntimeError(
-            "model.backend=te needs Transformer Engine and a CUDA device; "
+            "model.backend=te needs Transformer Engine (>= 2.9) and a CUDA device; "
             "use model.backend=local (pure torch) or auto on this machine"
         )
     if backend not in ("local", "te"):

@@ -110,6 +110,8 @@ def test_ring_in_fp32_matches_full_attention(world, tmp_path):
 
 
 def _fp8_worker(rank, data_path, out_dir):
+    from megatron.core.transformer.enums import AttnMaskType
+
     from megawan.config import dit_preset
     from megawan.models.dit.core_attention import SDPACoreAttention
     from megawan.models.dit.fp8_linear import local_fp8
@@ -119,10 +121,10 @@ def _fp8_worker(rank, data_path, out_dir):
     data = torch.load(data_path)
     local = [split_sequence(data[n], cp.rank, cp.size).clone().requires_grad_() for n in ("q", "k", "v")]
     # through the model's core attention: it reads train.fp8_attention and hands the choice down as fp8=
-    attention = SDPACoreAttention(megatron_config(dit_preset("tiny"), tensor_parallel=1), layer_number=1)
+    attention = SDPACoreAttention(megatron_config(dit_preset("tiny"), tensor_parallel=1, cp=cp), layer_number=1)
     assert attention.cp is not None
     with local_fp8(attention=True):
-        out = attention(*local, valid_tokens=data["q"].shape[0])
+        out = attention(*local, None, AttnMaskType.no_mask)
     (out * split_sequence(data["probe"], cp.rank, cp.size)).sum().backward()
     torch.save({"out": out.detach(), "grads": [t.grad for t in local]}, f"{out_dir}/rank{rank}.pt")
 

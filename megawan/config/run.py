@@ -16,6 +16,7 @@ import yaml
 
 from megawan.config.dit import DIT_PRESETS, DiTConfig
 from megawan.config.fields import ConfigError, build, checker, did_you_mean
+from megawan.config.te_limits import te_layout_problem
 
 CP_MODES = ("ulysses", "ring", "2d")
 
@@ -70,6 +71,13 @@ class ParallelConfig:
         if self.context_parallel == 1 or self.context_parallel_mode == "ring":
             return 1
         return self.context_parallel if self.context_parallel_mode == "ulysses" else self.ulysses_size
+
+    @property
+    def hierarchical_context_parallel_sizes(self) -> Optional[list]:
+        """2d: [ulysses_size, ring size], megatron's hierarchical CP groups (TE's a2a+p2p takes them)."""
+        if self.context_parallel == 1 or self.context_parallel_mode != "2d":
+            return None
+        return [self.ulysses_size, self.context_parallel // self.ulysses_size]
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
@@ -235,6 +243,10 @@ class RunConfig:
             raise ConfigError(
                 f"model.num_heads: {self.model.num_heads} heads do not split over tensor_parallel x ulysses "
                 f"context parallel = {heads_split} ranks (use context_parallel_mode=ring or fewer ranks)")
+        if self.model.backend == "te":  # (auto decides in preflight, where it knows what TE can take)
+            problem = te_layout_problem(self.model.head_dim, p)
+            if problem:
+                raise ConfigError(f"{problem}; model.backend=local runs this layout")
         if self.model.num_layers % (p.pipeline_parallel * (p.virtual_pipeline or 1)):
             raise ConfigError(
                 f"model.num_layers: {self.model.num_layers} blocks do not split into pipeline_parallel x "

@@ -88,6 +88,8 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
             pipeline_model_parallel_size=parallel.pipeline_parallel,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
             context_parallel_size=parallel.context_parallel,
+            # 2d: [ulysses, ring] groups, which megatron's TEDotProductAttention hands TE for a2a+p2p
+            hierarchical_context_parallel_sizes=parallel.hierarchical_context_parallel_sizes,
         )
     set_context_parallel_groups(_context_parallel_groups(parallel))
     set_sequence_parallel(parallel.sequence_parallel)

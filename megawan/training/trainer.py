@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.dispatch import triton_runnable
-from megawan.capabilities import cuda_available, rank_device, resolve_backend
+from megawan.capabilities import cuda_available, rank_device
 from megawan.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
@@ -41,6 +41,7 @@ from megawan.models.dit.flops import flops
 from megawan.models.dit.parallelize import apply_activation_offload, apply_activation_recompute, build_model_chunks
 from megawan.parallel import initialize
 from megawan.parallel.cpu_compat import megatron_cpu_mode
+from megawan.training.backend import TE_MISSING, run_backend, te_usable
 from megawan.training.ema import EMA
 from megawan.training.memory import estimate_memory
 from megawan.training.metrics import MetricsLogger
@@ -62,23 +63,18 @@ class TrainingError(RuntimeError):
 
 
 def preflight(cfg: RunConfig, world_size: int) -> dict:
-    """Refuse a run that cannot work, naming the field: layout, store, buckets, shapes, memory. Returns facts
-    the trainer reuses: "metadata" (the store's StoreMetadata), "buckets" (the bucket names trained on)."""
+    """Refuse a run that cannot work, naming the field: layout, backend, store, buckets, shapes, memory. Returns
+    facts the trainer reuses: "metadata" (the store's StoreMetadata), "buckets" (the bucket names trained on),
+    "backend" (local or te: what model.backend resolves to for this run, megawan.training.backend) and
+    "backend_reason" (why auto settled for local where TE is installed, else None)."""
     cfg.validate(world_size)
     if cfg.model.model_type == "i2v":
         raise ConfigError("model.model_type: i2v training needs image-conditioning latents (mask + first-frame "
                           "latents, CLIP tokens) that the latent store does not hold; train t2v or ti2v")
-    backend = _backend(cfg.model.backend)
-    if cfg.train.fp8 == "delayed" and backend != "te":
-        raise ConfigError(f"train.fp8: delayed scaling (an amax history) is Transformer Engine's, with CUDA; "
-                          f"model.backend is {cfg.model.backend!r} and resolves to {backend!r} here. "
-                          "train.fp8=current also runs on the local backend (plain torch FP8 products)")
-    if cfg.train.fp8 and backend not in ("te", "local"):
-        raise ConfigError(f"train.fp8: model.backend {cfg.model.backend!r} is unavailable here")
-    if cfg.train.fp8_attention and backend == "local":
-        if not triton_runnable():
-            raise ConfigError("train.fp8_attention: the local backend's FP8 attention is a Triton kernel; it needs "
-                              "Triton and a CUDA device (on CPU only Triton's interpreter, TRITON_INTERPRET=1)")
+    if cfg.model.backend == "te" and not te_usable():
+        raise ConfigError(TE_MISSING)
+    if cfg.train.fp8 == "delayed" and (cfg.model.backend == "local" or not te_usable()):
+        _refuse_delayed(cfg, "local")
     if not cfg.data.store:
         raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
     try:
@@ -115,7 +111,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
             raise ConfigError(f"data.buckets: {b} gives latents {lt}x{lh}x{lw}, not divisible by the patch size "
                               f"{cfg.model.patch_size}")
         if cfg.train.memory_budget_gb:
-            tokens = (lt // pt) * (lh // ph) * (lw // pw)
+            tokens = _tokens(shapes[b], meta.vae.stride, cfg)
             est = estimate_memory(cfg.model, cfg.parallel, world_size, tokens, cfg.data.micro_batch_size,
                                   text_len=cfg.model.text_len,
                                   param_bytes=2 if cfg.train.precision == "bf16" else 4,
@@ -125,26 +121,40 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                     f"data.buckets: {b} ({tokens} tokens, micro batch {cfg.data.micro_batch_size}) needs about "
                     f"{est.total / 2**30:.1f} GiB per GPU under this layout, over train.memory_budget_gb="
                     f"{cfg.train.memory_budget_gb:g} (more TP / CP, recompute, or a smaller bucket)")
-    _preflight_validation(cfg)
+    sequences = {("data.buckets", b): _tokens(shapes[b], meta.vae.stride, cfg) for b in buckets}
+    sequences.update(_preflight_validation(cfg))
+    backend, reason = run_backend(cfg, sequences)
+    if cfg.train.fp8 == "delayed" and backend != "te":
+        _refuse_delayed(cfg, backend, reason)
+    if cfg.train.fp8_attention and backend == "local" and not triton_runnable():
+        raise ConfigError("train.fp8_attention: the local backend's FP8 attention is a Triton kernel; it needs "
+                          "Triton and a CUDA device (on CPU only Triton's interpreter, TRITON_INTERPRET=1)")
     if cfg.checkpoint.init_from:
         try:
             resolve_checkpoint(cfg.checkpoint.init_from)
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"checkpoint.init_from: {e}") from None
-    return {"metadata": meta, "buckets": buckets}
+    return {"metadata": meta, "buckets": buckets, "backend": backend, "backend_reason": reason}
 
 
-def _backend(name: str) -> str:
-    try:
-        return resolve_backend(name)
-    except RuntimeError:
-        return "unavailable"
+def _tokens(bucket: Bucket, stride, cfg: RunConfig) -> int:
+    pt, ph, pw = cfg.model.patch_size
+    lt, lh, lw = bucket.latent_shape(stride)
+    return (lt // pt) * (lh // ph) * (lw // pw)
 
 
-def _preflight_validation(cfg: RunConfig) -> None:
+def _refuse_delayed(cfg: RunConfig, backend: str, reason: str | None = None) -> None:
+    why = f" ({reason})" if reason else ""
+    raise ConfigError(f"train.fp8: delayed scaling (an amax history) is Transformer Engine's, with CUDA; "
+                      f"model.backend is {cfg.model.backend!r} and trains on {backend!r} here{why}. "
+                      "train.fp8=current also runs on the local backend (plain torch FP8 products)")
+
+
+def _preflight_validation(cfg: RunConfig) -> dict:
+    """Checks of the held-out store; returns its buckets' video token counts, keyed as run_backend reads them."""
     v = cfg.validation
     if not v.every:
-        return
+        return {}
     try:
         held_out = LatentStore.open(v.store)
         meta = held_out.metadata
@@ -161,6 +171,7 @@ def _preflight_validation(cfg: RunConfig) -> None:
         raise ConfigError(f"validation.bucket: {v.bucket} is not in {v.store} (it has {held_out.buckets()})")
     if v.vae and not os.path.exists(v.vae):
         raise ConfigError(f"validation.vae: {v.vae} does not exist")
+    return {("validation.store", b): _tokens(Bucket.from_name(b), meta.vae.stride, cfg) for b in held_out.buckets()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,12 +209,15 @@ class Trainer:
             self.facts = preflight(cfg, world)
         initialize(cfg.parallel, seed=cfg.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.facts.get("backend_reason"):
+            self._log0(self.facts["backend_reason"])
         self.device = rank_device()
         model_cfg = cfg.model
         if cfg.train.precision == "bf16":
             model_cfg = dataclasses.replace(model_cfg, params_dtype="bfloat16")
+        self.backend = self.facts["backend"]  # preflight's choice: auto may settle for local (reason logged)
+        model_cfg = dataclasses.replace(model_cfg, backend=self.backend)
         self.model_cfg = model_cfg
-        self.backend = _backend(model_cfg.backend)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.chunks = build_model_chunks(model_cfg, cfg.parallel)
         if cfg.parallel.recompute != "none":

@@ -32,6 +32,14 @@ class WanAttentionSubmodules:
     k_norm: Union[ModuleSpec, type] = None
 
 
+def without_context_parallel(config):
+    """The TransformerConfig of an attention whose sequence is not split over CP ranks."""
+    if config.context_parallel_size == 1:
+        return config
+    return dataclasses.replace(config, context_parallel_size=1, cp_comm_type=None,
+                               hierarchical_context_parallel_sizes=None)
+
+
 class _WanAttentionBase(MegatronModule):
     def __init__(self, config, submodules: WanAttentionSubmodules, layer_number: int, tp_group,
                  attention_type: str, kv_input_size: int, qk_norm: bool, eps: float):
@@ -47,9 +55,12 @@ class _WanAttentionBase(MegatronModule):
         self.linear_q = self._column(submodules.linear_q, hidden, "q")
         self.linear_k = self._column(submodules.linear_k, kv_input_size, "k", self.kv_config)
         self.linear_v = self._column(submodules.linear_v, kv_input_size, "v", self.kv_config)
+        # The self-attention's sequence is split over the CP ranks (TE's CP from config.context_parallel_size and
+        # cp_comm_type); the cross-attention's keys, the text, are whole on every rank: its config has no CP.
+        core_config = config if attention_type == "self" else without_context_parallel(config)
         self.core_attention = build_module(
-            submodules.core_attention, config=config, layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type,
+            submodules.core_attention, config=core_config, layer_number=layer_number,
+            attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type, cp_comm_type=core_config.cp_comm_type,
         )
         self.linear_proj = build_module(
             submodules.linear_proj, hidden, hidden, config=config, init_method=config.output_layer_init_method,
@@ -72,11 +83,11 @@ class _WanAttentionBase(MegatronModule):
         return build_module(spec, self.config.hidden_size, eps=eps, tp_group=self.tp_group,
                             params_dtype=self.config.params_dtype)
 
-    def _attend(self, q, k, v, valid_tokens: Optional[int] = None):
-        """[s, b, heads, d] each -> [sq, b, heads * d]; bidirectional (TE's interface needs the mask type).
-        valid_tokens: context parallelism over a padded sequence (see core_attention)."""
-        extra = {} if valid_tokens is None else {"valid_tokens": valid_tokens}
-        return self.core_attention(q, k, v, None, attn_mask_type=AttnMaskType.no_mask, **extra)
+    def _attend(self, q, k, v, attention_mask: Optional[torch.Tensor] = None):
+        """[s, b, heads, d] each -> [sq, b, heads * d]; bidirectional. attention_mask: bool [b, 1, 1, sk], True at
+        the padding of a padded sequence (TE's padding mask)."""
+        mask_type = AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
+        return self.core_attention(q, k, v, attention_mask, attn_mask_type=mask_type)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads_local, self.head_dim))
@@ -94,7 +105,7 @@ class WanSelfAttention(_WanAttentionBase):
                  qk_norm: bool = True, eps: float = 1e-6):
         super().__init__(config, submodules, layer_number, tp_group, "self", config.hidden_size, qk_norm, eps)
 
-    def forward(self, x: torch.Tensor, rope_cos_sin, valid_tokens: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_cos_sin, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         cos, sin = rope_cos_sin
         if self._fused_norm_rope(x):
             # one Triton pass: RMSNorm over the hidden (all heads on this rank, TP = 1) then the 3D RoPE
@@ -107,7 +118,7 @@ class WanSelfAttention(_WanAttentionBase):
             q = apply_rope(self._heads(self.q_norm(self.linear_q(x)[0])), cos, sin)
             k = apply_rope(self._heads(self.k_norm(self.linear_k(x)[0])), cos, sin)
         v = self.linear_v(x)[0]
-        out = self._attend(q, k, self._heads(v), valid_tokens)
+        out = self._attend(q, k, self._heads(v), attention_mask)
         return self.linear_proj(out)[0]
 
 

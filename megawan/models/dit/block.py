@@ -53,14 +53,15 @@ class WanBlock(MegatronModule):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim, dtype=config.params_dtype) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope_cos_sin,
-                image_context: Optional[torch.Tensor] = None, valid_tokens: Optional[int] = None) -> torch.Tensor:
+                image_context: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """x [s, b, dim]; e0 [1 or s, b, 6, dim] fp32; context [s_txt, b, dim]; image_context [s_img, b, dim];
-        valid_tokens: real tokens of a padded, context-parallel sequence."""
+        attention_mask: bool [b, 1, 1, S], True at the padding of a padded video sequence (S: its whole length)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (upcast(self.modulation) + e0).unbind(dim=-2)
 
         fused = fused_path(x)
         y = self._modulate(x, scale, shift, fused)
-        x = self._gated_add(x, self.self_attention(y, rope_cos_sin, valid_tokens), gate, fused)
+        x = self._gated_add(x, self.self_attention(y, rope_cos_sin, attention_mask), gate, fused)
 
         x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
 

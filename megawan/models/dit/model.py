@@ -18,31 +18,43 @@ import functools
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from megawan.capabilities import cuda_available, resolve_backend
-from megawan.config import DiTConfig
+from megawan.config import DiTConfig, ParallelConfig
+from megawan.config.te_limits import CP_COMM_TYPES, te_layout_problem, te_tokens_problem
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
 from megawan.models.state import torch_dtype, with_extra_state
-from megawan.parallel.context_parallel import gather_sequence, pad_sequence
+from megawan.parallel.context_parallel import gather_sequence, pad_sequence, padded_length
 from megawan.parallel.cpu_compat import cpu_mode_active
-from megawan.parallel.groups import context_parallel_groups, sequence_parallel_enabled, tensor_parallel_group
+from megawan.parallel.groups import (ContextParallelGroups, context_parallel_groups, sequence_parallel_enabled,
+                                     tensor_parallel_group)
 
 
 def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False,
-                    pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None) -> TransformerConfig:
-    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from."""
+                    pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
+                    cp: Optional[ContextParallelGroups] = None) -> TransformerConfig:
+    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from. cp: the
+    context-parallel groups; TE's attention builds its CP from the size and cp_comm_type set here (and, for
+    a2a+p2p, megatron's hierarchical CP groups, which megawan.parallel.initialize creates to match)."""
+    cp_size = 1 if cp is None else cp.size
     return TransformerConfig(
         sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        context_parallel_size=cp_size,
+        cp_comm_type=CP_COMM_TYPES[cp.mode] if cp_size > 1 else None,
+        hierarchical_context_parallel_sizes=(
+            [dist.get_world_size(cp.ulysses), dist.get_world_size(cp.ring)] if cp_size > 1 and cp.mode == "2d"
+            else None),
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         pipeline_dtype=torch_dtype(cfg.params_dtype),
@@ -92,11 +104,15 @@ class WanDiT(MegatronModule):
     """
 
     def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,
-                 post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None):
+                 post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
+                 block_spec: Optional[ModuleSpec] = None):
+        """block_spec: the blocks' layer spec; default the backend's (specs.get_wan_block_spec). The TE contract
+        test passes the te spec's interface on local classes."""
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
+        cp = context_parallel_groups()  # video tokens split over these ranks, if any
         super().__init__(config=megatron_config(config, tp_group.size(), sequence_parallel_enabled(),
-                                                pipeline_parallel, virtual_pipeline))
+                                                pipeline_parallel, virtual_pipeline, cp))
         self.dit_config = config
         self.tp_group = tp_group
         self.layers = range(config.num_layers) if layers is None else layers
@@ -104,11 +120,12 @@ class WanDiT(MegatronModule):
         self.input_tensor = None
         self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
-        self.cp = context_parallel_groups()  # video tokens split over these ranks, if any
+        self.cp = cp
         self.backend = resolve_backend(config.backend)
-        if self.cp is not None and self.backend != "local":
-            raise ValueError("context parallelism is implemented for model.backend=local; the te backend will use "
-                             "Transformer Engine's own context parallelism")
+        if self.backend == "te" and cp is not None:
+            problem = te_layout_problem(config.head_dim, self._layout())
+            if problem:
+                raise ValueError(f"{problem}; model.backend=local runs this layout")
         dtype = self.config.params_dtype
         dim = config.dim
 
@@ -120,7 +137,7 @@ class WanDiT(MegatronModule):
         self.image_embedding = (
             ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
         )
-        spec = get_wan_block_spec(self.backend)
+        spec = block_spec if block_spec is not None else get_wan_block_spec(self.backend)
         self.blocks = nn.ModuleList(
             build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
             for i in self.layers
@@ -237,15 +254,15 @@ class WanDiT(MegatronModule):
                 x = self._split_tokens(x, cp_rank, cp_size, sp)
         else:  # a later pipeline stage: this rank's tokens as the previous stage left them
             x = self.input_tensor
-        valid_tokens = None
+        mask = None
         if cp_size * sp > 1:
-            valid_tokens = tokens
+            mask = self._padding_mask(tokens, cp_size * sp, b, latents.device)
             rope = tuple(pad_sequence(t, cp_size * sp).chunk(cp_size)[cp_rank] for t in rope)
             if timestep.dim() == 2:
                 e, e0 = self._split_tokens(e, cp_rank, cp_size, sp), self._split_tokens(e0, cp_rank, cp_size, sp)
 
         for block in self.blocks:
-            x = block(x, e0, context, rope, image_context, valid_tokens)
+            x = block(x, e0, context, rope, image_context, mask)
 
         if not self.post_process:
             return x
@@ -255,6 +272,26 @@ class WanDiT(MegatronModule):
         if cp_size > 1:
             x = gather_sequence(x, self.cp.group)
         return self._unpatchify(x[:tokens], grid)
+
+    def _padding_mask(self, tokens: int, multiple: int, batch: int, device) -> Optional[torch.Tensor]:
+        """The self-attention's padding mask, as TE takes it: bool [b, 1, 1, S] over the whole padded sequence
+        (S = tokens padded to a multiple of CP x SP), True at the padding; None when nothing is padded."""
+        if self.backend == "te" and self.cp is not None:  # preflight refuses these buckets before any rank starts
+            problem = te_tokens_problem(tokens, self._layout())
+            if problem:
+                raise ValueError(f"model.backend=te: {problem}; model.backend=local takes this sequence")
+        padded = padded_length(tokens, multiple)
+        if padded == tokens:
+            return None
+        return (torch.arange(padded, device=device) >= tokens).view(1, 1, 1, padded).repeat(batch, 1, 1, 1)
+
+    def _layout(self) -> ParallelConfig:
+        """This model's split of the sequence, in the terms of megawan.config.te_limits."""
+        cp = self.cp
+        return ParallelConfig(
+            tensor_parallel=self.tp_group.size(), sequence_parallel=self.config.sequence_parallel,
+            context_parallel=1 if cp is None else cp.size, context_parallel_mode="ring" if cp is None else cp.mode,
+            ulysses_size=dist.get_world_size(cp.ulysses) if cp is not None and cp.mode == "2d" else None)
 
     def _split_tokens(self, x: torch.Tensor, cp_rank: int, cp_size: int, sp: int) -> torch.Tensor:
         """This rank's tokens: the sequence padded at the end to a multiple of CP x SP, its CP chunk, then its

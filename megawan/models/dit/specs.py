@@ -25,7 +25,8 @@ from megawan.models.dit.norms import ParallelRMSNorm
 _TE = "megatron.core.extensions.transformer_engine"
 
 
-def _block_spec(column, row, core_attention) -> ModuleSpec:
+def wan_block_spec(column, row, core_attention) -> ModuleSpec:
+    """The block with these column- / row-parallel linear and core-attention classes (or specs)."""
     return ModuleSpec(
         module=WanBlock,
         submodules=WanBlockSubmodules(
@@ -51,12 +52,12 @@ def _block_spec(column, row, core_attention) -> ModuleSpec:
 
 def get_wan_block_local_spec() -> ModuleSpec:
     """megatron-core's parallel linears (with an FP8 product on plain torch inside `local_fp8()`) and SDPA."""
-    return _block_spec(Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPACoreAttention)
+    return wan_block_spec(Fp8ColumnParallelLinear, Fp8RowParallelLinear, SDPACoreAttention)
 
 
 def get_wan_block_te_spec() -> ModuleSpec:
     """Transformer Engine spec; the classes are imported when the block is built (TE must be installed)."""
-    return _block_spec(
+    return wan_block_spec(
         ModuleSpec(module=(_TE, "TEColumnParallelLinear")),
         ModuleSpec(module=(_TE, "TERowParallelLinear")),
         ModuleSpec(module=(_TE, "TEDotProductAttention")),
