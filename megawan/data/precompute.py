@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
-from megawan.capabilities import rank_device
+from megawan.capabilities import resolve_device
 from megawan.config import text_preset, vae_preset
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
 from megawan.data.decoding import DecodeError
@@ -167,7 +167,7 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
                    progress: bool = True) -> dict:
     """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
     barrier = barrier or (lambda: None)
-    device = torch.device(device) if device else rank_device()
+    device = resolve_device(device)  # None: this rank's (the GPU initialize() gave it, else the CPU)
     entries = read_manifest(job.manifest)
     buckets = job.resolved_buckets()
     encoders = Encoders(job, device)

@@ -32,15 +32,17 @@ from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmb
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
-from megawan.models.state import torch_dtype, with_extra_state
+from megawan.models.state import model_device, torch_dtype, with_extra_state
 from megawan.parallel.context_parallel import gather_sequence, pad_sequence
 from megawan.parallel.cpu_compat import cpu_mode_active
 from megawan.parallel.groups import context_parallel_groups, sequence_parallel_enabled, tensor_parallel_group
 
 
 def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False,
-                    pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None) -> TransformerConfig:
-    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from."""
+                    pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
+                    device: torch.device = torch.device("cpu")) -> TransformerConfig:
+    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from, for a model
+    built on `device`."""
     return TransformerConfig(
         sequence_parallel=sequence_parallel and tensor_parallel > 1,
         pipeline_model_parallel_size=pipeline_parallel,
@@ -59,8 +61,10 @@ def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: boo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=torch_dtype(cfg.params_dtype),
-        # Initialise the full master weight, then split: the same model for any TP size and on CPU.
-        use_cpu_initialization=True,
+        # CPU: initialise the full master weight, then split (the same model for any TP size). CUDA: megatron
+        # creates and initialises each TP shard on the current device, seeded per TP rank by its CUDA RNG tracker
+        # (other values than on CPU, and no full-size copy on the host).
+        use_cpu_initialization=device.type != "cuda",
         gradient_accumulation_fusion=False,
         init_method=nn.init.xavier_uniform_,
         output_layer_init_method=nn.init.xavier_uniform_,
@@ -92,11 +96,13 @@ class WanDiT(MegatronModule):
     """
 
     def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,
-                 post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None):
+                 post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
+                 device="cpu"):
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
+        device = model_device(device)
         super().__init__(config=megatron_config(config, tp_group.size(), sequence_parallel_enabled(),
-                                                pipeline_parallel, virtual_pipeline))
+                                                pipeline_parallel, virtual_pipeline, device))
         self.dit_config = config
         self.tp_group = tp_group
         self.layers = range(config.num_layers) if layers is None else layers
@@ -112,21 +118,23 @@ class WanDiT(MegatronModule):
         dtype = self.config.params_dtype
         dim = config.dim
 
-        self.patch_embedding = (
-            nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype) if pre_process else None
-        )
-        self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
-        self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
-        self.image_embedding = (
-            ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
-        )
-        spec = get_wan_block_spec(self.backend)
-        self.blocks = nn.ModuleList(
-            build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
-            for i in self.layers
-        )
-        self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype) if post_process else None
-        self._init_weights()
+        with torch.device(device):  # every parameter is created where the model runs (megatron's own included)
+            self.patch_embedding = (
+                nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype)
+                if pre_process else None
+            )
+            self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
+            self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
+            self.image_embedding = (
+                ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
+            )
+            spec = get_wan_block_spec(self.backend)
+            self.blocks = nn.ModuleList(
+                build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
+                for i in self.layers
+            )
+            self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype) if post_process else None
+            self._init_weights()
         for module in (self.text_embedding, self.time_embedding, self.image_embedding):
             for p in (module.parameters() if module is not None else ()):
                 p.pipeline_shared = True
