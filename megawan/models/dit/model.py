@@ -15,6 +15,7 @@ are given.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -66,9 +67,23 @@ def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: boo
         # (other values than on CPU, and no full-size copy on the host).
         use_cpu_initialization=device.type != "cuda",
         gradient_accumulation_fusion=False,
-        init_method=nn.init.xavier_uniform_,
-        output_layer_init_method=nn.init.xavier_uniform_,
+        init_method=functools.partial(xavier_uniform_whole, tensor_parallel=tensor_parallel),
+        output_layer_init_method=functools.partial(xavier_uniform_whole, tensor_parallel=tensor_parallel),
     )
+
+
+def xavier_uniform_whole(weight: torch.Tensor, tensor_parallel: int = 1) -> torch.Tensor:
+    """Xavier-uniform with the bound of the whole weight. megatron's GPU initialisation hands the init one TP
+    shard (marked `tensor_model_parallel`, split on `partition_dim`), whose own fans would widen the bound with
+    the TP size; its CPU initialisation hands it the whole weight (unmarked): plain xavier."""
+    if tensor_parallel == 1 or not getattr(weight, "tensor_model_parallel", False):
+        return nn.init.xavier_uniform_(weight)
+    shape = list(weight.shape)
+    shape[weight.partition_dim] *= tensor_parallel
+    fan_out, fan_in = shape[0], math.prod(shape[1:])
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
 
 
 class WanHead(nn.Module):
