@@ -116,7 +116,8 @@ def test_unset_overlap_is_on_with_cuda_only(monkeypatch):
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(overlap_grad_reduce=False, overlap_param_gather=True), "parallel.overlap_param_gather: needs parallel.overlap_grad_reduce"),
+    (dict(overlap_grad_reduce=False, overlap_param_gather=True),
+     "parallel.overlap_param_gather: needs parallel.overlap_grad_reduce"),
     (dict(ddp_bucket_size=0), "parallel.ddp_bucket_size: must be >= 1"),
     (dict(overlap_grad_reduce=False, ddp_bucket_size=10**6), "parallel.ddp_bucket_size: buckets are only formed"),
 ])
