@@ -15,6 +15,7 @@ A converted megawan pipeline is a folder marked by megawan_pipeline.json (writte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from megawan.convert import convert_state_dict, load_state_dict_file
 from megawan.models.text import UMT5Encoder, UMT5Tokenizer
 from megawan.models.vae import WanVAE
 from megawan.models.dit.parallelize import build_model_chunks
+from megawan.models.state import dtype_name
 
 PIPELINE_FILE = "megawan_pipeline.json"  # marks a converted megawan pipeline
 PIPELINE_FORMAT, PIPELINE_VERSION = "megawan-pipeline", 1
@@ -73,16 +75,17 @@ def load_vae(path: str, config: VAEConfig, device="cpu", dtype: torch.dtype | No
 
 def load_text_encoder(path: str, config: TextConfig, device="cpu", dtype: torch.dtype | None = None,
                       tp_group=None) -> UMT5Encoder:
-    """The umT5 encoder (tensor-parallel over `tp_group` when given: each rank keeps its shard)."""
+    """The umT5 encoder (tensor-parallel over `tp_group` when given: each rank keeps its shard), built on `device`
+    in `dtype` (default: the config's) and filled from the file: umT5-XXL never exists in fp32 on a GPU."""
     state, _ = to_megawan(load_state_dict_file(path), config, TEXT_LAYOUTS, "umT5 encoder", path)
-    encoder = UMT5Encoder(config, tp_group=tp_group)
+    if dtype is not None:
+        config = dataclasses.replace(config, params_dtype=dtype_name(dtype))
+    encoder = UMT5Encoder(config, tp_group=tp_group, device=device)
     size = encoder.tp_group.size()
     if size > 1:
         state = convert_state_dict(state, "megawan", "megawan", config, tp_size=size)[encoder.tp_group.rank()]
-    encoder.load_state_dict(state)
-    if dtype is not None:
-        encoder.to(dtype)
-    return encoder.to(device).eval().requires_grad_(False)
+    encoder.load_state_dict(state)  # copies into the encoder's device and dtype
+    return encoder.eval().requires_grad_(False)
 
 
 def load_tokenizer(path: str, max_length: int = 512) -> UMT5Tokenizer:
@@ -209,10 +212,12 @@ def resolve_model(ckpt: str, low_noise_ckpt: Optional[str] = None) -> dict:
     return {"config": model, "experts": {"transformer": path}, "encoders": None, "null_text": null_text}
 
 
-def load_dit(path: str, config: DiTConfig, use_ema: bool = True):
-    """The DiT of checkpoint `path` in the current TP / CP layout (PP = 1), EMA weights when it holds them."""
+def load_dit(path: str, config: DiTConfig, use_ema: bool = True, device=None):
+    """The DiT of checkpoint `path` in the current TP / CP layout (PP = 1), EMA weights when it holds them, built
+    on `device` (default: this rank's)."""
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("generation splits a model over tensor and context parallel ranks, not pipeline stages")
-    (model,) = build_model_chunks(config, ParallelConfig(tensor_parallel=ps.get_tensor_model_parallel_world_size()))
+    (model,) = build_model_chunks(config, ParallelConfig(tensor_parallel=ps.get_tensor_model_parallel_world_size()),
+                                  device=device)
     load_weights(path, [model], ema=use_ema and has_ema(path))
     return model.eval().requires_grad_(False)

@@ -23,6 +23,20 @@ def rank_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+def resolve_device(device=None) -> torch.device:
+    """A device argument made concrete: None or "auto" -> `rank_device()`; "cuda" -> this rank's CUDA device (the
+    current one, where megatron creates tensor-parallel weights); "cpu", "cuda:N" or a torch.device as given."""
+    if device is None or device == "auto":
+        return rank_device()
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not cuda_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA device here (use cpu)")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @functools.lru_cache(maxsize=None)
 def transformer_engine_available() -> bool:
     """Transformer Engine's PyTorch part (2.9 or newer, what megatron-core 0.16.1 declares) is importable and a

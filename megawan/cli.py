@@ -68,6 +68,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from megawan.capabilities import cuda_available
     from megawan.generation import GenerationRequest, generate  # lazy: torch and megatron-core
     from megawan.parallel import initialize
 
@@ -79,6 +80,10 @@ def _cmd_generate(args) -> int:
     else:
         print("megawan generate: give --prompt TEXT or --prompts FILE", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not cuda_available():
+        print("megawan generate: --device cuda: this machine has no CUDA device (use --device cpu or auto)",
+              file=sys.stderr)
+        return 2
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     tp = args.tensor_parallel
     cp = args.context_parallel or max(world // tp, 1)
@@ -86,14 +91,15 @@ def _cmd_generate(args) -> int:
     if guidance is not None and len(guidance) == 1:
         guidance = guidance[0]
     try:
+        # the process group suits the device: gloo for --device cpu (also on a GPU machine), else NCCL where CUDA is
         initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp, context_parallel_mode=args.cp_mode),
-                   seed=args.seed)
+                   backend="gloo" if args.device == "cpu" else None, seed=args.seed)
         req = GenerationRequest(
             ckpt=args.ckpt, prompts=prompts, out=args.out, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt,
             negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
             steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
             image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema,
-            vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None)
+            vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None, device=args.device)
         paths = generate(req)
     except (ValueError, FileNotFoundError) as e:
         print(f"megawan generate: {e}", file=sys.stderr)
@@ -145,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tiling", type=int, nargs=2, metavar=("TILE", "STRIDE"),
                      help="decode in overlapping spatial tiles (pixels), e.g. 256 192 for 720p on small GPUs")
     gen.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where each rank runs the DiT, umT5 (bf16 on CUDA) and the VAE: auto = cuda:LOCAL_RANK "
+                          "where CUDA is, else cpu; cpu runs over gloo, cuda over NCCL")
     gen.add_argument("--tensor-parallel", type=int, default=1)
     gen.add_argument("--context-parallel", type=int, help="default: world size / tensor parallel")
     gen.add_argument("--cp-mode", default="ulysses", choices=["ulysses", "ring"])

@@ -164,7 +164,8 @@ def _write_megawan_rank(rank: int, src_path: str, src_format: str, ema: bool, cf
     source = _dit_source(src_path, src_format, ema)
     first = next(iter(source.keys()))
     model_cfg = dataclasses.replace(cfg, params_dtype=_DTYPE_NAMES[source.get(first).dtype])
-    chunks = build_model_chunks(model_cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    # on the CPU: the ranks are spawn_local's gloo processes, and a conversion moves tensors between files
+    chunks = build_model_chunks(model_cfg, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), device="cpu")
     tp_rank = ps.get_tensor_model_parallel_rank()
     (chunk,) = chunks
     owned = set(chunk.layers)

@@ -12,6 +12,13 @@ Classifier-free guidance runs the conditional and unconditional batch in one mod
 is split over the TP ranks like the DiT; each replica's first rank encodes the first frame (I2V / TI2V) and
 sends it to its peers, and decodes with the VAE and writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
 
+Devices (`device`, CLI --device): every rank runs the DiT, the umT5 encoder (bf16 on CUDA) and the VAE on its
+own device and keeps every tensor there; only the initial noise is drawn on the host (the same in any layout and
+on any device) and the videos come back to be written. auto = `rank_device()` (cuda:LOCAL_RANK where CUDA is);
+the device must suit the process group: NCCL reduces CUDA tensors only, gloo across ranks CPU tensors only
+(`megawan generate` starts the one that suits --device; a lone Python process calls
+`megawan.parallel.initialize()` first, which starts NCCL where CUDA is).
+
 Defaults follow the official Wan repos per model (`official_defaults`): steps, shift, guidance (A14B: one scale
 per expert, the expert chosen by the official boundary), frames, size, fps and the default negative prompt.
 A checkpoint trained by megawan with `train.text_dropout` has learned the zero text states as its null
@@ -31,6 +38,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
+from megawan.capabilities import cuda_available, rank_device
 from megawan.config import text_preset, vae_preset
 from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
@@ -63,6 +71,7 @@ class GenerationRequest:
     progress: bool = True
     text_dtype: str = "float32"  # "bfloat16": round the text states as a bf16 latent store holds them
     vae_tiling: Optional[tuple] = None  # (tile, stride) in pixels: decode 720p on small GPUs
+    device: str = "auto"  # auto | cpu | cuda: where this rank's models and tensors live (generation_device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,18 +93,40 @@ def _load_image(path: str, height: int, width: int) -> torch.Tensor:
 
 def _i2v_condition(vae, image: torch.Tensor, frames: int, temporal_stride: int) -> torch.Tensor:
     """Wan's I2V input beside the noise: a mask (which frames are given; 4 channels per latent frame) and the
-    normalised VAE latents of the first frame followed by zero frames. [1, 4 + z, T', H', W']."""
-    video = torch.zeros(1, 3, frames, *image.shape[1:])
+    normalised VAE latents of the first frame followed by zero frames. [1, 4 + z, T', H', W'] on image's device."""
+    video = torch.zeros(1, 3, frames, *image.shape[1:], device=image.device)
     video[0, :, 0] = image
     with torch.no_grad():
         mean, _ = vae.encode(video)
     z = vae.normalize(mean.float())
-    mask = torch.zeros(1, temporal_stride, z.shape[2], *z.shape[3:])
+    mask = torch.zeros(1, temporal_stride, z.shape[2], *z.shape[3:], device=z.device)
     mask[:, :, 0] = 1.0
     return torch.cat([mask, z], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def generation_device(name: str, backend: str, world_size: int) -> torch.device:
+    """This rank's device for --device `name` (auto | cpu | cuda) in a world of `world_size` ranks over
+    `backend`. auto: `rank_device()`, except the CPU across gloo ranks (spawn_local's harness on a GPU machine).
+    A device the process group cannot communicate is refused."""
+    gloo_ranks = backend == "gloo" and world_size > 1
+    if name == "auto":
+        return torch.device("cpu") if gloo_ranks else rank_device()
+    if name == "cpu":
+        if backend == "nccl":
+            raise ValueError("--device cpu: the process group is NCCL, whose collectives take CUDA tensors only "
+                             "(megawan generate --device cpu starts gloo)")
+        return torch.device("cpu")
+    if name == "cuda":
+        if not cuda_available():
+            raise ValueError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
+        if gloo_ranks:
+            raise ValueError("--device cuda: the process group is gloo, whose collectives megawan runs across ranks "
+                             "on CPU tensors only (megawan generate --device cuda starts NCCL)")
+        return rank_device()
+    raise ValueError(f"--device {name!r} is not auto, cpu or cuda")
 
 
 def generate(req: GenerationRequest) -> list:
@@ -121,6 +152,7 @@ def generate(req: GenerationRequest) -> list:
     enc = find_encoders(folder)
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = generation_device(req.device, dist.get_backend(), world)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     first_of_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     # the TP x CP ranks that hold one copy of the model (PP = 1 here); its first rank encodes and decodes
@@ -130,7 +162,7 @@ def generate(req: GenerationRequest) -> list:
         mp_group = None
 
     vae_cfg = vae_preset(enc["vae_config"])
-    vae = load_vae(enc["vae"], vae_cfg) if first_of_replica else None
+    vae = load_vae(enc["vae"], vae_cfg, device=device) if first_of_replica else None
     if vae is not None and req.vae_tiling:
         vae.enable_tiling(*req.vae_tiling)
     t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
@@ -140,7 +172,7 @@ def generate(req: GenerationRequest) -> list:
                          f"{frames} x {height} x {width}")
     shape = (vae_cfg.z_dim, *Bucket(frames, height, width).latent_shape((t_stride, s_stride, s_stride)))
 
-    experts = {name: load_dit(path, cfg, req.use_ema) for name, path in found["experts"].items()}
+    experts = {name: load_dit(path, cfg, req.use_ema, device=device) for name, path in found["experts"].items()}
     boundary = cfg.expert_boundary * 1000.0 if cfg.expert_boundary is not None else None
 
     def model_at(t: float):
@@ -160,14 +192,14 @@ def generate(req: GenerationRequest) -> list:
         negative = d["negative_prompt"]
     text_cfg = text_preset(enc["text_config"])
     states = _encode(prompts + ([negative] if negative is not None else []), enc, text_cfg, cfg.text_len,
-                     getattr(torch, req.text_dtype))
+                     getattr(torch, req.text_dtype), device)
     text, null = states[:len(prompts)], (states[len(prompts):] if negative is not None else None)
 
-    noise_all = _initial_noise(req, len(prompts), shape)
+    noise_all = _initial_noise(req, len(prompts), shape).to(device)
     mine = list(range(dp_rank, len(prompts), dp_size))
     written, latents_out = [], {}
     extra, pin, per_token = _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape,
-                                          first_of_replica, replica_ranks, mp_group)
+                                          first_of_replica, replica_ranks, mp_group, device)
     for i in mine:
         cond = text[i:i + 1]
         uncond = null if null is not None else torch.zeros_like(cond)
@@ -178,8 +210,9 @@ def generate(req: GenerationRequest) -> list:
                        enabled=req.progress and rank == replica_ranks[0])
 
         def velocity(x, timestep):
-            t = float(timestep[0])
+            t = float(timestep[0])  # the sampler's grid lives on the host: no device sync
             x_in = x if extra is None else torch.cat([x, extra.expand(x.shape[0], -1, -1, -1, -1)], dim=1)
+            timestep = timestep.to(device)
             ts = timestep if per_token is None else per_token[None] * timestep[:, None]
             with torch.no_grad():
                 return model_at(t)(x_in, ts, text_in).float()
@@ -187,7 +220,7 @@ def generate(req: GenerationRequest) -> list:
         lat = sample(velocity, noise, make_sampler(req.sampler, steps, shift), guidance=scale,
                      callback=lambda k, x: bar.update(1), pin=pin)
         bar.close()
-        latents_out[i] = lat[0]
+        latents_out[i] = lat[0].cpu()  # kept for save_latents, gathered as objects
         if first_of_replica:
             written.append(_write(vae, lat, req.out, i, prompts[i], len(prompts), fps))
     if req.save_latents:
@@ -196,14 +229,17 @@ def generate(req: GenerationRequest) -> list:
     return written
 
 
-def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """umT5 states [N, text_len, dim] (zeros past each prompt), rounded through `dtype` (bf16: as a precomputed
-    store holds them). Collective over the tensor-parallel group: the encoder is sharded like the DiT (every
-    CP rank of a replica computes the same states)."""
-    encoder = load_text_encoder(enc["text_encoder"], text_cfg)
+def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype = torch.float32,
+            device=torch.device("cpu")) -> torch.Tensor:
+    """umT5 states [N, text_len, dim] (zeros past each prompt) on `device`, rounded through `dtype` (bf16: as a
+    precomputed store holds them). The encoder runs in bf16 on CUDA (as Wan's), in fp32 on CPU. Collective over
+    the tensor-parallel group: the encoder is sharded like the DiT (every CP rank of a replica computes the same
+    states)."""
+    encoder = load_text_encoder(enc["text_encoder"], text_cfg, device=device,
+                                dtype=torch.bfloat16 if device.type == "cuda" else None)
     tokenizer = load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len)
     with torch.no_grad():
-        ids, mask = tokenizer(texts)
+        ids, mask = (t.to(device) for t in tokenizer(texts))
         states = (encoder(ids, mask) * mask[..., None]).to(dtype).float()
     return states[:, :text_len] if states.shape[1] > text_len else states
 
@@ -220,14 +256,14 @@ def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(req.seed + i)) for i in range(n)])
 
 
-def _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape, first, ranks, group):
-    """(extra input channels, pin, per-token timestep factor) for the model type; all None for T2V."""
+def _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape, first, ranks, group, device):
+    """(extra input channels, pin, per-token timestep factor) for the model type, on `device`; all None for T2V."""
     if req.image is None:
         return None, None, None
-    image = _load_image(req.image, height, width)
+    image = _load_image(req.image, height, width).to(device)
     if cfg.model_type == "i2v":  # Wan2.2 I2V-A14B: mask + first-frame latents beside the noise
         cond = _i2v_condition(vae, image, frames, vae_cfg.temporal_stride) if first else \
-            torch.empty(1, vae_cfg.temporal_stride + shape[0], *shape[1:])
+            torch.empty(1, vae_cfg.temporal_stride + shape[0], *shape[1:], device=device)
         if group is not None:
             dist.broadcast(cond, src=ranks[0], group=group)
         return cond, None, None
@@ -237,12 +273,12 @@ def _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape, first, r
             mean, _ = vae.encode(image[None, :, None])
         z0 = vae.normalize(mean.float())
     else:
-        z0 = torch.empty(1, shape[0], 1, *shape[2:])
+        z0 = torch.empty(1, shape[0], 1, *shape[2:], device=device)
     if group is not None:
         dist.broadcast(z0, src=ranks[0], group=group)
     pt, ph, pw = cfg.patch_size
     grid = (shape[1] // pt, shape[2] // ph, shape[3] // pw)
-    per_token = torch.ones(grid)
+    per_token = torch.ones(grid, device=device)
     per_token[0] = 0.0
     return None, (lambda x: torch.cat([z0.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)), \
         per_token.flatten()

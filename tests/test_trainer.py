@@ -169,6 +169,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     (["train.fp8=delayed", "model.backend=local"], "train.fp8"),
     (["train.fp8_attention=true"], "train.fp8_attention"),
     (["parallel.offload_blocks=99"], "parallel.offload_blocks"),
+    (["parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=true"], "parallel.overlap_param_gather"),
 ])
 def test_configs_that_cannot_work_are_refused_before_training(store, overrides, field):
     from megawan.training.trainer import preflight
@@ -177,6 +178,27 @@ def test_configs_that_cannot_work_are_refused_before_training(store, overrides, 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         cfg = load_config(CONFIG, tuple(cfg_overrides))
         preflight(cfg, world_size=2)
+
+
+def test_overlapped_communication_trains_checkpoints_and_validates_alike(store, tmp_path):
+    """DP2 with the gradient reduce-scatter and the weight all-gather overlapped (small buckets, as on CUDA by
+    default) gives the synchronous run's losses, and its EMA (read right after each step, while the next
+    forward has not gathered the weights yet) gives the same held-out loss."""
+    runs = {}
+    for name, overlap in (("sync", "false"), ("overlap", "true")):
+        ckpt = str(tmp_path / name)
+        extra = ["parallel.ddp_bucket_size=2000"] if overlap == "true" else []
+        code, log = _run(2, ckpt, store, "parallel.tensor_parallel=1", "train.steps=4", "validation.every=2",
+                         f"validation.store={store}", "validation.num_samples=0", "validation.loss_samples=2",
+                         f"parallel.overlap_grad_reduce={overlap}", f"parallel.overlap_param_gather={overlap}",
+                         *extra)
+        assert code == 0, log
+        rows = read_metrics(os.path.join(ckpt, "logs", "metrics.jsonl"))
+        runs[name] = ([r["loss"] for r in rows if "loss" in r], [r["val/loss"] for r in rows if "val/loss" in r])
+    (losses, val), (ref_losses, ref_val) = runs["overlap"], runs["sync"]
+    assert len(losses) == 4 and len(val) == 2
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
 
 
 def test_sigusr1_checkpoints_and_leaves_then_resume_continues(store, uninterrupted, tmp_path):

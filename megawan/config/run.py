@@ -37,6 +37,11 @@ class ParallelConfig:
     recompute: str = "none"  # none | full (whole blocks) | selective (core attention only)
     recompute_every: int = 1  # full: recompute every N-th block
     offload_blocks: int = 0  # activations of the first N blocks of each stage in pinned host memory (plan_parallel)
+    # Data-parallel communication hidden behind compute (megatron-core's DDP and distributed optimizer; Megatron-LM's
+    # --overlap-grad-reduce, --overlap-param-gather, --ddp-bucket-size). Unset (null): on where CUDA is, off on CPU.
+    overlap_grad_reduce: Optional[bool] = None  # reduce-scatter each gradient bucket as soon as its backward is done
+    overlap_param_gather: Optional[bool] = None  # all-gather the updated weights bucket by bucket in the next forward
+    ddp_bucket_size: Optional[int] = None  # parameters per gradient bucket; null: megatron's max(40M, 1M x DP)
 
     def validate(self, world_size: Optional[int] = None, prefix: str = "parallel") -> "ParallelConfig":
         need = checker(prefix)
@@ -59,6 +64,14 @@ class ParallelConfig:
         need(self.offload_blocks >= 0, "offload_blocks", f"must be >= 0, got {self.offload_blocks}")
         need(not self.sequence_parallel or self.tensor_parallel > 1, "sequence_parallel",
              "sequence parallelism splits activations over TP ranks: it needs tensor_parallel > 1")
+        # megatron's rule: without the grad-reduce overlap the gradients form one bucket, so the next forward
+        # would wait for the whole all-gather at its first layer
+        need(not (self.overlap_param_gather and self.overlap_grad_reduce is False), "overlap_param_gather",
+             "needs parallel.overlap_grad_reduce (true, or unset for on where CUDA is)")
+        need(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "ddp_bucket_size",
+             f"must be >= 1 parameters, or null for megatron's default; got {self.ddp_bucket_size}")
+        need(self.ddp_bucket_size is None or self.overlap_grad_reduce is not False, "ddp_bucket_size",
+             "buckets are only formed with parallel.overlap_grad_reduce (it is false)")
         if world_size is not None:
             model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
             need(world_size % model_parallel == 0, "tensor_parallel",

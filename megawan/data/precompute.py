@@ -29,7 +29,7 @@ import torch
 
 from megawan import capabilities
 from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
-from megawan.capabilities import rank_device
+from megawan.capabilities import rank_device, resolve_device
 from megawan.config import ConfigError, text_preset, vae_preset
 from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
@@ -229,7 +229,7 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
     """This rank's share of the job. `barrier()` (torch.distributed's on many ranks) orders store creation."""
     job.check()  # before anything loads: a backend this machine cannot run fails in one line
     barrier = barrier or (lambda: None)
-    device = torch.device(device) if device else rank_device()
+    device = resolve_device(device)  # None: this rank's (the GPU initialize() gave it, else the CPU)
     decode_gpu = decode_device_id(device)
     entries = read_manifest(job.manifest)
     buckets = job.resolved_buckets()

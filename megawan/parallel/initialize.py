@@ -1,7 +1,9 @@
 """`initialize()`: one call that starts torch.distributed and megatron-core's process groups.
 
 Launchers: torchrun (RANK, WORLD_SIZE, MASTER_ADDR, …), srun (SLURM_PROCID, SLURM_NTASKS, …; the first
-node of SLURM_JOB_NODELIST is the rendezvous host), or a single process. nccl on GPU, gloo on CPU.
+node of SLURM_JOB_NODELIST is the rendezvous host), or a single process. nccl on GPU, gloo on CPU (or
+`backend="gloo"` on a GPU machine: `megawan generate --device cpu`); either way a rank with CUDA gets its GPU
+(LOCAL_RANK), which `megawan.capabilities.rank_device()` then reports.
 
     from megawan.parallel import initialize
     initialize(ParallelConfig(tensor_parallel=2, context_parallel=2), seed=0)
@@ -73,7 +75,9 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
         parallel.validate(world_size)
         if backend is None:
             backend = "nccl" if cuda_available() else "gloo"
-        if backend == "nccl":
+        if backend == "nccl" and not cuda_available():
+            raise RuntimeError("the nccl backend needs CUDA; this machine has none (use gloo)")
+        if cuda_available():  # this rank's GPU, whatever the backend: `capabilities.rank_device()` reports it
             torch.cuda.set_device(local_device(int(env.get("LOCAL_RANK", "0"))))
         if "RANK" in env:
             env.setdefault("MASTER_ADDR", "127.0.0.1")

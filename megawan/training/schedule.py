@@ -25,6 +25,10 @@ from megawan.parallel.cpu_compat import p2p_communicator
 def reduce_pipeline_shared_grads(chunks: list) -> None:
     """Sum the gradients of pipeline-shared parameters over this rank's chunks and over the PP group, and
     give every copy the sum. Works on megatron DDP's `main_grad` when present, else on `.grad`."""
+    pipelined = parallel_state.model_parallel_is_initialized() and \
+        parallel_state.get_pipeline_model_parallel_world_size() > 1
+    if len(chunks) == 1 and not pipelined:
+        return  # one copy of each: nothing to sum
     named = [dict(chunk.named_parameters()) for chunk in chunks]
     names = [n for n, p in named[0].items() if getattr(p, "pipeline_shared", False)]
     if not names:
@@ -34,7 +38,7 @@ def reduce_pipeline_shared_grads(chunks: list) -> None:
         return p.main_grad if hasattr(p, "main_grad") else p.grad
 
     flat = torch.cat([sum(grad_of(params[n]) for params in named).reshape(-1) for n in names])
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    if pipelined:
         dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
     offset = 0
     for n in names:
@@ -45,9 +49,15 @@ def reduce_pipeline_shared_grads(chunks: list) -> None:
 
 
 def finalize_model_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
-    """megatron's finalize_model_grads (DP / CP reduction, …), preceded by the pipeline-shared sum."""
+    """megatron's finalize_model_grads (DP / CP reduction, …) and the pipeline-shared sum. The sum comes first,
+    except under overlap_grad_reduce: there the DP reduction already started during the backward, so the sum
+    follows it (exact, as the shared parameters have buckets of their own: megawan.training.optimizer)."""
+    if not getattr(getattr(model[0], "ddp_config", None), "overlap_grad_reduce", False):
+        reduce_pipeline_shared_grads(model)
+        return megatron_finalize_model_grads(model, num_tokens, pg_collection, force_all_reduce)
+    result = megatron_finalize_model_grads(model, num_tokens, pg_collection, force_all_reduce)
     reduce_pipeline_shared_grads(model)
-    return megatron_finalize_model_grads(model, num_tokens, pg_collection, force_all_reduce)
+    return result
 
 
 def forward_backward(chunks: list, forward_step: Callable, data_iterators: list, num_microbatches: int,

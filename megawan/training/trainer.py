@@ -45,7 +45,7 @@ from megawan.training.backend import TE_MISSING, run_backend, te_usable
 from megawan.training.ema import EMA
 from megawan.training.memory import estimate_memory
 from megawan.training.metrics import MetricsLogger
-from megawan.training.optimizer import build_optimizer, wrap_data_parallel
+from megawan.training.optimizer import Overlap, build_optimizer, finish_param_gather, wrap_data_parallel
 from megawan.training.precision import fp8_context
 from megawan.training.schedule import forward_backward
 from megawan.training.validation import Validator
@@ -219,16 +219,15 @@ class Trainer:
         model_cfg = dataclasses.replace(model_cfg, backend=self.backend)
         self.model_cfg = model_cfg
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.chunks = build_model_chunks(model_cfg, cfg.parallel)
+        # built where they run: on CUDA megatron initialises each shard on this rank's GPU, no host copy first
+        self.chunks = build_model_chunks(model_cfg, cfg.parallel, device=self.device)
         if cfg.parallel.recompute != "none":
             for chunk in self.chunks:
                 apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)
         if cfg.parallel.offload_blocks:
             for chunk in self.chunks:
                 apply_activation_offload(chunk, cfg.parallel.offload_blocks)
-        for chunk in self.chunks:
-            chunk.to(self.device)
-        self.ddp = wrap_data_parallel(self.chunks, distributed_optimizer=True)
+        self.ddp = wrap_data_parallel(self.chunks, distributed_optimizer=True, overlap=Overlap.resolve(cfg.parallel))
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.ddp, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
                                          betas=tuple(o.betas), eps=o.eps, bf16=cfg.train.precision == "bf16",
@@ -366,15 +365,18 @@ class Trainer:
         # the global loss, known to every rank: one contribution per replica (last stage, TP and CP rank 0)
         contributes = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                        and ps.get_context_parallel_rank() == 0)
-        local = sum(float(r["weighted_sum"]) for r in results) if contributes and results else 0.0
-        total = torch.tensor([local], dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
+        for r in (results if contributes else ()):
+            total += r["weighted_sum"].double()
         dist.all_reduce(total)
-        loss = total.item() / batch["global_samples"]
+        loss = total.item() / batch["global_samples"]  # a host sync the finite check needs
         grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if math.isfinite(loss):
             stepped, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             if stepped and self.ema is not None:  # an update the optimizer skipped is not averaged in
+                # (the EMA reads the optimizer's fp32 main-weight shards, not the model weights: the parameter
+                # all-gather the step started stays overlapped with the next forward)
                 self.ema.update()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "latent": (lt, lh, lw)}
 
@@ -431,15 +433,17 @@ class Trainer:
                                   "memory_gb": _memory_gb()}
                         metrics.write(self.step, values)
                         bar.update(self.step - bar.count, loss=f"{out['loss']:.4f}", bucket=batch["bucket"])
-                    flag = torch.tensor([1 if signals.received else 0])
+                    flag = torch.tensor([1 if signals.received else 0], device=self.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank leaves together
                     if flag.item():
                         stop_reason = f"signal {signals.received or 'on another rank'}"
                     if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps or stop_reason:
+                        finish_param_gather(self.ddp)  # the checkpoint holds every weight of this step
                         path = self._save()
                         last_saved = self.step
                         self._log0(f"checkpoint {path}")
                     if validator is not None and self.step % cfg.validation.every == 0 and not stop_reason:
+                        finish_param_gather(self.ddp)  # before the EMA swaps its weights in
                         values = validator.run(self.step)
                         metrics.write(self.step, values)
                         self._log0(f"validation at step {self.step}: loss {values['val/loss']:.4f} "

@@ -89,7 +89,8 @@ class Validator:
     # ------------------------------------------------------------------------------------------
     def _forward(self, x, timestep, text, capture=None, target=None, weight=None, mask=None):
         """One forward-only pass of the replica. With `capture`, returns the velocity on every rank of the
-        replica; else the weighted squared error summed on the last stage (0 elsewhere)."""
+        replica; else the weighted squared error summed on the last stage (0 elsewhere). Results stay on the
+        rank's device: the sampler steps there, and the loss sums come back to the host once per validation."""
         pt, ph, pw = self.patch_size
         tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
         out = {}
@@ -107,7 +108,7 @@ class Validator:
                 on = prediction.device
                 per_sample = FlowMatching.per_sample_loss(prediction, target.to(on),
                                                           None if mask is None else mask.to(on))
-                out["sum"] = float((per_sample * weight.to(on)).sum())
+                out["sum"] = (per_sample * weight.to(on)).sum()
                 return per_sample.sum() * 0, {}
 
             return output, loss_fn
@@ -123,7 +124,7 @@ class Validator:
                 v = torch.empty(x.shape, dtype=torch.float32, device=self.device)
             dist.broadcast(v, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        return v.cpu()
+        return v
 
     def _share(self, n: int) -> list:
         """This replica's indices of 0..n-1 (round robin), padded with None to the same count on every replica."""
@@ -142,7 +143,7 @@ class Validator:
         fixed per sample, so the numbers of two validations differ only by the weights."""
         cfg = self.cfg
         times = list(cfg.loss_timesteps)
-        sums, count = torch.zeros(len(times), dtype=torch.float64), 0
+        sums, count = torch.zeros(len(times), dtype=torch.float64, device=self.device), 0  # NCCL: device tensors
         mbs = self.micro_batch_size
         for bucket in self.store.buckets():
             n = self.store.count(bucket)
@@ -155,10 +156,12 @@ class Validator:
                 rows = self._read(bucket, share[s:s + mbs])
                 x0 = (torch.stack([r["latents"].float() for r in rows]) - self.latents_mean) / self.latents_std
                 noise = torch.stack([_noise(cfg.seed, f"loss/{r['id']}", x0.shape[1:]) for r in rows])
+                # to the device once for all flow times (noise is drawn on the host: the same in any layout)
+                x0, noise = x0.to(self.device), noise.to(self.device)
                 text = torch.stack([r["text"] for r in rows])
-                weight = torch.tensor([r["weight"] for r in rows])
+                weight = torch.tensor([r["weight"] for r in rows], device=self.device)
                 for k, flow_time in enumerate(times):
-                    tt = torch.full((x0.shape[0],), flow_time)
+                    tt = torch.full((x0.shape[0],), flow_time, device=self.device)
                     if self.ti2v:
                         x_t, target, timestep, mask = FlowMatching.clean_first_frame(x0, noise, tt, self.patch_size)
                     else:
@@ -191,8 +194,9 @@ class Validator:
         written = []
         for s in range(0, len(share), cfg.batch_size):
             rows = self._read(bucket, share[s:s + cfg.batch_size])
-            text = torch.stack([r["text"] for r in rows])
+            text = torch.stack([r["text"] for r in rows]).to(self.device)
             noise = torch.stack([_noise(cfg.seed, f"sample/{r['id']}", r["latents"].shape) for r in rows])
+            noise = noise.to(self.device)  # the sampler's latents stay on the device until they are written
             guided = cfg.guidance != 1.0
             text_in = torch.cat([text, torch.zeros_like(text)]) if guided else text
             latents = sample(lambda x, timestep: self._forward(x, timestep, text_in, capture=True), noise,
@@ -226,7 +230,7 @@ class Validator:
         for j, i in enumerate(keep):
             r = rows[i]
             record = {"id": r["id"], "caption": r["caption"]}
-            torch.save(latents[i].clone(), os.path.join(folder, f"{r['id']}.latents.pt"))
+            torch.save(latents[i].cpu().clone(), os.path.join(folder, f"{r['id']}.latents.pt"))
             record["latents"] = f"{r['id']}.latents.pt"
             if self.cfg.vae:
                 frames = video_to_uint8(video[j])

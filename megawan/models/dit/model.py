@@ -15,6 +15,7 @@ are given.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmb
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
 from megawan.models.dit.specs import get_wan_block_spec
-from megawan.models.state import torch_dtype, with_extra_state
+from megawan.models.state import model_device, torch_dtype, with_extra_state
 from megawan.parallel.context_parallel import gather_sequence, pad_sequence, padded_length
 from megawan.parallel.cpu_compat import cpu_mode_active
 from megawan.parallel.groups import (ContextParallelGroups, context_parallel_groups, sequence_parallel_enabled,
@@ -43,10 +44,12 @@ from megawan.parallel.groups import (ContextParallelGroups, context_parallel_gro
 
 def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: bool = False,
                     pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
-                    cp: Optional[ContextParallelGroups] = None) -> TransformerConfig:
-    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from. cp: the
-    context-parallel groups; TE's attention builds its CP from the size and cp_comm_type set here (and, for
-    a2a+p2p, megatron's hierarchical CP groups, which megawan.parallel.initialize creates to match)."""
+                    cp: Optional[ContextParallelGroups] = None,
+                    device: torch.device = torch.device("cpu")) -> TransformerConfig:
+    """The megatron-core TransformerConfig our layers (and megatron's pipeline schedules) work from, for a model
+    built on `device`. cp: the context-parallel groups; TE's attention builds its CP from the size and
+    cp_comm_type set here (and, for a2a+p2p, megatron's hierarchical CP groups, which
+    megawan.parallel.initialize creates to match)."""
     cp_size = 1 if cp is None else cp.size
     return TransformerConfig(
         sequence_parallel=sequence_parallel and tensor_parallel > 1,
@@ -71,12 +74,28 @@ def megatron_config(cfg: DiTConfig, tensor_parallel: int, sequence_parallel: boo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=torch_dtype(cfg.params_dtype),
-        # Initialise the full master weight, then split: the same model for any TP size and on CPU.
-        use_cpu_initialization=True,
+        # CPU: initialise the full master weight, then split (the same model for any TP size). CUDA: megatron
+        # creates and initialises each TP shard on the current device, seeded per TP rank by its CUDA RNG tracker
+        # (other values than on CPU, and no full-size copy on the host).
+        use_cpu_initialization=device.type != "cuda",
         gradient_accumulation_fusion=False,
-        init_method=nn.init.xavier_uniform_,
-        output_layer_init_method=nn.init.xavier_uniform_,
+        init_method=functools.partial(xavier_uniform_whole, tensor_parallel=tensor_parallel),
+        output_layer_init_method=functools.partial(xavier_uniform_whole, tensor_parallel=tensor_parallel),
     )
+
+
+def xavier_uniform_whole(weight: torch.Tensor, tensor_parallel: int = 1) -> torch.Tensor:
+    """Xavier-uniform with the bound of the whole weight. megatron's GPU initialisation hands the init one TP
+    shard (marked `tensor_model_parallel`, split on `partition_dim`), whose own fans would widen the bound with
+    the TP size; its CPU initialisation hands it the whole weight (unmarked): plain xavier."""
+    if tensor_parallel == 1 or not getattr(weight, "tensor_model_parallel", False):
+        return nn.init.xavier_uniform_(weight)
+    shape = list(weight.shape)
+    shape[weight.partition_dim] *= tensor_parallel
+    fan_out, fan_in = shape[0], math.prod(shape[1:])
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
 
 
 class WanHead(nn.Module):
@@ -105,14 +124,15 @@ class WanDiT(MegatronModule):
 
     def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,
                  post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
-                 block_spec: Optional[ModuleSpec] = None):
+                 block_spec: Optional[ModuleSpec] = None, device="cpu"):
         """block_spec: the blocks' layer spec; default the backend's (specs.get_wan_block_spec). The TE contract
-        test passes the te spec's interface on local classes."""
+        test passes the te spec's interface on local classes. device: where every parameter is created."""
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
+        device = model_device(device)
         cp = context_parallel_groups()  # video tokens split over these ranks, if any
         super().__init__(config=megatron_config(config, tp_group.size(), sequence_parallel_enabled(),
-                                                pipeline_parallel, virtual_pipeline, cp))
+                                                pipeline_parallel, virtual_pipeline, cp, device))
         self.dit_config = config
         self.tp_group = tp_group
         self.layers = range(config.num_layers) if layers is None else layers
@@ -129,21 +149,23 @@ class WanDiT(MegatronModule):
         dtype = self.config.params_dtype
         dim = config.dim
 
-        self.patch_embedding = (
-            nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype) if pre_process else None
-        )
-        self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
-        self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
-        self.image_embedding = (
-            ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
-        )
-        spec = block_spec if block_spec is not None else get_wan_block_spec(self.backend)
-        self.blocks = nn.ModuleList(
-            build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
-            for i in self.layers
-        )
-        self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype) if post_process else None
-        self._init_weights()
+        with torch.device(device):  # every parameter is created where the model runs (megatron's own included)
+            self.patch_embedding = (
+                nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype)
+                if pre_process else None
+            )
+            self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
+            self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
+            self.image_embedding = (
+                ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
+            )
+            spec = block_spec if block_spec is not None else get_wan_block_spec(self.backend)
+            self.blocks = nn.ModuleList(
+                build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
+                for i in self.layers
+            )
+            self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype) if post_process else None
+            self._init_weights()
         for module in (self.text_embedding, self.time_embedding, self.image_embedding):
             for p in (module.parameters() if module is not None else ()):
                 p.pipeline_shared = True

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from megawan.capabilities import cuda_available
 from megawan.config import DiTConfig, ParallelConfig
 from megawan.models.dit.model import WanDiT
+from megawan.models.state import model_device
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -39,8 +40,10 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 # stages by megawan.training.schedule.finalize_model_grads.
 
 
-def build_model_chunks(config: DiTConfig, parallel: ParallelConfig) -> list:
-    """This pipeline rank's model chunks (one without interleaving)."""
+def build_model_chunks(config: DiTConfig, parallel: ParallelConfig, device=None) -> list:
+    """This pipeline rank's model chunks (one without interleaving), built on `device` (default: this rank's,
+    `megawan.capabilities.rank_device()`; on CUDA by megatron's GPU initialisation)."""
+    device = model_device(device)
     pp = parallel.pipeline_parallel
     vp = parallel.virtual_pipeline or 1
     rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
@@ -50,7 +53,7 @@ def build_model_chunks(config: DiTConfig, parallel: ParallelConfig) -> list:
         first = (c * pp + rank) * per_chunk
         chunk = WanDiT(config, layers=range(first, first + per_chunk),
                        pre_process=(rank == 0 and c == 0), post_process=(rank == pp - 1 and c == vp - 1),
-                       pipeline_parallel=pp, virtual_pipeline=parallel.virtual_pipeline)
+                       pipeline_parallel=pp, virtual_pipeline=parallel.virtual_pipeline, device=device)
         chunks.append(chunk)
     _mark_shared_copies(chunks)
     return chunks

@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megawan.config import TextConfig
-from megawan.models.state import torch_dtype, with_extra_state
+from megawan.models.state import model_device, torch_dtype, with_extra_state
 from megawan.parallel.groups import tensor_parallel_group
 
 
@@ -124,23 +124,27 @@ class UMT5Block(nn.Module):
 
 
 class UMT5Encoder(MegatronModule):
-    def __init__(self, config: TextConfig, tp_group=None):
+    def __init__(self, config: TextConfig, tp_group=None, device="cpu"):
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
+        device = model_device(device)
         megatron = TransformerConfig(
             num_layers=config.num_layers, hidden_size=config.d_model, num_attention_heads=config.num_heads,
             ffn_hidden_size=config.d_ff, kv_channels=config.d_kv, tensor_model_parallel_size=tp_group.size(),
-            add_bias_linear=False, params_dtype=torch_dtype(config.params_dtype), use_cpu_initialization=True,
+            add_bias_linear=False, params_dtype=torch_dtype(config.params_dtype),
+            use_cpu_initialization=device.type != "cuda",  # on CUDA megatron creates each shard on the device
             gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
             init_method=nn.init.xavier_uniform_, output_layer_init_method=nn.init.xavier_uniform_,
         )
         super().__init__(config=megatron)
         self.text_config = config
         self.tp_group = tp_group
-        self.token_embedding = VocabParallelEmbedding(config.vocab_size, config.d_model, init_method=nn.init.normal_,
-                                                      config=megatron, tp_group=tp_group)
-        self.blocks = nn.ModuleList(UMT5Block(config, megatron, tp_group) for _ in range(config.num_layers))
-        self.norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, megatron.params_dtype)
+        with torch.device(device):  # every parameter is created where the encoder runs
+            self.token_embedding = VocabParallelEmbedding(config.vocab_size, config.d_model,
+                                                          init_method=nn.init.normal_, config=megatron,
+                                                          tp_group=tp_group)
+            self.blocks = nn.ModuleList(UMT5Block(config, megatron, tp_group) for _ in range(config.num_layers))
+            self.norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, megatron.params_dtype)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids [B, L] (long), mask [B, L] (1 = token, 0 = padding) -> states [B, L, d_model], zero at padding."""
