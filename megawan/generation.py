@@ -38,11 +38,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
-from megawan.capabilities import cuda_available, rank_device
-from megawan.config import text_preset, vae_preset
+from megawan.capabilities import cuda_available, rank_device, resolve_backend
+from megawan.config import ParallelConfig, text_preset, vae_preset
+from megawan.config.te_limits import te_tokens_problem
 from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
+from megawan.parallel.groups import context_parallel_groups
 from megawan.utils.images import video_to_uint8
 from megawan.utils.media import IMAGE_SUFFIX, VIDEO_SUFFIX, media_suffix, write_media
 from megawan.utils.progress import Progress
@@ -129,6 +131,24 @@ def generation_device(name: str, backend: str, world_size: int) -> torch.device:
     raise ValueError(f"--device {name!r} is not auto, cpu or cuda")
 
 
+def sampling_backend(cfg, latent_shape: tuple, layout: ParallelConfig) -> tuple:
+    """(the DiT config with the backend this layout can sample on, why it changed or None). Transformer Engine's
+    context parallelism cannot mask padded tokens (megawan.config.te_limits): `auto` then samples on the local
+    backend, an explicit `te` is refused naming the sizes to change."""
+    if layout.context_parallel == 1 or resolve_backend(cfg.backend) != "te":
+        return cfg, None
+    tokens = 1
+    for n, p in zip(latent_shape[1:], cfg.patch_size):
+        tokens *= n // p
+    problem = te_tokens_problem(tokens, layout)
+    if problem is None:
+        return cfg, None
+    if cfg.backend == "te":
+        raise ValueError(f"--frames / --height / --width: {problem}; pick a size whose token count divides, or "
+                         "sample on the local backend")
+    return dataclasses.replace(cfg, backend="local"), f"sampling on the local backend: {problem}"
+
+
 def generate(req: GenerationRequest) -> list:
     """Sample every prompt of `req`; collective over the world (call on every rank). Returns the written paths
     (on the ranks that wrote them)."""
@@ -172,6 +192,12 @@ def generate(req: GenerationRequest) -> list:
                          f"{frames} x {height} x {width}")
     shape = (vae_cfg.z_dim, *Bucket(frames, height, width).latent_shape((t_stride, s_stride, s_stride)))
 
+    cp = ps.get_context_parallel_world_size()
+    layout = ParallelConfig(tensor_parallel=ps.get_tensor_model_parallel_world_size(), context_parallel=cp,
+                            context_parallel_mode=context_parallel_groups().mode if cp > 1 else "ulysses")
+    cfg, why = sampling_backend(cfg, shape, layout)
+    if why and rank == 0:
+        print(f"[generate] {why}", flush=True)
     experts = {name: load_dit(path, cfg, req.use_ema, device=device) for name, path in found["experts"].items()}
     boundary = cfg.expert_boundary * 1000.0 if cfg.expert_boundary is not None else None
 

@@ -10,7 +10,6 @@
 
 import dataclasses
 import os
-from unittest import mock
 
 import torch
 
@@ -80,7 +79,6 @@ def _main_weights(chunks, optimizer) -> dict:
 
 def _run(setup: dict, precision: str, root: str, steps: range, resume: bool) -> dict:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallelConfig
 
     from megawan.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
@@ -92,13 +90,12 @@ def _run(setup: dict, precision: str, root: str, steps: range, resume: bool) -> 
     dtype = torch.bfloat16 if bf16 else torch.float32
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
-    def buckets(**kwargs):
-        return DistributedDataParallelConfig(**{**kwargs, "overlap_grad_reduce": True, "bucket_size": BUCKET_SIZE})
-
-    with megatron_cpu_mode(), mock.patch.object(optim, "DistributedDataParallelConfig", buckets):
+    # several gradient buckets (megatron makes one unless the reduction overlaps): the EMA keeps one piece each
+    overlap = optim.Overlap(grad_reduce=True, bucket_size=BUCKET_SIZE)
+    with megatron_cpu_mode():
         chunks = build_model_chunks(cfg, ParallelConfig())
         chunks[0].load_state_dict(chunk_state_dict({k: v.to(dtype) if torch.is_tensor(v) else v for k, v in setup["state_dict"].items()}, chunks[0]))
-        ddp = optim.wrap_data_parallel(chunks, distributed_optimizer=True)
+        ddp = optim.wrap_data_parallel(chunks, distributed_optimizer=True, overlap=overlap)
         optimizer = optim.build_optimizer(ddp, lr=1e-2, weight_decay=0.1, bf16=bf16)
         ema = EMA(chunks, DECAY, optimizer)
         out = {"numel": ema.numel, "buckets": sum(len(c.buffers[0].buckets) for c in ddp)}

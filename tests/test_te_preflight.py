@@ -2,6 +2,7 @@
 model.backend=auto settles for local instead, saying why. Where a refusal needs Transformer Engine installed,
 `transformer_engine_available` is patched to True: that selects the branch, nothing runs on TE."""
 
+import dataclasses
 import os
 from unittest import mock
 
@@ -98,3 +99,20 @@ def test_fp8_shapes_tes_linears_cannot_take_are_refused(store):
     # micro batch 2 x 30 tokens = 60 rows, not a multiple of 8
     with pytest.raises(ConfigError, match=r"^train\.fp8: 17x32x48: 30 video tokens give 60 rows.*model\.backend=local"):
         _preflight(store, "model.backend=te", "train.fp8=current")
+
+
+def test_generation_samples_where_te_can_and_falls_back_where_it_cannot():
+    """`megawan generate` on a TE machine: a size TE's context parallelism cannot split samples on the local
+    backend under `auto`, and is refused (naming the sizes) under an explicit `te`."""
+    from megawan.config import dit_preset
+    from megawan.generation import sampling_backend
+
+    cp2 = ParallelConfig(context_parallel=2, context_parallel_mode="ring")
+    auto, te = dit_preset("tiny"), dataclasses.replace(dit_preset("tiny"), backend="te")
+    with mock.patch.object(capabilities, "transformer_engine_available", lambda: True):
+        assert sampling_backend(auto, (4, 5, 4, 8), cp2) == (auto, None)  # 5 x 2 x 4 = 40 tokens: 4 divides
+        local, why = sampling_backend(auto, (4, 5, 4, 6), cp2)  # 30 tokens
+        assert local.backend == "local" and "30 video tokens are not a multiple of 4" in why
+        with pytest.raises(ValueError, match=r"^--frames / --height / --width: 30 video tokens"):
+            sampling_backend(te, (4, 5, 4, 6), cp2)
+        assert sampling_backend(auto, (4, 5, 4, 6), ParallelConfig())[0] is auto  # no CP: padding is masked
