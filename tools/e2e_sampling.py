@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from e2e_support import check, child_env, cli_lists_option, rel_error, run_cli
+from e2e_support import check, rel_error, run_cli
 from e2e_train import latest_step
 
 PROMPT = "a red circle moves right"
@@ -22,28 +22,21 @@ def phase_generate(run, out: dict) -> None:
 
     p = run.plan
     check(run.state.get("ckpt") and latest_step(run.state["ckpt"]) is not None, "training wrote no checkpoint")
-    has_device = cli_lists_option("generate", "--device", run.env)
-    frames, height, width = (p.frames, p.height, p.width) if (has_device or not run.cuda) else p.gen_size_cpu
-    out.update(device_option=has_device, sampled_on=run.device if has_device else "cpu", size=[frames, height, width])
-    if not has_device and run.cuda:
-        out["note"] = "megawan generate has no --device yet: it sampled on the CPU, at a smaller size"
+    frames, height, width = p.frames, p.height, p.width
+    out.update(sampled_on=run.device, size=[frames, height, width])
     noise = torch.randn(4, (frames - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator().manual_seed(7))
     torch.save(noise, run.path("noise.pt"))
     out_mp4, latents = run.path("generated.mp4"), run.path("generated_latents.pt")
     args = ["generate", "--ckpt", run.state["ckpt"], "--encoders", os.path.dirname(run.state["encoders"]["vae"]),
             "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--frames", str(frames), "--height", str(height),
             "--width", str(width), "--steps", str(p.gen_steps), "--shift", "3", "--guidance", str(GUIDANCE),
-            "--noise", run.path("noise.pt"), "--save-latents", latents, "--out", out_mp4]
-    if has_device:
-        args += ["--device", run.device]
-    if not has_device:
-        env = child_env("cpu")  # without --device it samples on the CPU anyway
-    elif run.cuda:  # no TF32 in cuBLAS / cuDNN: these latents are compared with diffusers' fp32 pipeline
+            "--noise", run.path("noise.pt"), "--save-latents", latents, "--out", out_mp4, "--device", run.device]
+    if run.cuda:  # no TF32 in cuBLAS / cuDNN: these latents are compared with diffusers' fp32 pipeline
         env = dict(run.env, NVIDIA_TF32_OVERRIDE="0")
     else:
         env = run.env
     child = run_cli(args, run.path("generate.log"), env, run.timeout(240))
-    if has_device and run.cuda:
+    if run.cuda:
         out["peak_gpu_gb"] = child.peak_gb()
     video = read_video(out_mp4)
     check(video.shape == (frames, height, width, 3),

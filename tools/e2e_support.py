@@ -203,10 +203,3 @@ def run_cli(args: list, log: str, env: dict, timeout: float) -> Child:
     code = child.wait(timeout)
     check(code == 0, f"megawan {' '.join(args[:1])} exited with {code}; log {log}, tail:\n{child.tail()}")
     return child
-
-
-def cli_lists_option(command: str, option: str, env: dict) -> bool:
-    """Does `megawan <command> --help` list `option`? (Options other work adds are used only once they exist.)"""
-    out = subprocess.run([sys.executable, "-m", "megawan.cli", command, "--help"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    return out.returncode == 0 and option in out.stdout

@@ -8,7 +8,7 @@
                 continue from that checkpoint's step (re-logging the same losses) and end at the target step;
                 validation (held-out loss + sampled videos) at the end
   4 fp8         a second short run with train.fp8=current (GPU only)
-  5 generate    `megawan generate` from the checkpoint (on the device once the CLI has --device) -> mp4 +
+  5 generate    `megawan generate --device` from the checkpoint, on the device -> mp4 +
                 the final latents from fixed noise
   6 diffusers   the checkpoint converted to diffusers' layout (megawan.export); diffusers' WanPipeline loads it
                 on the device and samples the same noise / prompt / scheduler: its final latents against phase 5's
@@ -61,7 +61,6 @@ class Plan:
     val_steps: int
     fp8_steps: int
     gen_steps: int
-    gen_size_cpu: tuple  # (frames, height, width) when `megawan generate` runs on the CPU
     tolerance: float  # diffusers' fp32 pipeline against megawan generate: max |diff| / max |latents|
 
     @property
@@ -74,13 +73,13 @@ _TINY_VAE_DIT = dict(in_dim=4, out_dim=4, text_dim=32, text_len=24)  # the tiny 
 # comparison with diffusers mean something
 TINY = Plan(clips=4, held_out=2, frames=17, height=32, width=48, model=dict(preset="tiny", **_TINY_VAE_DIT),
             precision="fp32", steps=6, checkpoint_every=2, batch=2, micro_batch=1, lr=1e-2, ema=0.5, val_steps=4,
-            fp8_steps=0, gen_steps=6, gen_size_cpu=(17, 32, 48), tolerance=1e-4)
+            fp8_steps=0, gen_steps=6, tolerance=1e-4)
 # 33 x 480 x 832 -> latents 9 x 60 x 104 -> 14,040 tokens a clip; micro-batches of 2 clips so that every FP8
 # product's inner size (28,080 tokens, 2 x 24 text tokens) is a multiple of 16, as torch._scaled_mm needs
 GPU = Plan(clips=8, held_out=2, frames=33, height=480, width=832,
            model=dict(preset="wan2.1-t2v-1.3b", num_layers=2, **_TINY_VAE_DIT), precision="bf16", steps=12,
            checkpoint_every=4, batch=2, micro_batch=2, lr=1e-3, ema=0.9, val_steps=10, fp8_steps=4, gen_steps=8,
-           gen_size_cpu=(17, 128, 224), tolerance=1e-3)
+           tolerance=1e-3)
 
 
 class Run:
