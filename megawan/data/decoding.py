@@ -37,23 +37,40 @@ def sample_times(first: float, last_end: float, fps: float, num_frames: Optional
     return first + np.arange(max(count, 0)) / fps
 
 
-def frame_indices(path: str, times: np.ndarray, fps: float, num_frames: Optional[int], start: Optional[float],
-                  end: Optional[float]) -> np.ndarray:
-    """Which of the frames shown at `times` (ascending, seconds, already cut to the window) make the clip.
+def available_frames(times: np.ndarray, fps: float, start: Optional[float] = None,
+                     end: Optional[float] = None) -> np.ndarray:
+    """The sampling times of the clip the frames shown at `times` (ascending, seconds, already cut to the window)
+    really hold at `fps`: first + k / fps (first: `start`, else the first frame's time) while before the clip's
+    end, which is the last frame's time plus the median frame step, or `end` where that comes earlier.
 
-    The clip's frames are at first + k / fps (first: `start`, else the first frame's time), up to `end` (else the
-    last frame's time plus the median frame step); each is the last frame shown at or before its time. Works for
-    variable frame rates: only the timestamps count. Shared by the PyAV and DALI paths so they pick alike.
+    `end` only cuts: a window reaching past the last frame never adds samples, so no clip is ever lengthened
+    with copies of its last frame. Its length is what a clip's bucket is chosen by (`buckets.assign_bucket`),
+    by the PyAV and DALI paths alike, before any frame is decoded on DALI's.
     """
     times = np.asarray(times, dtype=np.float64)
     step = np.median(np.diff(times)) if len(times) > 1 else 1.0 / fps
     first = start if start is not None else times[0]
-    last_end = end if end is not None else times[-1] + step
-    wanted = sample_times(first, last_end, fps, num_frames)
+    last_end = times[-1] + step
+    if end is not None:
+        last_end = min(last_end, end)
+    return sample_times(first, last_end, fps, None)
+
+
+def frame_indices(path: str, times: np.ndarray, fps: float, num_frames: Optional[int], start: Optional[float],
+                  end: Optional[float]) -> np.ndarray:
+    """Which of the frames shown at `times` (ascending, seconds, already cut to the window) make the clip: one per
+    sampling time of `available_frames` (the first `num_frames` of them), each the last frame shown at or before
+    its time. Works for variable frame rates: only the timestamps count. Shared by the PyAV and DALI paths so they
+    pick alike. A clip with fewer than `num_frames` frames raises DecodeError ("too short"), never pads.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    wanted = available_frames(times, fps, start, end)
     if num_frames is not None and len(wanted) < num_frames:
         raise DecodeError(path, f"too short: {len(wanted)} frames at {fps:g} fps, {num_frames} needed")
     if len(wanted) == 0:
         raise DecodeError(path, "no frames at the requested rate")
+    wanted = wanted[:num_frames]
+    step = np.median(np.diff(times)) if len(times) > 1 else 1.0 / fps
     # for each sampling time, the last frame shown at or before it. Containers round timestamps (webm: to 1 ms),
     # so a frame stamped up to 2 ms after a sampling time counts as shown at it; a quarter frame step at most.
     slack = min(2e-3, 0.25 * step) if step > 0 else 2e-3

@@ -109,7 +109,9 @@ def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str
             rate = entry.fps or fps
             longest = max((b.frames for b in buckets if not b.is_image), default=1)
             start = entry.start or 0.0
-            end = start + longest / rate + 1e-6  # never decode more of a long video than a bucket can use
+            # never decode more of a long video than a bucket can use; a shorter one gives the frames it has
+            # (decoding.available_frames) and goes to a bucket it fills, or is skipped as too short
+            end = start + longest / rate + 1e-6
             if entry.end is not None:
                 end = min(end, entry.end)
             first = int(round(start * rate))
@@ -128,10 +130,10 @@ def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str
         raise  # our bug or a broken install, not a bad file: skipping every clip would hide it
     except Exception as e:  # a decoder library choking on one odd file must not end a million-clip job
         return Prepared(entry, skip_reason=f"decoder failed ({type(e).__name__}: {e})")
-    t, h, w = frames.shape[:3]
+    t, h, w = frames.shape[:3]  # t: the frames the clip really has at `rate` (decoding.available_frames)
     bucket = assign_bucket(buckets, frames=t, height=h, width=w)
     if bucket is None:
-        return Prepared(entry, skip_reason=_no_bucket(t, rate, h, w))
+        return Prepared(entry, skip_reason=_no_bucket(buckets, entry.is_image, t, rate))
     video = resize_center_crop(frames[: bucket.frames], bucket.height, bucket.width)
     return Prepared(entry, bucket, video, _clip_indices(first, bucket))
 
@@ -143,15 +145,22 @@ def _prepare_on_gpu(entry: ManifestEntry, buckets: list, rate: float, end: float
     clip = dali.select_frames(entry.path, fps=rate, start=entry.start, end=end, device="gpu")
     bucket = assign_bucket(buckets, frames=len(clip.frames), height=clip.height, width=clip.width)
     if bucket is None:
-        return Prepared(entry, skip_reason=_no_bucket(len(clip.frames), rate, clip.height, clip.width))
+        return Prepared(entry, skip_reason=_no_bucket(buckets, False, len(clip.frames), rate))
     video = dali.decode_clip_dali(entry.path, clip._replace(frames=clip.frames[: bucket.frames]), bucket.height,
                                   bucket.width, device="gpu", device_id=device_id)
     return Prepared(entry, bucket, video, _clip_indices(first, bucket))
 
 
-def _no_bucket(frames: int, rate: float, height: int, width: int) -> str:
-    kind = "image" if frames == 1 else f"video of {frames} frames at {rate:g} fps"
-    return f"no bucket fits this {kind} ({width}x{height})"
+def _no_bucket(buckets: list, is_image: bool, frames: int, rate: float) -> str:
+    """Why `assign_bucket` found none: a clip never goes into a bucket longer than it (no padded frames)."""
+    if is_image:
+        return "an image, and the bucket set has no image bucket"
+    video_lengths = [b.frames for b in buckets if not b.is_image]
+    if frames > 1 and not video_lengths:
+        return f"a video ({frames} frames at {rate:g} fps), and the bucket set has no video bucket"
+    plural = "" if frames == 1 else "s"
+    return (f"too short for any bucket ({frames} frame{plural}) at {rate:g} fps: the shortest video bucket has "
+            f"{min(video_lengths, default=1)}")
 
 
 def _clip_indices(first: int, bucket: Bucket) -> np.ndarray:
