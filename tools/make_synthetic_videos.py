@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make a synthetic video dataset of moving coloured shapes (caption: "a red circle moves left").
 
-    python tools/make_synthetic_videos.py --out data/shapes --count 200 --frames 33 --size 64 --broken 10
+    python tools/make_synthetic_videos.py --out data/shapes --count 200 --frames 81 --size 64 --broken 10
 """
 
 import argparse
@@ -14,7 +14,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--count", type=int, default=200)
-    ap.add_argument("--frames", type=int, default=33)
+    ap.add_argument("--frames", type=int, default=81,
+                    help="frames per clip (81: the video stage buckets' length; a shorter clip fits no bucket)")
     ap.add_argument("--size", type=int, default=64, help="height and width (or --height / --width)")
     ap.add_argument("--height", type=int)
     ap.add_argument("--width", type=int)
