@@ -163,6 +163,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     (["parallel.tensor_parallel=4", "model.num_heads=2"], "heads"),
     (["model.text_dim=24"], "model.text_dim"),
     (["model.in_dim=16"], "model.in_dim"),
+    (["model.out_dim=16"], "model.out_dim"),  # the store's z_dim is 4: the loss target could not match
     (["data.buckets=[81x480x832]"], "data.buckets"),
     (["train.memory_budget_gb=0.000001"], "train.memory_budget_gb"),
     (["data.video_ratio=1.5"], "data.video_ratio"),

@@ -92,6 +92,9 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     if meta.vae.z_dim != cfg.model.in_dim:
         raise ConfigError(f"model.in_dim: {cfg.model.in_dim} input channels, but the store's latents have "
                           f"z_dim={meta.vae.z_dim}")
+    if meta.vae.z_dim != cfg.model.out_dim:  # the flow-matching target (noise - latents) has z_dim channels
+        raise ConfigError(f"model.out_dim: {cfg.model.out_dim} output channels, but the store's latents have "
+                          f"z_dim={meta.vae.z_dim}")
     text = meta.text_encoder
     if text.dim != cfg.model.text_dim:
         raise ConfigError(f"model.text_dim: {cfg.model.text_dim}, but the store's text states have dim={text.dim}")
