@@ -5,6 +5,7 @@ the frames a clip has the same way (`decoding.available_frames`) and picks the s
 Each source frame k is a flat grey of level 10 + 3 k, so a prepared clip says which source frame each of its
 frames is: they must be 0, 1, …, T - 1, distinct and in order (the clips are written at the target 16 fps)."""
 
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,9 @@ from megawan import capabilities
 from megawan.data.buckets import Bucket, parse_buckets
 from megawan.data.decoding import available_frames
 from megawan.data.manifest import ManifestEntry
-from megawan.data.precompute import prepare
+from megawan.data.precompute import PrecomputeJob, prepare, run_precompute
+from megawan.data.store import LatentStore
+from megawan.demo.tiny_assets import write_tiny_encoders
 from megawan.utils.media import write_image, write_video
 
 BUCKETS = parse_buckets(["81x32x32", "33x32x32", "17x32x32", "1x32x32"])
@@ -113,3 +116,31 @@ def test_every_dali_path_counts_and_buckets_like_pyav(dali, clips, monkeypatch, 
     gpu = prepare(ManifestEntry("g", path, "grey"), BUCKETS, 16, "dali-gpu")
     check(gpu, frames)
     assert gpu.skip_reason == pyav.skip_reason
+
+
+def test_the_store_holds_each_clip_in_its_bucket_and_reports_the_short_ones(clips, tmp_path):
+    """End to end: run_precompute over the six clips and the renamed PNG; the stored samples are the clips' own
+    frames (as many as the bucket, from frame 0), the short clips are reported with the reason."""
+    enc = write_tiny_encoders(str(tmp_path / "encoders"))
+    manifest = tmp_path / "clips.jsonl"
+    rows = [{"id": f"c{n}", "path": clips["mp4", n], "caption": "a grey clip"} for n in LENGTHS]
+    rows.append({"id": "png", "path": clips["png"], "caption": "a grey still"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = PrecomputeJob(manifest=str(manifest), out=str(tmp_path / "s.zarr"), vae=enc["vae"],
+                        vae_config=enc["vae_config"], text_encoder=enc["text_encoder"],
+                        text_config=enc["text_config"], tokenizer=enc["tokenizer"],
+                        buckets=[b.name for b in BUCKETS], decode_backend="pyav", decode_workers=1)
+    summary = run_precompute(job, progress=False)
+    assert summary["store"] == {"1x32x32": 2, "17x32x32": 1, "33x32x32": 1, "81x32x32": 1}
+    store = LatentStore.open(job.out)
+    for bucket in store.buckets():
+        for i in range(store.count(bucket)):
+            sample = store.read(bucket, i)
+            frames = Bucket.from_name(bucket).frames
+            assert list(sample["frame_indices"]) == list(range(frames))
+            assert sample["id"] in ("c1", "png") if frames == 1 else sample["id"] == f"c{frames}"
+            assert tuple(sample["latents"].shape[1:]) == Bucket.from_name(bucket).latent_shape()
+    reasons = {s["id"]: s["reason"] for s in summary["skipped"]}
+    assert sorted(reasons) == ["c16", "c9"]
+    assert reasons["c9"].startswith("too short for any bucket (9 frames)")
+    assert reasons["c16"].startswith("too short for any bucket (16 frames)")
