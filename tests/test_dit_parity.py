@@ -81,3 +81,21 @@ def test_a14b_experts_switch_at_the_boundary():
         low = experts.low_noise(latents[2:], timestep[2:], text[2:])
     assert experts.expert_for(timestep).tolist() == [True, True, False]
     torch.testing.assert_close(mixed, torch.cat([high, low]), rtol=0, atol=0)
+
+
+def test_a_stage_initialises_its_blocks_and_shared_embeddings_as_the_whole_model():
+    """Pipeline stages of one model (one init_seed) hold the weights the whole model holds: blocks by their global
+    number, and every stage the same copy of the text / time embeddings. Built under different global generator
+    states on purpose: nothing but the seed and the component's name decides its weights."""
+    cfg = dit_preset("tiny", num_layers=4, image_dim=None)
+    whole = WanDiT(cfg, init_seed=1234).state_dict()
+    torch.manual_seed(99)
+    late = WanDiT(cfg, layers=range(2, 4), pre_process=False, init_seed=1234).state_dict()
+    assert "patch_embedding.weight" not in late
+    for key, value in late.items():
+        global_key = key.replace("blocks.0.", "blocks.2.").replace("blocks.1.", "blocks.3.")
+        if torch.is_tensor(value):
+            assert torch.equal(value, whole[global_key]), key
+    other = WanDiT(cfg, init_seed=4321).state_dict()
+    assert not torch.equal(other["blocks.2.self_attention.linear_q.weight"],
+                           whole["blocks.2.self_attention.linear_q.weight"])

@@ -14,8 +14,10 @@ are given.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import zlib
 from typing import Optional
 
 import torch
@@ -34,6 +36,7 @@ from megawan.config.te_limits import CP_COMM_TYPES, te_layout_problem, te_tokens
 from megawan.models.dit.embeddings import ImageEmbedding, TextEmbedding, TimeEmbedding
 from megawan.models.dit.norms import compute_dtype, layer_norm_fp32, upcast
 from megawan.models.dit.rope import rope_cos_sin
+from megawan.models.dit.seeding import component_rng, new_init_seed
 from megawan.models.dit.specs import get_wan_block_spec
 from megawan.models.state import model_device, torch_dtype, with_extra_state
 from megawan.parallel.context_parallel import gather_sequence, pad_sequence, padded_length
@@ -124,9 +127,11 @@ class WanDiT(MegatronModule):
 
     def __init__(self, config: DiTConfig, tp_group=None, layers: Optional[range] = None, pre_process: bool = True,
                  post_process: bool = True, pipeline_parallel: int = 1, virtual_pipeline: Optional[int] = None,
-                 block_spec: Optional[ModuleSpec] = None, device="cpu"):
+                 block_spec: Optional[ModuleSpec] = None, device="cpu", init_seed: Optional[int] = None):
         """block_spec: the blocks' layer spec; default the backend's (specs.get_wan_block_spec). The TE contract
-        test passes the te spec's interface on local classes. device: where every parameter is created."""
+        test passes the te spec's interface on local classes. device: where every parameter is created.
+        init_seed: what each component's initialisation is seeded from (with the component's global name, so that
+        the chunks of one model share it); None: drawn from torch's global generator."""
         tp_group = tp_group if tp_group is not None else tensor_parallel_group()
         config.validate(tensor_parallel=tp_group.size())
         device = model_device(device)
@@ -149,23 +154,34 @@ class WanDiT(MegatronModule):
         dtype = self.config.params_dtype
         dim = config.dim
 
+        # every component is initialised from its own seed, derived from its global name: any split into stages
+        # and chunks builds the model one rank builds, and every stage's copy of the shared embeddings is alike
+        self.init_seed = new_init_seed() if init_seed is None else init_seed
+        self._device = torch.device(device)
         with torch.device(device):  # every parameter is created where the model runs (megatron's own included)
-            self.patch_embedding = (
-                nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype)
-                if pre_process else None
-            )
-            self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
-            self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
-            self.image_embedding = (
-                ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
-            )
+            with self._seeded("patch_embedding"):
+                self.patch_embedding = (
+                    nn.Conv3d(config.in_dim, dim, config.patch_size, stride=config.patch_size, dtype=dtype)
+                    if pre_process else None
+                )
+            with self._seeded("text_embedding"):
+                self.text_embedding = TextEmbedding(config.text_dim, dim).to(dtype)
+            with self._seeded("time_embedding"):
+                self.time_embedding = TimeEmbedding(config.freq_dim, dim).to(dtype)
+            with self._seeded("image_embedding"):
+                self.image_embedding = (
+                    ImageEmbedding(config.image_dim, dim, config.image_pos_len).to(dtype) if config.image_dim else None
+                )
             spec = block_spec if block_spec is not None else get_wan_block_spec(self.backend)
-            self.blocks = nn.ModuleList(
-                build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group, dit_config=config)
-                for i in self.layers
-            )
-            self.head = WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype) if post_process else None
-            self._init_weights()
+            blocks = []
+            for i in self.layers:
+                with self._seeded(f"blocks.{i}"):
+                    blocks.append(build_module(spec, config=self.config, layer_number=i + 1, tp_group=tp_group,
+                                               dit_config=config))
+            self.blocks = nn.ModuleList(blocks)
+            with self._seeded("head"):
+                self.head = (WanHead(dim, config.out_dim * config.patch_volume, config.eps, dtype)
+                             if post_process else None)
         for module in (self.text_embedding, self.time_embedding, self.image_embedding):
             for p in (module.parameters() if module is not None else ()):
                 p.pipeline_shared = True
@@ -183,26 +199,33 @@ class WanDiT(MegatronModule):
         for p in params:
             p.sequence_parallel = True
 
+    @contextlib.contextmanager
+    def _seeded(self, name: str):
+        """Build and initialise the component `name` (its name in the whole model) from its own seed."""
+        with component_rng(zlib.crc32(f"{self.init_seed}/{name}".encode()), self._device, self.tp_group.rank()):
+            yield
+            self._init_weights(name)
+
     @torch.no_grad()
-    def _init_weights(self) -> None:
+    def _init_weights(self, name: str) -> None:
         """Wan's init for training from scratch (block linears get xavier through megatron's init_method):
         xavier for the replicated linears and the patch embedding, N(0, 0.02) for the text and time
         embeddings, a zero output layer so that the untrained model predicts zero velocity."""
-        for m in (self.text_embedding, self.time_embedding, self.image_embedding, self.head):
-            for layer in (m.modules() if m is not None else ()):
+        module = getattr(self, name, None)
+        if name == "patch_embedding" and module is not None:
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            nn.init.zeros_(module.bias)
+        elif name in ("text_embedding", "time_embedding", "image_embedding") and module is not None:
+            for layer in module.modules():
                 if isinstance(layer, nn.Linear):
-                    nn.init.xavier_uniform_(layer.weight)
+                    if name == "image_embedding":
+                        nn.init.xavier_uniform_(layer.weight)
+                    else:
+                        nn.init.normal_(layer.weight, std=0.02)
                     nn.init.zeros_(layer.bias)
-        if self.patch_embedding is not None:
-            nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.patch_embedding.weight.shape[0], -1))
-            nn.init.zeros_(self.patch_embedding.bias)
-        for m in (self.text_embedding, self.time_embedding):
-            for layer in m.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02)
-        if self.head is not None:
-            nn.init.zeros_(self.head.linear.weight)
-            nn.init.zeros_(self.head.linear.bias)
+        elif name == "head" and module is not None:
+            nn.init.zeros_(module.linear.weight)
+            nn.init.zeros_(module.linear.bias)
 
     def set_input_tensor(self, input_tensor) -> None:
         """megatron's schedules hand a non-first stage the previous stage's output here."""

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from megawan.capabilities import cuda_available
 from megawan.config import DiTConfig, ParallelConfig
 from megawan.models.dit.model import WanDiT
+from megawan.models.dit.seeding import new_init_seed
 from megawan.models.state import model_device
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -48,12 +49,14 @@ def build_model_chunks(config: DiTConfig, parallel: ParallelConfig, device=None)
     vp = parallel.virtual_pipeline or 1
     rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
     per_chunk = config.num_layers // (pp * vp)
+    seed = new_init_seed()  # one model: every chunk initialises its blocks and shared copies as one rank would
     chunks = []
     for c in range(vp):
         first = (c * pp + rank) * per_chunk
         chunk = WanDiT(config, layers=range(first, first + per_chunk),
                        pre_process=(rank == 0 and c == 0), post_process=(rank == pp - 1 and c == vp - 1),
-                       pipeline_parallel=pp, virtual_pipeline=parallel.virtual_pipeline, device=device)
+                       pipeline_parallel=pp, virtual_pipeline=parallel.virtual_pipeline, device=device,
+                       init_seed=seed)
         chunks.append(chunk)
     _mark_shared_copies(chunks)
     return chunks
