@@ -86,9 +86,12 @@ def _assert_same_training(got, ref, what):
     for g, r in zip(got, ref):
         torch.testing.assert_close(torch.tensor(g["losses"]), torch.tensor(r["losses"]), rtol=1e-6, atol=0)
         assert g["params"].keys() == r["params"].keys()
+        # the weights to 1e-4: bucketed reductions sum in another order, and Adam divides by sqrt(v), which turns
+        # fp32 rounding of near-zero gradients into relative differences of ~1e-5 in small tensors (a norm's bias
+        # after 3 steps: 2.5e-5); the faults this test is for move weights by 8e-4 to 4e-2
         for name, expected in r["params"].items():
             rel = ((g["params"][name] - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-            assert rel <= 1e-5, f"{what}: {name} differs by {rel:.1e}"
+            assert rel <= 1e-4, f"{what}: {name} differs by {rel:.1e}"
 
 
 @pytest.mark.parametrize("name,world,layout", [
