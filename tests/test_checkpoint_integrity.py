@@ -155,3 +155,30 @@ def test_conversion_refuses_a_damaged_checkpoint(root):
 def test_on_corrupt_is_validated():
     with pytest.raises(ConfigError, match="checkpoint.on_corrupt"):
         load_config(None, ["model.preset=tiny", "checkpoint.on_corrupt=ignore"])
+
+
+def test_megawan_train_resumes_past_a_damaged_newest_checkpoint_or_stops_naming_it(tmp_path):
+    """The trainer (one rank under torchrun): checkpoints at steps 2 and 4, bytes of step 4's shard changed; the
+    next run warns naming the file, resumes from step 2 and rewrites step 4. With on_corrupt 'fail' a damaged
+    newest checkpoint stops the run with one line naming the file."""
+    from megawan.demo.tiny_dataset import make_tiny_dataset
+    from test_trainer import _run
+
+    store, _ = make_tiny_dataset(str(tmp_path / "data"), videos=8, images=8)
+    ckpt = str(tmp_path / "ckpt")
+    one_rank = ("parallel.tensor_parallel=1",)
+    code, log = _run(1, ckpt, store, *one_rank, "train.steps=4")
+    assert code == 0, log
+    _flip_bytes(os.path.join(ckpt, checkpoint_name(4), "__0_0.distcp"))
+
+    code, log = _run(1, ckpt, store, *one_rank, "train.steps=6")
+    assert code == 0, log
+    assert f"warning: checkpoint {os.path.join(ckpt, checkpoint_name(4))} is damaged (__0_0.distcp has changed" in log
+    assert f"resumed from {os.path.join(ckpt, checkpoint_name(2))} at step 2" in log
+    assert verify_checkpoint(os.path.join(ckpt, checkpoint_name(4))) is None  # written again at step 4
+
+    os.remove(os.path.join(ckpt, checkpoint_name(6), "common.pt"))
+    code, log = _run(1, ckpt, store, *one_rank, "train.steps=8", "checkpoint.on_corrupt=fail")
+    assert code != 0
+    line = f"megawan train: checkpoint {os.path.join(ckpt, checkpoint_name(6))} is damaged: common.pt is missing"
+    assert line in log, log
