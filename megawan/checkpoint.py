@@ -12,9 +12,11 @@ module that knows the names on disk; the trainer, generation, export, tools and 
     save_model_checkpoint(folder, chunks, config, trainer_state)                   # weights only (export)
     CheckpointTensors(folder).get(key)                                             # one tensor, no process group
 
-A checkpoint is written under `<name>.tmp` and renamed once every rank has finished; `latest` is replaced
-atomically after that; older ones beyond `keep` are removed last. A job killed at any moment leaves `latest`
-naming a complete checkpoint (or none), which is what a resume reads; a reader never sees a half-written folder.
+A checkpoint is written under `<name>.tmp` and renamed once every rank has finished and recorded its files'
+sizes and checksums (megawan.checkpoint_integrity); `latest` is replaced atomically after that; older ones
+beyond `keep` are removed last. A job killed at any moment leaves `latest` naming a complete checkpoint (or
+none), which is what a resume reads; a reader never sees a half-written folder. Damage after the write (a
+truncated, deleted or changed file) is found by resume_checkpoint, which falls back to the newest intact one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
 from megawan.capabilities import cuda_available
+from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint, write_manifests
 from megawan.models.dit.parallelize import chunk_state_dict
 
 STATE_FILE = "trainer_state.json"  # step, LR schedule, loader position, counters
@@ -81,6 +84,33 @@ def latest_checkpoint(root: str) -> Optional[str]:
     if not is_checkpoint(path):
         raise RuntimeError(f"{pointer} names {name}, which is not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def resume_checkpoint(root: str, on_corrupt: str = "fallback") -> tuple:
+    """(the checkpoint a resume loads or None for a fresh run, notes to log). Collective: every rank checks a
+    share of the files and all agree. The one `latest` names is verified first; when damaged, on_corrupt
+    'fallback' tries the older ones, newest first (each damaged one gets a note naming its file), 'fail'
+    raises CheckpointError naming the file. Raises CheckpointError too when no checkpoint is intact."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return None, []
+    with open(pointer, encoding="utf-8") as f:
+        newest = checkpoint_step(f.read().strip())
+    older = sorted((int(m.group(1)) for m in map(_ITER.match, os.listdir(root)) if m), reverse=True)
+    notes = []
+    for step in [newest] + [s for s in older if s < newest]:
+        path = os.path.join(root, checkpoint_name(step))
+        verdict = verify_checkpoint(path, collective=True)
+        if verdict in (None, UNVERIFIED) and not is_checkpoint(path):
+            verdict = f"{STATE_FILE} is missing"
+        if verdict in (None, UNVERIFIED):
+            if verdict == UNVERIFIED:
+                notes.append(f"{path} is unverified (written before checkpoints had checksums)")
+            return path, notes
+        if on_corrupt == "fail":
+            raise CheckpointError(f"checkpoint {path} is damaged: {verdict} (checkpoint.on_corrupt: fail)")
+        notes.append(f"warning: checkpoint {path} is damaged ({verdict}); falling back to an older one")
+    raise CheckpointError(f"no intact checkpoint in {root}: {notes[-1] if notes else 'none found'}")
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -178,6 +208,10 @@ def _write(path: str, sharded: dict, config: dict, trainer_state: dict, content_
             yaml.safe_dump(config, f, sort_keys=False)
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(trainer_state, f, indent=1)
+    _barrier()
+    write_manifests(tmp)  # every file's size and checksum, before the folder can be seen under its name
+    _barrier()
+    if _rank() == 0:
         os.rename(tmp, path)
 
 
@@ -325,6 +359,9 @@ class CheckpointTensors:
     saved at), without a process group: what conversion streams from. ema=True reads the EMA weights."""
 
     def __init__(self, folder: str, ema: bool = False):
+        verdict = verify_checkpoint(folder)
+        if verdict not in (None, UNVERIFIED):
+            raise CheckpointError(f"checkpoint {folder} is damaged: {verdict}")
         self.folder, self.prefix = folder, EMA_PREFIX if ema else ""
         self._meta = {k[len(self.prefix):]: m for k, m in _tensor_metadata(folder).items()
                       if k.startswith(self.prefix) and hasattr(m, "size") and not k.startswith(_OPTIMIZER_PREFIX)

@@ -29,7 +29,7 @@ LAYERS = (
     ("megawan.diffusion",),
     ("megawan.parallel",),
     ("megawan.models",),
-    ("megawan.checkpoint",),  # THE checkpoint format
+    ("megawan.checkpoint", "megawan.checkpoint_integrity"),  # THE checkpoint format and its checksums
     ("megawan.artifacts",),  # what a folder on disk holds
     ("megawan.data",),
     ("megawan.training",),

@@ -180,6 +180,7 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints (also written on SIGTERM / SIGUSR1 and at the end)
     keep: int = 3  # the newest K complete checkpoints are kept
     init_from: Optional[str] = None  # warm start: weights only, from a checkpoint of an earlier stage
+    on_corrupt: str = "fallback"  # a damaged checkpoint at resume: fallback (to the newest intact one) | fail
 
 
 @dataclass
@@ -251,6 +252,8 @@ class RunConfig:
             raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be at least 1")
+        if self.checkpoint.on_corrupt not in ("fallback", "fail"):
+            raise ConfigError(f"checkpoint.on_corrupt: {self.checkpoint.on_corrupt!r} is not fallback | fail")
         heads_split = p.tensor_parallel * p.ulysses_degree
         if self.model.num_heads % heads_split:
             raise ConfigError(

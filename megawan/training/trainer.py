@@ -31,7 +31,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.dispatch import triton_runnable
 from megawan.capabilities import cuda_available, rank_device
-from megawan.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from megawan.checkpoint import load_checkpoint, resolve_checkpoint, resume_checkpoint, save_checkpoint
+from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint
 from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
 from megawan.data.loader import BucketedLoader
@@ -257,7 +258,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _resume(self):
         cfg = self.cfg
-        latest = latest_checkpoint(cfg.checkpoint.dir)
+        try:  # every rank checks a share of the files; a damaged one is skipped or stops the run by config
+            latest, notes = resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.on_corrupt)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        for note in notes:
+            self._log0(note)
         if latest is not None:
             state = load_checkpoint(latest, self.chunks, self.optimizer, self.ema)
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
@@ -267,6 +273,9 @@ class Trainer:
             self._log0(f"resumed from {latest} at step {self.step}")
         elif cfg.checkpoint.init_from:
             source = resolve_checkpoint(cfg.checkpoint.init_from)
+            verdict = verify_checkpoint(source, collective=True)  # named by the user: no fallback
+            if verdict not in (None, UNVERIFIED):
+                raise TrainingError(f"checkpoint.init_from: {source} is damaged: {verdict}")
             load_checkpoint(source, self.chunks)
             self.optimizer.reload_model_params()
             if self.ema is not None:
