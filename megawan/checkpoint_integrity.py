@@ -24,12 +24,14 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megawan.utils.user_errors import UserError
+
 INTEGRITY_DIR = "integrity"
 _CHUNK = 8 << 20
 UNVERIFIED = "unverified"  # the verdict for a checkpoint written before manifests existed
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A damaged checkpoint (one line naming the file); a ValueError so that tools print it as a user error."""
 
 

@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from megawan.config import ConfigError, ParallelConfig, dit_preset, preset_names
+from megawan.config import ParallelConfig, dit_preset, preset_names
+from megawan.utils.user_errors import UserError, run_main
 
 # The other subcommands import their modules when they run: those pull in torch and megatron-core (seconds),
 # which `megawan --help` and `megawan presets` should not wait for.
@@ -56,14 +57,11 @@ def _cmd_flops(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from megawan.training.trainer import TrainingError, train  # lazy: torch and megatron-core
+    from megawan.training.trainer import train  # lazy: torch and megatron-core
 
-    try:
-        overrides = tuple(args.overrides) + ((f"checkpoint.init_from={args.init_from}",) if args.init_from else ())
-        result = train(args.config, overrides)
-    except (ConfigError, TrainingError) as e:
-        print(f"megawan train: {e}", file=sys.stderr)
-        return 2
+    # ConfigError / TrainingError / CheckpointError are user errors: main() prints them as one line
+    overrides = tuple(args.overrides) + ((f"checkpoint.init_from={args.init_from}",) if args.init_from else ())
+    result = train(args.config, overrides)
     return 0 if result["stopped"] is None or result["stopped"].startswith("signal") else 1
 
 
@@ -78,32 +76,25 @@ def _cmd_generate(args) -> int:
     elif args.prompt:
         prompts = [args.prompt]
     else:
-        print("megawan generate: give --prompt TEXT or --prompts FILE", file=sys.stderr)
-        return 2
+        raise UserError("give --prompt TEXT or --prompts FILE")
     if args.device == "cuda" and not cuda_available():
-        print("megawan generate: --device cuda: this machine has no CUDA device (use --device cpu or auto)",
-              file=sys.stderr)
-        return 2
+        raise UserError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     tp = args.tensor_parallel
     cp = args.context_parallel or max(world // tp, 1)
     guidance = args.guidance
     if guidance is not None and len(guidance) == 1:
         guidance = guidance[0]
-    try:
-        # the process group suits the device: gloo for --device cpu (also on a GPU machine), else NCCL where CUDA is
-        initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp, context_parallel_mode=args.cp_mode),
-                   backend="gloo" if args.device == "cpu" else None, seed=args.seed)
-        req = GenerationRequest(
-            ckpt=args.ckpt, prompts=prompts, out=args.out, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt,
-            negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
-            steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
-            image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema,
-            vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None, device=args.device)
-        paths = generate(req)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"megawan generate: {e}", file=sys.stderr)
-        return 2
+    # the process group suits the device: gloo for --device cpu (also on a GPU machine), else NCCL where CUDA is
+    initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp, context_parallel_mode=args.cp_mode),
+               backend="gloo" if args.device == "cpu" else None, seed=args.seed)
+    req = GenerationRequest(
+        ckpt=args.ckpt, prompts=prompts, out=args.out, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt,
+        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
+        steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
+        image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema,
+        vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None, device=args.device)
+    paths = generate(req)
     for p in paths:
         print(p)
     return 0
@@ -157,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tensor-parallel", type=int, default=1)
     gen.add_argument("--context-parallel", type=int, help="default: world size / tensor parallel")
     gen.add_argument("--cp-mode", default="ulysses", choices=["ulysses", "ring"])
-    gen.set_defaults(func=_cmd_generate)
+    # generation's checks raise plain ValueErrors naming the option (--frames, --low-noise-ckpt, ...)
+    gen.set_defaults(func=_cmd_generate, user_errors=(ValueError,))
 
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
@@ -173,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 a user error (one line on stderr; MEGAWAN_DEBUG=1 adds the traceback), 1 a training
+    run that stopped early; a bug raises with its traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_main(f"megawan {args.command}", args.func, args, also=getattr(args, "user_errors", ()))
 
 
 if __name__ == "__main__":

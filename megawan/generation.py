@@ -41,6 +41,7 @@ from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_t
 from megawan.capabilities import cuda_available, rank_device, resolve_backend
 from megawan.config import ParallelConfig, text_preset, vae_preset
 from megawan.config.te_limits import te_tokens_problem
+from megawan.convert.files import load_torch_file
 from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
@@ -85,7 +86,16 @@ def _load_image(path: str, height: int, width: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    img = Image.open(path).convert("RGB")
+    from PIL import UnidentifiedImageError
+
+    if os.path.isdir(path):
+        raise ValueError(f"--image {path} is a directory, not an image file")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:  # a missing file stays FileNotFoundError (its own message)
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"--image {path} is not a readable image ({e})") from None
     scale = max(width / img.width, height / img.height)
     img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
     left, top = (img.width - width) // 2, (img.height - height) // 2
@@ -272,7 +282,10 @@ def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype 
 
 def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor:
     if req.noise:
-        noise = torch.load(req.noise, map_location="cpu", weights_only=True).float()
+        noise = load_torch_file(req.noise)  # a pickle with code in it is refused, naming the file
+        if not isinstance(noise, torch.Tensor):
+            raise ValueError(f"--noise {req.noise} holds a {type(noise).__name__}, not a tensor")
+        noise = noise.float()
         noise = noise[None] if noise.dim() == 4 else noise
         if tuple(noise.shape[1:]) != tuple(shape) or noise.shape[0] not in (1, n):
             raise ValueError(f"--noise {req.noise} has shape {tuple(noise.shape)}; these prompts need "

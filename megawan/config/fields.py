@@ -9,8 +9,10 @@ import types
 import typing
 from typing import Any
 
+from megawan.utils.user_errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot work. The message names the offending field."""
 
 

@@ -82,6 +82,8 @@ def open_video(path: str):
     The caller closes the container."""
     import av
 
+    if os.path.isdir(path):
+        raise DecodeError(path, "is a directory, not a video file")
     if not os.path.isfile(path):
         raise DecodeError(path, "file not found")
     if os.path.getsize(path) == 0:

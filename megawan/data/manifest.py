@@ -15,11 +15,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from megawan.utils.user_errors import UserError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-class ManifestError(ValueError):
-    pass
+class ManifestError(UserError, ValueError):
+    """A malformed manifest row or file; the message names the file, the row and the field."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
+from megawan.utils.user_errors import UserError
 
-class StoreMetadataError(ValueError):
+
+class StoreMetadataError(UserError, ValueError):
     """A store's attributes lack a field readers need, or hold one of the wrong kind."""
 
 

@@ -17,6 +17,7 @@ too short, …).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -83,6 +84,8 @@ def decode_image(path: str) -> np.ndarray:
     """An image as one frame [1, H, W, 3]."""
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        raise DecodeError(path, "is a directory, not an image file")
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))[None]

@@ -51,12 +51,14 @@ from megawan.training.precision import fp8_context
 from megawan.training.schedule import forward_backward
 from megawan.training.validation import Validator
 from megawan.utils.progress import Progress
+from megawan.utils.user_errors import UserError
 
 logger = logging.getLogger("megawan")
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on for a reason its user can act on (a damaged checkpoint, losses that stay
+    non-finite): `megawan train` prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------
