@@ -82,7 +82,7 @@ def latest_checkpoint(root: str) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(root, name)
     if not is_checkpoint(path):
-        raise RuntimeError(f"{pointer} names {name}, which is not a complete checkpoint (no {STATE_FILE})")
+        raise CheckpointError(f"{pointer} names {name}, which is not a complete checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -114,13 +114,40 @@ def resume_checkpoint(root: str, on_corrupt: str = "fallback") -> tuple:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run's checkpoint root (its `latest`): what --init-from and --ckpt accept."""
+    """A checkpoint folder, or a run's checkpoint root (its `latest`): what --init-from and --ckpt accept.
+    Checked on this rank alone, cheaply (file names and sizes, no checksums): a missing or truncated file is a
+    CheckpointError naming it, not a failure deep inside megatron. load_weights checks the checksums."""
     if os.path.isfile(os.path.join(path, LATEST)):
-        return latest_checkpoint(path)
-    if not is_checkpoint(path):
+        path = latest_checkpoint(path)
+    elif not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run's checkpoint "
                                 f"directory (no `{LATEST}`)")
+    _check_present(path, verify_checkpoint(path, sizes_only=True))
     return path
+
+
+# dist_checkpointing's own files: without them megatron fails with an error that names none of them (a missing
+# common.pt: "'str' object has no attribute 'iterdir'"). Checked by name, also in checkpoints with no manifests.
+_DIST_FILES = (".metadata", "common.pt", "metadata.json")
+
+
+def _check_present(path: str, verdict: Optional[str]) -> None:
+    """Raise CheckpointError naming the damage (`verdict` of verify_checkpoint) or a missing file of `path`."""
+    if verdict in (None, UNVERIFIED):
+        missing = [n for n in (STATE_FILE, CONFIG_FILE) + _DIST_FILES if not os.path.isfile(os.path.join(path, n))]
+        verdict = f"{missing[0]} is missing" if missing else None
+    if verdict is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {verdict}")
+
+
+def _prunable(root: str, keep: int) -> list:
+    """The checkpoint folders of `root` older than its newest `keep` intact ones: a damaged checkpoint (a file
+    missing or truncated: sizes only, a stat each) does not count toward `keep`, so it never displaces a good
+    one. Fewer than `keep` intact: nothing."""
+    complete = sorted(n for n in os.listdir(root) if _ITER.match(n))
+    intact = [n for n in complete if verify_checkpoint(os.path.join(root, n), sizes_only=True) in (None, UNVERIFIED)
+              and is_checkpoint(os.path.join(root, n))]
+    return [n for n in complete if n < intact[-keep]] if len(intact) >= keep else []
 
 
 def read_trainer_state(path: str) -> dict:
@@ -240,8 +267,7 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state
         with open(pointer + ".tmp", "w", encoding="utf-8") as f:
             f.write(name + "\n")
         os.replace(pointer + ".tmp", pointer)  # the commit
-        complete = sorted(n for n in os.listdir(root) if _ITER.match(n))
-        for old in complete[:-keep]:
+        for old in _prunable(root, keep):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return path
@@ -339,6 +365,8 @@ def load_weights(path: str, chunks: list, ema: bool = False) -> None:
     states still come from the model)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
+    # every rank of the load checks a share of the checksums and all agree (the load below is collective too)
+    _check_present(path, verify_checkpoint(path, collective=True))
     model_sd = model_sharded_state_dict(chunks)
     if ema:
         for i, chunk in enumerate(chunks):

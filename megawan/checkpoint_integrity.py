@@ -100,7 +100,7 @@ def _manifest(folder: str) -> tuple:
     return files, None
 
 
-def _check_files(folder: str, files: dict, names: list) -> Optional[str]:
+def _check_files(folder: str, files: dict, names: list, sizes_only: bool = False) -> Optional[str]:
     for name in names:
         path = os.path.join(folder, name)
         size, crc = files[name]
@@ -109,19 +109,21 @@ def _check_files(folder: str, files: dict, names: list) -> Optional[str]:
         actual = os.path.getsize(path)
         if actual != size:
             return f"{name} has {actual} bytes, {size} were written"
-        if _checksum(path) != crc:
+        if not sizes_only and _checksum(path) != crc:
             return f"{name} has changed since it was written (checksum mismatch)"
     return None
 
 
-def verify_checkpoint(folder: str, collective: bool = False) -> Optional[str]:
+def verify_checkpoint(folder: str, collective: bool = False, sizes_only: bool = False) -> Optional[str]:
     """None when every file of checkpoint `folder` has the size and checksum it was written with; else one
     line naming the damaged or missing file. UNVERIFIED for a checkpoint written before manifests existed.
-    collective=True: every rank checks its share and all ranks return the same verdict (call it on all)."""
+    collective=True: every rank checks its share and all ranks return the same verdict (call it on all).
+    sizes_only=True: no checksums, only the files' presence and sizes (a stat each: cheap enough for every rank
+    to check a whole checkpoint alone; catches deletion and truncation, not changed bytes)."""
     files, verdict = (None, f"{folder} is missing") if not os.path.isdir(folder) else _manifest(folder)
     if files is not None:
         rank, world = _world() if collective else (0, 1)
-        verdict = _check_files(folder, files, sorted(files)[rank::world])
+        verdict = _check_files(folder, files, sorted(files)[rank::world], sizes_only)
     if collective and dist.is_initialized():
         verdicts = [None] * dist.get_world_size()
         dist.all_gather_object(verdicts, verdict)

@@ -84,8 +84,9 @@ def test_cli_prints_table_and_sample(tiny, capsys):
 
     assert main(["--store", tiny["path"], "--sample", "1x32x32:0"]) == 0
     assert "id:            still" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--store", tiny["path"], "--sample", "5x32x32:3"])
+    capsys.readouterr()
+    assert main(["--store", tiny["path"], "--sample", "5x32x32:3"]) == 2  # a user error: one line, status 2
+    assert capsys.readouterr().err == "inspect_store.py: bucket 5x32x32 has 3 samples; no index 3\n"
 
 
 @pytest.mark.parametrize("layout", ["weights", "official"])

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from megawan.export import FORMATS, convert_pipeline
+from megawan.utils.user_errors import run_main
 
 
 def parse_args(argv=None):
@@ -41,14 +42,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """0 done; 2 a user error (one line naming the file or key; MEGAWAN_DEBUG=1 shows the traceback)."""
+    # conversion's checks raise plain ValueError / KeyError naming the key or shape that does not fit
+    return run_main("convert_checkpoint", _main, argv, also=(ValueError, KeyError))
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        summary = convert_pipeline(args.src, args.src_format, args.dst, args.dst_format, model=args.model,
-                                   tp=args.tp, pp=args.pp, encoders=args.encoders, ema=args.ema,
-                                   max_shard_bytes=int(args.shard_gb * 1024 ** 3), boundary=args.boundary)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"convert_checkpoint: {e}", file=sys.stderr)
-        return 2
+    summary = convert_pipeline(args.src, args.src_format, args.dst, args.dst_format, model=args.model,
+                               tp=args.tp, pp=args.pp, encoders=args.encoders, ema=args.ema,
+                               max_shard_bytes=int(args.shard_gb * 1024 ** 3), boundary=args.boundary)
     print(f"wrote {summary['format']} pipeline of {summary['config']} ({', '.join(summary['experts'])}) "
           f"to {summary['dst']}" + (f" at TP{summary['tp']} x PP{summary['pp']}" if summary["format"] == "megawan" else ""))
     return 0

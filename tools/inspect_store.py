@@ -32,6 +32,7 @@ from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.data.store_metadata import StoreMetadata
 from megawan.utils.images import contact_sheet, video_to_uint8
+from megawan.utils.user_errors import UserError, run_main
 
 ENCODER_KEYS = ("format_version", "vae", "text_encoder")
 
@@ -236,6 +237,11 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    """0 shown; 2 a user error (one line: no such store, sample or id, an unreadable VAE file)."""
+    return run_main("inspect_store.py", _main, argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True, help="the latent store (.zarr directory)")
     which = ap.add_mutually_exclusive_group()
@@ -252,7 +258,7 @@ def main(argv=None) -> int:
     try:
         store = LatentStore.open(args.store)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+        raise UserError(str(e)) from None
     print(format_summary(summarize(store)))
 
     bucket = index = None
@@ -260,17 +266,20 @@ def main(argv=None) -> int:
         try:
             bucket, index = store.locate(args.id)
         except KeyError as e:
-            raise SystemExit(e.args[0])
+            raise UserError(e.args[0]) from None
     elif args.sample is not None:
-        bucket, index = parse_sample_ref(args.sample)
+        try:
+            bucket, index = parse_sample_ref(args.sample)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if bucket not in store.buckets():
-            raise SystemExit(f"no bucket {bucket!r} in {args.store} (buckets: {', '.join(store.buckets()) or 'none'})")
+            raise UserError(f"no bucket {bucket!r} in {args.store} (buckets: {', '.join(store.buckets()) or 'none'})")
         if not 0 <= index < store.count(bucket):
-            raise SystemExit(f"bucket {bucket} has {store.count(bucket)} samples; no index {index}")
+            raise UserError(f"bucket {bucket} has {store.count(bucket)} samples; no index {index}")
     elif args.png:
         nonempty = [b for b in store.buckets() if store.count(b)]
         if not nonempty:
-            raise SystemExit(f"{args.store} has no samples to decode")
+            raise UserError(f"{args.store} has no samples to decode")
         bucket, index = nonempty[0], 0
     if bucket is None:
         return 0
@@ -280,14 +289,14 @@ def main(argv=None) -> int:
     print(format_sample(sample, bucket, index))
     if args.png:
         if not args.vae:
-            raise SystemExit("--png needs --vae WEIGHTS")
+            raise UserError("--png needs --vae WEIGHTS")
         try:  # --vae-config first: a store that names no preset (or lacks a field) still decodes with it
             preset = args.vae_config or vae_preset_name(store.metadata)
         except ValueError as e:  # no preset named; StoreMetadataError: a field readers need is missing
-            raise SystemExit(str(e))
+            raise UserError(str(e)) from None
         vae = load_vae(args.vae, preset, args.device)
         if vae.vae_config.z_dim != sample["latents"].shape[0]:
-            raise SystemExit(f"the VAE has z_dim={vae.vae_config.z_dim}; the latents have {sample['latents'].shape[0]} "
+            raise UserError(f"the VAE has z_dim={vae.vae_config.z_dim}; the latents have {sample['latents'].shape[0]} "
                              f"channels")
         frames = decode_latents(vae, sample["latents"])
         sheet = contact_sheet(frames, columns=args.columns, max_frames=args.frames)

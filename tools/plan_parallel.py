@@ -25,6 +25,7 @@ from megawan.config import ConfigError, ParallelConfig, RunConfig, dit_preset
 from megawan.models.dit import flops
 from megawan.models.dit.flops import tokens as count_tokens
 from megawan.training.memory import estimate_memory
+from megawan.utils.user_errors import run_main
 
 GB = 1024**3
 
@@ -80,6 +81,11 @@ def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memor
 
 
 def main(argv=None) -> int:
+    """0 a layout fits; 1 none does; 2 a user error (one line, e.g. an unknown preset)."""
+    return run_main("plan_parallel.py", _main, argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", required=True)
     ap.add_argument("--frames", type=int, default=81)

@@ -20,6 +20,7 @@ import sys
 from megawan.capabilities import rank_device
 from megawan.data.buckets import STAGE_BUCKETS
 from megawan.data.precompute import STORE_DTYPES, PrecomputeJob, run_precompute
+from megawan.utils.user_errors import run_main
 
 
 def parse_args(argv=None):
@@ -47,17 +48,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """0 done; 2 a user error (one line: a bad option, manifest row or weight file; MEGAWAN_DEBUG=1 shows the
+    traceback)."""
+    return run_main("precompute_latents.py", _main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     job = PrecomputeJob(manifest=args.manifest, out=args.out, vae=args.vae, vae_config=args.vae_config,
                         text_encoder=args.text_encoder, text_config=args.text_config, tokenizer=args.tokenizer,
                         buckets=args.stage_buckets, fps=args.fps, dtype=args.dtype, compute_dtype=args.compute_dtype,
                         save_logvar=args.save_logvar, decode_workers=args.decode_workers, prefetch=args.prefetch,
                         decode_backend=args.decode_backend)
-    try:
-        job.check()  # a bad bucket, or a decode backend this machine cannot run, fails here before any work
-    except ValueError as e:  # ConfigError included: one line, no traceback
-        print(f"precompute_latents.py: {e}", file=sys.stderr, flush=True)
-        return 2
+    job.check()  # a bad bucket, or a decode backend this machine cannot run, fails here before any work
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank, barrier, device = 0, None, None
     if world > 1:

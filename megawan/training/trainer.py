@@ -138,7 +138,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     if cfg.checkpoint.init_from:
         try:
             resolve_checkpoint(cfg.checkpoint.init_from)
-        except (FileNotFoundError, RuntimeError) as e:
+        except (FileNotFoundError, RuntimeError, CheckpointError) as e:
             raise ConfigError(f"checkpoint.init_from: {e}") from None
     return {"metadata": meta, "buckets": buckets, "backend": backend, "backend_reason": reason}
 
