@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from megawan.config import ParallelConfig, dit_preset, preset_names
+from megawan.config import ParallelConfig, dit_preset, load_config, preset_names
 from megawan.utils.user_errors import UserError, run_main
 
 # The other subcommands import their modules when they run: those pull in torch and megatron-core (seconds),
@@ -46,10 +46,10 @@ def _parameter_count(config) -> int:
 
 
 def _cmd_flops(args) -> int:
+    c = dit_preset(args.preset)  # a misspelt preset is refused before the slow imports
     from megawan.models.dit import flops  # lazy: torch and megatron-core
     from megawan.models.dit.flops import tokens
 
-    c = dit_preset(args.preset)
     f = flops(c, args.batch, args.frames, args.height, args.width)
     print(f"{args.preset}: {tokens(c, args.frames, args.height, args.width):,} tokens per sample; "
           f"forward {f / 1e12:.2f} TFLOP, training step (3x) {3 * f / 1e12:.2f} TFLOP for batch {args.batch}")
@@ -57,10 +57,11 @@ def _cmd_flops(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from megawan.training.trainer import train  # lazy: torch and megatron-core
-
     # ConfigError / TrainingError / CheckpointError are user errors: main() prints them as one line
     overrides = tuple(args.overrides) + ((f"checkpoint.init_from={args.init_from}",) if args.init_from else ())
+    load_config(args.config, overrides)  # a missing file or a bad override is refused before the slow imports
+    from megawan.training.trainer import train  # lazy: torch and megatron-core
+
     result = train(args.config, overrides)
     return 0 if result["stopped"] is None or result["stopped"].startswith("signal") else 1
 

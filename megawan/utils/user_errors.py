@@ -54,6 +54,8 @@ def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) if str(error).strip() else type(error).__name__
     if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
         text = error.args[0]  # str(KeyError) quotes the message
+    elif isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.filename}: {error.strerror}"  # not "[Errno 2] No such file or directory: 'x.yaml'"
     return text
 
 
