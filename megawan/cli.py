@@ -67,6 +67,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from megawan.artifacts import resolve_model
     from megawan.capabilities import cuda_available
     from megawan.generation import GenerationRequest, generate  # lazy: torch and megatron-core
     from megawan.parallel import initialize
@@ -80,6 +81,7 @@ def _cmd_generate(args) -> int:
         raise UserError("give --prompt TEXT or --prompts FILE")
     if args.device == "cuda" and not cuda_available():
         raise UserError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
+    resolve_model(args.ckpt, args.low_noise_ckpt)  # a missing or damaged checkpoint, named before any process group
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     tp = args.tensor_parallel
     cp = args.context_parallel or max(world // tp, 1)
