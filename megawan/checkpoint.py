@@ -358,6 +358,7 @@ class CheckpointSaver:
         self.async_save = async_save
         self._queue = None
         self._pending = []  # folders scheduled and not committed yet (the same on every rank)
+        self._committed = []  # committed and not reported by finalize() yet (save() commits the previous one)
 
     @property
     def pending(self) -> list:
@@ -384,7 +385,8 @@ class CheckpointSaver:
         the folder it becomes once committed."""
         if not self.async_save:
             return save_checkpoint(root, step, chunks, optimizer, trainer_state, config, ema=ema, keep=keep)
-        self.finalize(blocking=True)  # one write at a time: the previous one is committed first
+        if self._pending:  # one write at a time: the previous one is committed first (reported by finalize())
+            self._calls().maybe_finalize_async_calls(blocking=True)
         name = checkpoint_name(step)
         path = os.path.join(root, name)
         _prepare_root(root, path)
@@ -395,20 +397,20 @@ class CheckpointSaver:
                                           content_metadata=OPTIMIZER_METADATA, async_sharded_save=True)
         request.add_finalize_fn(lambda: _commit(tmp, path, *texts))
         request.add_finalize_fn(lambda: _move_latest(root, name, keep))
-        request.add_finalize_fn(lambda: self._pending.remove(path))
+        request.add_finalize_fn(lambda: self._committed.append(self._pending.pop(0)))
         self._pending.append(path)
         self._calls().schedule_async_request(request)
         return path
 
     def finalize(self, blocking: bool = False) -> list:
         """Collective (every rank, at the same point of the step loop): commit the background writes every
-        rank has finished (blocking=True: wait for them). Returns the committed folders. A no-op without
-        any write in flight (no communication either)."""
-        if not self._pending:
-            return []
-        before = list(self._pending)
-        self._calls().maybe_finalize_async_calls(blocking=blocking)
-        return [p for p in before if p not in self._pending]
+        rank has finished (blocking=True: wait for them). Returns the folders committed since the last call
+        (save() commits the previous write before scheduling its own). Without a write in flight there is
+        no communication."""
+        if self._pending:
+            self._calls().maybe_finalize_async_calls(blocking=blocking)
+        done, self._committed = self._committed, []
+        return done
 
     maybe_finalize = finalize
 

@@ -14,6 +14,7 @@ manifest.
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -118,3 +119,57 @@ def test_a_background_write_holds_the_tensors_of_its_step(tmp_path):
             assert differ == [], f"{written}: {differ[:3]} differ from the synchronous checkpoint of its step"
         else:  # the hazard the snapshot removes: Adam's moments, changed in place by the next step, were written
             assert any("exp_avg" in k for k in differ), differ
+
+
+ASYNC = "checkpoint.async_save=true"
+
+
+def _said(log: str) -> str:
+    """The trainer's own lines of a log (for an assertion's message)."""
+    return "\n".join(line for line in log.splitlines() if line.startswith("[megawan]"))
+
+
+def test_async_saves_train_like_sync_ones(store, uninterrupted, tmp_path):
+    """Checkpoints at steps 2, 4, 6, 8 written in the background: the synchronous run's losses bit for bit, each
+    checkpoint committed at a later step than it was taken (training went on meanwhile), the last one waited for
+    at the end. (Its resumed continuation: the kill test below.)"""
+    _, ref = uninterrupted
+    ckpt = str(tmp_path / "ckpt")
+    code, log = _run(2, ckpt, store, ASYNC)
+    assert code == 0, log
+    for step in (2, 4, 6):
+        assert f"iter_000000{step}: writing in the background" in log, _said(log)
+        committed = re.search(rf"iter_000000{step} \(committed at step (\d+)", log)
+        assert committed and int(committed.group(1)) > step, _said(log)
+    assert "iter_0000008 (committed at step 8" in log, _said(log)
+    assert _losses(ckpt) == ref
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000008"
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == ["iter_0000006", "iter_0000008"]  # keep 2
+
+
+def test_kill_while_an_async_checkpoint_is_uncommitted_resumes_from_the_previous_one(store, uninterrupted, tmp_path):
+    """SIGKILL (every rank and its writer) once step 5 has trained while the step-4 checkpoint is still a
+    `.tmp`: `latest` names step 2, and the resume from it gives the uninterrupted losses, no step lost or
+    repeated; its own step-4 save removes the unfinished folder."""
+    _, ref = uninterrupted
+    for attempt in range(4):
+        ckpt = str(tmp_path / f"ckpt{attempt}")
+        metrics = os.path.join(ckpt, "logs", "metrics.jsonl")
+        proc = _launch(2, ckpt, store, ASYNC)
+
+        def in_flight():  # step 5 trained, checkpoint 4 not committed
+            return (os.path.isdir(os.path.join(ckpt, "iter_0000004.tmp")) and os.path.exists(metrics)
+                    and len(read_metrics(metrics)) >= 5)
+
+        assert _kill_when(proc, in_flight), proc.communicate()[0]
+        if os.path.isdir(os.path.join(ckpt, "iter_0000004.tmp")):
+            break
+    else:
+        pytest.fail("never killed a job while a background write was uncommitted")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000002"
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000004"))
+    code, log = _run(2, ckpt, store, ASYNC)
+    assert code == 0, log
+    assert "resumed from" in log and "at step 2" in log
+    assert _losses(ckpt) == ref
+    assert not any(n.endswith(".tmp") for n in os.listdir(ckpt))
