@@ -11,12 +11,16 @@ module that knows the names on disk; the trainer, generation, export, tools and 
     load_weights(resolve_checkpoint(path), [model], ema=has_ema(path))             # inference
     save_model_checkpoint(folder, chunks, config, trainer_state)                   # weights only (export)
     CheckpointTensors(folder).get(key)                                             # one tensor, no process group
+    saver = CheckpointSaver(async_save=True); saver.save(root, step, ...)           # written in the background
+    saver.finalize()  # each step, collective: commits a finished write;  saver.close() waits for it
 
 A checkpoint is written under `<name>.tmp` and renamed once every rank has finished and recorded its files'
 sizes and checksums (megawan.checkpoint_integrity); `latest` is replaced atomically after that; older ones
 beyond `keep` are removed last. A job killed at any moment leaves `latest` naming a complete checkpoint (or
 none), which is what a resume reads; a reader never sees a half-written folder. Damage after the write (a
 truncated, deleted or changed file) is found by resume_checkpoint, which falls back to the newest intact one.
+A background write (CheckpointSaver) keeps these guarantees: the rename and `latest` happen in the collective
+finalize, after every rank's writer has finished.
 """
 
 from __future__ import annotations
