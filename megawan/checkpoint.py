@@ -11,12 +11,16 @@ module that knows the names on disk; the trainer, generation, export, tools and 
     load_weights(resolve_checkpoint(path), [model], ema=has_ema(path))             # inference
     save_model_checkpoint(folder, chunks, config, trainer_state)                   # weights only (export)
     CheckpointTensors(folder).get(key)                                             # one tensor, no process group
+    saver = CheckpointSaver(async_save=True); saver.save(root, step, ...)           # written in the background
+    saver.finalize()  # each step, collective: commits a finished write;  saver.close() waits for it
 
 A checkpoint is written under `<name>.tmp` and renamed once every rank has finished and recorded its files'
 sizes and checksums (megawan.checkpoint_integrity); `latest` is replaced atomically after that; older ones
 beyond `keep` are removed last. A job killed at any moment leaves `latest` naming a complete checkpoint (or
 none), which is what a resume reads; a reader never sees a half-written folder. Damage after the write (a
 truncated, deleted or changed file) is found by resume_checkpoint, which falls back to the newest intact one.
+A background write (CheckpointSaver) keeps these guarantees: the rename and `latest` happen in the collective
+finalize, after every rank's writer has finished.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_finalize
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
-from megawan.capabilities import cuda_available
+from megawan.capabilities import cuda_available, rank_device
 from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint, write_manifests
 from megawan.models.dit.parallelize import chunk_state_dict
 
@@ -174,21 +179,57 @@ def has_ema(path: str) -> bool:
 # Writing
 
 
-class _CpuTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
-    """megatron-core's torch_dist save strategy without its two CUDA calls, for CPU-only ranks over gloo.
+def snapshot_write_buckets(write_buckets: list) -> list:
+    """megatron's write buckets with every tensor replaced by a host copy that training cannot change: what a
+    background write reads while the next steps run. megatron's own preload is `tensor.to("cpu")`, which for a
+    CPU tensor returns the tensor itself (the live weights and Adam moments the optimizer keeps changing in
+    place); so CPU tensors are cloned, CUDA tensors are copied into pinned host memory without blocking and
+    waited for once at the end. Called synchronously, before the step loop continues."""
+    out, on_cuda = [], False
+    for file_name, storage_key, (bytes_data, tensor_data) in write_buckets:
+        copies = []
+        for item, tensor in tensor_data:
+            if tensor.device.type == "cpu":
+                copy = tensor.detach().clone()
+            else:
+                copy = torch.empty_like(tensor, device="cpu", pin_memory=True)
+                copy.copy_(tensor.detach(), non_blocking=True)
+                on_cuda = True
+            copies.append((item, copy))
+        out.append((file_name, storage_key, (bytes_data, copies)))
+    if on_cuda:
+        torch.cuda.synchronize()  # the copies are complete before the step loop may change the weights
+    return out
 
-    megatron stages tensors with non-blocking copies followed by torch.cuda.synchronize(), and broadcasts
-    write failures in a CUDA tensor; a CPU-only torch refuses both. Files and metadata are the same.
+
+class _SaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist save strategy (same files and metadata) with two changes:
+
+    - snapshot=True (a background write): the preload takes real copies (snapshot_write_buckets); megatron's
+      would hand the background writer the live CPU tensors.
+    - on CPU-only ranks over gloo, megatron's two CUDA calls are replaced: it stages tensors with non-blocking
+      copies followed by torch.cuda.synchronize(), and broadcasts write failures in a CUDA tensor; a CPU-only
+      torch refuses both.
     """
 
+    def __init__(self, snapshot: bool):
+        super().__init__("torch_dist", 1)
+        self.snapshot = snapshot
+
     def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret) -> AsyncRequest:
+        if cuda_available() and not self.snapshot:
+            return super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
         save_fn, preload_fn, save_args = writer.get_save_function_and_args()
         storage_writer, global_metadata, dist_wrapper = save_state_dict_ret
 
         def preload():
+            if self.snapshot:
+                return snapshot_write_buckets(writer.write_buckets)
             return writer.preload_tensors(writer.write_buckets, non_blocking=False)
 
         def finalize():
+            if cuda_available():
+                return save_state_dict_async_finalize(*save_state_dict_ret)
             all_results = dist_wrapper.gather_object(storage_writer.retrieve_write_results())
             failures = {}
             if dist_wrapper.is_coordinator:
@@ -203,8 +244,8 @@ class _CpuTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         return AsyncRequest(save_fn, save_args, [finalize], preload_fn=preload if preload_fn else None)
 
 
-def _save_strategy():
-    return None if cuda_available() else _CpuTorchDistSaveStrategy("torch_dist", 1)
+def _save_strategy(snapshot: bool = False):
+    return None if cuda_available() and not snapshot else _SaveStrategy(snapshot)
 
 
 def _barrier() -> None:
@@ -216,52 +257,91 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _all_ranks_agree(ok: bool) -> bool:
+    """Collective: True when `ok` holds on every rank (a MIN all-reduce on the rank's device)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int, device=rank_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def model_sharded_state_dict(chunks: list) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _write(path: str, sharded: dict, config: dict, trainer_state: dict, content_metadata=None) -> None:
-    """Collective: `sharded` (dist_checkpointing) + config + trainer state into `path`, via `path`.tmp.
-    `path` must not exist; the caller has created nothing."""
+def _begin(path: str) -> str:
+    """Collective: an empty `path`.tmp to write into (a killed save's is removed first)."""
     tmp = path + ".tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(sharded, tmp, sharded_strategy=_save_strategy(), content_metadata=content_metadata)
-    _barrier()
+    return tmp
+
+
+def _commit(tmp: str, path: str, config_text: str, state_text: str) -> None:
+    """Collective, once every rank's tensors are in `tmp`: run config + trainer state (rank 0), each rank's
+    manifest of sizes and checksums, then -- only when every rank reports its manifest written -- the rename
+    that makes `path` visible. A rank that failed makes every rank raise (no rename)."""
     if _rank() == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
+            f.write(config_text)
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(trainer_state, f, indent=1)
+            f.write(state_text)
     _barrier()
-    write_manifests(tmp)  # every file's size and checksum, before the folder can be seen under its name
-    _barrier()
+    error = None
+    try:
+        write_manifests(tmp)  # every file's size and checksum, before the folder can be seen under its name
+    except OSError as e:
+        error = e
+    if not _all_ranks_agree(error is None):
+        raise CheckpointError(f"checkpoint {path}: a rank could not record its manifest"
+                              + (f" ({error})" if error else "") + f"; {tmp} is left unfinished")
     if _rank() == 0:
         os.rename(tmp, path)
+    _barrier()
 
 
-def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state: dict, config: dict,
-                    ema=None, keep: int = 3) -> str:
-    """Model, optimizer, EMA (when given), trainer state and run config as `<root>/iter_<step>`; then `latest`
-    names it and checkpoints beyond the newest `keep` are removed. Collective: every rank calls it. Returns
-    the final folder."""
-    name = checkpoint_name(step)
-    path = os.path.join(root, name)
+def _texts(config: dict, trainer_state: dict) -> tuple:
+    """The run config and trainer state as the text written beside the tensors, fixed now: a background
+    write finishes steps later, when the trainer's dicts (loader position, scheduler) have moved on."""
+    return yaml.safe_dump(config, sort_keys=False), json.dumps(trainer_state, indent=1)
+
+
+def _write(path: str, sharded: dict, config: dict, trainer_state: dict, content_metadata=None) -> None:
+    """Collective: `sharded` (dist_checkpointing) + config + trainer state into `path`, via `path`.tmp.
+    `path` must not exist; the caller has created nothing."""
+    tmp = _begin(path)
+    dist_checkpointing.save(sharded, tmp, sharded_strategy=_save_strategy(), content_metadata=content_metadata)
+    _barrier()
+    _commit(tmp, path, *_texts(config, trainer_state))
+
+
+def _prepare_root(root: str, path: str) -> None:
+    """Rank 0 removes what killed saves left behind (`.tmp` folders; a folder of this very step written by a
+    run that died before moving `latest`). Only called when no save is in flight."""
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
-        for stale in os.listdir(root):  # what killed saves left behind
+        for stale in os.listdir(root):
             if stale.endswith(".tmp"):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         if os.path.exists(path):
-            shutil.rmtree(path)  # a checkpoint of this step written by a run that died before moving `latest`
+            shutil.rmtree(path)
+
+
+def _training_sharded(chunks: list, optimizer, ema) -> dict:
     model_sd = model_sharded_state_dict(chunks)
     sharded = {"model": model_sd, _OPTIMIZER_PREFIX: optimizer.sharded_state_dict(model_sd,
                                                                                   metadata=OPTIMIZER_METADATA)}
     if ema is not None:
         sharded["ema"] = ema.sharded_state_dict([model_sd[f"chunk{i}"] for i in range(len(chunks))])
-    _write(path, sharded, config, trainer_state, content_metadata=OPTIMIZER_METADATA)
+    return sharded
+
+
+def _move_latest(root: str, name: str, keep: int) -> None:
+    """Collective: rank 0 points `latest` at `name` (atomically: the commit) and removes complete checkpoints
+    beyond the newest `keep`."""
     if _rank() == 0:
         pointer = os.path.join(root, LATEST)
         with open(pointer + ".tmp", "w", encoding="utf-8") as f:
@@ -270,7 +350,112 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state
         for old in _prunable(root, keep):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
+
+
+def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state: dict, config: dict,
+                    ema=None, keep: int = 3) -> str:
+    """Model, optimizer, EMA (when given), trainer state and run config as `<root>/iter_<step>`; then `latest`
+    names it and checkpoints beyond the newest `keep` are removed. Collective: every rank calls it. Returns
+    the final folder. (CheckpointSaver(async_save=True) writes the same folder while training goes on.)"""
+    name = checkpoint_name(step)
+    path = os.path.join(root, name)
+    _prepare_root(root, path)
+    _write(path, _training_sharded(chunks, optimizer, ema), config, trainer_state,
+           content_metadata=OPTIMIZER_METADATA)
+    _move_latest(root, name, keep)
     return path
+
+
+class CheckpointSaver:
+    """What the trainer saves through: save_checkpoint's folder, written in the step loop (async_save=False)
+    or in the background while the next steps train (async_save=True).
+
+        saver = CheckpointSaver(async_save=True)
+        saver.save(root, step, chunks, optimizer, state, config, ema=ema, keep=3)   # collective; returns at once
+        ...  each step: saver.maybe_finalize()       # collective; commits a write every rank has finished
+        saver.close()                                # collective; waits for the write and commits it
+
+    A background save (megatron-core's dist_checkpointing.save(async_sharded_save=True) scheduled on its
+    AsyncCallsQueue): the plan and a snapshot of this rank's tensors are taken synchronously (a real copy,
+    snapshot_write_buckets), then a forked process writes the files while training continues. When every
+    rank's writer has finished, megatron runs the finalize steps on all ranks together: its metadata, then
+    megawan's _commit (config, trainer state, manifests, rename) and _move_latest. Until then `latest` names
+    the previous checkpoint, so a job killed at any moment resumes from a complete one; the unfinished
+    `.tmp` is removed by the next save. A new save first waits for the previous one to be committed.
+    """
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+        self._queue = None
+        self._pending = []  # folders scheduled and not committed yet (the same on every rank)
+        self._committed = []  # committed and not reported by finalize() yet (save() commits the previous one)
+
+    @property
+    def pending(self) -> list:
+        return list(self._pending)
+
+    def _calls(self):
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies import async_utils
+
+            if not cuda_available():  # its all-reduces and staging sync name the CUDA device: the CPU here
+                from megawan.parallel.cpu_compat import redirect_module_cuda
+
+                redirect_module_cuda(async_utils)
+            # forked writers (TemporalAsyncCaller), not the persistent spawned worker: megatron's persistent
+            # worker calls torch.cuda.set_device at start (fails on a CPU-only torch) and pickles the request
+            # through a spawn queue, which moves every tensor into shared memory first; a fork needs neither
+            # and is what megatron's writer already does for each file (write_preloaded_data_multiproc)
+            self._queue = async_utils.AsyncCallsQueue(persistent=False)
+        return self._queue
+
+    def save(self, root: str, step: int, chunks: list, optimizer, trainer_state: dict, config: dict,
+             ema=None, keep: int = 3) -> str:
+        """Collective. Writes `<root>/iter_<step>` (synchronously, or scheduled in the background); returns
+        the folder it becomes once committed."""
+        if not self.async_save:
+            return save_checkpoint(root, step, chunks, optimizer, trainer_state, config, ema=ema, keep=keep)
+        if self._pending:  # one write at a time: the previous one is committed first (reported by finalize())
+            self._calls().maybe_finalize_async_calls(blocking=True)
+        name = checkpoint_name(step)
+        path = os.path.join(root, name)
+        _prepare_root(root, path)
+        tmp = _begin(path)
+        texts = _texts(config, trainer_state)
+        request = dist_checkpointing.save(_training_sharded(chunks, optimizer, ema), tmp,
+                                          sharded_strategy=_save_strategy(snapshot=True),
+                                          content_metadata=OPTIMIZER_METADATA, async_sharded_save=True)
+        request.add_finalize_fn(lambda: _commit(tmp, path, *texts))
+        request.add_finalize_fn(lambda: _move_latest(root, name, keep))
+        request.add_finalize_fn(lambda: self._committed.append(self._pending.pop(0)))
+        self._pending.append(path)
+        self._calls().schedule_async_request(request)
+        return path
+
+    def finalize(self, blocking: bool = False) -> list:
+        """Collective (every rank, at the same point of the step loop): commit the background writes every
+        rank has finished (blocking=True: wait for them). Returns the folders committed since the last call
+        (save() commits the previous write before scheduling its own). Without a write in flight there is
+        no communication."""
+        if self._pending:
+            self._calls().maybe_finalize_async_calls(blocking=blocking)
+        done, self._committed = self._committed, []
+        return done
+
+    maybe_finalize = finalize
+
+    def close(self) -> list:
+        """Collective: wait for the write in flight and commit it (the end of training, a signal's stop)."""
+        return self.finalize(blocking=True)
+
+    def abort(self) -> None:
+        """Local, after an error: stop the writer without committing (its `.tmp` stays; `latest` is
+        unchanged; the next save removes the folder)."""
+        if self._queue is not None:
+            for call in self._queue.async_calls:
+                call.async_caller.close(abort=True)
+            self._queue.async_calls.clear()
+        self._pending.clear()
 
 
 def save_model_checkpoint(path: str, chunks: list, config: dict, trainer_state: dict) -> str:

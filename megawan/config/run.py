@@ -181,6 +181,10 @@ class CheckpointConfig:
     keep: int = 3  # the newest K complete checkpoints are kept
     init_from: Optional[str] = None  # warm start: weights only, from a checkpoint of an earlier stage
     on_corrupt: str = "fallback"  # a damaged checkpoint at resume: fallback (to the newest intact one) | fail
+    # write checkpoints in the background while training continues (megatron-core's async dist_checkpointing);
+    # `latest` moves once every rank has written and recorded its files. Off by default, as in Megatron-LM
+    # (--async-save): it holds a host copy of the rank's state while writing and forks a writer process
+    async_save: bool = False
 
 
 @dataclass
@@ -252,6 +256,8 @@ class RunConfig:
             raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be at least 1")
+        if not isinstance(self.checkpoint.async_save, bool):
+            raise ConfigError(f"checkpoint.async_save: {self.checkpoint.async_save!r} is not true | false")
         if self.checkpoint.on_corrupt not in ("fallback", "fail"):
             raise ConfigError(f"checkpoint.on_corrupt: {self.checkpoint.on_corrupt!r} is not fallback | fail")
         heads_split = p.tensor_parallel * p.ulysses_degree

@@ -13,7 +13,9 @@ Three narrow remedies, none of which edits megatron or patches torch itself:
   2. The `torch` global of the megatron modules that look the device up (param_and_grad_buffer, the
      distributed optimizer's checkpoint gather, and for sequence parallelism tensor_parallel.mappings /
      layers and utils' global memory buffer) is replaced by
-     a view of torch whose cuda.current_device() is the CPU (a lookup a TorchFunctionMode cannot see).
+     a view of torch whose cuda.current_device() is the CPU (a lookup a TorchFunctionMode cannot see);
+     megawan.checkpoint does the same for dist_checkpointing's async_utils (its all-reduces and the
+     torch.cuda.synchronize() before forking a background checkpoint writer) through redirect_module_cuda.
   3. `CpuP2PCommunicator`: megatron's P2P communicator with CPU receive buffers, passed to the schedule
      as an argument. It sends the two directions unbatched: with PP=2 both neighbours are one rank, and
      batched gloo sends to it with one tag can swap an activation with a gradient.
@@ -71,6 +73,13 @@ def _redirect_module_cuda(*modules) -> None:
     for module in modules:
         if not isinstance(module.torch, _TorchWithCpuCuda):
             module.torch = _TorchWithCpuCuda("torch")
+
+
+def redirect_module_cuda(module) -> None:
+    """Remedy 2 for one more megatron module (a no-op where CUDA is): its torch.cuda.current_device() is the
+    CPU and torch.cuda.synchronize() does nothing."""
+    if not cuda_available():
+        _redirect_module_cuda(module)
 
 
 _ACTIVE = {"depth": 0}

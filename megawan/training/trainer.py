@@ -12,7 +12,9 @@ the loss is sum(weight * per-sample MSE) / global samples, so padded copies coun
 distributed optimizer (AdamW, fp32 main weights, clipping) steps under the LR schedule; the EMA follows.
 A non-finite loss (known to every rank: it is all-reduced) skips the step and stops the run after
 `train.max_bad_steps` in a row. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM /
-SIGUSR1 (Slurm's pre-emption warning): see megawan.checkpoint.
+SIGUSR1 (Slurm's pre-emption warning): see megawan.checkpoint. With checkpoint.async_save the files are written
+in the background while the next steps train; every step commits a finished write (collectively), a new save
+first waits for the previous one, and the end of training or a signal's stop waits for the last one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.dispatch import triton_runnable
 from megawan.capabilities import cuda_available, rank_device
-from megawan.checkpoint import load_checkpoint, resolve_checkpoint, resume_checkpoint, save_checkpoint
+from megawan.checkpoint import CheckpointSaver, load_checkpoint, resolve_checkpoint, resume_checkpoint
 from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint
 from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
@@ -290,8 +292,13 @@ class Trainer:
                  "loader": self.loader.state_dict(), "seed": self.cfg.seed,
                  "rng": "noise and timesteps are drawn from (seed, step, sample index): no state to keep",
                  "layout": {"world": self.world, **config_to_dict(self.cfg.parallel)}}
-        return save_checkpoint(self.cfg.checkpoint.dir, self.step, self.chunks, self.optimizer, state,
+        return self.saver.save(self.cfg.checkpoint.dir, self.step, self.chunks, self.optimizer, state,
                                config_to_dict(self.cfg), ema=self.ema, keep=self.cfg.checkpoint.keep)
+
+    def _commit_checkpoints(self, blocking: bool = False):
+        """Collective: `latest` moves to the background writes every rank has finished (blocking: waits)."""
+        for path in self.saver.finalize(blocking=blocking):
+            self._log0(f"checkpoint {path} (committed at step {self.step}; written in the background)")
 
     def _log0(self, message: str):
         if self.rank == 0:
@@ -398,6 +405,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         signals = _Signals()
+        self.saver = CheckpointSaver(async_save=cfg.checkpoint.async_save)
         with megatron_cpu_mode():
             self._setup()
             self._resume()
@@ -447,15 +455,22 @@ class Trainer:
                                   "memory_gb": _memory_gb()}
                         metrics.write(self.step, values)
                         bar.update(self.step - bar.count, loss=f"{out['loss']:.4f}", bucket=batch["bucket"])
+                    self._commit_checkpoints()  # one all-reduce while a write is in flight, else nothing
                     flag = torch.tensor([1 if signals.received else 0], device=self.device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank leaves together
                     if flag.item():
                         stop_reason = f"signal {signals.received or 'on another rank'}"
                     if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps or stop_reason:
                         finish_param_gather(self.ddp)  # the checkpoint holds every weight of this step
+                        blocked = time.perf_counter()
                         path = self._save()
+                        blocked = time.perf_counter() - blocked
                         last_saved = self.step
-                        self._log0(f"checkpoint {path}")
+                        if cfg.checkpoint.async_save:
+                            self._log0(f"checkpoint {path}: writing in the background (the step loop waited "
+                                       f"{blocked:.2f} s)")
+                        else:
+                            self._log0(f"checkpoint {path} ({blocked:.2f} s)")
                     if validator is not None and self.step % cfg.validation.every == 0 and not stop_reason:
                         finish_param_gather(self.ddp)  # before the EMA swaps its weights in
                         values = validator.run(self.step)
@@ -465,6 +480,10 @@ class Trainer:
                     if stop_reason:
                         self._log0(f"stopping at step {self.step} ({stop_reason}); run the same command to resume")
                         break
+                self._commit_checkpoints(blocking=True)  # the end, or a signal's stop: the last write is committed
+            except BaseException:
+                self.saver.abort()  # no collective after a failure: the write in flight stays a `.tmp`
+                raise
             finally:
                 bar.close()
                 metrics.close()
