@@ -49,10 +49,8 @@ def hosts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from megawan.demo.tiny_dataset import make_tiny_dataset
-
-    return make_tiny_dataset(str(tmp_path_factory.mktemp("slurm-hosts-data") / "work"), videos=8, images=8)
+def dataset(slurm_dataset):  # tests/conftest.py: one tiny store for both Slurm test modules
+    return slurm_dataset
 
 
 def _submit(cluster, where, script, log, *args):
@@ -69,9 +67,12 @@ def _curve(rows):
     return {row["step"]: tuple(row[k] for k in CURVE) for row in rows}
 
 
-def _train(cluster, where, dataset, tmp_path, name):
+def _train(cluster, where, dataset, tmp_path, name, every=1000):
+    """train.sbatch of the tiny config for STEPS steps; checkpoint.every=1000: only the final checkpoint (each
+    write costs seconds on 2 cores), unless the test needs periodic ones."""
     ckpt, log = str(tmp_path / f"{name}-ckpt"), str(tmp_path / f"{name}-%j.out")
-    job_id, log = _submit(cluster, where, TRAIN, log, *_train_args(dataset, ckpt, f"train.steps={STEPS}"))
+    job_id, log = _submit(cluster, where, TRAIN, log, *_train_args(dataset, ckpt, f"train.steps={STEPS}",
+                                                                   f"checkpoint.every={every}"))
     return job_id, log, ckpt
 
 
@@ -104,7 +105,7 @@ def test_lost_host_requeues_the_job_and_it_resumes_bit_identically(hosts, datase
     fail in their next collective, srun waits for the lost node until slurmctld declares it DOWN (SlurmdTimeout),
     and Slurm requeues the job itself (NODE_FAIL, --requeue); the batch shell gets SIGTERM and does not requeue
     it a second time. The rerun waits for two nodes, starts once mwh2 is back, resumes from `latest`."""
-    job_id, log, ckpt = _train(hosts, TWO_HOSTS, dataset, tmp_path, "train")
+    job_id, log, ckpt = _train(hosts, TWO_HOSTS, dataset, tmp_path, "train", every=2)
     os.makedirs(ckpt, exist_ok=True)
     checkpointed = lambda: os.path.exists(os.path.join(ckpt, "latest")) and _latest_step(ckpt) >= 2  # noqa: E731
     _wait("a checkpoint and a step past it", lambda: checkpointed() and len(_metrics(ckpt)) > _latest_step(ckpt),
