@@ -563,7 +563,10 @@ class MultiHostSlurmCluster(SlurmCluster):
                 for node in self.nodes:
                     ns = self.netns[node]
                     if ns in _ip("netns", "list", check=False).stdout.split():
-                        kill_netns(ns)
+                        try:
+                            kill_netns(ns)
+                        except RuntimeError:  # still delete it: its processes lose the network with it
+                            pass
                         _ip("netns", "del", ns, check=False)
                     _ip("link", "del", self.veths[node][0], check=False)  # gone with the namespace, normally
                 _ip("link", "del", self.bridge, check=False)

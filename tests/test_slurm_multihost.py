@@ -111,14 +111,22 @@ def test_lost_host_requeues_the_job_and_it_resumes_bit_identically(hosts, datase
     _wait("a checkpoint and a step past it", lambda: checkpointed() and len(_metrics(ckpt)) > _latest_step(ckpt),
           300, hosts, job_id, log)
     hosts.kill_host("mwh2")
-    killed = time.time()
-    _wait("Slurm to requeue the job", lambda: hosts.job(job_id).get("Restarts") == "1", 60, hosts, job_id, log)
-    noticed = time.time() - killed
-    lost = len(_metrics(ckpt))  # steps the first run logged (its tasks on mwh1 are gone by now)
-    assert hosts._node_state("mwh2").startswith("down"), hosts._node_state("mwh2")
-    assert noticed < SLURMD_TIMEOUT + 30, noticed
-    assert hosts.job(job_id)["JobState"] == "PENDING", hosts.job(job_id)  # no second node: it waits
-    hosts.start_host("mwh2")
+    try:
+        killed = time.time()
+        _wait("Slurm to requeue the job", lambda: hosts.job(job_id).get("Restarts") == "1", 60, hosts, job_id,
+              log)
+        noticed = time.time() - killed
+        assert hosts._node_state("mwh2").startswith("down"), hosts._node_state("mwh2")
+        assert noticed < SLURMD_TIMEOUT + 30, noticed
+        # COMPLETING while mwh1 ends the first run's batch step, then PENDING: no second node, so it waits
+        _wait("the requeued job to wait for nodes", lambda: hosts.job(job_id).get("JobState") == "PENDING", 60,
+              hosts, job_id, log)
+        lost = len(_metrics(ckpt))  # steps the first run logged (its tasks are gone by now)
+    except BaseException:
+        hosts.run("scancel", job_id, check=False)  # the next test gets both hosts, free
+        raise
+    finally:
+        hosts.start_host("mwh2")
     job = _finish(hosts, job_id, log)
     text = _read(log)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{text}\n{hosts.logs()}"
