@@ -33,6 +33,11 @@ class SlurmUnavailable(RuntimeError):
     """Slurm cannot be installed or started here (the reason is the message)."""
 
 
+class NetnsUnavailable(SlurmUnavailable):
+    """This machine cannot make network namespaces (not root, no iproute2, a sandbox without them): no
+    multi-host cluster, though Slurm itself may be fine."""
+
+
 def _which(program: str):
     return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin:/usr/bin:/bin")
 
@@ -440,7 +445,7 @@ class MultiHostSlurmCluster(SlurmCluster):
         ensure_installed()
         reason = netns_unavailable()
         if reason:
-            raise SlurmUnavailable(reason)
+            raise NetnsUnavailable(reason)
         remove_stale_netns()
         for sub in ("etc", "state", "log", "local/munge", "local/spool", "local/log"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
