@@ -13,6 +13,10 @@ The configuration is what works in a container without systemd or cgroups: proct
 no accounting; select/cons_tres with CR_CPU, and the node declares at least 4 CPUs (SlurmdParameters=
 config_overrides) so that 2- and 4-task jobs fit on a 2-core machine. `AuthInfo=cred_expire` is short, since it
 is also the delay before a requeued job may start again (Slurm's default is 120 s). docs/slurm.md describes it.
+
+`MultiHostSlurmCluster` (below) is the same cluster with several hosts, each a network namespace on a bridge
+with its own address, hostname, /etc/hosts, munged and slurmd, and one slurmctld on the bridge; it can kill a
+host (every process on it) and boot it again. tests/test_slurm_multihost.py uses it.
 """
 
 from __future__ import annotations
