@@ -57,6 +57,23 @@ def dataset(slurm_dataset):  # tests/conftest.py: one tiny store for both Slurm 
     return slurm_dataset
 
 
+def test_each_host_is_a_machine_of_its_own(hosts):
+    """What a job step sees on each host: its node name as hostname, resolving to its own address, a network
+    namespace of its own, and its own munged (a credential made there names that host as its origin)."""
+    probe = ('echo "$(hostname) $(getent hosts "$(hostname)" | cut -d" " -f1) $(readlink /proc/self/ns/net)'
+             ' $(munge -n --socket "$1" | unmunge --socket "$1" | sed -n "s/^ENCODE_HOST: *//p")"')
+    out = hosts.run("srun", "-N2", "--ntasks-per-node=1", "--label", "bash", "-c", probe, "probe",
+                    hosts.munge_socket, timeout=60)
+    seen = {}
+    for line in out.splitlines():  # "0: mwh1 10.19.X.11 net:[4026532...] mwh1 (10.19.X.11)"
+        task, name, addr, netns, *encoded = line.split()
+        seen[name] = (addr, netns, " ".join(encoded))
+    assert sorted(seen) == ["mwh1", "mwh2"], out
+    for name, (addr, netns, encoded) in seen.items():
+        assert addr == hosts.addr[name] and encoded == f"{name} ({addr})", out
+    assert seen["mwh1"][1] != seen["mwh2"][1], out
+
+
 def _submit(cluster, where, script, log, *args):
     out = subprocess.run(["sbatch", "--parsable", *where, f"--output={log}", script, *args], cwd=ROOT,
                          env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
