@@ -143,6 +143,7 @@ def test_lost_host_requeues_the_job_and_it_resumes_bit_identically(hosts, datase
         _wait("the requeued job to wait for nodes", lambda: hosts.job(job_id).get("JobState") == "PENDING", 60,
               hosts, job_id, log)
         lost = len(_metrics(ckpt))  # steps the first run logged (its tasks are gone by now)
+        newest = _latest_step(ckpt)  # the newest checkpoint it left: the rerun must resume from this one
     except BaseException:
         hosts.run("scancel", job_id, check=False)  # the next test gets both hosts, free
         raise
@@ -157,7 +158,7 @@ def test_lost_host_requeues_the_job_and_it_resumes_bit_identically(hosts, datase
     resumed = re.search(r"resumed from \S+ at step (\d+)\b", text)
     assert resumed, text
     resume_step = int(resumed.group(1))
-    assert 2 <= resume_step < lost <= STEPS, (resume_step, lost)
+    assert resume_step == newest and 2 <= resume_step < lost <= STEPS, (resume_step, newest, lost)
     rows = _metrics(ckpt)
     # Steps 1..resume_step once; the ones after the checkpoint twice (lost run, rerun) with the same values.
     assert [row["step"] for row in rows] == [*range(1, lost + 1), *range(resume_step + 1, STEPS + 1)], rows
