@@ -81,10 +81,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from megawan.demo.tiny_dataset import make_tiny_dataset
-
-    return make_tiny_dataset(str(tmp_path_factory.mktemp("slurm-data") / "work"), videos=8, images=8)
+def dataset(slurm_dataset):  # tests/conftest.py: one tiny store for both Slurm test modules
+    return slurm_dataset
 
 
 def _env(cluster):

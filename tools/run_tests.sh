@@ -35,6 +35,13 @@ fi
 if [ "$(id -u)" = 0 ] && ! slurm_missing; then
     export MEGAWAN_REQUIRE_SLURM=1  # installed and root: the Slurm test must run, not skip
 fi
+# tests/test_slurm_multihost.py builds its hosts from network namespaces: where this machine can make one, the
+# test must run (a sandbox or container without them makes it skip, naming the reason).
+probe_ns="mw19-$$-probe"
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null 2>&1 && ip netns add "$probe_ns" >/dev/null 2>&1; then
+    ip netns del "$probe_ns"
+    export MEGAWAN_REQUIRE_NETNS=1
+fi
 
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
