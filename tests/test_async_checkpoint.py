@@ -28,6 +28,8 @@ from megawan.config import ParallelConfig, dit_preset
 from megawan.parallel.launch import spawn_local
 from megawan.training.metrics import read_metrics
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 
 def _all_tensors(folder: str) -> dict:
     """Every tensor of a checkpoint folder (model, optimizer, EMA), whole, read without a process group."""

@@ -23,6 +23,8 @@ from megawan.checkpoint_integrity import INTEGRITY_DIR, UNVERIFIED, CheckpointEr
 from megawan.config import ConfigError, ParallelConfig, dit_preset, load_config
 from megawan.parallel.launch import spawn_local
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 
 def _write_two_checkpoints(rank, root, out):
     """Steps 1 and 2 of a tiny DiT with its optimizer; then the newest is truncated and a resume (over the

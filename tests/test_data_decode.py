@@ -51,6 +51,7 @@ def test_sampling_rate_and_windows(tmp_path):
         decode_video(path, fps=16, num_frames=81)
 
 
+@pytest.mark.reliability
 def test_broken_files_are_reported_with_a_reason(dataset):
     reasons = {}
     for entry in read_manifest(dataset):

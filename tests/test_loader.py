@@ -56,6 +56,7 @@ def test_video_ratio_holds_at_every_step():
     assert [BatchPlan({"5x16x16": 1}, {"5x16x16": 1}, 1.0, 0).stream_at(s) for s in range(3)] == ["video"] * 3
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("dp_size", [1, 2, 3, 4])
 def test_an_epoch_covers_every_sample_once_across_dp_ranks(store, dp_size):
     sizes = {"video": 5, "image": 7}
@@ -91,6 +92,7 @@ def test_epochs_reshuffle_by_seed_and_epoch(store):
     assert any(not np.array_equal(b, d) for (_, b), (_, d) in zip(e0, other))
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("resume_dp", [1, 2, 4])
 def test_resume_continues_with_exactly_the_next_batch_on_any_dp_size(store, resume_dp):
     kwargs = dict(global_batch_size={"video": 4, "image": 6}, video_ratio=0.5, seed=5, num_workers=3)

@@ -61,6 +61,7 @@ def _contents(path):
     return out
 
 
+@pytest.mark.reliability
 def test_two_ranks_kill_and_resume_give_the_uninterrupted_store(dataset):
     root, manifest, enc = dataset
     clean, killed = str(root / "clean.zarr"), str(root / "killed.zarr")

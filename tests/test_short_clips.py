@@ -20,6 +20,8 @@ from megawan.data.store import LatentStore
 from megawan.demo.tiny_assets import write_tiny_encoders
 from megawan.utils.media import write_image, write_video
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 BUCKETS = parse_buckets(["81x32x32", "33x32x32", "17x32x32", "1x32x32"])
 LENGTHS = (1, 9, 16, 17, 33, 81)
 # frames in the source -> the bucket's frame count, or None for "too short for any bucket"

@@ -165,6 +165,7 @@ def test_train_job_runs_to_its_last_step(cluster, dataset, tmp_path):
     assert "2 tasks on 1 node(s)" in text
 
 
+@pytest.mark.reliability
 def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path):
     """Warned twice: the batch shell (scancel --batch, what --signal=B:USR1@300 does at the time limit) and
     then the tasks directly (scancel without --batch). Each time the ranks checkpoint together and exit 0, the
@@ -199,6 +200,7 @@ def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster, dataset, 
     assert sorted(set(logged)) == list(range(1, steps + 1)) and len(logged) == steps, logged
 
 
+@pytest.mark.reliability
 def test_precompute_job_requeued_by_its_warning_finishes_the_store(cluster, dataset, tmp_path):
     """SIGUSR1 to the batch shell as soon as it runs: the job requeues itself, and the rerun (same id) writes
     what is missing; every clip of the manifest ends up in the store exactly once."""
@@ -224,6 +226,7 @@ def test_precompute_job_requeued_by_its_warning_finishes_the_store(cluster, data
     assert len(written) == len(set(written)) and sorted(written) == sorted(expected) and len(expected) == 16
 
 
+@pytest.mark.reliability
 def test_cancelled_train_job_is_not_requeued(cluster, dataset, tmp_path):
     """scancel sends SIGTERM to the batch shell and the tasks: the trainer checkpoints and leaves, and the script
     ends without requeueing (a cancel must stay a cancel)."""

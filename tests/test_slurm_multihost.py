@@ -28,6 +28,8 @@ from slurm_cluster import SLURMD_TIMEOUT, MultiHostSlurmCluster, NetnsUnavailabl
 from test_slurm import PRECOMPUTE, ROOT, TRAIN, _env, _finish, _latest_step, _metrics, _read, _train_args, \
     _wait
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 TWO_HOSTS = ["-N2", "-n4", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 ONE_HOST = ["-N1", "-n4", "--ntasks-per-node=4", "--cpus-per-task=1", "--gpus-per-node=0", "--nodelist=mwh1"]
 STEPS = 6

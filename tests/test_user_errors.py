@@ -12,6 +12,8 @@ from megawan.cli import main
 from megawan.config import ConfigError
 from megawan.utils.user_errors import UserError, run_main
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -17,6 +17,8 @@ from megawan.cli import main
 from megawan.config import ParallelConfig, dit_preset
 from megawan.parallel.launch import spawn_local
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "__0_0.distcp"
 

@@ -13,6 +13,8 @@ from megawan.convert.files import WeightFileError, load_torch_file
 from megawan.data.decoding import DecodeError, open_video
 from megawan.data.video import decode_image
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
