@@ -200,19 +200,26 @@ def test_preempted_train_job_checkpoints_requeues_and_resumes(cluster, dataset, 
     assert sorted(set(logged)) == list(range(1, steps + 1)) and len(logged) == steps, logged
 
 
+def _precompute_args(dataset, out):
+    """precompute.sbatch's arguments: the manifest, encoders and buckets the tiny store was made with."""
+    from megawan.demo.tiny_dataset import IMAGE_BUCKET, VIDEO_BUCKET
+
+    store, enc = dataset
+    return ["--manifest", os.path.join(os.path.dirname(store), "manifest.jsonl"), "--out", out,
+            "--vae", enc["vae"], "--vae-config", enc["vae_config"], "--text-encoder", enc["text_encoder"],
+            "--text-config", enc["text_config"], "--tokenizer", enc["tokenizer"],
+            "--stage-buckets", VIDEO_BUCKET, IMAGE_BUCKET, "--decode-workers", "1", "--no-progress"]
+
+
 @pytest.mark.reliability
 def test_precompute_job_requeued_by_its_warning_finishes_the_store(cluster, dataset, tmp_path):
     """SIGUSR1 to the batch shell as soon as it runs: the job requeues itself, and the rerun (same id) writes
     what is missing; every clip of the manifest ends up in the store exactly once."""
     from megawan.data.store import LatentStore
-    from megawan.demo.tiny_dataset import IMAGE_BUCKET, VIDEO_BUCKET
 
-    store, enc = dataset
+    store = dataset[0]
     out, log = str(tmp_path / "latents.zarr"), str(tmp_path / "precompute-%j.out")
-    args = ["--manifest", os.path.join(os.path.dirname(store), "manifest.jsonl"), "--out", out,
-            "--vae", enc["vae"], "--vae-config", enc["vae_config"], "--text-encoder", enc["text_encoder"],
-            "--text-config", enc["text_config"], "--tokenizer", enc["tokenizer"],
-            "--stage-buckets", VIDEO_BUCKET, IMAGE_BUCKET, "--decode-workers", "1", "--no-progress"]
+    args = _precompute_args(dataset, out)
     job_id = _submit(cluster, PRECOMPUTE, log, *args)
     log = log.replace("%j", job_id)
     _wait("the batch shell to start", lambda: "(restart 0)" in _read(log), 120, cluster, job_id, log)

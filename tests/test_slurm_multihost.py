@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from slurm_cluster import SLURMD_TIMEOUT, MultiHostSlurmCluster, NetnsUnavailable, SlurmUnavailable
-from test_slurm import PRECOMPUTE, ROOT, TRAIN, _env, _finish, _latest_step, _metrics, _read, _train_args, \
-    _wait
+from test_slurm import PRECOMPUTE, ROOT, TRAIN, _env, _finish, _latest_step, _metrics, _precompute_args, \
+    _read, _train_args, _wait
 
 pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
 
@@ -174,14 +174,10 @@ def test_two_host_precompute_fills_the_store_like_one_process(hosts, dataset, tm
     """4 ranks over 2 hosts: each clip written once, and every array equal to the one-process precompute that
     made the dataset (same encoders, manifest and buckets)."""
     from megawan.data.store import LatentStore
-    from megawan.demo.tiny_dataset import IMAGE_BUCKET, VIDEO_BUCKET
 
-    store, enc = dataset
+    store = dataset[0]
     out, log = str(tmp_path / "latents.zarr"), str(tmp_path / "precompute-%j.out")
-    args = ["--manifest", os.path.join(os.path.dirname(store), "manifest.jsonl"), "--out", out,
-            "--vae", enc["vae"], "--vae-config", enc["vae_config"], "--text-encoder", enc["text_encoder"],
-            "--text-config", enc["text_config"], "--tokenizer", enc["tokenizer"],
-            "--stage-buckets", VIDEO_BUCKET, IMAGE_BUCKET, "--decode-workers", "1", "--no-progress"]
+    args = _precompute_args(dataset, out)
     job_id, log = _submit(hosts, TWO_HOSTS, PRECOMPUTE, log, *args)
     job = _finish(hosts, job_id, log)
     text = _read(log)
