@@ -10,3 +10,15 @@ if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not os.path.exists("/de
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+
+import pytest  # noqa: E402  (after the environment above is settled)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """The tiny latent store the `megawan train` tests train on (tests/training_runs.py), made once per session:
+    it takes ~10 s to make, and several test files only read it."""
+    from training_runs import make_tiny_store
+
+    return make_tiny_store(str(tmp_path_factory.mktemp("tiny-store")))

@@ -6,54 +6,22 @@ are refused before training, naming the field."""
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-from parallel_harness import kill_tree
 import torch
+# the launcher and readers are shared with the other `megawan train` tests (tests/training_runs.py); the
+# underscore names stay importable from here for tests written against this file
+from training_runs import CONFIG, kill_when as _kill_when, launch as _launch, losses as _losses, run as _run
 
 from megawan.config import ConfigError, load_config
 from megawan.training.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_train.yaml")
-_PORT = [29740]
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from megawan.demo.tiny_dataset import make_tiny_dataset
-
-    path, _ = make_tiny_dataset(str(tmp_path_factory.mktemp("trainer")), videos=24, images=16)
-    return path
-
-
-def _launch(nproc, ckpt, store, *overrides):
-    _PORT[0] += 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_PORT[0]), "-m", "megawan.cli", "train", "--config", CONFIG, f"data.store={store}",
-           f"checkpoint.dir={ckpt}", *overrides]
-    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _run(nproc, ckpt, store, *overrides):
-    proc = _launch(nproc, ckpt, store, *overrides)
-    log = proc.communicate(timeout=900)[0]
-    return proc.returncode, log
-
-
-def _losses(ckpt):
-    """The loss of each step; a resumed run re-logs steps after its checkpoint: the last entry counts."""
-    out = {}
-    for row in read_metrics(os.path.join(ckpt, "logs", "metrics.jsonl")):
-        if "loss" in row:  # validation rows carry val/... only
-            out[row["step"]] = row["loss"]
-    return [out[s] for s in sorted(out)]
+@pytest.fixture(scope="session")
+def store(tiny_store):
+    return tiny_store
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +30,6 @@ def uninterrupted(store, tmp_path_factory):
     code, log = _run(2, ckpt, store)
     assert code == 0, log
     return ckpt, _losses(ckpt)
-
-
-def _kill_when(proc, ready, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if ready():
-            kill_tree(proc.pid)
-            proc.wait()
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def test_kill_at_a_random_step_then_resume_gives_the_same_losses(store, uninterrupted, tmp_path):
