@@ -5,6 +5,7 @@ are refused before training, naming the field."""
 
 import os
 import random
+import re
 import signal
 import time
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 # the launcher and readers are shared with the other `megawan train` tests (tests/training_runs.py); the
 # underscore names stay importable from here for tests written against this file
-from training_runs import CONFIG, kill_when as _kill_when, launch as _launch, losses as _losses, run as _run
+from training_runs import CONFIG, kill_when as _kill_when, launch as _launch, losses as _losses, rows, run as _run
 
 from megawan.config import ConfigError, load_config
 from megawan.training.metrics import read_metrics
@@ -48,6 +49,39 @@ def test_kill_at_a_random_step_then_resume_gives_the_same_losses(store, uninterr
     assert code == 0, log
     assert "resumed from" in log and f"at step {resumed_from}" in log
     assert _losses(ckpt) == ref  # bit for bit: same batches, noise, timesteps, optimizer and LR state
+
+
+def test_torchrun_elastic_restarts_the_group_after_a_worker_dies_and_loses_no_step(store, uninterrupted, tmp_path):
+    """Clusters without Slurm: `torchrun --max-restarts 2 --rdzv-backend c10d ...` (docs/slurm.md). One worker
+    is SIGKILLed in step 6 (the checkpoint of step 4 is the newest); the agent stops the other, starts the
+    group again on the same rendezvous, which resumes from that checkpoint and computes step 5 again: the run
+    ends with the uninterrupted run's losses, each step logged once."""
+    import psutil
+
+    _, ref = uninterrupted
+    ckpt = str(tmp_path / "ckpt")
+    proc = _launch(2, ckpt, store, restarts=2)
+    workers = []
+
+    def in_step_6():  # the row of step 5 is written: step 6 is being computed
+        if len(rows(ckpt)) < 5:
+            return False
+        workers.extend(p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "megawan.cli" in " ".join(p.cmdline()))
+        return True
+
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not in_step_6():
+        time.sleep(0.005)
+    assert len(workers) == 2, proc.communicate()[0]
+    workers[0].send_signal(signal.SIGKILL)  # one worker, not the agent: a process lost, not a node
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    assert "starting on 2 ranks (torchrun restart 0 of at most 2)" in log
+    assert "starting on 2 ranks (torchrun restart 1 of at most 2)" in log  # one restart, visible in the log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert resumed < 6
+    assert _losses(ckpt) == ref  # steps 1..8 each once (step 5's first row dropped), bit for bit
 
 
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(store, uninterrupted, tmp_path):
