@@ -74,8 +74,11 @@ def test_torchrun_elastic_restarts_the_group_after_a_worker_dies_and_loses_no_st
     while proc.poll() is None and time.time() < deadline and not in_step_6():
         time.sleep(0.005)
     assert len(workers) == 2, proc.communicate()[0]
+    helpers = workers[0].children(recursive=True)  # megatron's checkpoint-writer Manager and its tracker
     workers[0].send_signal(signal.SIGKILL)  # one worker, not the agent: a process lost, not a node
+    # EOF of the log comes only once every process holding it is gone: an orphaned helper would hang this
     log = proc.communicate(timeout=600)[0]
+    assert helpers and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in helpers)
     assert proc.returncode == 0, log
     assert "starting on 2 ranks (torchrun restart 0 of at most 2)" in log
     assert "starting on 2 ranks (torchrun restart 1 of at most 2)" in log  # one restart, visible in the log

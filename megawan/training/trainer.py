@@ -50,6 +50,7 @@ from megawan.training.optimizer import Overlap, build_optimizer, finish_param_ga
 from megawan.training.precision import fp8_context
 from megawan.training.schedule import forward_backward
 from megawan.training.validation import Validator
+from megawan.training.write_queue import tie_checkpoint_writer_to_this_process
 from megawan.utils.progress import Progress
 
 logger = logging.getLogger("megawan")
@@ -214,6 +215,7 @@ class Trainer:
         initialize(cfg.parallel, seed=cfg.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._log0(f"starting on {self.world} ranks{_restart_note()}")
+        tie_checkpoint_writer_to_this_process()  # no orphans if this rank is killed (torchrun restarts the group)
         if self.facts.get("backend_reason"):
             self._log0(self.facts["backend_reason"])
         self.device = rank_device()
