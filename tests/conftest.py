@@ -12,7 +12,28 @@ if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not os.path.exists("/de
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment above is settled)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """The tiny latent store the `megawan train` tests train on (tests/training_runs.py), made once per session:
+    it takes ~10 s to make, and several test files only read it."""
+    from training_runs import make_tiny_store
+
+    return make_tiny_store(str(tmp_path_factory.mktemp("tiny-store")))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_store, tmp_path_factory):
+    """(checkpoint dir, per-step losses) of the tiny config trained on 2 ranks without interruption: what every
+    killed-and-resumed run must reproduce bit for bit (tests/test_trainer.py, tests/test_async_checkpoint.py)."""
+    from training_runs import losses, run
+
+    ckpt = str(tmp_path_factory.mktemp("ref") / "ckpt")
+    code, log = run(2, ckpt, tiny_store)
+    assert code == 0, log
+    return ckpt, losses(ckpt)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from test_ema import _train_step
-from test_trainer import _kill_when, _launch, _losses, _run, store, uninterrupted  # noqa: F401 (fixtures)
+from test_trainer import _kill_when, _launch, _losses, _run
 from torch.distributed.checkpoint import FileSystemReader
 
 from megawan.config import ParallelConfig, dit_preset
@@ -29,6 +29,11 @@ from megawan.parallel.launch import spawn_local
 from megawan.training.metrics import read_metrics
 
 pytestmark = pytest.mark.reliability  # the reliability suite: docs/reliability.md
+
+
+@pytest.fixture(scope="session")
+def store(tiny_store):  # the session's tiny store (tests/conftest.py), which the `uninterrupted` run trained on
+    return tiny_store
 
 
 def _all_tensors(folder: str) -> dict:

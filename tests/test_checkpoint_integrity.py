@@ -159,14 +159,13 @@ def test_on_corrupt_is_validated():
         load_config(None, ["model.preset=tiny", "checkpoint.on_corrupt=ignore"])
 
 
-def test_megawan_train_resumes_past_a_damaged_newest_checkpoint_or_stops_naming_it(tmp_path):
+def test_megawan_train_resumes_past_a_damaged_newest_checkpoint_or_stops_naming_it(tiny_store, tmp_path):
     """The trainer (one rank under torchrun): checkpoints at steps 2 and 4, bytes of step 4's shard changed; the
     next run warns naming the file, resumes from step 2 and rewrites step 4. With on_corrupt 'fail' a damaged
     newest checkpoint stops the run with one line naming the file."""
-    from megawan.demo.tiny_dataset import make_tiny_dataset
-    from test_trainer import _run
+    from training_runs import run as _run
 
-    store, _ = make_tiny_dataset(str(tmp_path / "data"), videos=8, images=8)
+    store = tiny_store  # the trainer tests' store, made once per session
     ckpt = str(tmp_path / "ckpt")
     one_rank = ("parallel.tensor_parallel=1",)
     code, log = _run(1, ckpt, store, *one_rank, "train.steps=4")

@@ -5,74 +5,24 @@ are refused before training, naming the field."""
 
 import os
 import random
+import re
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-from parallel_harness import kill_tree
 import torch
+# the launcher and readers are shared with the other `megawan train` tests (tests/training_runs.py); the
+# underscore names stay importable from here for tests written against this file
+from training_runs import CONFIG, kill_when as _kill_when, launch as _launch, losses as _losses, rows, run as _run
 
 from megawan.config import ConfigError, load_config
 from megawan.training.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_train.yaml")
-_PORT = [29740]
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from megawan.demo.tiny_dataset import make_tiny_dataset
-
-    path, _ = make_tiny_dataset(str(tmp_path_factory.mktemp("trainer")), videos=24, images=16)
-    return path
-
-
-def _launch(nproc, ckpt, store, *overrides):
-    _PORT[0] += 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_PORT[0]), "-m", "megawan.cli", "train", "--config", CONFIG, f"data.store={store}",
-           f"checkpoint.dir={ckpt}", *overrides]
-    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _run(nproc, ckpt, store, *overrides):
-    proc = _launch(nproc, ckpt, store, *overrides)
-    log = proc.communicate(timeout=900)[0]
-    return proc.returncode, log
-
-
-def _losses(ckpt):
-    """The loss of each step; a resumed run re-logs steps after its checkpoint: the last entry counts."""
-    out = {}
-    for row in read_metrics(os.path.join(ckpt, "logs", "metrics.jsonl")):
-        if "loss" in row:  # validation rows carry val/... only
-            out[row["step"]] = row["loss"]
-    return [out[s] for s in sorted(out)]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(store, tmp_path_factory):
-    ckpt = str(tmp_path_factory.mktemp("ref") / "ckpt")
-    code, log = _run(2, ckpt, store)
-    assert code == 0, log
-    return ckpt, _losses(ckpt)
-
-
-def _kill_when(proc, ready, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if ready():
-            kill_tree(proc.pid)
-            proc.wait()
-            return True
-        time.sleep(0.005)
-    return False
+@pytest.fixture(scope="session")
+def store(tiny_store):
+    return tiny_store
 
 
 def test_kill_at_a_random_step_then_resume_gives_the_same_losses(store, uninterrupted, tmp_path):
@@ -91,6 +41,42 @@ def test_kill_at_a_random_step_then_resume_gives_the_same_losses(store, uninterr
     assert code == 0, log
     assert "resumed from" in log and f"at step {resumed_from}" in log
     assert _losses(ckpt) == ref  # bit for bit: same batches, noise, timesteps, optimizer and LR state
+
+
+def test_torchrun_elastic_restarts_the_group_after_a_worker_dies_and_loses_no_step(store, uninterrupted, tmp_path):
+    """Clusters without Slurm: `torchrun --max-restarts 2 --rdzv-backend c10d ...` (docs/slurm.md). One worker
+    is SIGKILLed in step 6 (the checkpoint of step 4 is the newest); the agent stops the other, starts the
+    group again on the same rendezvous, which resumes from that checkpoint and computes step 5 again: the run
+    ends with the uninterrupted run's losses, each step logged once."""
+    import psutil
+
+    _, ref = uninterrupted
+    ckpt = str(tmp_path / "ckpt")
+    proc = _launch(2, ckpt, store, restarts=2)
+    workers = []
+
+    def in_step_6():  # the row of step 5 is written: step 6 is being computed
+        if len(rows(ckpt)) < 5:
+            return False
+        workers.extend(p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "megawan.cli" in " ".join(p.cmdline()))
+        return True
+
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not in_step_6():
+        time.sleep(0.005)
+    assert len(workers) == 2, proc.communicate()[0]
+    helpers = workers[0].children(recursive=True)  # megatron's checkpoint-writer Manager and its tracker
+    workers[0].send_signal(signal.SIGKILL)  # one worker, not the agent: a process lost, not a node
+    # EOF of the log comes only once every process holding it is gone: an orphaned helper would hang this
+    log = proc.communicate(timeout=600)[0]
+    assert helpers and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in helpers)
+    assert proc.returncode == 0, log
+    assert "starting on 2 ranks (torchrun restart 0 of at most 2)" in log
+    assert "starting on 2 ranks (torchrun restart 1 of at most 2)" in log  # one restart, visible in the log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert resumed < 6
+    assert _losses(ckpt) == ref  # steps 1..8 each once (step 5's first row dropped), bit for bit
 
 
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(store, uninterrupted, tmp_path):

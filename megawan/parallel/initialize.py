@@ -82,7 +82,8 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
         if "RANK" in env:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
             env.setdefault("MASTER_PORT", "29500")
-            dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=world_size)
+            dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=world_size,
+                                    store=_elastic_store(env, world_size))
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     parallel.validate(dist.get_world_size())
@@ -100,6 +101,25 @@ def initialize(parallel: ParallelConfig | None = None, backend: str | None = Non
     _seed(seed)
     _rank_logging()
     return parallel
+
+
+def _elastic_store(env, world_size: int):
+    """Under torchrun's elastic agent (c10d rendezvous), the key-value store of this start of the worker group;
+    None elsewhere (torch.distributed's env:// then connects to MASTER_ADDR:MASTER_PORT itself).
+
+    The agent hosts one TCPStore for the whole job (MASTER_PORT points at it) and hands it to every restart of
+    the group unprefixed (torch 2.13's env:// rendezvous; older versions prefixed it per attempt): a restarted
+    group would read the keys its predecessor left (gloo's peer addresses of each process group) and connect to
+    ranks that are gone, failing in `new_group` ("connectFullMesh ... Connection refused") or waiting on them.
+    Each start (TORCHELASTIC_RESTART_COUNT) gets a prefix of its own."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=default_pg_timeout)
+    attempt = f"megawan/{env.get('TORCHELASTIC_RUN_ID', 'run')}/start_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(attempt, store)
 
 
 def _context_parallel_groups(parallel: ParallelConfig):

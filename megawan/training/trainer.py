@@ -52,6 +52,7 @@ from megawan.training.optimizer import Overlap, build_optimizer, finish_param_ga
 from megawan.training.precision import fp8_context
 from megawan.training.schedule import forward_backward
 from megawan.training.validation import Validator
+from megawan.training.write_queue import tie_checkpoint_writer_to_this_process
 from megawan.utils.progress import Progress
 from megawan.utils.user_errors import UserError
 
@@ -217,6 +218,8 @@ class Trainer:
             self.facts = preflight(cfg, world)
         initialize(cfg.parallel, seed=cfg.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._log0(f"starting on {self.world} ranks{_restart_note()}")
+        tie_checkpoint_writer_to_this_process()  # no orphans if this rank is killed (torchrun restarts the group)
         if self.facts.get("backend_reason"):
             self._log0(self.facts["backend_reason"])
         self.device = rank_device()
@@ -411,7 +414,7 @@ class Trainer:
             self._resume()
             log_dir = cfg.logging.dir or os.path.join(cfg.checkpoint.dir, "logs")
             metrics = MetricsLogger(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
-                                    config_to_dict(cfg), enabled=self.rank == 0)
+                                    config_to_dict(cfg), enabled=self.rank == 0, step=self.step)
             validator = None
             if cfg.validation.every:
                 validator = Validator(cfg.validation, self.ddp, patch_size=cfg.model.patch_size,
@@ -489,6 +492,15 @@ class Trainer:
                 metrics.close()
         return {"step": self.step, "last_saved": last_saved, "skipped_steps": self.skipped_steps,
                 "stopped": stop_reason}
+
+
+def _restart_note() -> str:
+    """Under torchrun's elastic agent (`--max-restarts N`): which start of the worker group this is. A restarted
+    group resumes from the newest checkpoint; the count says how often the job has lost a worker."""
+    count, most = os.environ.get("TORCHELASTIC_RESTART_COUNT"), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if count is None or most == "0":  # srun, a lone process, or torchrun without restarts
+        return ""
+    return f" (torchrun restart {count} of at most {most})"
 
 
 def _memory_gb() -> float:
