@@ -26,6 +26,7 @@ finalize, after every rank's writer has finished.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -47,6 +48,7 @@ from torch.distributed.checkpoint.utils import _get_failure_dict
 from megawan.capabilities import cuda_available, rank_device
 from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint, write_manifests
 from megawan.models.dit.parallelize import chunk_state_dict
+from megawan.utils.processes import run_dying_with_parent
 
 STATE_FILE = "trainer_state.json"  # step, LR schedule, loader position, counters
 CONFIG_FILE = "config.yaml"  # the run config the checkpoint was trained with
@@ -425,6 +427,11 @@ class CheckpointSaver:
         request = dist_checkpointing.save(_training_sharded(chunks, optimizer, ema), tmp,
                                           sharded_strategy=_save_strategy(snapshot=True),
                                           content_metadata=OPTIMIZER_METADATA, async_sharded_save=True)
+        # the forked writer dies with this rank: a SIGKILLed rank's writer must not go on writing into a `.tmp`
+        # that the resumed run removes and may create again
+        if request.async_fn is not None:  # None: nothing to write on this rank
+            request = request._replace(async_fn=functools.partial(run_dying_with_parent, os.getpid(),
+                                                                  request.async_fn))
         request.add_finalize_fn(lambda: _commit(tmp, path, *texts))
         request.add_finalize_fn(lambda: _move_latest(root, name, keep))
         request.add_finalize_fn(lambda: self._committed.append(self._pending.pop(0)))

@@ -89,12 +89,12 @@ def _curve(rows):
     return {row["step"]: tuple(row[k] for k in CURVE) for row in rows}
 
 
-def _train(cluster, where, dataset, tmp_path, name, every=1000):
+def _train(cluster, where, dataset, tmp_path, name, *overrides, every=1000):
     """train.sbatch of the tiny config for STEPS steps; checkpoint.every=1000: only the final checkpoint (each
     write costs seconds on 2 cores), unless the test needs periodic ones."""
     ckpt, log = str(tmp_path / f"{name}-ckpt"), str(tmp_path / f"{name}-%j.out")
     job_id, log = _submit(cluster, where, TRAIN, log, *_train_args(dataset, ckpt, f"train.steps={STEPS}",
-                                                                   f"checkpoint.every={every}"))
+                                                                   f"checkpoint.every={every}", *overrides))
     return job_id, log, ckpt
 
 
@@ -127,7 +127,9 @@ def test_lost_host_requeues_the_job_and_it_resumes_bit_identically(hosts, datase
     fail in their next collective, srun waits for the lost node until slurmctld declares it DOWN (SlurmdTimeout),
     and Slurm requeues the job itself (NODE_FAIL, --requeue); the batch shell gets SIGTERM and does not requeue
     it a second time. The rerun waits for two nodes, starts once mwh2 is back, resumes from `latest`."""
-    job_id, log, ckpt = _train(hosts, TWO_HOSTS, dataset, tmp_path, "train", every=2)
+    # async checkpoints: the host may be lost while a background write is in flight, and `latest` must still
+    # name a complete checkpoint (the reference wrote its checkpoint synchronously: the curve is the same)
+    job_id, log, ckpt = _train(hosts, TWO_HOSTS, dataset, tmp_path, "train", "checkpoint.async_save=true", every=2)
     os.makedirs(ckpt, exist_ok=True)
     checkpointed = lambda: os.path.exists(os.path.join(ckpt, "latest")) and _latest_step(ckpt) >= 2  # noqa: E731
     _wait("a checkpoint and a step past it", lambda: checkpointed() and len(_metrics(ckpt)) > _latest_step(ckpt),

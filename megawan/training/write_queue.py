@@ -14,22 +14,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import sys
 from multiprocessing.managers import SyncManager
 
+from megawan.utils.processes import die_with_parent
+
 _MANAGER = {}
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs first in the Manager's server process."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(0)
 
 
 def tie_checkpoint_writer_to_this_process() -> None:
@@ -38,6 +27,6 @@ def tie_checkpoint_writer_to_this_process() -> None:
     if filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # what megatron's ctx.Manager() makes
-    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     _MANAGER["manager"] = manager
     filesystem_async._results_queue = manager.Queue()
