@@ -39,14 +39,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
-from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_finalize
-from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-from torch.distributed.checkpoint import CheckpointException, FileSystemReader
-from torch.distributed.checkpoint.utils import _get_failure_dict
+from torch.distributed.checkpoint import FileSystemReader
 
 from megawan.capabilities import cuda_available, rank_device
 from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint, write_manifests
+from megawan.checkpoint_strategy import save_strategy
 from megawan.models.dit.parallelize import chunk_state_dict
 from megawan.utils.processes import run_dying_with_parent
 
@@ -181,75 +178,6 @@ def has_ema(path: str) -> bool:
 # Writing
 
 
-def snapshot_write_buckets(write_buckets: list) -> list:
-    """megatron's write buckets with every tensor replaced by a host copy that training cannot change: what a
-    background write reads while the next steps run. megatron's own preload is `tensor.to("cpu")`, which for a
-    CPU tensor returns the tensor itself (the live weights and Adam moments the optimizer keeps changing in
-    place); so CPU tensors are cloned, CUDA tensors are copied into pinned host memory without blocking and
-    waited for once at the end. Called synchronously, before the step loop continues."""
-    out, on_cuda = [], False
-    for file_name, storage_key, (bytes_data, tensor_data) in write_buckets:
-        copies = []
-        for item, tensor in tensor_data:
-            if tensor.device.type == "cpu":
-                copy = tensor.detach().clone()
-            else:
-                copy = torch.empty_like(tensor, device="cpu", pin_memory=True)
-                copy.copy_(tensor.detach(), non_blocking=True)
-                on_cuda = True
-            copies.append((item, copy))
-        out.append((file_name, storage_key, (bytes_data, copies)))
-    if on_cuda:
-        torch.cuda.synchronize()  # the copies are complete before the step loop may change the weights
-    return out
-
-
-class _SaveStrategy(TorchDistSaveShardedStrategy):
-    """megatron-core's torch_dist save strategy (same files and metadata) with two changes:
-
-    - snapshot=True (a background write): the preload takes real copies (snapshot_write_buckets); megatron's
-      would hand the background writer the live CPU tensors.
-    - on CPU-only ranks over gloo, megatron's two CUDA calls are replaced: it stages tensors with non-blocking
-      copies followed by torch.cuda.synchronize(), and broadcasts write failures in a CUDA tensor; a CPU-only
-      torch refuses both.
-    """
-
-    def __init__(self, snapshot: bool):
-        super().__init__("torch_dist", 1)
-        self.snapshot = snapshot
-
-    def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret) -> AsyncRequest:
-        if cuda_available() and not self.snapshot:
-            return super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
-        save_fn, preload_fn, save_args = writer.get_save_function_and_args()
-        storage_writer, global_metadata, dist_wrapper = save_state_dict_ret
-
-        def preload():
-            if self.snapshot:
-                return snapshot_write_buckets(writer.write_buckets)
-            return writer.preload_tensors(writer.write_buckets, non_blocking=False)
-
-        def finalize():
-            if cuda_available():
-                return save_state_dict_async_finalize(*save_state_dict_ret)
-            all_results = dist_wrapper.gather_object(storage_writer.retrieve_write_results())
-            failures = {}
-            if dist_wrapper.is_coordinator:
-                failures = _get_failure_dict(all_results)
-                if not failures:
-                    storage_writer.finish(global_metadata, all_results)
-            failed = torch.tensor([int(bool(failures))], dtype=torch.int)
-            dist.broadcast(failed, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
-            if failed.item():
-                raise CheckpointException("write", failures)
-
-        return AsyncRequest(save_fn, save_args, [finalize], preload_fn=preload if preload_fn else None)
-
-
-def _save_strategy(snapshot: bool = False):
-    return None if cuda_available() and not snapshot else _SaveStrategy(snapshot)
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -315,7 +243,7 @@ def _write(path: str, sharded: dict, config: dict, trainer_state: dict, content_
     """Collective: `sharded` (dist_checkpointing) + config + trainer state into `path`, via `path`.tmp.
     `path` must not exist; the caller has created nothing."""
     tmp = _begin(path)
-    dist_checkpointing.save(sharded, tmp, sharded_strategy=_save_strategy(), content_metadata=content_metadata)
+    dist_checkpointing.save(sharded, tmp, sharded_strategy=save_strategy(), content_metadata=content_metadata)
     _barrier()
     _commit(tmp, path, *_texts(config, trainer_state))
 
@@ -425,7 +353,7 @@ class CheckpointSaver:
         tmp = _begin(path)
         texts = _texts(config, trainer_state)
         request = dist_checkpointing.save(_training_sharded(chunks, optimizer, ema), tmp,
-                                          sharded_strategy=_save_strategy(snapshot=True),
+                                          sharded_strategy=save_strategy(snapshot=True),
                                           content_metadata=OPTIMIZER_METADATA, async_sharded_save=True)
         # the forked writer dies with this rank: a SIGKILLed rank's writer must not go on writing into a `.tmp`
         # that the resumed run removes and may create again

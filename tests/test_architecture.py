@@ -29,7 +29,7 @@ LAYERS = (
     ("megawan.diffusion",),
     ("megawan.parallel",),
     ("megawan.models",),
-    ("megawan.checkpoint", "megawan.checkpoint_integrity"),  # THE checkpoint format and its checksums
+    ("megawan.checkpoint", "megawan.checkpoint_integrity", "megawan.checkpoint_strategy"),  # THE checkpoint format, its checksums, how its tensors are written
     ("megawan.artifacts",),  # what a folder on disk holds
     ("megawan.data",),
     ("megawan.training",),

@@ -64,6 +64,7 @@ def _snapshot_worker(rank, root):
     from megatron.core import dist_checkpointing
 
     from megawan import checkpoint as ckpt
+    from megawan.checkpoint_strategy import SaveStrategy
     from megawan.models.dit.parallelize import build_model_chunks
     from megawan.parallel.cpu_compat import megatron_cpu_mode
     from megawan.training import optimizer as optim
@@ -107,7 +108,7 @@ def _snapshot_worker(rank, root):
                 os.makedirs(folder)
             torch.distributed.barrier()
             request = dist_checkpointing.save(ckpt._training_sharded(chunks, optimizer, None), folder,
-                                              sharded_strategy=ckpt._SaveStrategy(snapshot=snapshot),
+                                              sharded_strategy=SaveStrategy(snapshot=snapshot),
                                               content_metadata=ckpt.OPTIMIZER_METADATA, async_sharded_save=True)
             _write_in_place(request, lambda: train(step + 1))
             # ... 3. while megatron's staging (`.to("cpu")` of a CPU tensor: the tensor itself) writes step 3's
