@@ -29,7 +29,8 @@ LAYERS = (
     ("megawan.diffusion",),
     ("megawan.parallel",),
     ("megawan.models",),
-    ("megawan.checkpoint", "megawan.checkpoint_integrity", "megawan.checkpoint_strategy"),  # THE checkpoint format, its checksums, how its tensors are written
+    # THE checkpoint format, its checksums, how its tensors are written
+    ("megawan.checkpoint", "megawan.checkpoint_integrity", "megawan.checkpoint_strategy"),
     ("megawan.artifacts",),  # what a folder on disk holds
     ("megawan.data",),
     ("megawan.training",),
