@@ -99,7 +99,9 @@ def phase_train(run, out: dict) -> None:
     log = child.text()
     check(f"at step {resumed_from}" in log and "resumed from" in log,
           f"the second run did not report resuming at step {resumed_from}; tail:\n{child.tail()}")
-    after = _metrics(ckpt)[len(before):]  # metrics.jsonl is appended to: these rows are the resumed run's
+    # the resumed run dropped the rows the killed run logged after its checkpoint (each step is logged once):
+    # the rows past the checkpoint's step are the resumed run's
+    after = [r for r in _metrics(ckpt) if r.get("step", 0) > resumed_from]
     train_rows = [r for r in after if "loss" in r]
     old, new = _losses(before), _losses(after)
     losses = {**old, **new}
