@@ -14,7 +14,11 @@ import sys
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Called first in a helper process: SIGKILL it when its parent dies (Linux; elsewhere nothing)."""
+    """Called first in a helper process: SIGKILL it when its parent dies (Linux; elsewhere nothing). The signals
+    meant for the rank are ignored here: Slurm's pre-emption warning (SIGUSR1) and SIGTERM reach every process of
+    the job step, and the rank answers them by checkpointing, which needs its helpers alive."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
 
