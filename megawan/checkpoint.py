@@ -302,7 +302,7 @@ class CheckpointSaver:
 
         saver = CheckpointSaver(async_save=True)
         saver.save(root, step, chunks, optimizer, state, config, ema=ema, keep=3)   # collective; returns at once
-        ...  each step: saver.maybe_finalize()       # collective; commits a write every rank has finished
+        ...  each step: saver.finalize()             # collective; commits a write every rank has finished
         saver.close()                                # collective; waits for the write and commits it
 
     A background save (megatron-core's dist_checkpointing.save(async_sharded_save=True) scheduled on its
@@ -377,7 +377,6 @@ class CheckpointSaver:
         done, self._committed = self._committed, []
         return done
 
-    maybe_finalize = finalize
 
     def close(self) -> list:
         """Collective: wait for the write in flight and commit it (the end of training, a signal's stop)."""
