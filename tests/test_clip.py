@@ -185,3 +185,31 @@ def test_vit_h_size():
     assert sum(torch.Size(s).numel() for s in shapes.values()) == sum(p.numel() for p in ref.parameters())
     # the ViT-H/14 tower (its last block, held but not run, included; the official 1280 x 1024 head not)
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 630_766_080
+
+
+def test_find_encoders_finds_the_optional_clip_and_loads_it(tmp_path):
+    from megawan.artifacts import detect_clip_preset, find_encoders, load_clip_encoder
+    from megawan.demo.tiny_assets import write_tiny_encoders
+    from pipelines import write_tiny_clip
+
+    write_tiny_encoders(str(tmp_path))
+    assert find_encoders(str(tmp_path))["clip"] is None and find_encoders(str(tmp_path))["clip_config"] is None
+    path = write_tiny_clip(tmp_path)
+    found = find_encoders(str(tmp_path))
+    assert found["clip"] == path and found["clip_config"] == "tiny"
+    cfg = clip_preset(found["clip_config"])
+    official = torch.load(path, weights_only=True)
+    encoder = load_clip_encoder(found["clip"], cfg)
+    expected = convert_state_dict(official, "official", "megawan", cfg)
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in expected.items())
+    assert not any(p.requires_grad for p in encoder.parameters())
+    # transformers' names load too (safetensors, as diffusers' image_encoder/ holds them), and in another dtype
+    from safetensors.torch import save_file
+
+    save_file(convert_state_dict(expected, "megawan", "transformers", cfg), str(tmp_path / "hf_clip.safetensors"))
+    assert detect_clip_preset(torch.load(path, weights_only=True)) == "tiny"
+    half = load_clip_encoder(str(tmp_path / "hf_clip.safetensors"), cfg, dtype=torch.bfloat16)
+    assert half.pos_embedding.dtype == torch.bfloat16
+    assert torch.equal(half.pos_embedding, expected["pos_embedding"].bfloat16())
+    with pytest.raises(ValueError, match="not a CLIP image encoder"):
+        load_clip_encoder(found["vae"], cfg)
