@@ -133,17 +133,18 @@ def _trainer_worker(rank, store, out):
 
     cfg = load_config(None, ["model.preset=tiny-ti2v", "model.in_dim=4", "model.out_dim=4", "model.text_dim=32",
                              "model.text_len=24", f"data.store={store}", "data.global_batch_size=4",
-                             "data.image_global_batch_size=4", "data.micro_batch_size=2", "train.precision=fp32",
+                             "data.image_global_batch_size=4", "data.micro_batch_size=2", "data.video_ratio=0.5",
+                             "train.precision=fp32",
                              "train.text_dropout=0.25", "seed=3"])
     trainer = Trainer(cfg)
     result = {"clean": {}, "layouts_agree": True, "image_steps": []}
     with megatron_cpu_mode():
         trainer._setup()
-        batches = {}
-        for batch in trainer.loader:
+        batches, stream = {}, iter(trainer.loader)
+        while len(batches) < 2:  # the first clip batch and the first still batch (video_ratio 0.5: both soon)
+            batch = next(stream)
             batches.setdefault(batch["bucket"], batch)
-            if len(batches) == 2:
-                break
+            assert batch["step"] < 32, f"no batch of both streams in 32 steps: {sorted(batches)}"
         video, image = batches["9x32x48"], batches["1x32x48"]
 
         def modes(batch, ratio=0.5, step=0):
