@@ -2,7 +2,7 @@
 t = 0 on its tokens, out of the loss) with probability `train.i2v_ratio`, else text-to-video (noised whole,
 every frame in the loss); an image (one latent frame) always as text-to-image, so image steps train. The draw
 is the sample's own (seed, step, index in the global batch): any data-parallel split, micro-batching or
-resume draws the same. A step mixing both modes under TP2 / PP2 / CP2 equals the one-rank step."""
+resume draws the same. A step mixing both modes under PP2 equals the one-rank step."""
 
 import dataclasses
 
@@ -189,7 +189,11 @@ def test_trainer_draws_each_sample_mode_once_for_every_layout_and_trains_image_s
 
 
 # ----------------------------------------------------------------------------------------------
-# One optimizer step of micro-batches mixing both modes, under TP2 / PP2 / CP2, equals one rank
+# One optimizer step of micro-batches mixing both modes (masked loss, per-token timesteps) under PP2 equals one
+# rank. PP2 only, for CI time (~40 s a layout on 2 cores): TI2V's per-token timesteps under TP / CP / SP, forward
+# and gradients, are tests/test_dit_tensor_parallel.py's and tests/test_dit_sequence_context_parallel.py's; the
+# step's machinery under every layout is tests/test_parallel_training_step.py's. Add "tp2", "cp2-ulysses" here
+# to run those too.
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +218,7 @@ def ti2v_setup(tmp_path_factory):
     return path, torch.load(out / "rank0.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "cp2-ulysses"])
+@pytest.mark.parametrize("name", ["pp2"])
 def test_mixed_mode_step_equals_single_rank(ti2v_setup, tmp_path, name):
     path, ref = ti2v_setup
     ranks = _run(path, tmp_path, name)
