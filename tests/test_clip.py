@@ -96,8 +96,9 @@ def test_official_layout_loads_to_the_same_numbers_and_round_trips(tmp_path):
     assert set(back) == set(kept) and all(torch.equal(back[k], kept[k]) for k in kept)
     hf = convert_state_dict(sd, src="megawan", dst="transformers", config=cfg)
     assert all(torch.equal(hf[k], v) for k, v in ref.state_dict().items())
-    # the Hub's files nest the tower under vision_model.
+    # the Hub's files nest the tower under vision_model. (CLIPVisionModelWithProjection: plus the unused head)
     prefixed = {f"vision_model.{k}": v for k, v in ref.state_dict().items()}
+    prefixed["visual_projection.weight"] = torch.zeros(cfg.projection_dim, cfg.hidden_size)
     assert all(torch.equal(convert_state_dict(prefixed, "transformers", "megawan", cfg)[k], v) for k, v in sd.items())
 
 
