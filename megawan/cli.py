@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, nargs="+", help="one scale, or LOW HIGH for the A14B experts")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int)
-    gen.add_argument("--image", help="first frame (image-to-video: I2V-A14B, TI2V-5B); without --height / --width "
-                                     "the video takes its aspect ratio, as the official repos size it")
+    gen.add_argument("--image", help="first frame (image-to-video: Wan2.1 I2V / FLF2V, I2V-A14B, TI2V-5B); without "
+                                     "--height / --width the video takes its aspect ratio, as the official repos "
+                                     "size it")
     gen.add_argument("--last-image", help="last frame (first-last-frame models: Wan2.1 FLF2V-14B)")
     gen.add_argument("--max-area", type=int, help="image-to-video without --height / --width: the video's pixels "
                                                   "(default: the model's official height x width; 480p: 399360)")

@@ -11,8 +11,9 @@ Parallel sampling: the world is laid out as data x context x tensor parallel (me
 the weights, CP ranks split the video tokens (the model gathers the velocity at its head), so every rank of a
 model replica advances the same latents with the same sampler. Data-parallel replicas split the prompts.
 Classifier-free guidance runs the conditional and unconditional batch in one model call. The text encoder
-is split over the TP ranks like the DiT; each replica's first rank encodes the first frame (I2V / TI2V) and
-sends it to its peers, and decodes with the VAE and writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
+is split over the TP ranks like the DiT, and so is Wan2.1's CLIP image encoder; each replica's first rank encodes
+the conditioning frames with the VAE (I2V / FLF2V / TI2V) and sends the latents to its peers, and decodes with the
+VAE and writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
 
 Devices (`device`, CLI --device): every rank runs the DiT, the umT5 encoder (bf16 on CUDA) and the VAE on its
 own device and keeps every tensor there; only the initial noise is drawn on the host (the same in any layout and
@@ -39,16 +40,32 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
+from megawan.artifacts import (
+    find_encoders,
+    load_clip_encoder,
+    load_dit,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    resolve_model,
+)
 from megawan.capabilities import cuda_available, rank_device, resolve_backend
-from megawan.config import ParallelConfig, text_preset, vae_preset
+from megawan.config import ParallelConfig, clip_preset, text_preset, vae_preset
 from megawan.config.te_limits import te_tokens_problem
 from megawan.convert.files import load_torch_file
 from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.parallel.groups import context_parallel_groups
-from megawan.utils.conditioning_images import crop_to_aspect, i2v_pixels, i2v_size, open_image, ti2v_pixels, ti2v_size
+from megawan.utils.conditioning_images import (
+    crop_to_aspect,
+    i2v_pixels,
+    i2v_size,
+    open_image,
+    ti2v_pixels,
+    ti2v_size,
+    to_tensor,
+)
 from megawan.utils.images import video_to_uint8
 from megawan.utils.media import IMAGE_SUFFIX, VIDEO_SUFFIX, media_suffix, write_media
 from megawan.utils.progress import Progress
@@ -87,8 +104,10 @@ class GenerationRequest:
 
 
 def _conditioning_frames(req, cfg, height, width, area: int, vae_cfg) -> tuple:
-    """((height, width), {"first": [3, H, W], "last": [3, H, W] or None} in [-1, 1], what was done to the images
-    as one line or None) for an image request; sizes not given follow the image as the official repos choose."""
+    """((height, width), {"first": [3, H, W], "last": [3, H, W] or None, "clip": the images CLIP sees} in [-1, 1],
+    what was done to the images as one line or None) for an image request; sizes not given follow the image as
+    the official repos choose. CLIP (Wan2.1) sees the images before they are resized to the video (cropped to
+    its aspect ratio when that was asked): its own preprocessing resizes them, as the official code."""
     img = open_image(req.image, "--image")
     last = open_image(req.last_image, "--last-image") if req.last_image else None
     stride, patch = vae_cfg.spatial_stride, cfg.patch_size[1]
@@ -110,14 +129,15 @@ def _conditioning_frames(req, cfg, height, width, area: int, vae_cfg) -> tuple:
                 f"centre-cropped to {src.width}x{src.height}, then resized")
         img = src
     if cfg.model_type == "ti2v":
-        return (height, width), {"first": ti2v_pixels(img, height, width), "last": None}, note
-    frames = {"first": i2v_pixels(img, height, width), "last": None}
+        return (height, width), {"first": ti2v_pixels(img, height, width), "last": None, "clip": None}, note
+    frames = {"first": i2v_pixels(img, height, width), "last": None, "clip": [to_tensor(img)]}
     if last is not None:
         fitted = crop_to_aspect(last, img.height, img.width)
         if fitted is not last:
             note = "; ".join(filter(None, [note, f"--last-image {last.width}x{last.height} centre-cropped to "
                                                   f"{fitted.width}x{fitted.height}, the aspect ratio of --image"]))
         frames["last"] = i2v_pixels(fitted, height, width)
+        frames["clip"].append(to_tensor(fitted))
     return (height, width), frames, note
 
 
@@ -230,8 +250,14 @@ def prepare(req: GenerationRequest) -> dict:
                          f"{s_stride * cfg.patch_size[1]} for {cfg.name} with {enc['vae_config']}; got "
                          f"{frames} x {height} x {width}")
     if cfg.image_dim:
-        raise ValueError(f"{cfg.name} conditions on CLIP image tokens (Wan2.1 I2V / FLF2V), and megawan does not "
-                         "ship the CLIP image encoder; Wan2.2 I2V-A14B and TI2V-5B take --image without it")
+        if enc["clip"] is None:
+            raise ValueError(f"{cfg.name} conditions on CLIP image tokens (Wan2.1 I2V / FLF2V), but {folder} holds no "
+                             "CLIP image encoder (models_clip_*.pth, image_encoder.safetensors): convert the whole "
+                             "pipeline, or pass --encoders a folder with one")
+        clip_width = clip_preset(enc["clip_config"]).hidden_size
+        if clip_width != cfg.image_dim:
+            raise ValueError(f"the CLIP image encoder {enc['clip']} is {clip_width} wide, but {cfg.name} takes "
+                             f"{cfg.image_dim}-wide image tokens")
     return plan
 
 
@@ -293,6 +319,7 @@ def generate(req: GenerationRequest) -> list:
     noise_all = _initial_noise(req, len(prompts), shape).to(device)
     mine = list(range(dp_rank, len(prompts), dp_size))
     written, latents_out = [], {}
+    image_tokens = _clip_tokens(plan["images"]["clip"], enc, device) if cfg.image_dim else None
     extra, pin, per_token = _image_inputs(plan["images"], cfg, vae, vae_cfg, frames, shape, first_of_replica,
                                           replica_ranks, mp_group, device)
     for i in mine:
@@ -309,8 +336,9 @@ def generate(req: GenerationRequest) -> list:
             x_in = x if extra is None else torch.cat([x, extra.expand(x.shape[0], -1, -1, -1, -1)], dim=1)
             timestep = timestep.to(device)
             ts = timestep if per_token is None else per_token[None] * timestep[:, None]
+            image = None if image_tokens is None else image_tokens.repeat(x.shape[0], 1, 1)  # FLF2V: (first, last)
             with torch.no_grad():
-                return model_at(t)(x_in, ts, text_in).float()
+                return model_at(t)(x_in, ts, text_in, image=image).float()
 
         lat = sample(velocity, noise, make_sampler(req.sampler, steps, shift), guidance=scale,
                      callback=lambda k, x: bar.update(1), pin=pin)
@@ -337,6 +365,18 @@ def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype 
         ids, mask = (t.to(device) for t in tokenizer(texts))
         states = (encoder(ids, mask) * mask[..., None]).to(dtype).float()
     return states[:, :text_len] if states.shape[1] > text_len else states
+
+
+def _clip_tokens(images: list, enc: dict, device: torch.device) -> torch.Tensor:
+    """The CLIP tokens of the conditioning frames [n_images, 1 + (S / patch)^2, width] (FLF2V: first, last), as
+    the official Wan2.1 takes them (penultimate block, Wan's bicubic resize to S). Collective over the tensor-
+    parallel group: the encoder is split like the DiT and the text encoder (every CP rank of a replica computes
+    the same tokens); fp16 on CUDA as Wan's, fp32 on CPU."""
+    encoder = load_clip_encoder(enc["clip"], clip_preset(enc["clip_config"]), device=device,
+                                dtype=torch.float16 if device.type == "cuda" else None)
+    with torch.no_grad():  # each image on its own: first and last frame may differ in size
+        pixels = torch.cat([encoder.preprocess(image[None].to(device)) for image in images])
+        return encoder(pixels).float()
 
 
 def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor:

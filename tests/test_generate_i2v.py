@@ -77,22 +77,22 @@ def _noise(path, shape, seed=7):
     return noise
 
 
-def _diffusers_i2v(folder, shift, expand_timesteps=False):
-    """diffusers' WanImageToVideoPipeline on our diffusers export (no CLIP image encoder: Wan2.2), its UniPC on
-    Wan's sampling grid (diffusers' default flow grid differs from the official one)."""
+def _diffusers_i2v(folder, shift, expand_timesteps=False, text_len=24):
+    """diffusers' WanImageToVideoPipeline on our diffusers export (with the CLIP image encoder for Wan2.1), its UniPC
+    on Wan's sampling grid (diffusers' default flow grid differs from the official one); and the text states."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     class WanGridUniPC(UniPCMultistepScheduler):
         def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
             super().set_timesteps(sigmas=np.linspace(0.999, 0, num_inference_steps + 1)[:-1], device=device)
 
-    t2v = WanPipeline.from_pretrained(str(folder))
-    parts = {k: getattr(t2v, k) for k in ("tokenizer", "text_encoder", "vae", "transformer", "transformer_2")}
-    pipe = WanImageToVideoPipeline(**parts, scheduler=WanGridUniPC.from_config(t2v.scheduler.config, flow_shift=shift),
-                                   boundary_ratio=t2v.config.boundary_ratio, expand_timesteps=expand_timesteps)
+    pipe = WanImageToVideoPipeline.from_pretrained(str(folder), expand_timesteps=expand_timesteps)
+    pipe.scheduler = WanGridUniPC.from_config(pipe.scheduler.config, flow_shift=shift)
     # the text states from WanPipeline's encode_prompt (the same code): diffusers 0.42's image-to-video copy
     # calls ftfy unguarded, which is not installed here
-    cond, uncond = t2v.encode_prompt(PROMPT, NEGATIVE, True, max_sequence_length=24)
+    t2v = WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                      transformer=pipe.transformer, scheduler=pipe.scheduler)
+    cond, uncond = t2v.encode_prompt(PROMPT, NEGATIVE, True, max_sequence_length=text_len)
     return pipe, dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
 
 
@@ -260,8 +260,93 @@ def test_bad_image_input_is_one_line(a14b, tmp_path, capsys):
         (t2v, "--image", good): "tiny is a text-to-video model: it takes no --image",
         (flf2v, "--image", good): "tiny-i2v is a first-last-frame model: pass --last-image LAST_FRAME too",
         (flf2v, "--image", good, "--last-image", str(tmp_path / "notes.png")): "--last-image ",
+        (flf2v, "--image", good, "--last-image", good): "tiny-i2v conditions on CLIP image tokens (Wan2.1 I2V / "
+                                                        "FLF2V), but",
     }
     for (ckpt, *args), message in cases.items():
         assert main(["generate", "--ckpt", ckpt, "--prompt", PROMPT, *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith(f"megawan generate: {message}") and err.count("\n") == 1, (args, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan2.1 I2V and FLF2V: the CLIP tokens of the first (and last) frame beside the latents
+
+
+def _wan21(root, **overrides):
+    """A tiny Wan2.1 I2V (FLF2V with image_pos_len) with the tiny CLIP, official -> megawan and diffusers. Text
+    length 512: diffusers splits the cross-attention context as [image tokens | 512 text tokens]."""
+    from pipelines import TINY_I2V, write_tiny_clip
+
+    make_official_pipeline(root / "official", "tiny-i2v", dict(TINY_I2V, text_len=512, **overrides),
+                           dtype=torch.float32)
+    write_tiny_clip(root / "official")
+    for fmt in ("megawan", "diffusers"):
+        convert_pipeline(str(root / "official"), "official", str(root / fmt), fmt)
+    return root
+
+
+def _our_clip(pipeline):
+    from megawan.artifacts import find_encoders, load_clip_encoder
+    from megawan.config import clip_preset
+
+    enc = find_encoders(str(pipeline))
+    return load_clip_encoder(enc["clip"], clip_preset(enc["clip_config"]))
+
+
+def test_wan21_i2v_equals_diffusers_with_its_own_clip(tmp_path):
+    """A square first frame of CLIP's size (32 px for the tiny CLIP) and a 32 x 32 video: diffusers'
+    CLIPImageProcessor and Wan's bicubic resize then see the same pixels, so diffusers encodes the image itself;
+    our encoder on the processor's output equals its encode_image, and the sampled latents are the same."""
+    from PIL import Image
+
+    from megawan.utils.conditioning_images import to_tensor
+
+    root = _wan21(tmp_path)
+    image = _image(tmp_path / "first.png", height=32, width=32)
+    noise = _noise(tmp_path / "noise.pt", (4, 5, 4, 4))
+    pipe, text = _diffusers_i2v(root / "diffusers", shift=5.0, text_len=512)
+    assert pipe.image_encoder is not None and pipe.transformer.config.image_dim == 20
+    encoder = _our_clip(root / "megawan")
+    processed = pipe.image_processor(images=Image.open(image), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        assert (encoder.preprocess(to_tensor(Image.open(image))[None]) - processed).abs().max() < 1e-5
+        assert (encoder(processed) - pipe.encode_image(Image.open(image), torch.device("cpu"))).abs().max() < 1e-5
+    theirs = pipe(image=Image.open(image), **text, height=32, width=32, num_frames=FRAMES, num_inference_steps=8,
+                  guidance_scale=4.0, latents=noise.clone(), output_type="latent").frames.float()
+    ours = _generate(_request(root / "megawan", tmp_path, "ours", height=32, width=32, guidance=4.0, image=image,
+                              noise=str(tmp_path / "noise.pt")))
+    assert _rel(ours, theirs) < 1e-4
+    assert _rel(noise, theirs) > 0.1
+
+
+def test_flf2v_equals_diffusers_and_tp2_cp2_equal_one_rank(tmp_path):
+    """FLF2V: first frame, zeros, last frame through the VAE, the mask on the first and the last frame, the CLIP
+    tokens of both frames side by side. The last frame (64 x 32) is centre-cropped to the first's aspect ratio
+    (48 x 32), and said. diffusers' processor centre-crops a non-square image where Wan squashes it, so diffusers
+    gets Wan's CLIP tokens (our encoder, Wan's preprocessing) in place of its own encode_image."""
+    from PIL import Image
+
+    from megawan.utils.conditioning_images import to_tensor
+
+    root = _wan21(tmp_path, image_pos_len=34)  # 2 images x (1 + (32 / 8)^2) tokens
+    first = _image(tmp_path / "first.png")
+    last = _image(tmp_path / "last.png", height=32, width=64, seed=1)
+    cropped = Image.open(last).convert("RGB").crop((8, 0, 56, 32))
+    noise = _noise(tmp_path / "noise.pt", (4, 5, 4, 6))
+    pipe, text = _diffusers_i2v(root / "diffusers", shift=5.0, text_len=512)
+    encoder = _our_clip(root / "megawan")
+    with torch.no_grad():
+        tokens = encoder(torch.cat([encoder.preprocess(to_tensor(img)[None])
+                                    for img in (Image.open(first).convert("RGB"), cropped)]))
+    pipe.encode_image = lambda images, device=None: tokens
+    theirs = pipe(image=Image.open(first), last_image=cropped, **text, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+                  num_inference_steps=8, guidance_scale=4.0, latents=noise.clone(), output_type="latent").frames.float()
+    kw = dict(image=first, last_image=last, guidance=4.0, noise=str(tmp_path / "noise.pt"))
+    plan = prepare(_request(root / "megawan", tmp_path, "plan", **kw))
+    assert plan["note"] == "--last-image 64x32 centre-cropped to 48x32, the aspect ratio of --image"
+    one = _generate(_request(root / "megawan", tmp_path, "one", **kw))
+    assert _rel(one, theirs) < 1e-4
+    for name, layout in {"tp2": dict(tensor_parallel=2), "cp2": dict(context_parallel=2)}.items():
+        got = _generate(_request(root / "megawan", tmp_path, name, **kw), world=2, **layout)
+        assert _rel(got, one) < 1e-5, name

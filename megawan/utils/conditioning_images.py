@@ -77,7 +77,7 @@ def ti2v_size(image_height: int, image_width: int, max_area: int, multiple: int)
     return h, w
 
 
-def _to_tensor(img) -> torch.Tensor:
+def to_tensor(img) -> torch.Tensor:
     """[3, H, W] in [-1, 1] from an RGB PIL image (torchvision's to_tensor, then (x - 0.5) / 0.5)."""
     return (torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
 
@@ -98,7 +98,7 @@ def crop_to_aspect(img, height: int, width: int):
 def i2v_pixels(img, height: int, width: int) -> torch.Tensor:
     """The conditioning frame of Wan2.1 I2V / FLF2V / Wan2.2 I2V-A14B: [3, height, width] in [-1, 1], the image
     resized with torch's bicubic filter (no antialias, no clamp, as the official code)."""
-    pixels = _to_tensor(img)
+    pixels = to_tensor(img)
     if tuple(pixels.shape[1:]) == (height, width):
         return pixels
     return torch.nn.functional.interpolate(pixels[None], size=(height, width), mode="bicubic")[0]
@@ -111,4 +111,4 @@ def ti2v_pixels(img, height: int, width: int) -> torch.Tensor:
     scale = max(width / img.width, height / img.height)
     img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
     left, top = (img.width - width) // 2, (img.height - height) // 2
-    return _to_tensor(img.crop((left, top, left + width, top + height)))
+    return to_tensor(img.crop((left, top, left + width, top + height)))
