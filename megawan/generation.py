@@ -228,6 +228,9 @@ def prepare(req: GenerationRequest) -> dict:
     if req.image is not None and (req.height is None) != (req.width is None):
         raise ValueError("--height and --width go together with --image (give neither: the video then takes the "
                          "image's aspect ratio)")
+    if req.max_area is not None and (req.image is None or req.height is not None):
+        raise ValueError("--max-area sizes a video from its --image: give it with --image and without --height / "
+                         "--width")
     folder = req.encoders or found["encoders"]
     if folder is None:
         raise ValueError("no encoders: pass --encoders FOLDER (the VAE, umT5 weights and tokenizer)")
