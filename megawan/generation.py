@@ -111,8 +111,7 @@ def _conditioning_frames(req, cfg, height, width, area: int, vae_cfg) -> tuple:
     img = open_image(req.image, "--image")
     last = open_image(req.last_image, "--last-image") if req.last_image else None
     stride, patch = vae_cfg.spatial_stride, cfg.patch_size[1]
-    given = height is not None
-    if not given:
+    if height is None:
         height, width = (ti2v_size(img.height, img.width, area, stride * patch) if cfg.model_type == "ti2v"
                          else i2v_size(img.height, img.width, area, stride, patch))
         note = (f"{width}x{height} video: the aspect ratio of --image ({img.width}x{img.height}) within {area} "
@@ -130,14 +129,16 @@ def _conditioning_frames(req, cfg, height, width, area: int, vae_cfg) -> tuple:
         img = src
     if cfg.model_type == "ti2v":
         return (height, width), {"first": ti2v_pixels(img, height, width), "last": None, "clip": None}, note
-    frames = {"first": i2v_pixels(img, height, width), "last": None, "clip": [to_tensor(img)]}
+    frames = {"first": i2v_pixels(img, height, width), "last": None,
+              "clip": [to_tensor(img)] if cfg.image_dim else None}
     if last is not None:
         fitted = crop_to_aspect(last, img.height, img.width)
         if fitted is not last:
             note = "; ".join(filter(None, [note, f"--last-image {last.width}x{last.height} centre-cropped to "
                                                   f"{fitted.width}x{fitted.height}, the aspect ratio of --image"]))
         frames["last"] = i2v_pixels(fitted, height, width)
-        frames["clip"].append(to_tensor(fitted))
+        if cfg.image_dim:
+            frames["clip"].append(to_tensor(fitted))
     return (height, width), frames, note
 
 
