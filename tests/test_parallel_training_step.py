@@ -202,7 +202,7 @@ I2V_VARIANTS = {  # Wan2.1 I2V (CLIP tokens), Wan2.1 FLF2V (both frames' tokens,
 def _i2v_setup(kind, overrides, g, flow):
     """The micro-batches of a tiny image-conditioned model, assembled from a store-like batch (raw latents and
     conditioning latents, the uint8 frame mask, CLIP tokens) exactly as the trainer does."""
-    cfg = dit_preset("tiny-i2v", num_heads=4, num_layers=4, **overrides)
+    cfg = dit_preset("tiny-i2v", num_heads=4, num_layers=2, **overrides)  # one block per pipeline stage
     n, z, (lt, lh, lw) = 2 * MICRO_BATCH_SIZE, cfg.out_dim, LATENT
     mean, std = torch.randn(1, z, 1, 1, 1, generator=g), 0.5 + torch.rand(1, z, 1, 1, 1, generator=g)
     tokens = IMAGE_TOKENS * (2 if kind == "flf2v" else 1)
