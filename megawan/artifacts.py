@@ -1,11 +1,13 @@
 """What a folder on disk holds, and loading it: encoder folders (the Wan-VAE, the umT5 encoder and its
-tokenizer, in any layout megawan converts: official Wan, diffusers / transformers, megawan), the preset their
+tokenizer, the CLIP image encoder of Wan2.1 I2V / FLF2V when present, in any layout megawan converts:
+official Wan, diffusers / transformers, megawan), the preset their
 weights fit, and the DiT of a training checkpoint or of a converted megawan pipeline.
 
     enc = find_encoders("Wan2.1-T2V-14B")                 # paths + the preset each file's weights fit
     vae = load_vae(enc["vae"], vae_preset(enc["vae_config"]))
     text = load_text_encoder(enc["text_encoder"], text_preset(enc["text_config"]))
     tok = load_tokenizer(enc["tokenizer"], max_length=512)   # folder or spiece.model
+    clip = load_clip_encoder(enc["clip"], clip_preset(enc["clip_config"]))   # enc["clip"] is None without one
     found = resolve_model("runs/stage3/checkpoints")      # {"config": DiTConfig, "experts": {...}, ...}
     dit = load_dit(found["experts"]["transformer"], found["config"])   # current TP / CP layout, EMA weights
 
@@ -26,15 +28,18 @@ from megatron.core import parallel_state as ps
 
 from megawan.checkpoint import has_ema, load_weights, read_run_config, resolve_checkpoint
 from megawan.config import (
+    CLIPConfig,
     DiTConfig,
     ParallelConfig,
     TextConfig,
     VAEConfig,
+    clip_preset,
     config_to_dict,
     text_preset,
     vae_preset,
 )
 from megawan.convert import convert_state_dict, load_state_dict_file
+from megawan.models.clip import CLIPVisionEncoder
 from megawan.models.text import UMT5Encoder, UMT5Tokenizer
 from megawan.models.vae import WanVAE
 from megawan.models.dit.parallelize import build_model_chunks
@@ -46,6 +51,8 @@ VAE_LAYOUTS = ("megawan", "official")  # megawan's VAE names are diffusers' Auto
 TEXT_LAYOUTS = ("megawan", "official", "transformers")
 VAE_PRESETS = ("wan2.1", "wan2.2", "tiny-2.1", "tiny-2.2")  # tried in this order
 TEXT_PRESETS = ("umt5-xxl", "tiny")
+CLIP_LAYOUTS = ("megawan", "official", "transformers")  # official: models_clip_*.pth (only its visual.* is read)
+CLIP_PRESETS = ("open-clip-xlm-roberta-large-vit-huge-14", "tiny")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +95,22 @@ def load_text_encoder(path: str, config: TextConfig, device="cpu", dtype: torch.
     return encoder.eval().requires_grad_(False)
 
 
+def load_clip_encoder(path: str, config: CLIPConfig, device="cpu", dtype: torch.dtype | None = None,
+                      tp_group=None) -> CLIPVisionEncoder:
+    """The CLIP image encoder (tensor-parallel over `tp_group` when given), built on `device` in `dtype` (default:
+    the config's) and filled from the file: the official models_clip_*.pth (its text tower is not read),
+    transformers' CLIPVisionModel weights or megawan's."""
+    state, _ = to_megawan(load_state_dict_file(path), config, CLIP_LAYOUTS, "CLIP image encoder", path)
+    if dtype is not None:
+        config = dataclasses.replace(config, params_dtype=dtype_name(dtype))
+    encoder = CLIPVisionEncoder(config, tp_group=tp_group, device=device)
+    size = encoder.tp_group.size()
+    if size > 1:
+        state = convert_state_dict(state, "megawan", "megawan", config, tp_size=size)[encoder.tp_group.rank()]
+    encoder.load_state_dict(state)  # copies into the encoder's device and dtype
+    return encoder.eval().requires_grad_(False)
+
+
 def load_tokenizer(path: str, max_length: int = 512) -> UMT5Tokenizer:
     """A sentencepiece model file, or a folder holding spiece.model (google/umt5-xxl as Wan ships it)."""
     if os.path.isdir(path):
@@ -100,12 +123,12 @@ def load_tokenizer(path: str, max_length: int = 512) -> UMT5Tokenizer:
     return UMT5Tokenizer(path, max_length=max_length)
 
 
-def _detect(state: dict, presets: list, kind: str, path: str) -> str:
+def _detect(state: dict, presets: list, kind: str, path: str, layouts: tuple) -> str:
     """The first preset whose key table and shapes `state` fits (any layout)."""
     errors = []
     for name, cfg in presets:
         try:
-            to_megawan(state, cfg, VAE_LAYOUTS if kind == "vae" else TEXT_LAYOUTS, kind, path)
+            to_megawan(state, cfg, layouts, kind, path)
             return name
         except ValueError as e:
             errors.append(f"{name}: {str(e).splitlines()[-1][:200]}")
@@ -113,27 +136,36 @@ def _detect(state: dict, presets: list, kind: str, path: str) -> str:
 
 
 def detect_vae_preset(state: dict, path: str = "") -> str:
-    return _detect(state, [(n, vae_preset(n)) for n in VAE_PRESETS], "vae", path)
+    return _detect(state, [(n, vae_preset(n)) for n in VAE_PRESETS], "vae", path, VAE_LAYOUTS)
 
 
 def detect_text_preset(state: dict, path: str = "") -> str:
-    return _detect(state, [(n, text_preset(n)) for n in TEXT_PRESETS], "text", path)
+    return _detect(state, [(n, text_preset(n)) for n in TEXT_PRESETS], "text", path, TEXT_LAYOUTS)
+
+
+def detect_clip_preset(state: dict, path: str = "") -> str:
+    """The CLIP preset whose tower `state` holds (official, transformers or megawan names)."""
+    return _detect(state, [(n, clip_preset(n)) for n in CLIP_PRESETS], "CLIP image encoder", path, CLIP_LAYOUTS)
 
 
 def find_encoders(folder: str) -> dict:
     """The encoder files of a folder in the official layout (Wan2.x_VAE.pth, models_t5_umt5-*.pth, a
-    tokenizer folder) or megawan's (vae.safetensors, text_encoder.safetensors, tokenizer/): paths and the
-    preset each one's weights fit."""
+    tokenizer folder, for Wan2.1 I2V / FLF2V models_clip_*.pth) or megawan's (vae.safetensors,
+    text_encoder.safetensors, tokenizer/, image_encoder.safetensors): paths and the preset each one's weights fit.
+    Keys: vae, vae_config, text_encoder, text_config, tokenizer, clip, clip_config (the last two None when the
+    folder holds no CLIP image encoder)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no encoder folder at {folder}")
     names = sorted(os.listdir(folder))
 
-    def pick(patterns, what):
+    def pick(patterns, what, required=True):
         for pattern in patterns:
             for n in names:
-                if re.fullmatch(pattern, n):
+                if re.fullmatch(pattern, n) and os.path.isfile(os.path.join(folder, n)):
                     return os.path.join(folder, n)
-        raise FileNotFoundError(f"{folder} holds no {what} (looked for {', '.join(patterns)})")
+        if required:
+            raise FileNotFoundError(f"{folder} holds no {what} (looked for {', '.join(patterns)})")
+        return None
 
     vae = pick([r"vae\.safetensors", r"Wan2\.\d_VAE\.pth", r".*vae.*\.(pth|safetensors)"], "Wan-VAE weights")
     text = pick([r"text_encoder\.safetensors", r"models_t5_umt5.*\.pth", r".*umt5.*\.(pth|safetensors)"],
@@ -145,10 +177,13 @@ def find_encoders(folder: str) -> dict:
             break
     if tokenizer is None:
         raise FileNotFoundError(f"{folder} holds no tokenizer folder (tokenizer/, google/umt5-xxl/)")
+    clip = pick([r"image_encoder\.safetensors", r"models_clip_.*\.pth", r".*clip.*\.(pth|safetensors)"],
+                "CLIP image encoder", required=False)
     # presets from names and shapes only: the files are mapped, not read (umT5-XXL is 11 GB)
     return {"vae": vae, "vae_config": detect_vae_preset(load_state_dict_file(vae, mmap=True), vae),
             "text_encoder": text, "text_config": detect_text_preset(load_state_dict_file(text, mmap=True), text),
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "clip": clip,
+            "clip_config": None if clip is None else detect_clip_preset(load_state_dict_file(clip, mmap=True), clip)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,12 +195,13 @@ def _dit_config(values: dict) -> DiTConfig:
 
 
 def write_pipeline_file(folder: str, config: DiTConfig, experts: dict, vae: str, vae_config: str,
-                        text_encoder: str, text_config: str, tokenizer: str) -> None:
+                        text_encoder: str, text_config: str, tokenizer: str, clip: Optional[str] = None,
+                        clip_config: Optional[str] = None) -> None:
     """Mark `folder` as a megawan pipeline. experts: {expert: its checkpoint folder}; every path relative to
-    `folder`; vae_config / text_config: the encoders' preset names."""
+    `folder`; vae_config / text_config / clip_config: the encoders' preset names (clip: None without one)."""
     meta = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "model": config_to_dict(config),
             "transformer": dict(experts), "vae": vae, "vae_config": vae_config, "text_encoder": text_encoder,
-            "text_config": text_config, "tokenizer": tokenizer}
+            "text_config": text_config, "tokenizer": tokenizer, "clip": clip, "clip_config": clip_config}
     with open(os.path.join(folder, PIPELINE_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
 
@@ -180,8 +216,11 @@ def read_pipeline_file(folder: str) -> Optional[dict]:
         meta = json.load(f)
     meta["model"] = _dit_config(meta["model"])
     meta["transformer"] = {k: os.path.join(folder, v) for k, v in meta["transformer"].items()}
-    for key in ("vae", "text_encoder", "tokenizer"):
-        meta[key] = os.path.join(folder, meta[key])
+    meta.setdefault("clip", None)  # pipelines written before the CLIP encoder travelled with them
+    meta.setdefault("clip_config", None)
+    for key in ("vae", "text_encoder", "tokenizer", "clip"):
+        if meta[key] is not None:
+            meta[key] = os.path.join(folder, meta[key])
     return meta
 
 

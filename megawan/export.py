@@ -1,16 +1,19 @@
 """Whole pipelines between the three layouts: the DiT (both A14B experts), the Wan-VAE, the umT5 encoder,
-the tokenizer and the configs. `tools/convert_checkpoint.py` is the command line.
+the tokenizer, the CLIP image encoder (Wan2.1 I2V / FLF2V) and the configs. `tools/convert_checkpoint.py` is the
+command line.
 
     official   as Wan-Video ships it: config.json + diffusion_pytorch_model*.safetensors (+ .index.json), or
                high_noise_model/ + low_noise_model/ for A14B; Wan2.x_VAE.pth; models_t5_umt5-*-enc*.pth;
-               google/umt5-xxl/ (the tokenizer)
-    diffusers  what `diffusers.WanPipeline.from_pretrained` loads: model_index.json, transformer/ (+ transformer_2/),
-               vae/, text_encoder/, tokenizer/, scheduler/
+               google/umt5-xxl/ (the tokenizer); models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (only
+               its visual tower is read, and only that is written back: Wan's own loader wants the text tower too)
+    diffusers  what `diffusers.WanPipeline.from_pretrained` loads (`WanImageToVideoPipeline` for I2V models):
+               model_index.json, transformer/ (+ transformer_2/), vae/, text_encoder/, tokenizer/, scheduler/,
+               with a CLIP image_encoder/ (transformers' CLIPVisionModel) + image_processor/ (CLIPImageProcessor)
     megawan    a megawan pipeline (megawan.artifacts' marker file); transformer/ (or high_noise_model/ +
                low_noise_model/): weights-only checkpoints (megawan.checkpoint) written at the requested TP x PP
                (loadable at any layout, and by `megawan train --init-from`); vae.safetensors,
-               text_encoder.safetensors (megawan names); tokenizer/. A training checkpoint (+ --encoders) is a
-               megawan source too.
+               text_encoder.safetensors, image_encoder.safetensors (megawan names); tokenizer/. A training
+               checkpoint (+ --encoders) is a megawan source too.
 
 The DiT streams: tensors are read one at a time (safetensors' lazy reader, dist_checkpointing's partial load)
 and written shard by shard, so converting a 14B model never holds two copies of it. A megawan destination is
@@ -31,8 +34,10 @@ from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
 
 from megawan.artifacts import (
+    CLIP_LAYOUTS,
     TEXT_LAYOUTS,
     VAE_LAYOUTS,
+    detect_clip_preset,
     detect_text_preset,
     detect_vae_preset,
     find_encoders,
@@ -44,6 +49,9 @@ from megawan.checkpoint import CheckpointTensors, save_model_checkpoint
 from megawan.config import (
     DiTConfig,
     ParallelConfig,
+    clip_config_from,
+    clip_image_processor_json,
+    clip_preset,
     config_to_dict,
     diffusers_config_json,
     diffusers_vae_config_json,
@@ -51,6 +59,7 @@ from megawan.config import (
     dit_preset,
     official_config_json,
     text_preset,
+    transformers_clip_config_json,
     transformers_config_json,
     vae_preset,
 )
@@ -208,7 +217,8 @@ def _write_megawan(path: str, src_format: str, ema: bool, cfg: DiTConfig, folder
 def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Optional[str] = None,
                   ema: bool = False, boundary: Optional[float] = None) -> dict:
     """What a source pipeline holds: {"config", "experts": {name: (path, read EMA weights)}, "vae_config",
-    "text_config", "vae_state", "text_state", "tokenizer"}; encoder states in megawan names."""
+    "text_config", "vae_state", "text_state", "tokenizer", "clip_config", "clip_state"}; encoder states in megawan
+    names (clip_*: None without a CLIP image encoder)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
     out = {"experts": {}}
@@ -217,8 +227,13 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
                    if e != "transformer" and os.path.isdir(os.path.join(src, d))} or {"transformer": src}
         with open(os.path.join(next(iter(experts.values())), "config.json"), encoding="utf-8") as f:
             config_json = json.load(f)
-        keys = SafetensorsDir(next(iter(experts.values()))).keys()
-        cfg = dit_config_from(config_json, state_dict_keys=keys)
+        weights = SafetensorsDir(next(iter(experts.values())))
+        cfg = dit_config_from(config_json, state_dict_keys=weights.keys())
+        if cfg.image_dim is not None:  # config.json does not say how wide the CLIP tokens are: the weights do
+            image = {"image_dim": weights.get("img_emb.proj.0.weight").shape[0]}
+            if cfg.image_pos_len is not None:  # FLF2V's image positions (two frames' tokens)
+                image["image_pos_len"] = weights.get("img_emb.emb_pos").shape[1]
+            cfg = dataclasses.replace(cfg, **image)
         out["experts"] = {e: (p, False) for e, p in experts.items()}
         enc_folder = encoders or src
     elif fmt == "diffusers":
@@ -258,8 +273,13 @@ def _read_encoders(folder: str) -> dict:
     vae_state, _ = to_megawan(load_state_dict_file(enc["vae"]), vae_preset(enc["vae_config"]), VAE_LAYOUTS, "Wan-VAE")
     text_state, _ = to_megawan(load_state_dict_file(enc["text_encoder"]), text_preset(enc["text_config"]),
                                TEXT_LAYOUTS, "umT5 encoder")
+    clip_state = None
+    if enc["clip"] is not None:
+        clip_state, _ = to_megawan(load_state_dict_file(enc["clip"]), clip_preset(enc["clip_config"]), CLIP_LAYOUTS,
+                                   "CLIP image encoder", enc["clip"])
     return {"vae_config": enc["vae_config"], "text_config": enc["text_config"], "vae_state": vae_state,
-            "text_state": text_state, "tokenizer": enc["tokenizer"]}
+            "text_state": text_state, "tokenizer": enc["tokenizer"], "clip_config": enc["clip_config"],
+            "clip_state": clip_state}
 
 
 def _read_diffusers_encoders(src: str) -> dict:
@@ -267,10 +287,28 @@ def _read_diffusers_encoders(src: str) -> dict:
     vae_name = detect_vae_preset(vae_sd, os.path.join(src, "vae"))
     text_sd = load_safetensors_folder(os.path.join(src, "text_encoder"))
     text_name = detect_text_preset(text_sd, os.path.join(src, "text_encoder"))
+    clip_name, clip_state = _read_diffusers_clip(os.path.join(src, "image_encoder"))
     return {"vae_config": vae_name, "text_config": text_name,
             "vae_state": convert_state_dict(vae_sd, "megawan", "megawan", vae_preset(vae_name)),
             "text_state": convert_state_dict(text_sd, "transformers", "megawan", text_preset(text_name)),
-            "tokenizer": os.path.join(src, "tokenizer")}
+            "tokenizer": os.path.join(src, "tokenizer"), "clip_config": clip_name, "clip_state": clip_state}
+
+
+def _read_diffusers_clip(folder: str) -> tuple:
+    """(preset name, megawan state) of a diffusers image_encoder/ (transformers' CLIPVisionModel); (None, None)
+    without one. Its config.json must agree with the preset the weights fit (activation, epsilon)."""
+    if not os.path.isdir(folder):
+        return None, None
+    sd = load_safetensors_folder(folder)
+    name = detect_clip_preset(sd, folder)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        found = clip_config_from(json.load(f))
+    expected = clip_preset(name)
+    for field in ("hidden_act", "layer_norm_eps", "num_hidden_layers", "patch_size", "image_size"):
+        if getattr(found, field) != getattr(expected, field):
+            raise ValueError(f"{folder}/config.json: {field}={getattr(found, field)!r}, but the weights are the "
+                             f"{name} CLIP encoder, which has {field}={getattr(expected, field)!r}")
+    return name, convert_state_dict(sd, "transformers", "megawan", expected)
 
 
 def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
@@ -313,14 +351,51 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
                                  vae_cfg)
     text_layout = {"official": "official", "diffusers": "transformers", "megawan": "megawan"}[dst_format]
     text_out = convert_state_dict(pipe["text_state"], "megawan", text_layout, text_cfg)
-    _write_encoders(tmp, dst_format, cfg, vae_cfg, vae_out, text_cfg, text_out, pipe["tokenizer"], experts)
+    clip_cfg = _clip_for(cfg, pipe)
+    _write_encoders(tmp, dst_format, cfg, vae_cfg, vae_out, text_cfg, text_out, pipe["tokenizer"], experts, clip_cfg)
+    if clip_cfg is not None:
+        _write_clip(tmp, dst_format, clip_cfg, pipe["clip_state"])
     for name in os.listdir(tmp):  # complete: move into place
         os.replace(os.path.join(tmp, name), os.path.join(dst, name))
     os.rmdir(tmp)
     return {"config": cfg.name, "experts": sorted(experts), "dst": dst, "format": dst_format, "tp": tp, "pp": pp}
 
 
-def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokenizer, experts) -> None:
+def _clip_for(cfg: DiTConfig, pipe: dict):
+    """The CLIP config that travels with the pipeline (None without one); its width must be the DiT's image_dim."""
+    if pipe.get("clip_state") is None:
+        return None
+    clip_cfg = clip_preset(pipe["clip_config"])
+    if cfg.image_dim is None:
+        print(f"note: {cfg.name} does not condition on CLIP (no image_dim); the CLIP encoder is left out", flush=True)
+        return None
+    if cfg.image_dim != clip_cfg.hidden_size:
+        raise ValueError(f"the CLIP encoder ({clip_cfg.name}) is {clip_cfg.hidden_size} wide, but the DiT's "
+                         f"image_dim is {cfg.image_dim}")
+    return clip_cfg
+
+
+def _write_clip(folder: str, fmt: str, clip_cfg, state: dict) -> None:
+    """official: models_clip_<preset>.pth (visual.* only); megawan: image_encoder.safetensors; diffusers:
+    image_encoder/ (CLIPVisionModel) + image_processor/ (CLIPImageProcessor with Wan's size, mean and std)."""
+    if fmt == "official":
+        out = convert_state_dict(state, "megawan", "official", clip_cfg)
+        torch.save(out, os.path.join(folder, f"models_clip_{clip_cfg.name}.pth"))
+    elif fmt == "megawan":
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "image_encoder.safetensors"))
+    else:
+        out = convert_state_dict(state, "megawan", "transformers", clip_cfg)
+        os.makedirs(os.path.join(folder, "image_encoder"))
+        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(folder, "image_encoder",
+                                                                            "model.safetensors"))
+        with open(os.path.join(folder, "image_encoder", "config.json"), "w", encoding="utf-8") as f:
+            json.dump(transformers_clip_config_json(clip_cfg), f, indent=2)
+        os.makedirs(os.path.join(folder, "image_processor"))
+        with open(os.path.join(folder, "image_processor", "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(clip_image_processor_json(clip_cfg), f, indent=2)
+
+
+def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokenizer, experts, clip_cfg) -> None:
     if fmt == "official":
         vae_name = "Wan2.2_VAE.pth" if vae_cfg.is_residual else "Wan2.1_VAE.pth"
         torch.save(vae_sd, os.path.join(folder, vae_name))
@@ -335,7 +410,9 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
         shutil.copytree(tokenizer, os.path.join(folder, "tokenizer"))
         write_pipeline_file(folder, cfg, {e: _EXPERT_DIRS["megawan"][e] for e in experts},
                             vae="vae.safetensors", vae_config=vae_cfg.name, text_encoder="text_encoder.safetensors",
-                            text_config=text_cfg.name, tokenizer="tokenizer")
+                            text_config=text_cfg.name, tokenizer="tokenizer",
+                            clip=None if clip_cfg is None else "image_encoder.safetensors",
+                            clip_config=None if clip_cfg is None else clip_cfg.name)
         return
     # diffusers
     os.makedirs(os.path.join(folder, "vae"))
@@ -345,7 +422,8 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
         json.dump(diffusers_vae_config_json(vae_cfg), f, indent=2)
     os.makedirs(os.path.join(folder, "text_encoder"))
     text_sd = {k: v for k, v in text_sd.items() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
-    save_file({k: v.contiguous() for k, v in text_sd.items()}, os.path.join(folder, "text_encoder", "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in text_sd.items()},
+              os.path.join(folder, "text_encoder", "model.safetensors"))
     with open(os.path.join(folder, "text_encoder", "config.json"), "w", encoding="utf-8") as f:
         json.dump(transformers_config_json(text_cfg), f, indent=2)
     _write_diffusers_tokenizer(tokenizer, os.path.join(folder, "tokenizer"), text_cfg)
@@ -353,13 +431,17 @@ def _write_encoders(folder, fmt, cfg, vae_cfg, vae_sd, text_cfg, text_sd, tokeni
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump(diffusers_scheduler_config_json(cfg), f, indent=2)
     two = len(experts) == 2
-    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
+    image = cfg.model_type == "i2v"  # Wan2.1 I2V / FLF2V (with CLIP) and Wan2.2 I2V-A14B (without)
+    index = {"_class_name": "WanImageToVideoPipeline" if image else "WanPipeline", "_diffusers_version": "0.33.0",
              "scheduler": ["diffusers", "UniPCMultistepScheduler"],
              "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
              "transformer": ["diffusers", "WanTransformer3DModel"],
              "transformer_2": ["diffusers", "WanTransformer3DModel"] if two else [None, None],
              "vae": ["diffusers", "AutoencoderKLWan"],
              "boundary_ratio": cfg.expert_boundary if two else None, "expand_timesteps": cfg.model_type == "ti2v"}
+    if image:
+        index["image_encoder"] = ["transformers", "CLIPVisionModel"] if clip_cfg is not None else [None, None]
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"] if clip_cfg is not None else [None, None]
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
 

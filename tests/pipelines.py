@@ -1,6 +1,7 @@
 """Tiny Wan pipelines in the official layout, for the conversion and generation tests: random DiT weights
 (diffusers' WanTransformer3DModel, every tensor perturbed) renamed to Wan's names and cut into several
-safetensors shards with an index, a config.json as Wan-Video ships it, and the tiny encoders."""
+safetensors shards with an index, a config.json as Wan-Video ships it, and the tiny encoders (for Wan2.1 I2V /
+FLF2V also the tiny CLIP image encoder: `make_official_i2v_pipeline`, `write_tiny_clip`)."""
 
 from __future__ import annotations
 
@@ -31,4 +32,39 @@ def make_official_pipeline(folder, preset: str = "tiny", overrides: dict | None 
         write_safetensors_shards(((k, v.to(dtype)) for k, v in state.items()), target, max_shard_bytes=shard_bytes)
         with open(os.path.join(target, "config.json"), "w", encoding="utf-8") as f:
             json.dump(official_config_json(cfg), f)
+    return cfg
+
+
+# Wan2.1 I2V on the tiny encoders: noise (4) + mask (4) + first-frame latents (4) in, the tiny CLIP's width (20)
+TINY_I2V = dict(TINY_T2V, in_dim=12, image_dim=20)
+
+
+def write_tiny_clip(folder, seed: int = 0, hidden_act: str = "gelu") -> str:
+    """Wan's models_clip_*.pth for the tiny CLIP preset: a random transformers CLIPVisionModel (every tensor
+    perturbed) in the official open-clip names, plus the text tower / logit scale / head keys the real file also
+    holds (Wan reads none of them). Returns the file's path."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from megawan.config import clip_preset, transformers_clip_config_json
+
+    cfg = clip_preset("tiny", hidden_act=hidden_act)
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in transformers_clip_config_json(cfg).items()
+                                                if k not in ("architectures", "model_type", "torch_dtype")}))
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    official = convert_state_dict(state, "transformers", "official", cfg)
+    official.update({"log_scale": torch.tensor(2.66), "textual.token_embedding.weight": torch.randn(12, 8),
+                     "visual.head": torch.randn(cfg.hidden_size, cfg.projection_dim)})
+    path = os.path.join(str(folder), "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    os.makedirs(str(folder), exist_ok=True)
+    torch.save(official, path)
+    return path
+
+
+def make_official_i2v_pipeline(folder, dtype=torch.bfloat16, seed: int = 0, **kwargs):
+    """A tiny Wan2.1-I2V pipeline in the official layout: make_official_pipeline("tiny-i2v") + the tiny CLIP
+    (its tensors stay fp32, as they travel: conversion never casts). Returns the DiT config."""
+    cfg = make_official_pipeline(folder, "tiny-i2v", TINY_I2V, dtype=dtype, seed=seed, **kwargs)
+    write_tiny_clip(folder, seed=seed)
     return cfg

@@ -5,6 +5,10 @@
     shards = convert_state_dict(official_sd, src="official", dst="megawan", config=cfg, tp_size=2)  # [rank0, rank1]
     sd = convert_state_dict(shards, src="megawan", dst="diffusers", config=cfg)                   # merged
     vae_sd = convert_state_dict(load_state_dict_file("Wan2.1_VAE.pth"), "official", "megawan", vae_cfg)
+    clip_sd = convert_state_dict(clip_vision_model.state_dict(), "transformers", "megawan", clip_cfg)
+
+The layouts per model: DiT official / diffusers / megawan; VAE official / diffusers / megawan; umT5 official /
+transformers / megawan; CLIP official (open-clip `visual.*`) / transformers (CLIPVisionModel) / megawan.
 
 Tensors are passed through untouched (renamed, split or concatenated only): round trips are bit-exact.
 Unknown keys, missing keys and wrong shapes are errors that name the key.
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from megawan.config import DiTConfig, TextConfig, VAEConfig
+from megawan.config import CLIPConfig, DiTConfig, TextConfig, VAEConfig
+from megawan.convert.clip_keys import (CLIP_LAYOUTS, CLIP_TP_AXIS, clip_key_table, clip_param_shapes, official_to_table,
+                                       table_to_official, transformers_to_table)
 from megawan.convert.dit_keys import LAYOUTS, TP_AXIS, dit_key_table, dit_param_shapes
 from megawan.convert.files import SafetensorsDir, load_safetensors_folder, load_state_dict_file
 from megawan.convert.tensor_parallel import merge_tensor_parallel, split_tensor_parallel
@@ -33,6 +39,8 @@ def convert_state_dict(state_dict, src: str, dst: str, config, tp_size: int = 1)
     """
     if isinstance(config, TextConfig):
         return _convert_text(state_dict, src, dst, config, tp_size)
+    if isinstance(config, CLIPConfig):
+        return _convert_clip(state_dict, src, dst, config, tp_size)
     if isinstance(config, VAEConfig):
         if tp_size > 1 or isinstance(state_dict, (list, tuple)):
             raise ValueError("the VAE is not tensor-parallel")
@@ -78,6 +86,31 @@ def _convert_text(state_dict, src: str, dst: str, config, tp_size: int):
         out[tied] = out[main]
     if dst == "megawan" and tp_size > 1:
         return split_tensor_parallel(out, tp_size, TEXT_TP_AXIS)
+    return out
+
+
+def _convert_clip(state_dict, src: str, dst: str, config, tp_size: int):
+    """CLIP vision tower: layouts megawan / transformers / official (fused to_qkv, see clip_keys.py)."""
+    for name, layout in (("src", src), ("dst", dst)):
+        if layout not in CLIP_LAYOUTS:
+            raise ValueError(f"{name}={layout!r} is not one of {CLIP_LAYOUTS} for the CLIP image encoder")
+    if tp_size > 1 and dst != "megawan":
+        raise ValueError("tp_size > 1 splits into megawan TP shards: use dst='megawan'")
+    if isinstance(state_dict, (list, tuple)):
+        if src != "megawan":
+            raise ValueError("a list of state dicts (TP shards) is only accepted with src='megawan'")
+        state_dict = merge_tensor_parallel([_drop_extra_state(s) for s in state_dict], CLIP_TP_AXIS)
+    state_dict = _drop_extra_state(dict(state_dict))
+    if src == "official":
+        state_dict = official_to_table(state_dict)
+    elif src == "transformers":
+        state_dict = transformers_to_table(state_dict)
+    out = _rename(state_dict, src, dst, clip_key_table(config), clip_param_shapes(config), config.name,
+                  "CLIP image encoder", layouts=CLIP_LAYOUTS)
+    if dst == "official":
+        out = table_to_official(out)
+    if dst == "megawan" and tp_size > 1:
+        return split_tensor_parallel(out, tp_size, CLIP_TP_AXIS)
     return out
 
 

@@ -119,6 +119,50 @@ def caption_color(caption: str) -> str | None:
     return None
 
 
+def caption_direction(caption: str) -> str | None:
+    """The direction a caption names: its first whole word that is a key of DIRECTIONS; None when it names none."""
+    for word in re.findall(r"[a-z]+", caption.lower()):
+        if word in DIRECTIONS:
+            return word
+    return None
+
+
+MIN_TRAVEL_PIXELS = 3.0  # a shape whose centroid moves less than this between first and last frame is not moving
+
+
+def centroid_track(frames: np.ndarray, threshold: float = FOREGROUND_DISTANCE,
+                   min_pixels: int = MIN_FOREGROUND_PIXELS) -> list:
+    """(x, y) centroid of the shape pixels (as `dominant_color` finds them) of each frame of [T, H, W, 3] uint8
+    frames; None for a frame with fewer than `min_pixels` of them."""
+    x = np.asarray(frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"centroid_track needs [T, H, W, 3] RGB frames, got shape {x.shape}")
+    distance = np.linalg.norm(x.astype(np.float64) - np.asarray(BACKGROUND, dtype=np.float64), axis=-1)
+    track = []
+    for mask in distance > threshold:
+        if mask.sum() < max(1, min_pixels):
+            track.append(None)
+            continue
+        yy, xx = np.nonzero(mask)
+        track.append((float(xx.mean()), float(yy.mean())))
+    return track
+
+
+def motion_direction(frames: np.ndarray, min_travel: float = MIN_TRAVEL_PIXELS) -> str | None:
+    """Where the shape of a clip moves (a key of DIRECTIONS): the larger axis of the displacement of its centroid
+    (`centroid_track`) from the first to the last frame that shows it, by its sign (image y grows downwards).
+    None when fewer than two frames show a shape or it travels less than `min_travel` pixels."""
+    seen = [c for c in centroid_track(frames) if c is not None]
+    if len(seen) < 2:
+        return None
+    dx, dy = seen[-1][0] - seen[0][0], seen[-1][1] - seen[0][1]
+    if max(abs(dx), abs(dy)) < min_travel:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
 BROKEN_KINDS = ("truncated", "empty", "garbage", "audio_only")
 
 
