@@ -5,7 +5,9 @@
         --vae Wan2.1_VAE.pth --vae-config wan2.1 \
         --text-encoder models_t5_umt5-xxl-enc-bf16.pth --text-config umt5-xxl --tokenizer google/umt5-xxl \
         --stage-buckets video-192 image-256
-    python tools/precompute_latents.py ... --stage-buckets video-192 --conditioning i2v   # for I2V training
+    python tools/precompute_latents.py ... --conditioning i2v    # for Wan2.2 I2V-A14B training (video buckets)
+    python tools/precompute_latents.py ... --conditioning flf2v \
+        --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth  # Wan2.1 I2V / FLF2V: + CLIP tokens
 
     torchrun --nproc-per-node 8 tools/precompute_latents.py ...     # or under srun: one task per GPU
 
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     ap.add_argument("--conditioning", choices=KINDS,
                     help="also store image conditioning for image-to-video training: i2v (first frame; Wan2.1 I2V, "
                          "Wan2.2 I2V-A14B) or flf2v (first and last frame; Wan2.1 FLF2V). Video buckets only")
+    ap.add_argument("--clip", help="with --conditioning: CLIP image encoder weights (Wan2.1 I2V / FLF2V need its "
+                                   "tokens: models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, transformers' "
+                                   "CLIPVisionModel or megawan's image_encoder.safetensors)")
+    ap.add_argument("--clip-config", help="CLIP preset (default: the one the weights fit)")
     ap.add_argument("--decode-workers", type=int, default=4)
     ap.add_argument("--prefetch", type=int, default=8, help="clips decoded ahead of the encoders")
     ap.add_argument("--decode-backend", default="auto",
@@ -66,7 +72,8 @@ def _main(argv=None) -> int:
                         text_encoder=args.text_encoder, text_config=args.text_config, tokenizer=args.tokenizer,
                         buckets=buckets, fps=args.fps, dtype=args.dtype, compute_dtype=args.compute_dtype,
                         save_logvar=args.save_logvar, decode_workers=args.decode_workers, prefetch=args.prefetch,
-                        decode_backend=args.decode_backend, conditioning=args.conditioning)
+                        decode_backend=args.decode_backend, conditioning=args.conditioning, clip=args.clip,
+                        clip_config=args.clip_config)
     job.check()  # a bad bucket, or a decode backend this machine cannot run, fails here before any work
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank, barrier, device = 0, None, None

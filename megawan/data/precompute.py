@@ -15,7 +15,8 @@ again does only what is missing, and ends with the same store as an uninterrupte
 
 With `conditioning="i2v"` (or "flf2v") each clip also gets what an image-to-video model takes beside the noise
 (megawan.data.conditioning): the raw VAE latents of the clip's first frame (and last) followed by zero frames,
-encoded by the same VAE, and the frame mask; such a store holds video buckets only.
+encoded by the same VAE, and the frame mask; with `clip` (Wan2.1 I2V / FLF2V) also the CLIP image encoder's tokens
+of the given frame(s). Such a store holds video buckets only.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import numpy as np
 import torch
 
 from megawan import capabilities
-from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
+from megawan.artifacts import detect_clip_preset, load_clip_encoder, load_text_encoder, load_tokenizer, load_vae
 from megawan.capabilities import rank_device, resolve_device
-from megawan.config import ConfigError, text_preset, vae_preset
+from megawan.config import ConfigError, clip_preset, text_preset, vae_preset
+from megawan.convert import load_state_dict_file
 from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
-from megawan.data.conditioning import KINDS, conditioning_video, frame_mask
+from megawan.data.conditioning import KINDS, clip_images, conditioning_video, frame_mask, given_frames
 from megawan.data.decoding import DecodeError, UnsupportedCodecError
 from megawan.data.manifest import ManifestEntry, read_manifest
 from megawan.data.store import LatentStore, Sample
@@ -67,6 +69,8 @@ class PrecomputeJob:
     decode_backend: str = "auto"  # auto | pyav | dali-cpu | dali-gpu (megawan.data.video)
     text_cache: int = 4096  # captions repeat (templated sets, images of one video): encode each once
     conditioning: Optional[str] = None  # i2v | flf2v: also store the image conditioning (megawan.data.conditioning)
+    clip: Optional[str] = None  # CLIP image encoder weights (Wan2.1 I2V / FLF2V): also store its tokens
+    clip_config: Optional[str] = None  # its preset; None: the one its weights fit
 
     def resolved_buckets(self) -> list:
         spec = []
@@ -86,6 +90,9 @@ class PrecomputeJob:
             raise ConfigError(f"{option}: {backend} needs NVIDIA DALI, which does not import here "
                               "(pip install nvidia-dali-cuda120); use pyav")
         buckets = self.resolved_buckets()
+        if self.clip is not None and self.conditioning is None:
+            raise ConfigError("PrecomputeJob.clip (--clip): CLIP tokens are part of the image conditioning; give "
+                              "--conditioning i2v | flf2v too")
         if self.conditioning is not None:
             option = "PrecomputeJob.conditioning (--conditioning)"
             if self.conditioning not in KINDS:
@@ -197,7 +204,8 @@ def fingerprint(state_dict: dict) -> str:
 
 
 class Encoders:
-    """The Wan-VAE, the umT5 encoder and its tokenizer, loaded once per rank."""
+    """The Wan-VAE, the umT5 encoder and its tokenizer (and the CLIP image encoder when given), loaded once per
+    rank."""
 
     def __init__(self, job: PrecomputeJob, device: torch.device):
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -220,10 +228,19 @@ class Encoders:
         self.text_metadata = TextEncoderMetadata(name=t.name, max_length=t.text_len, dim=t.d_model,
                                                  weights=fingerprint(self.text.state_dict()),
                                                  tokenizer=fingerprint({"pieces": torch.tensor(pieces)}))
-        self.conditioning = job.conditioning
+        self.conditioning, self.clip = job.conditioning, None
         self.conditioning_metadata = None
+        if job.clip is not None:
+            name = job.clip_config or detect_clip_preset(load_state_dict_file(job.clip, mmap=True), job.clip)
+            self.clip = load_clip_encoder(job.clip, clip_preset(name), device=device, dtype=dtype)
         if job.conditioning is not None:
-            self.conditioning_metadata = ConditioningMetadata(kind=job.conditioning, mask_channels=c.temporal_stride)
+            clip = {}
+            if self.clip is not None:
+                k = self.clip.clip_config
+                clip = dict(clip=k.name, clip_weights=fingerprint(self.clip.state_dict()), clip_width=k.hidden_size,
+                            clip_tokens=len(given_frames(job.conditioning, 2)) * k.num_tokens)
+            self.conditioning_metadata = ConditioningMetadata(kind=job.conditioning, mask_channels=c.temporal_stride,
+                                                              **clip)
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> tuple:
@@ -235,11 +252,17 @@ class Encoders:
     def encode_conditioning(self, video: torch.Tensor) -> dict:
         """The clip's image conditioning as Wan computes it at sampling time (megawan.data.conditioning):
         {"cond_latents": the raw VAE mean of [given frame(s), zeros] [z, T', H', W'] (store dtype),
-        "cond_mask": uint8 [temporal stride, T']}."""
+        "cond_mask": uint8 [temporal stride, T']} and with a CLIP encoder "clip_tokens": the penultimate block's
+        states of the given frame(s) after Wan's CLIP preprocessing, [tokens, width] (FLF2V: the first frame's
+        tokens, then the last frame's)."""
         kind = self.conditioning
         mean, _ = self.vae.encode(conditioning_video(video, kind)[None].to(self.device, self.dtype))
-        return {"cond_latents": mean[0].to(self.store_dtype).cpu(),
-                "cond_mask": frame_mask(kind, video.shape[1], self.vae_config.temporal_stride)}
+        out = {"cond_latents": mean[0].to(self.store_dtype).cpu(),
+               "cond_mask": frame_mask(kind, video.shape[1], self.vae_config.temporal_stride)}
+        if self.clip is not None:
+            tokens = self.clip(self.clip.preprocess(clip_images(video, kind).to(self.device)))  # [n, L, width]
+            out["clip_tokens"] = tokens.reshape(-1, tokens.shape[-1]).to(self.store_dtype).cpu()
+        return out
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> tuple:
