@@ -96,8 +96,9 @@ def test_official_layout_loads_to_the_same_numbers_and_round_trips(tmp_path):
     assert set(back) == set(kept) and all(torch.equal(back[k], kept[k]) for k in kept)
     hf = convert_state_dict(sd, src="megawan", dst="transformers", config=cfg)
     assert all(torch.equal(hf[k], v) for k, v in ref.state_dict().items())
-    # the Hub's files nest the tower under vision_model.
+    # the Hub's files nest the tower under vision_model. (CLIPVisionModelWithProjection: plus the unused head)
     prefixed = {f"vision_model.{k}": v for k, v in ref.state_dict().items()}
+    prefixed["visual_projection.weight"] = torch.zeros(cfg.projection_dim, cfg.hidden_size)
     assert all(torch.equal(convert_state_dict(prefixed, "transformers", "megawan", cfg)[k], v) for k, v in sd.items())
 
 
@@ -215,52 +216,56 @@ def test_find_encoders_finds_the_optional_clip_and_loads_it(tmp_path):
         load_clip_encoder(found["vae"], cfg)
 
 
-def test_i2v_pipeline_official_to_megawan_to_diffusers_to_megawan_keeps_clip(tmp_path):
-    """The CLIP encoder travels with whole-pipeline conversion; diffusers' WanImageToVideoPipeline loads the
-    diffusers folder, and its image encoder gives our encoder's numbers."""
+def test_i2v_pipeline_official_to_diffusers_to_megawan_and_back_keeps_clip(tmp_path):
+    """The CLIP encoder travels with whole-pipeline conversion, every tensor kept: official -> diffusers ->
+    megawan -> diffusers and -> official (one megawan write: it spawns ranks). diffusers' WanImageToVideoPipeline
+    loads the diffusers folder, and its image encoder gives our encoder's numbers."""
     import json
 
     from diffusers import WanImageToVideoPipeline
     from safetensors.torch import load_file
 
     from megawan.artifacts import load_clip_encoder
-    from megawan.checkpoint import CheckpointTensors
+    from megawan.convert import load_safetensors_folder
     from megawan.export import convert_pipeline
     from pipelines import make_official_i2v_pipeline
 
-    src, mw, diff, mw2, back = (tmp_path / n for n in ("official", "megawan", "diffusers", "megawan2", "back"))
+    src, diff, mw, diff2, back = (tmp_path / n for n in ("official", "diffusers", "megawan", "diffusers2", "back"))
     make_official_i2v_pipeline(src)
-    convert_pipeline(str(src), "official", str(mw), "megawan")
-    meta = json.loads((mw / "megawan_pipeline.json").read_text())
-    assert (meta["clip"], meta["clip_config"]) == ("image_encoder.safetensors", "tiny")
     official = torch.load(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", weights_only=True)
     cfg = clip_preset("tiny")
+    convert_pipeline(str(src), "official", str(diff), "diffusers")
+    index = json.loads((diff / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline"
+    assert (index["image_encoder"], index["image_processor"]) == (["transformers", "CLIPVisionModel"],
+                                                                  ["transformers", "CLIPImageProcessor"])
+    convert_pipeline(str(diff), "diffusers", str(mw), "megawan")
+    meta = json.loads((mw / "megawan_pipeline.json").read_text())
+    assert (meta["clip"], meta["clip_config"]) == ("image_encoder.safetensors", "tiny")
     clip = load_file(str(mw / "image_encoder.safetensors"))
     expected = convert_state_dict(official, "official", "megawan", cfg)
     assert sorted(clip) == sorted(expected) and all(torch.equal(clip[k], expected[k]) for k in expected)
 
-    convert_pipeline(str(mw), "megawan", str(diff), "diffusers")
-    index = json.loads((diff / "model_index.json").read_text())
-    assert index["_class_name"] == "WanImageToVideoPipeline"
-    assert index["image_encoder"] == ["transformers", "CLIPVisionModel"]
-    convert_pipeline(str(diff), "diffusers", str(mw2), "megawan")
-    for name in ("image_encoder.safetensors", "vae.safetensors", "text_encoder.safetensors"):
-        a, b = load_file(str(mw / name)), load_file(str(mw2 / name))
-        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), name
-    dit, dit2 = CheckpointTensors(str(mw / "transformer")), CheckpointTensors(str(mw2 / "transformer"))
-    assert sorted(dit.keys()) == sorted(dit2.keys()) and any("img_emb" in k or "image" in k for k in dit.keys())
-    assert all(torch.equal(dit.get(k), dit2.get(k)) for k in dit.keys())
-    convert_pipeline(str(mw2), "megawan", str(back), "official")
+    convert_pipeline(str(mw), "megawan", str(diff2), "diffusers")
+    for sub in ("transformer", "vae", "text_encoder", "image_encoder"):
+        a, b = load_safetensors_folder(str(diff / sub)), load_safetensors_folder(str(diff2 / sub))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), sub
+    dit_keys = load_safetensors_folder(str(diff2 / "transformer"))
+    assert any(k.startswith("condition_embedder.image_embedder.") for k in dit_keys)
+    processor = "image_processor/preprocessor_config.json"
+    assert (diff / processor).read_text() == (diff2 / processor).read_text()
+    convert_pipeline(str(mw), "megawan", str(back), "official")
     visual = torch.load(back / "models_clip_tiny.pth", weights_only=True)
     assert sorted(visual) == sorted(k for k in official if k.startswith("visual.") and k != "visual.head")
     assert all(torch.equal(v, official[k]) for k, v in visual.items())
+    dit, dit_back = load_safetensors_folder(str(src)), load_safetensors_folder(str(back))
+    assert sorted(dit) == sorted(dit_back) and all(torch.equal(dit[k], dit_back[k]) for k in dit)
 
-    pipe = WanImageToVideoPipeline.from_pretrained(str(diff))
+    pipe = WanImageToVideoPipeline.from_pretrained(str(diff2))
     assert type(pipe.image_encoder).__name__ == "CLIPVisionModel"
     assert list(pipe.image_processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     assert pipe.image_processor.crop_size["height"] == cfg.image_size
-    ours = load_clip_encoder(str(mw2 / "image_encoder.safetensors"), cfg)
+    ours = load_clip_encoder(str(mw / "image_encoder.safetensors"), cfg)
     pixels = _pixels(cfg)
-    reference = pipe.image_encoder.eval()
     with torch.no_grad():
-        assert relative_error(ours(pixels), _expected(reference, pixels)) <= TOL
+        assert relative_error(ours(pixels), _expected(pipe.image_encoder.eval(), pixels)) <= TOL

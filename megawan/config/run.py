@@ -19,6 +19,9 @@ from megawan.config.fields import ConfigError, build, checker, did_you_mean
 from megawan.config.te_limits import te_layout_problem
 
 CP_MODES = ("ulysses", "ring", "2d")
+# Wan2.2 TI2V trains both of its modes by default. DiffSynth-Studio and FastVideo train one mode per run (with or
+# without the first frame); half and half keeps the text-to-video ability while teaching image-to-video.
+DEFAULT_I2V_RATIO = 0.5
 
 
 @dataclass
@@ -156,6 +159,10 @@ class TrainConfig:
     log_every: int = 1
     memory_budget_gb: Optional[float] = None  # refuse buckets whose estimated step does not fit
     text_dropout: float = 0.0  # probability that a sample trains with zero text states (the null condition CFG uses)
+    # Wan2.2 TI2V: probability that a video sample trains as image-to-video (first latent frame clean, out of the
+    # loss) rather than text-to-video; images always train as text-to-image. Unset: 0.5 on a ti2v model, and
+    # only a ti2v model takes it
+    i2v_ratio: Optional[float] = None
 
     def validate(self, prefix: str = "train") -> "TrainConfig":
         need = checker(prefix)
@@ -171,6 +178,7 @@ class TrainConfig:
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         need(self.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
         need(0.0 <= self.text_dropout < 1.0, "text_dropout", "must be in [0, 1)")
+        need(self.i2v_ratio is None or 0.0 <= self.i2v_ratio <= 1.0, "i2v_ratio", "must be in [0, 1]")
         return self
 
 
@@ -254,6 +262,11 @@ class RunConfig:
         self.validation.validate()
         if self.train.expert is not None and self.model.expert_boundary is None:
             raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
+        if self.model.model_type == "ti2v" and self.train.i2v_ratio is None:
+            self.train.i2v_ratio = DEFAULT_I2V_RATIO  # resolved here, so the run's saved config.yaml records it
+        elif self.model.model_type != "ti2v" and self.train.i2v_ratio is not None:
+            raise ConfigError(f"train.i2v_ratio: only a Wan2.2 TI2V model (model_type ti2v) mixes text-to-video and "
+                              f"image-to-video samples; {self.model.name} is {self.model.model_type}: remove it")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be at least 1")
         if not isinstance(self.checkpoint.async_save, bool):

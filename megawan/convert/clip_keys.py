@@ -116,11 +116,18 @@ def table_to_official(state_dict: dict) -> dict:
     return out
 
 
+# what a CLIPVisionModelWithProjection or a whole CLIPModel holds beside the tower (the image head = the official
+# visual.head transposed; the text tower): not run by Wan, left out like the official file's
+_TRANSFORMERS_UNUSED = ("visual_projection.weight", "text_projection.weight", "logit_scale", "text_model.")
+
+
 def transformers_to_table(state_dict: dict) -> dict:
     """transformers' CLIPVisionModel tensors with or without the `vision_model.` prefix (transformers 5 writes
     none, the Hub's files have it); the non-persistent position_ids buffer older files carry is dropped."""
     out = {}
     for key, tensor in state_dict.items():
+        if key.startswith(_TRANSFORMERS_UNUSED):
+            continue
         key = key[len(TRANSFORMERS_PREFIX):] if key.startswith(TRANSFORMERS_PREFIX) else key
         if key != "embeddings.position_ids":
             out[key] = tensor

@@ -4,8 +4,10 @@
     x_t = (1 - t') x0 + t' noise              the model sees x_t and 1000 t'
     target = noise - x0                       the velocity; loss = MSE(model(x_t), target)
 
-Wan2.2 TI2V (and image-to-video in general) keeps the first latent frame clean: its tokens get t = 0, the
-frame stays x0, and it is left out of the loss.
+Wan2.2 TI2V is one model for text-to-video and image-to-video. An image-to-video sample keeps its first latent
+frame clean: its tokens get t = 0, the frame stays x0, and it is left out of the loss; a text-to-video sample is
+noised whole. Training draws the mode per sample (`trains_image_to_video`, probability `train.i2v_ratio`); an
+image (one latent frame) is always text-to-image, since a clean only frame would leave nothing to learn.
 
     fm = FlowMatching(shift=5.0, distribution="logit_normal")
     t = fm.sample_timesteps(batch, generator=g)
@@ -64,15 +66,21 @@ class FlowMatching:
         return t * NUM_TRAIN_TIMESTEPS
 
     @staticmethod
-    def clean_first_frame(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, patch_size=(1, 2, 2)):
-        """Image-conditioned flow (Wan2.2 TI2V): the first latent frame stays clean.
+    def clean_first_frame(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, patch_size=(1, 2, 2),
+                          clean: Optional[torch.Tensor] = None):
+        """Image-conditioned flow (Wan2.2 TI2V): the first latent frame of the samples `clean` selects ([B] bool;
+        default: every sample) stays clean; the other samples are noised whole, as text-to-video.
 
-        Returns x_t [B, C, T, H, W], target, per-token model timesteps [B, L] (0 on first-frame tokens), and
-        the loss mask [B, 1, T, H, W] (0 on the first frame).
+        Returns x_t [B, C, T, H, W], target, per-token model timesteps [B, L] (0 on a clean first frame's
+        tokens, the sample's t elsewhere: what diffusers' `expand_timesteps` passes the TI2V transformer, so a
+        micro-batch may mix both modes), and the loss mask [B, 1, T, H, W] (0 on clean first frames).
         """
         b, _, frames, h, w = x0.shape
         keep = torch.ones(b, 1, frames, h, w, dtype=x0.dtype, device=x0.device)
-        keep[:, :, 0] = 0
+        if clean is None:
+            keep[:, :, 0] = 0
+        else:
+            keep[clean.to(device=x0.device, dtype=torch.bool), :, 0] = 0
         t_map = t.view(-1, 1, 1, 1, 1).to(x0.dtype) * keep
         x_t, target = FlowMatching.noised(x0, noise, t_map)
         pt, ph, pw = patch_size
@@ -100,3 +108,13 @@ class FlowMatching:
             return err.mean()
         mask = mask.float().expand_as(err)
         return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def trains_image_to_video(generator: torch.Generator, i2v_ratio: float, latent_frames: int) -> bool:
+    """Wan2.2 TI2V training: whether one sample trains as image-to-video (first latent frame clean) rather than
+    text-to-video. One number is drawn from the sample's own generator (the trainer's, seeded by seed, step and
+    the sample's index in the global batch, so every layout and a resume draw alike), whatever the outcome;
+    the sample is image-to-video when it is below i2v_ratio (0: never, 1: always). An image (one latent
+    frame) is always text-to-image: with its only frame clean there would be nothing to learn."""
+    draw = torch.rand(1, generator=generator).item()
+    return latent_frames > 1 and draw < i2v_ratio

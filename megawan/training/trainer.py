@@ -39,7 +39,7 @@ from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
 from megawan.data.loader import BucketedLoader
 from megawan.data.store import LatentStore
-from megawan.diffusion.flow import FlowMatching
+from megawan.diffusion.flow import FlowMatching, trains_image_to_video
 from megawan.models.dit.flops import flops
 from megawan.models.dit.parallelize import apply_activation_offload, apply_activation_recompute, build_model_chunks
 from megawan.parallel import initialize
@@ -330,7 +330,8 @@ class Trainer:
             weight = torch.cat([weight, torch.zeros(pad)])
         dtype = self.chunks[0].config.params_dtype
         x0 = (latents.float() - self.latents_mean) / self.latents_std
-        noises, ts, drop = [], [], []
+        noises, ts, drop, i2v = [], [], [], []
+        ti2v = cfg.model.model_type == "ti2v"
         for i in range(x0.shape[0]):
             g = _sample_generator(cfg.seed, self.step, batch["offset"] + i)
             noises.append(torch.randn(x0.shape[1:], generator=g))
@@ -338,12 +339,14 @@ class Trainer:
             if cfg.train.text_dropout > 0 and torch.rand(1, generator=g).item() < cfg.train.text_dropout:
                 text = text.clone() if not drop else text
                 drop.append(i)
+            if ti2v:  # Wan2.2 TI2V: this sample's mode, image-to-video at train.i2v_ratio (never for an image)
+                i2v.append(trains_image_to_video(g, cfg.train.i2v_ratio, x0.shape[2]))
         noise, t = torch.stack(noises), torch.cat(ts)
         if drop:  # the null condition: zero text states (what validation / generation pass as unconditional)
             text[drop] = 0
-        ti2v = cfg.model.model_type == "ti2v"
-        if ti2v:  # Wan2.2 TI2V: the first latent frame stays clean (image-to-video), out of the loss
-            x_t, target, timestep, mask = self.flow.clean_first_frame(x0, noise, t, cfg.model.patch_size)
+        if ti2v:  # image-to-video samples keep the first latent frame clean, out of the loss; per-token timesteps
+            x_t, target, timestep, mask = self.flow.clean_first_frame(x0, noise, t, cfg.model.patch_size,
+                                                                      torch.tensor(i2v))
         else:
             x_t, target = self.flow.noised(x0, noise, t)
             timestep, mask = self.flow.model_timesteps(t), None

@@ -10,7 +10,9 @@ barrier, so no rank waits on another for longer than one replica's share.
 The replica's leader (last stage, TP rank 0, CP rank 0) decodes its latents with the VAE and writes
 <dir>/step-NNNNNNN/<id>.mp4 (clips) or <id>.png (stills), a strip of frames per prompt, and its rows of
 samples.jsonl; rank 0 stacks the strips into contact_sheet.png. The unconditional pass of
-classifier-free guidance uses zero text states: the null condition `train.text_dropout` trains.
+classifier-free guidance uses zero text states: the null condition `train.text_dropout` trains. Wan2.2 TI2V's
+held-out loss is image-to-video on clips (first latent frame clean, out of the loss) and text-to-image on stills,
+the same on every validation; its samples are text-to-video.
 """
 
 from __future__ import annotations
@@ -162,8 +164,10 @@ class Validator:
                 weight = torch.tensor([r["weight"] for r in rows], device=self.device)
                 for k, flow_time in enumerate(times):
                     tt = torch.full((x0.shape[0],), flow_time, device=self.device)
-                    if self.ti2v:
-                        x_t, target, timestep, mask = FlowMatching.clean_first_frame(x0, noise, tt, self.patch_size)
+                    if self.ti2v:  # videos as image-to-video; an image (one latent frame) as text-to-image
+                        clean = torch.full((x0.shape[0],), x0.shape[2] > 1)
+                        x_t, target, timestep, mask = FlowMatching.clean_first_frame(x0, noise, tt, self.patch_size,
+                                                                                     clean)
                     else:
                         (x_t, target), timestep, mask = FlowMatching.noised(x0, noise, tt), tt * 1000, None
                     value = self._forward(x_t, timestep, text, target=target, weight=weight, mask=mask)
