@@ -187,3 +187,20 @@ def test_megawan_train_runs_flf2v_on_its_store(stores, tmp_path):
     assert code == 0, log
     got = losses(ckpt)
     assert len(got) == 2 and all(0 < loss < 100 for loss in got), got
+
+
+def test_inspect_store_shows_the_conditioning(stores):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inspect_store", os.path.join(ROOT, "tools", "inspect_store.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    store = LatentStore.open(stores["flf2v"].out)
+    summary = tool.format_summary(tool.summarize(store))
+    assert re.search(r'^conditioning: +kind="flf2v", mask_channels=4, clip="tiny", clip_weights="\w+", '
+                     r'clip_width=20, clip_tokens=34$', summary, re.M), summary
+    sample = tool.format_sample(store.read(BUCKET, 0), BUCKET, 0)
+    assert "cond mask:     4x5, given latent frames (channels) 0:1111, 4:0001" in sample, sample
+    assert "clip tokens:   34x20 bfloat16" in sample
+    plain = tool.format_summary(tool.summarize(LatentStore.open(stores["t2v"].out)))
+    assert "conditioning:   - (text-to-video)" in plain
