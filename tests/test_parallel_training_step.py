@@ -6,6 +6,10 @@ Updated parameters are compared per tensor in norm, ||got - ref|| / ||ref||. Ele
 step is lr * g / (|g| + eps): for the few elements whose gradient is near zero (~eps) the update follows
 fp32 summation noise of g, which TP and ring attention reorder; such an element can move by a sizeable
 fraction of lr. The loss and gradient norm, which no such amplification touches, are compared elementwise.
+
+The image-to-video models (Wan2.1 I2V and FLF2V with CLIP tokens, Wan2.2 I2V-A14B without) take their inputs as
+the trainer assembles them from an image-conditioned store (megawan.training.conditioning) and are checked
+under TP2 x PP2 x CP2 together.
 """
 
 import dataclasses
@@ -17,11 +21,13 @@ from megawan.config import DiTConfig, ParallelConfig, dit_preset
 from megawan.convert import convert_state_dict
 from megawan.convert.dit_keys import TP_AXIS
 from megawan.convert.tensor_parallel import tp_axis
+from megawan.data.conditioning import frame_mask
 from megawan.diffusion import FlowMatching
 from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
 from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.parallel.launch import spawn_local
 from megawan.training.optimizer import build_optimizer, wrap_data_parallel
+from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.schedule import forward_backward
 from wan_reference import diffusers_dit
 
@@ -79,14 +85,21 @@ def train_step(chunks: list, optimizer, microbatches: list, tokens: int, micro_b
 
 
 def _worker(rank, setup_path, out_dir, layout, micro_batches=MICRO_BATCHES):
+    setup = torch.load(setup_path, weights_only=False)
+    for name, one in ([("", setup)] if "config" in setup else setup.items()):  # one model, or {name: model}
+        torch.save(_step(one, layout, micro_batches), f"{out_dir}/{name}rank{rank}.pt")
+
+
+def _step(setup, layout, micro_batches):
+    """One training step of the model `setup` describes, in this rank's share of `layout`."""
     from megatron.core import parallel_state as ps
 
-    setup = torch.load(setup_path, weights_only=False)
     cfg = DiTConfig(**setup["config"])
     parallel = ParallelConfig(**{k: v for k, v in layout.items() if k != "world"})
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     full = setup["state_dict"]
     shard = convert_state_dict(full, "megawan", "megawan", cfg, tp_size=tp)[tp_rank] if tp > 1 else full
+    micro_batches = setup.get("micro_batches", micro_batches)
     with megatron_cpu_mode():
         chunks = build_model_chunks(cfg, parallel)
         for chunk in chunks:
@@ -103,8 +116,7 @@ def _worker(rank, setup_path, out_dir, layout, micro_batches=MICRO_BATCHES):
             if parts[0] == "blocks":
                 parts[1] = str(chunk.layers[int(parts[1])])
             params[".".join(parts)] = p.detach().clone()
-    torch.save(dict(losses=losses, grad_norm=float(grad_norm), params=params, tp_rank=tp_rank),
-               f"{out_dir}/rank{rank}.pt")
+    return dict(losses=losses, grad_norm=float(grad_norm), params=params, tp_rank=tp_rank)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +163,10 @@ def reference(setup, tmp_path_factory):
 def test_layout_step_equals_single_rank(setup, reference, tmp_path, name):
     ranks = _run(setup, tmp_path, name)
     dp = 2 if name.startswith("dp2") else 1
-    ref = reference[dp]
+    _assert_step_equal(ranks, reference[dp], name, dp)
+
+
+def _assert_step_equal(ranks, ref, name, dp=1):
     losses = [l for r in ranks for l in r["losses"]]
     if dp == 1:
         last = [r["losses"] for r in ranks if r["losses"]][0]  # every last-stage rank reports the same losses
@@ -171,3 +186,60 @@ def test_layout_step_equals_single_rank(setup, reference, tmp_path, name):
         got = pieces[0] if axis is None else torch.cat([pieces[t] for t in range(tp)], dim=axis)
         rel = ((got - expected).norm() / expected.norm()).item()
         assert rel <= 1e-5, f"{name}: updated {pname} differs by {rel:.2e} (relative, in norm)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-to-video: the trainer's input assembly (megawan.training.conditioning) on an image-conditioned batch
+
+IMAGE_TOKENS = 7  # CLIP tokens per conditioning frame (257 for Wan2.1's ViT-H/14)
+I2V_VARIANTS = {  # Wan2.1 I2V (CLIP tokens), Wan2.1 FLF2V (both frames' tokens, learned positions), Wan2.2 A14B
+    "i2v": ("i2v", dict()),
+    "flf2v": ("flf2v", dict(image_pos_len=2 * IMAGE_TOKENS)),
+    "i2v-a14b": ("i2v", dict(image_dim=None, expert_boundary=0.9)),
+}
+
+
+def _i2v_setup(kind, overrides, g, flow):
+    """The micro-batches of a tiny image-conditioned model, assembled from a store-like batch (raw latents and
+    conditioning latents, the uint8 frame mask, CLIP tokens) exactly as the trainer does."""
+    cfg = dit_preset("tiny-i2v", num_heads=4, num_layers=2, **overrides)  # one block per pipeline stage
+    n, z, (lt, lh, lw) = 2 * MICRO_BATCH_SIZE, cfg.out_dim, LATENT
+    mean, std = torch.randn(1, z, 1, 1, 1, generator=g), 0.5 + torch.rand(1, z, 1, 1, 1, generator=g)
+    tokens = IMAGE_TOKENS * (2 if kind == "flf2v" else 1)
+    batch = dict(latents=torch.randn(n, z, *LATENT, generator=g), cond_latents=torch.randn(n, z, *LATENT, generator=g),
+                 cond_mask=frame_mask(kind, 4 * (lt - 1) + 1, 4).expand(n, 4, lt),
+                 clip_tokens=torch.randn(n, tokens, 20, generator=g))
+    x0 = (batch["latents"] - mean) / std
+    noise = torch.randn(x0.shape, generator=g)
+    t = flow.sample_timesteps(n, generator=g)
+    x_t, target = flow.noised(x0, noise, t)
+    condition, image = image_inputs(batch, cfg, n, mean, std)
+    assert condition.shape == (n, cfg.in_dim - z, *LATENT) and (image is None) == (cfg.image_dim is None)
+    x_in = torch.cat([x_t, condition], dim=1)
+    text = torch.randn(n, 7, cfg.text_dim, generator=g)
+    microbatches = []
+    for s in range(0, n, MICRO_BATCH_SIZE):
+        sl = slice(s, s + MICRO_BATCH_SIZE)
+        microbatches.append(dict(x_t=x_in[sl], timestep=flow.model_timesteps(t[sl]), target=target[sl],
+                                 text=text[sl], image=image_for_model(image, sl, cfg)))
+    return dict(config=dataclasses.asdict(cfg), microbatches=microbatches, tokens=lt * (lh // 2) * (lw // 2),
+                micro_batches=len(microbatches),
+                state_dict=convert_state_dict(diffusers_dit(cfg).state_dict(), "diffusers", "megawan", cfg))
+
+
+def test_image_to_video_steps_under_tp2_pp2_cp2_equal_one_rank(tmp_path):
+    """Wan2.1 I2V, FLF2V and Wan2.2 I2V-A14B: one step each on TP2 x PP2 x CP2 (8 ranks) equals one rank. The
+    three models run one after the other in the same two launches (a launch costs more than a tiny step)."""
+    g, flow = torch.Generator().manual_seed(1), FlowMatching(shift=3.0)
+    setups = {name: _i2v_setup(kind, overrides, g, flow) for name, (kind, overrides) in I2V_VARIANTS.items()}
+    path = tmp_path / "variants.pt"
+    torch.save(setups, path)
+    layout = LAYOUTS["tp2-pp2-cp2"]
+    for out, world, parallel in ((tmp_path / "single", 1, {}), (tmp_path / "layout", _world(layout), layout)):
+        out.mkdir()
+        spawn_local(_worker, world_size=world, args=(str(path), str(out), parallel), **parallel)
+    for name in I2V_VARIANTS:
+        ref = torch.load(tmp_path / "single" / f"{name}rank0.pt", weights_only=False)
+        ranks = [torch.load(tmp_path / "layout" / f"{name}rank{r}.pt", weights_only=False) for r in range(8)]
+        assert any("image_embedding" in p for p in ref["params"]) == (name != "i2v-a14b")
+        _assert_step_equal(ranks, ref, f"{name} tp2-pp2-cp2")

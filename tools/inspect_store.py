@@ -34,7 +34,7 @@ from megawan.data.store_metadata import StoreMetadata
 from megawan.utils.images import contact_sheet, video_to_uint8
 from megawan.utils.user_errors import UserError, run_main
 
-ENCODER_KEYS = ("format_version", "vae", "text_encoder")
+ENCODER_KEYS = ("format_version", "vae", "text_encoder", "conditioning")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +134,8 @@ def format_summary(summary: dict) -> str:
     attrs = summary["attrs"]
     lines = [f"format version: {attrs.get('format_version')}",
              f"vae:            {_describe(attrs.get('vae', {}))}",
-             f"text encoder:   {_describe(attrs.get('text_encoder', {}))}"]
+             f"text encoder:   {_describe(attrs.get('text_encoder', {}))}",
+             f"conditioning:   {_describe(attrs['conditioning']) if 'conditioning' in attrs else '- (text-to-video)'}"]
     provenance = {k: v for k, v in attrs.items() if k not in ENCODER_KEYS}
     lines.append("provenance:     " + (_describe(provenance) if provenance else "-"))
     lines.append("")
@@ -202,6 +203,18 @@ def format_sample(sample: dict, bucket: str, index: int) -> str:
              f"min {lat32.min().item():.4f}, max {lat32.max().item():.4f}"]
     if "logvar" in sample:
         lines.append(f"  logvar:        mean {sample['logvar'].float().mean().item():.4f}")
+    if "cond_latents" in sample:
+        cond = sample["cond_latents"]
+        lines.append(f"  cond latents:  {'x'.join(map(str, cond.shape))} {str(cond.dtype).replace('torch.', '')}, "
+                     f"mean {cond.float().mean().item():.4f}, std {cond.float().std().item():.4f}")
+    if "cond_mask" in sample:
+        mask = sample["cond_mask"]
+        given = [f"{t}:{''.join(str(int(v)) for v in mask[:, t])}" for t in range(mask.shape[1]) if mask[:, t].any()]
+        lines.append(f"  cond mask:     {'x'.join(map(str, mask.shape))}, given latent frames (channels) "
+                     f"{', '.join(given) or 'none'}")
+    if "clip_tokens" in sample:
+        clip = sample["clip_tokens"]
+        lines.append(f"  clip tokens:   {'x'.join(map(str, clip.shape))} {str(clip.dtype).replace('torch.', '')}")
     return "\n".join(lines)
 
 

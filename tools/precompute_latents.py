@@ -5,6 +5,9 @@
         --vae Wan2.1_VAE.pth --vae-config wan2.1 \
         --text-encoder models_t5_umt5-xxl-enc-bf16.pth --text-config umt5-xxl --tokenizer google/umt5-xxl \
         --stage-buckets video-192 image-256
+    python tools/precompute_latents.py ... --conditioning i2v    # for Wan2.2 I2V-A14B training (video buckets)
+    python tools/precompute_latents.py ... --conditioning flf2v \
+        --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth  # Wan2.1 I2V / FLF2V: + CLIP tokens
 
     torchrun --nproc-per-node 8 tools/precompute_latents.py ...     # or under srun: one task per GPU
 
@@ -19,6 +22,7 @@ import sys
 
 from megawan.capabilities import rank_device
 from megawan.data.buckets import STAGE_BUCKETS
+from megawan.data.conditioning import KINDS
 from megawan.data.precompute import STORE_DTYPES, PrecomputeJob, run_precompute
 from megawan.utils.user_errors import run_main
 
@@ -32,12 +36,20 @@ def parse_args(argv=None):
     ap.add_argument("--text-encoder", required=True, help="umT5 weights (official .pth, transformers, megawan)")
     ap.add_argument("--text-config", default="umt5-xxl", help="text-encoder preset: umt5-xxl, tiny")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece model file or a folder with spiece.model")
-    ap.add_argument("--stage-buckets", nargs="+", default=["video-192", "image-256"],
-                    help=f"bucket sets ({', '.join(sorted(STAGE_BUCKETS))}) and / or FRAMESxHEIGHTxWIDTH buckets")
+    ap.add_argument("--stage-buckets", nargs="+",
+                    help=f"bucket sets ({', '.join(sorted(STAGE_BUCKETS))}) and / or FRAMESxHEIGHTxWIDTH buckets "
+                         "(default video-192 image-256; with --conditioning video-192)")
     ap.add_argument("--fps", type=float, default=16.0, help="sampling rate of video frames (a row's fps wins)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(STORE_DTYPES), help="stored latents / states")
     ap.add_argument("--compute-dtype", choices=sorted(STORE_DTYPES), help="encoders' dtype (CPU fp32, GPU bf16)")
     ap.add_argument("--save-logvar", action="store_true", help="also store the VAE posterior log-variance")
+    ap.add_argument("--conditioning", choices=KINDS,
+                    help="also store image conditioning for image-to-video training: i2v (first frame; Wan2.1 I2V, "
+                         "Wan2.2 I2V-A14B) or flf2v (first and last frame; Wan2.1 FLF2V). Video buckets only")
+    ap.add_argument("--clip", help="with --conditioning: CLIP image encoder weights (Wan2.1 I2V / FLF2V need its "
+                                   "tokens: models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, transformers' "
+                                   "CLIPVisionModel or megawan's image_encoder.safetensors)")
+    ap.add_argument("--clip-config", help="CLIP preset (default: the one the weights fit)")
     ap.add_argument("--decode-workers", type=int, default=4)
     ap.add_argument("--prefetch", type=int, default=8, help="clips decoded ahead of the encoders")
     ap.add_argument("--decode-backend", default="auto",
@@ -55,11 +67,13 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    buckets = args.stage_buckets or (["video-192"] if args.conditioning else ["video-192", "image-256"])
     job = PrecomputeJob(manifest=args.manifest, out=args.out, vae=args.vae, vae_config=args.vae_config,
                         text_encoder=args.text_encoder, text_config=args.text_config, tokenizer=args.tokenizer,
-                        buckets=args.stage_buckets, fps=args.fps, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                        buckets=buckets, fps=args.fps, dtype=args.dtype, compute_dtype=args.compute_dtype,
                         save_logvar=args.save_logvar, decode_workers=args.decode_workers, prefetch=args.prefetch,
-                        decode_backend=args.decode_backend)
+                        decode_backend=args.decode_backend, conditioning=args.conditioning, clip=args.clip,
+                        clip_config=args.clip_config)
     job.check()  # a bad bucket, or a decode backend this machine cannot run, fails here before any work
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank, barrier, device = 0, None, None

@@ -5,7 +5,8 @@ resumable to exactly the next batch on any data-parallel size.
     loader = BucketedLoader("latents.zarr", global_batch_size={"image": 64, "video": 8}, video_ratio=0.5,
                             seed=0, dp_rank=dp_rank, dp_size=dp_size, num_workers=4)
     for batch in loader:              # batch["latents"]: [b, z, T', H', W'] of one bucket, batch["weight"]: [b]
-        ...
+        ...                           # an image-conditioned store adds batch["cond_latents"] (like latents),
+                                      # ["cond_mask"] uint8 [b, 4, T'] and ["clip_tokens"] [b, tokens, width]
     state = loader.state_dict()       # saved with the checkpoint; BucketedLoader(...).load_state_dict(state)
 
 How batches are planned (every rank computes the same plan; it depends on the store, the seed and the
@@ -39,6 +40,7 @@ from megawan.data.buckets import Bucket
 from megawan.data.store import BucketReader, LatentStore
 
 STREAMS = ("image", "video")
+CONDITIONING = ("cond_latents", "cond_mask", "clip_tokens")  # the batch's extra keys from an image-conditioned store
 
 
 @dataclass(frozen=True)
@@ -194,11 +196,14 @@ class BucketedLoader:
         indices, weights = self.local_slice(planned)
         reader = self._reader(planned.bucket)
         rows = [reader.read(i) for i in indices]
-        return {"bucket": planned.bucket, "stream": planned.stream, "step": planned.step, "epoch": planned.epoch,
-                "latents": torch.stack([r[0] for r in rows]), "text": torch.stack([r[1] for r in rows]),
-                "text_length": torch.tensor([r[2] for r in rows]), "ids": [r[3] for r in rows],
-                "indices": indices, "weight": torch.tensor(weights), "global_samples": len(planned.indices),
-                "offset": self.offset(planned)}
+        batch = {"bucket": planned.bucket, "stream": planned.stream, "step": planned.step, "epoch": planned.epoch,
+                 "text_length": torch.tensor([r["text_length"] for r in rows]), "ids": [r["id"] for r in rows],
+                 "indices": indices, "weight": torch.tensor(weights), "global_samples": len(planned.indices),
+                 "offset": self.offset(planned)}
+        for key in ("latents", "text", *CONDITIONING):
+            if key in rows[0]:
+                batch[key] = torch.stack([r[key] for r in rows])
+        return batch
 
     def __iter__(self):
         """Batches from the saved position on; the state moves as each batch is handed out."""

@@ -12,6 +12,11 @@ decoded while the current one is encoded; with DALI on the GPU, decoding, resize
 and the clip reaches the VAE without visiting the host. Files that cannot give a clip are reported (id, path, reason) in
 the store's `reports/rank-*` groups and in `<out>.skipped.jsonl`; they never stop the job. A killed job run
 again does only what is missing, and ends with the same store as an uninterrupted run.
+
+With `conditioning="i2v"` (or "flf2v") each clip also gets what an image-to-video model takes beside the noise
+(megawan.data.conditioning): the raw VAE latents of the clip's first frame (and last) followed by zero frames,
+encoded by the same VAE, and the frame mask; with `clip` (Wan2.1 I2V / FLF2V) also the CLIP image encoder's tokens
+of the given frame(s). Such a store holds video buckets only.
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ import numpy as np
 import torch
 
 from megawan import capabilities
-from megawan.artifacts import load_text_encoder, load_tokenizer, load_vae
+from megawan.artifacts import detect_clip_preset, load_clip_encoder, load_text_encoder, load_tokenizer, load_vae
 from megawan.capabilities import rank_device, resolve_device
-from megawan.config import ConfigError, text_preset, vae_preset
+from megawan.config import ConfigError, clip_preset, text_preset, vae_preset
+from megawan.convert import load_state_dict_file
 from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
+from megawan.data.conditioning import KINDS, clip_images, conditioning_video, frame_mask, given_frames
 from megawan.data.decoding import DecodeError, UnsupportedCodecError
 from megawan.data.manifest import ManifestEntry, read_manifest
 from megawan.data.store import LatentStore, Sample
-from megawan.data.store_metadata import StoreMetadata, TextEncoderMetadata, VAEMetadata
+from megawan.data.store_metadata import ConditioningMetadata, StoreMetadata, TextEncoderMetadata, VAEMetadata
 from megawan.data.video import BACKENDS, decode_image, decode_video
 from megawan.utils.progress import Progress
 
@@ -61,6 +68,9 @@ class PrecomputeJob:
     prefetch: int = 8
     decode_backend: str = "auto"  # auto | pyav | dali-cpu | dali-gpu (megawan.data.video)
     text_cache: int = 4096  # captions repeat (templated sets, images of one video): encode each once
+    conditioning: Optional[str] = None  # i2v | flf2v: also store the image conditioning (megawan.data.conditioning)
+    clip: Optional[str] = None  # CLIP image encoder weights (Wan2.1 I2V / FLF2V): also store its tokens
+    clip_config: Optional[str] = None  # its preset; None: the one its weights fit
 
     def resolved_buckets(self) -> list:
         spec = []
@@ -79,7 +89,21 @@ class PrecomputeJob:
         if backend.startswith("dali-") and not dali.dali_available():
             raise ConfigError(f"{option}: {backend} needs NVIDIA DALI, which does not import here "
                               "(pip install nvidia-dali-cuda120); use pyav")
-        self.resolved_buckets()
+        buckets = self.resolved_buckets()
+        if self.clip is not None and self.conditioning is None:
+            raise ConfigError("PrecomputeJob.clip (--clip): CLIP tokens are part of the image conditioning; give "
+                              "--conditioning i2v | flf2v too")
+        if self.conditioning is not None:
+            option = "PrecomputeJob.conditioning (--conditioning)"
+            if self.conditioning not in KINDS:
+                raise ConfigError(f"{option}: unknown {self.conditioning!r}; use one of {' | '.join(KINDS)}")
+            images = [b.name for b in buckets if b.is_image]
+            if images:
+                raise ConfigError(
+                    f"PrecomputeJob.buckets (--stage-buckets): {', '.join(images)} is an image bucket, and an "
+                    f"image-conditioned store (--conditioning {self.conditioning}) holds videos only: a 1-frame "
+                    "sample would be its own condition. Give video buckets only (images in the manifest are then "
+                    "reported as skipped)")
 
 
 @dataclass
@@ -180,7 +204,8 @@ def fingerprint(state_dict: dict) -> str:
 
 
 class Encoders:
-    """The Wan-VAE, the umT5 encoder and its tokenizer, loaded once per rank."""
+    """The Wan-VAE, the umT5 encoder and its tokenizer (and the CLIP image encoder when given), loaded once per
+    rank."""
 
     def __init__(self, job: PrecomputeJob, device: torch.device):
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -203,12 +228,41 @@ class Encoders:
         self.text_metadata = TextEncoderMetadata(name=t.name, max_length=t.text_len, dim=t.d_model,
                                                  weights=fingerprint(self.text.state_dict()),
                                                  tokenizer=fingerprint({"pieces": torch.tensor(pieces)}))
+        self.conditioning, self.clip = job.conditioning, None
+        self.conditioning_metadata = None
+        if job.clip is not None:
+            name = job.clip_config or detect_clip_preset(load_state_dict_file(job.clip, mmap=True), job.clip)
+            self.clip = load_clip_encoder(job.clip, clip_preset(name), device=device, dtype=dtype)
+        if job.conditioning is not None:
+            clip = {}
+            if self.clip is not None:
+                k = self.clip.clip_config
+                clip = dict(clip=k.name, clip_weights=fingerprint(self.clip.state_dict()), clip_width=k.hidden_size,
+                            clip_tokens=len(given_frames(job.conditioning, 2)) * k.num_tokens)
+            self.conditioning_metadata = ConditioningMetadata(kind=job.conditioning, mask_channels=c.temporal_stride,
+                                                              **clip)
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> tuple:
         """[3, T, H, W] -> raw latent mean and log-variance [z, T', H', W'] (store dtype)."""
         mean, logvar = self.vae.encode(video[None].to(self.device, self.dtype))
         return mean[0].to(self.store_dtype).cpu(), logvar[0].to(self.store_dtype).cpu()
+
+    @torch.no_grad()
+    def encode_conditioning(self, video: torch.Tensor) -> dict:
+        """The clip's image conditioning as Wan computes it at sampling time (megawan.data.conditioning):
+        {"cond_latents": the raw VAE mean of [given frame(s), zeros] [z, T', H', W'] (store dtype),
+        "cond_mask": uint8 [temporal stride, T']} and with a CLIP encoder "clip_tokens": the penultimate block's
+        states of the given frame(s) after Wan's CLIP preprocessing, [tokens, width] (FLF2V: the first frame's
+        tokens, then the last frame's)."""
+        kind = self.conditioning
+        mean, _ = self.vae.encode(conditioning_video(video, kind)[None].to(self.device, self.dtype))
+        out = {"cond_latents": mean[0].to(self.store_dtype).cpu(),
+               "cond_mask": frame_mask(kind, video.shape[1], self.vae_config.temporal_stride)}
+        if self.clip is not None:
+            tokens = self.clip(self.clip.preprocess(clip_images(video, kind).to(self.device)))  # [n, L, width]
+            out["clip_tokens"] = tokens.reshape(-1, tokens.shape[-1]).to(self.store_dtype).cpu()
+        return out
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> tuple:
@@ -245,7 +299,8 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
     encoders = Encoders(job, device)
     metadata = StoreMetadata(vae=encoders.vae_metadata, text_encoder=encoders.text_metadata,
                              buckets=tuple(b.name for b in buckets), fps=job.fps, dtype=job.dtype,
-                             logvar=job.save_logvar, manifest=os.path.abspath(job.manifest))
+                             logvar=job.save_logvar, manifest=os.path.abspath(job.manifest),
+                             conditioning=encoders.conditioning_metadata)
     if rank == 0:
         LatentStore.create(job.out, **metadata.to_attrs())
     barrier()
@@ -272,10 +327,11 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
             else:
                 mean, logvar = encoders.encode_video(item.video)
                 text, length = encoders.encode_text(e.caption)
+                condition = encoders.encode_conditioning(item.video) if job.conditioning else {}
                 writer.write(Sample(id=e.id, bucket=item.bucket.name, latents=mean, text=text, text_length=length,
                                     source=e.path, caption=e.caption, fps=0.0 if e.is_image else (e.fps or job.fps),
                                     frame_indices=item.frame_indices,
-                                    logvar=logvar if job.save_logvar else None))
+                                    logvar=logvar if job.save_logvar else None, **condition))
                 written += 1
             bar.update(1, skipped=skipped)
     bar.close()

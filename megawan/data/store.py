@@ -11,11 +11,12 @@
     reader.metadata.vae.z_dim                        # the store's attributes, typed (store_metadata.py)
 
 Layout (this module is the only one that knows it): buckets/<bucket>/part-<rank>/{latents, logvar?, text,
-text_length, id, source, caption, fps, frame_indices}, reports/rank-<r> (skipped files), one sample per chunk, shards of many samples, zstd. Each writer has its own part (its own
-shards), so no two processes ever write one chunk or shard. A part's attribute `count` moves only after a
-sample's arrays are written: a killed writer leaves at most one uncommitted row, overwritten on resume, and
-ids already committed anywhere in the store are never written again. bfloat16 is stored losslessly as its
-uint16 bits, the dtype recorded in the array's attributes.
+text_length, id, source, caption, fps, frame_indices, and in an image-conditioned store cond_latents, cond_mask,
+clip_tokens?}, reports/rank-<r> (skipped files), one sample per chunk, shards of many samples, zstd. Each
+writer has its own part (its own shards), so no two processes ever write one chunk or shard. A part's
+attribute `count` moves only after a sample's arrays are written: a killed writer leaves at most one
+uncommitted row, overwritten on resume, and ids already committed anywhere in the store are never written
+again. bfloat16 is stored losslessly as its uint16 bits, the dtype recorded in the array's attributes.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class Sample:
     fps: float = 0.0
     frame_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     logvar: Optional[torch.Tensor] = None
+    # image conditioning (a store made with --conditioning; megawan.data.conditioning)
+    cond_latents: Optional[torch.Tensor] = None  # [z, T', H', W'] raw VAE mean of the conditioning video
+    cond_mask: Optional[torch.Tensor] = None  # uint8 [temporal stride, T']: which frames are given
+    clip_tokens: Optional[torch.Tensor] = None  # [tokens, width] CLIP tokens of the given frame(s)
+
+
+TENSORS = ("latents", "text", "logvar", "cond_latents", "cond_mask", "clip_tokens")  # per-sample arrays
 
 
 def _to_numpy(t: torch.Tensor):
@@ -68,16 +76,16 @@ class LatentStore:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str, vae: dict, text_encoder: dict, **provenance) -> "LatentStore":
-        """Create the store, or open it if it exists with the same VAE and text encoder (resume)."""
+        """Create the store, or open it if it exists with the same VAE, text encoder and conditioning (resume)."""
         import zarr
 
         attrs = {"format_version": FORMAT_VERSION, "vae": vae, "text_encoder": text_encoder, **provenance}
         if os.path.exists(path):
             store = cls.open(path, mode="r+")
-            for key in ("format_version", "vae", "text_encoder"):
-                if store.root.attrs.get(key) != attrs[key]:
+            for key in ("format_version", "vae", "text_encoder", "conditioning"):
+                if store.root.attrs.get(key) != attrs.get(key):
                     raise ValueError(f"{path} exists with a different {key}: {store.root.attrs.get(key)} "
-                                     f"!= {attrs[key]}; write to a new store")
+                                     f"!= {attrs.get(key)}; write to a new store")
             return store
         root = zarr.open_group(path, mode="w")
         root.attrs.update(attrs)
@@ -183,34 +191,37 @@ class LatentStore:
         out = {"id": str(part["id"][i]), "source": str(part["source"][i]), "caption": str(part["caption"][i]),
                "fps": float(part["fps"][i]), "frame_indices": np.asarray(part["frame_indices"][i]),
                "text_length": int(part["text_length"][i])}
-        for name in ("latents", "text", "logvar"):
+        for name in TENSORS:
             if name in part:
                 out[name] = _to_torch(part[name][i], part[name].attrs["dtype"])
         return out
 
 
 class BucketReader:
-    """Reads (latents, text, text_length, id) of one bucket by index over its parts, keeping the arrays open
-    (the loader's read-ahead threads share it)."""
+    """Reads what training needs of one bucket's samples by index over its parts, keeping the arrays open (the
+    loader's read-ahead threads share it): latents, text, text_length, id, and the conditioning arrays where the
+    store holds them."""
 
     def __init__(self, store: LatentStore, bucket: str, count: int):
         self.parts = []
         for part in store._parts(bucket):
             n = int(part.attrs.get("count", 0))
             if n:
-                arrays = {k: part[k] for k in ("latents", "text", "text_length", "id") if k in part}
-                self.parts.append((n, arrays, {k: part[k].attrs.get("dtype") for k in ("latents", "text")}))
+                keys = ("latents", "text", "cond_latents", "cond_mask", "clip_tokens")
+                arrays = {k: part[k] for k in (*keys, "text_length", "id") if k in part}
+                self.parts.append((n, arrays, {k: part[k].attrs.get("dtype") for k in keys if k in part}))
         total = sum(n for n, _, _ in self.parts)
         if total < count:
             raise ValueError(f"bucket {bucket} holds {total} samples, fewer than the {count} this loader's plan "
                              "was made with: the store lost samples (or this is another store)")
 
-    def read(self, index: int) -> tuple:
+    def read(self, index: int) -> dict:
+        """{"latents", "text", "text_length", "id"} (+ "cond_latents", "cond_mask", "clip_tokens" where stored)."""
         for n, arrays, dtypes in self.parts:
             if index < n:
-                return (_to_torch(arrays["latents"][index], dtypes["latents"]),
-                        _to_torch(arrays["text"][index], dtypes["text"]),
-                        int(arrays["text_length"][index]), str(arrays["id"][index]))
+                out = {k: _to_torch(arrays[k][index], dtype) for k, dtype in dtypes.items()}
+                out.update(text_length=int(arrays["text_length"][index]), id=str(arrays["id"][index]))
+                return out
             index -= n
         raise IndexError(index)
 
@@ -267,7 +278,7 @@ class StoreWriter:
                                         dtype=dtype or value.dtype, compressors=zstd)
                 arr.attrs["dtype"] = dtype_name
 
-            for key in ("latents", "text", "logvar"):
+            for key in TENSORS:
                 tensor = getattr(sample, key)
                 if tensor is not None:
                     data, dtype_name = _to_numpy(tensor)
@@ -285,7 +296,7 @@ class StoreWriter:
         """Append one sample to this writer's part of its bucket; commit it by moving `count` last."""
         part = self._part(sample)
         n = int(part.attrs["count"])
-        for key in ("latents", "text", "logvar"):
+        for key in TENSORS:
             tensor = getattr(sample, key)
             if (tensor is None) != (key not in part):
                 raise ValueError(f"sample {sample.id}: '{key}' present in some samples of bucket {sample.bucket} only")

@@ -3,13 +3,15 @@
     meta = LatentStore.open("latents.zarr").metadata          # StoreMetadata
     meta.vae.z_dim, meta.vae.stride, meta.text_encoder.dim    # named fields, no string keys
     mean, std = meta.vae.normalization()                      # [1, z, 1, 1, 1]: train on (z - mean) / std
+    meta.conditioning                                         # None, or kind i2v | flf2v + CLIP width / tokens
     LatentStore.create(path, **meta.to_attrs())               # how precompute writes it
 
 On disk these are the root group's Zarr attributes, as before this class existed (`vae`, `text_encoder` and
 provenance keys beside `format_version`), so every existing store still opens. The fields a reader needs
 (the VAE's name, z_dim and stride, the text encoder's name, dim and max_length) must be there: a store
 without one (written by an older megawan, or damaged) raises StoreMetadataError naming it. The rest is
-optional (None when absent).
+optional (None when absent); `conditioning` (an image-conditioned store, ConditioningMetadata) is None on every
+store written without --conditioning, older ones included.
 """
 
 from __future__ import annotations
@@ -119,6 +121,35 @@ class TextEncoderMetadata:
 
 
 @dataclass(frozen=True)
+class ConditioningMetadata:
+    """What an image-conditioned store holds beside the latents (megawan.data.conditioning): per sample the raw
+    VAE latents of the conditioning video (`cond_latents`, the latents' shape), its frame mask (`cond_mask`,
+    uint8 [mask_channels, T']) and, when a CLIP image encoder was given, the CLIP tokens of the given frames
+    (`clip_tokens`, [clip_tokens, clip_width]; FLF2V: both frames' tokens, first then last)."""
+    kind: str  # "i2v" (first frame) | "flf2v" (first and last frame)
+    mask_channels: int  # the VAE's temporal stride: 4
+    clip: Optional[str] = None  # the CLIP image encoder's preset name; None: no CLIP tokens stored
+    clip_weights: Optional[str] = None  # fingerprint of its weights
+    clip_width: Optional[int] = None  # the tokens' width (1280 for Wan2.1's ViT-H/14)
+    clip_tokens: Optional[int] = None  # tokens per sample (257 per frame for ViT-H/14 at 224 px; FLF2V twice)
+
+    @classmethod
+    def from_attrs(cls, section: dict, where: str) -> "ConditioningMetadata":
+        p = "conditioning"
+        return cls(kind=_get(section, "kind", str, where, p),
+                   mask_channels=_get(section, "mask_channels", int, where, p),
+                   clip=_get(section, "clip", str, where, p, required=False),
+                   clip_weights=_get(section, "clip_weights", str, where, p, required=False),
+                   clip_width=_get(section, "clip_width", int, where, p, required=False),
+                   clip_tokens=_get(section, "clip_tokens", int, where, p, required=False))
+
+    def to_attrs(self) -> dict:
+        return _without_none({"kind": self.kind, "mask_channels": self.mask_channels, "clip": self.clip,
+                              "clip_weights": self.clip_weights, "clip_width": self.clip_width,
+                              "clip_tokens": self.clip_tokens})
+
+
+@dataclass(frozen=True)
 class StoreMetadata:
     vae: VAEMetadata
     text_encoder: TextEncoderMetadata
@@ -128,6 +159,7 @@ class StoreMetadata:
     dtype: Optional[str] = None  # how latents and text states are stored
     logvar: Optional[bool] = None  # whether the VAE's log-variance is stored beside the mean
     manifest: Optional[str] = None  # the manifest's absolute path
+    conditioning: Optional[ConditioningMetadata] = None  # image conditioning; None: a text-to-video store
 
     @classmethod
     def from_attrs(cls, attrs: dict, where: str = "latent store") -> "StoreMetadata":
@@ -138,10 +170,13 @@ class StoreMetadata:
                    fps=_get(attrs, "fps", float, where, "", required=False),
                    dtype=_get(attrs, "dtype", str, where, "", required=False),
                    logvar=_get(attrs, "logvar", bool, where, "", required=False),
-                   manifest=_get(attrs, "manifest", str, where, "", required=False))
+                   manifest=_get(attrs, "manifest", str, where, "", required=False),
+                   conditioning=(ConditioningMetadata.from_attrs(attrs["conditioning"], where)
+                                 if isinstance(attrs.get("conditioning"), dict) else None))
 
     def to_attrs(self) -> dict:
         """Keyword arguments of LatentStore.create: vae, text_encoder and the provenance keys that are set."""
         return {"vae": self.vae.to_attrs(), "text_encoder": self.text_encoder.to_attrs(),
                 **_without_none({"buckets": None if self.buckets is None else list(self.buckets), "fps": self.fps,
-                                 "dtype": self.dtype, "logvar": self.logvar, "manifest": self.manifest})}
+                                 "dtype": self.dtype, "logvar": self.logvar, "manifest": self.manifest,
+                                 "conditioning": None if self.conditioning is None else self.conditioning.to_attrs()})}

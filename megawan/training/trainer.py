@@ -45,6 +45,8 @@ from megawan.models.dit.parallelize import apply_activation_offload, apply_activ
 from megawan.parallel import initialize
 from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.training.backend import TE_MISSING, run_backend, te_usable
+from megawan.training.conditioning import check_store as check_conditioning
+from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.ema import EMA
 from megawan.training.memory import estimate_memory
 from megawan.training.metrics import MetricsLogger
@@ -74,9 +76,6 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     "backend" (local or te: what model.backend resolves to for this run, megawan.training.backend) and
     "backend_reason" (why auto settled for local where TE is installed, else None)."""
     cfg.validate(world_size)
-    if cfg.model.model_type == "i2v":
-        raise ConfigError("model.model_type: i2v training needs image-conditioning latents (mask + first-frame "
-                          "latents, CLIP tokens) that the latent store does not hold; train t2v or ti2v")
     if cfg.model.backend == "te" and not te_usable():
         raise ConfigError(TE_MISSING)
     if cfg.train.fp8 == "delayed" and (cfg.model.backend == "local" or not te_usable()):
@@ -95,7 +94,8 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     empty = [b for b in buckets if store.count(b) == 0]
     if empty:
         raise ConfigError(f"data.buckets: {empty} hold no samples in {cfg.data.store}")
-    if meta.vae.z_dim != cfg.model.in_dim:
+    check_conditioning(cfg, meta)  # i2v: the store's image conditioning fits the model's channels and CLIP width
+    if cfg.model.model_type != "i2v" and meta.vae.z_dim != cfg.model.in_dim:
         raise ConfigError(f"model.in_dim: {cfg.model.in_dim} input channels, but the store's latents have "
                           f"z_dim={meta.vae.z_dim}")
     if meta.vae.z_dim != cfg.model.out_dim:  # the flow-matching target (noise - latents) has z_dim channels
@@ -351,20 +351,24 @@ class Trainer:
             x_t, target = self.flow.noised(x0, noise, t)
             timestep, mask = self.flow.model_timesteps(t), None
         text = text.to(dtype)
+        condition, image = image_inputs(batch, cfg.model, x0.shape[0], self.latents_mean, self.latents_std)
+        if condition is not None:  # i2v: the model sees [x_t, mask, conditioning latents]; the target stays x_t's
+            x_t = torch.cat([x_t, condition], dim=1)
         micro = []
         for s in range(0, x0.shape[0], mbs):
             sl = slice(s, s + mbs)
             micro.append({"x_t": x_t[sl].to(self.device, dtype), "timestep": timestep[sl].to(self.device),
                           "text": text[sl].to(self.device), "target": target[sl].to(self.device),
                           "weight": weight[sl].to(self.device),
-                          "mask": None if mask is None else mask[sl].to(self.device)})
+                          "mask": None if mask is None else mask[sl].to(self.device),
+                          "image": image_for_model(image, sl, cfg.model, self.device, dtype)})
         return micro
 
     def _forward_step(self, scale: float):
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             with fp8_context(self.cfg.train.fp8, self.backend, self.cfg.train.fp8_attention):
-                output = model(mb["x_t"], mb["timestep"], mb["text"])
+                output = model(mb["x_t"], mb["timestep"], mb["text"], image=mb["image"])
 
             def loss_fn(prediction):
                 per_sample = FlowMatching.per_sample_loss(prediction, mb["target"], mb["mask"])
