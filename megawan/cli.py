@@ -67,9 +67,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from megawan.artifacts import resolve_model
     from megawan.capabilities import cuda_available
-    from megawan.generation import GenerationRequest, generate  # lazy: torch and megatron-core
+    from megawan.generation import GenerationRequest, generate, prepare  # lazy: torch and megatron-core
     from megawan.parallel import initialize
 
     if args.prompts:
@@ -81,22 +80,25 @@ def _cmd_generate(args) -> int:
         raise UserError("give --prompt TEXT or --prompts FILE")
     if args.device == "cuda" and not cuda_available():
         raise UserError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
-    resolve_model(args.ckpt, args.low_noise_ckpt)  # a missing or damaged checkpoint, named before any process group
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    tp = args.tensor_parallel
-    cp = args.context_parallel or max(world // tp, 1)
     guidance = args.guidance
     if guidance is not None and len(guidance) == 1:
         guidance = guidance[0]
-    # the process group suits the device: gloo for --device cpu (also on a GPU machine), else NCCL where CUDA is
-    initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp, context_parallel_mode=args.cp_mode),
-               backend="gloo" if args.device == "cpu" else None, seed=args.seed)
     req = GenerationRequest(
         ckpt=args.ckpt, prompts=prompts, out=args.out, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt,
         negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
         steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
-        image=args.image, noise=args.noise, save_latents=args.save_latents, use_ema=not args.no_ema,
+        image=args.image, last_image=args.last_image, max_area=args.max_area, noise=args.noise,
+        save_latents=args.save_latents, use_ema=not args.no_ema,
         vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None, device=args.device)
+    # a missing or damaged checkpoint, an image that is not one, a flag the model cannot take: named before any
+    # process group starts
+    prepare(req)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    tp = args.tensor_parallel
+    cp = args.context_parallel or max(world // tp, 1)
+    # the process group suits the device: gloo for --device cpu (also on a GPU machine), else NCCL where CUDA is
+    initialize(ParallelConfig(tensor_parallel=tp, context_parallel=cp, context_parallel_mode=args.cp_mode),
+               backend="gloo" if args.device == "cpu" else None, seed=args.seed)
     paths = generate(req)
     for p in paths:
         print(p)
@@ -138,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, nargs="+", help="one scale, or LOW HIGH for the A14B experts")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=int)
-    gen.add_argument("--image", help="first frame (I2V-A14B, TI2V-5B)")
+    gen.add_argument("--image", help="first frame (image-to-video: Wan2.1 I2V / FLF2V, I2V-A14B, TI2V-5B); without "
+                                     "--height / --width the video takes its aspect ratio, as the official repos "
+                                     "size it")
+    gen.add_argument("--last-image", help="last frame (first-last-frame models: Wan2.1 FLF2V-14B)")
+    gen.add_argument("--max-area", type=int, help="image-to-video without --height / --width: the video's pixels "
+                                                  "(default: the model's official height x width; 480p: 399360)")
     gen.add_argument("--noise", help="initial latent noise (.pt, [C, T, H, W] or [N, C, T, H, W])")
     gen.add_argument("--save-latents", help="write the final latents [N, C, T, H, W] to this .pt")
     gen.add_argument("--out", default="outputs", help="OUT.mp4 for one prompt, else a folder")

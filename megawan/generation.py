@@ -1,5 +1,7 @@
-"""Videos from a Wan DiT: `megawan generate`. Text-to-video, image-to-video (first frame), TI2V-5B and the
-two-expert A14B models, from a training checkpoint or a converted pipeline, on one rank or many.
+"""Videos from a Wan DiT: `megawan generate`. Text-to-video, image-to-video (first frame; FLF2V: first and last),
+TI2V-5B and the two-expert A14B models, from a training checkpoint or a converted pipeline, on one rank or many.
+Image-to-video takes the image's aspect ratio as the official repos size it (megawan.utils.conditioning_images;
+docs/generation.md) unless height and width are given.
 
     # one process (a one-rank world is started for it), or every rank under torchrun / srun
     paths = generate(GenerationRequest(ckpt="runs/demo/checkpoints", encoders="runs/demo/data/encoders",
@@ -9,8 +11,9 @@ Parallel sampling: the world is laid out as data x context x tensor parallel (me
 the weights, CP ranks split the video tokens (the model gathers the velocity at its head), so every rank of a
 model replica advances the same latents with the same sampler. Data-parallel replicas split the prompts.
 Classifier-free guidance runs the conditional and unconditional batch in one model call. The text encoder
-is split over the TP ranks like the DiT; each replica's first rank encodes the first frame (I2V / TI2V) and
-sends it to its peers, and decodes with the VAE and writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
+is split over the TP ranks like the DiT, and so is Wan2.1's CLIP image encoder; each replica's first rank encodes
+the conditioning frames with the VAE (I2V / FLF2V / TI2V) and sends the latents to its peers, and decodes with the
+VAE and writes the files. Latents are fp32, as Wan keeps them; the result does not depend on the layout.
 
 Devices (`device`, CLI --device): every rank runs the DiT, the umT5 encoder (bf16 on CUDA) and the VAE on its
 own device and keeps every tensor there; only the initial noise is drawn on the host (the same in any layout and
@@ -37,15 +40,32 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megawan.artifacts import find_encoders, load_dit, load_text_encoder, load_tokenizer, load_vae, resolve_model
+from megawan.artifacts import (
+    find_encoders,
+    load_clip_encoder,
+    load_dit,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    resolve_model,
+)
 from megawan.capabilities import cuda_available, rank_device, resolve_backend
-from megawan.config import ParallelConfig, text_preset, vae_preset
+from megawan.config import ParallelConfig, clip_preset, text_preset, vae_preset
 from megawan.config.te_limits import te_tokens_problem
 from megawan.convert.files import load_torch_file
 from megawan.data.buckets import Bucket
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.parallel.groups import context_parallel_groups
+from megawan.utils.conditioning_images import (
+    crop_to_aspect,
+    i2v_pixels,
+    i2v_size,
+    open_image,
+    ti2v_pixels,
+    ti2v_size,
+    to_tensor,
+)
 from megawan.utils.images import video_to_uint8
 from megawan.utils.media import IMAGE_SUFFIX, VIDEO_SUFFIX, media_suffix, write_media
 from megawan.utils.progress import Progress
@@ -67,7 +87,9 @@ class GenerationRequest:
     guidance: Optional[object] = None  # a number, or (low-noise, high-noise) for A14B
     seed: int = 0
     fps: Optional[int] = None
-    image: Optional[str] = None  # the first frame (I2V, TI2V)
+    image: Optional[str] = None  # the first frame (I2V, FLF2V, TI2V)
+    last_image: Optional[str] = None  # the last frame (FLF2V)
+    max_area: Optional[int] = None  # image-to-video without height / width: pixels (default: official h x w)
     noise: Optional[str] = None  # a .pt tensor [C, T, H, W] or [N, C, T, H, W]: the initial latent noise
     save_latents: Optional[str] = None  # write the final (normalised) latents [N, C, T, H, W] here (.pt)
     use_ema: bool = True
@@ -81,38 +103,63 @@ class GenerationRequest:
 # Conditioning
 
 
-def _load_image(path: str, height: int, width: int) -> torch.Tensor:
-    """[3, H, W] in [-1, 1]: resized to cover (height, width), then centre-cropped (as the official TI2V)."""
-    import numpy as np
-    from PIL import Image
+def _conditioning_frames(req, cfg, height, width, area: int, vae_cfg) -> tuple:
+    """((height, width), {"first": [3, H, W], "last": [3, H, W] or None, "clip": the images CLIP sees} in [-1, 1],
+    what was done to the images as one line or None) for an image request; sizes not given follow the image as
+    the official repos choose. CLIP (Wan2.1) sees the images before they are resized to the video (cropped to
+    its aspect ratio when that was asked): its own preprocessing resizes them, as the official code."""
+    img = open_image(req.image, "--image")
+    last = open_image(req.last_image, "--last-image") if req.last_image else None
+    stride, patch = vae_cfg.spatial_stride, cfg.patch_size[1]
+    if height is None:
+        height, width = (ti2v_size(img.height, img.width, area, stride * patch) if cfg.model_type == "ti2v"
+                         else i2v_size(img.height, img.width, area, stride, patch))
+        note = (f"{width}x{height} video: the aspect ratio of --image ({img.width}x{img.height}) within {area} "
+                f"pixels, as the official {cfg.name} sampler picks it (--height / --width choose another)")
+    elif (img.width, img.height) == (width, height):
+        note = None
+    elif cfg.model_type == "ti2v":
+        note = (f"--image {img.width}x{img.height} resized to cover the {width}x{height} video"
+                + ("" if img.width * height == img.height * width else " and centre-cropped"))
+    else:
+        src = crop_to_aspect(img, height, width)
+        note = (f"--image {img.width}x{img.height} resized to the {width}x{height} video" if src is img else
+                f"--image {img.width}x{img.height} has another aspect ratio than the {width}x{height} video: "
+                f"centre-cropped to {src.width}x{src.height}, then resized")
+        img = src
+    if cfg.model_type == "ti2v":
+        return (height, width), {"first": ti2v_pixels(img, height, width), "last": None, "clip": None}, note
+    frames = {"first": i2v_pixels(img, height, width), "last": None,
+              "clip": [to_tensor(img)] if cfg.image_dim else None}
+    if last is not None:
+        fitted = crop_to_aspect(last, img.height, img.width)
+        if fitted is not last:
+            note = "; ".join(filter(None, [note, f"--last-image {last.width}x{last.height} centre-cropped to "
+                                                  f"{fitted.width}x{fitted.height}, the aspect ratio of --image"]))
+        frames["last"] = i2v_pixels(fitted, height, width)
+        if cfg.image_dim:
+            frames["clip"].append(to_tensor(fitted))
+    return (height, width), frames, note
 
-    from PIL import UnidentifiedImageError
 
-    if os.path.isdir(path):
-        raise ValueError(f"--image {path} is a directory, not an image file")
-    try:
-        img = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:  # a missing file stays FileNotFoundError (its own message)
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"--image {path} is not a readable image ({e})") from None
-    scale = max(width / img.width, height / img.height)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    img = img.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def _i2v_condition(vae, image: torch.Tensor, frames: int, temporal_stride: int) -> torch.Tensor:
+def _i2v_condition(vae, first: torch.Tensor, frames: int, temporal_stride: int,
+                   last: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Wan's I2V input beside the noise: a mask (which frames are given; 4 channels per latent frame) and the
-    normalised VAE latents of the first frame followed by zero frames. [1, 4 + z, T', H', W'] on image's device."""
-    video = torch.zeros(1, 3, frames, *image.shape[1:], device=image.device)
-    video[0, :, 0] = image
+    normalised VAE latents of the first frame, zero frames (and the last frame: FLF2V). [1, 4 + z, T', H', W']
+    on the image's device. The first pixel frame fills its latent frame's 4 mask channels (the VAE encodes it
+    alone); a last frame marks only the last channel of the last latent frame, as the official FLF2V."""
+    video = torch.zeros(1, 3, frames, *first.shape[1:], device=first.device)
+    video[0, :, 0] = first
+    given = torch.zeros(frames, device=first.device)
+    given[0] = 1.0
+    if last is not None:
+        video[0, :, -1] = last
+        given[-1] = 1.0
     with torch.no_grad():
         mean, _ = vae.encode(video)
     z = vae.normalize(mean.float())
-    mask = torch.zeros(1, temporal_stride, z.shape[2], *z.shape[3:], device=z.device)
-    mask[:, :, 0] = 1.0
+    per_latent = torch.cat([given[:1].repeat(temporal_stride), given[1:]]).view(-1, temporal_stride).t()
+    mask = per_latent[None, :, :, None, None].expand(1, -1, -1, *z.shape[3:])
     return torch.cat([mask, z], dim=1)
 
 
@@ -159,27 +206,74 @@ def sampling_backend(cfg, latent_shape: tuple, layout: ParallelConfig) -> tuple:
     return dataclasses.replace(cfg, backend="local"), f"sampling on the local backend: {problem}"
 
 
-def generate(req: GenerationRequest) -> list:
-    """Sample every prompt of `req`; collective over the world (call on every rank). Returns the written paths
-    (on the ranks that wrote them)."""
+def prepare(req: GenerationRequest) -> dict:
+    """What `req` asks for, checked before any process group or model: the model ("found", "cfg"), the
+    official defaults filled in ("frames", "height", "width", "steps", "shift", "fps", "guidance", "defaults"),
+    the encoders ("enc", "vae_cfg") and the conditioning frames ("images": {"first", "last"} or None, "note":
+    what was done to them, one line or None). A request the model cannot take is a ValueError naming the option."""
     found = resolve_model(req.ckpt, req.low_noise_ckpt)
     cfg = found["config"]
-    d = official_defaults(cfg.name, cfg.model_type, cfg.expert_boundary, req.height, req.width)
-    frames, height, width = req.frames or d["frames"], req.height or d["height"], req.width or d["width"]
-    steps, shift = req.steps or d["steps"], req.shift if req.shift is not None else d["shift"]
-    fps = req.fps or d["fps"]
-    guidance = req.guidance if req.guidance is not None else d["guidance"]
-    if cfg.image_dim:
-        raise ValueError(f"{cfg.name} conditions on CLIP image tokens (Wan2.1 I2V / FLF2V), and megawan does not "
-                         "ship the CLIP image encoder; Wan2.2 I2V-A14B and TI2V-5B take --image without it")
-    if cfg.model_type in ("i2v",) and req.image is None:
-        raise ValueError(f"{cfg.name} is an image-to-video model: pass --image FIRST_FRAME")
+    d = official_defaults(cfg.name, cfg.model_type, cfg.expert_boundary, req.height, req.width,
+                          req.max_area if req.image is not None and req.height is None else None)
+    flf2v = cfg.image_pos_len is not None  # Wan2.1 FLF2V-14B: position embeddings for two images' CLIP tokens
+    if cfg.model_type == "i2v" and req.image is None:
+        raise ValueError(f"{cfg.name} is an image-to-video model: pass --image FIRST_FRAME"
+                         + (" and --last-image LAST_FRAME" if flf2v else ""))
     if cfg.model_type == "t2v" and req.image is not None:
         raise ValueError(f"{cfg.name} is a text-to-video model: it takes no --image")
+    if req.last_image is not None and not flf2v:
+        raise ValueError(f"--last-image: {cfg.name} is not a first-last-frame model (Wan2.1 FLF2V-14B); it "
+                         "conditions on the first frame only (--image)")
+    if flf2v and req.last_image is None:
+        raise ValueError(f"{cfg.name} is a first-last-frame model: pass --last-image LAST_FRAME too")
+    if req.image is not None and (req.height is None) != (req.width is None):
+        raise ValueError("--height and --width go together with --image (give neither: the video then takes the "
+                         "image's aspect ratio)")
+    if req.max_area is not None and (req.image is None or req.height is not None):
+        raise ValueError("--max-area sizes a video from its --image: give it with --image and without --height / "
+                         "--width")
     folder = req.encoders or found["encoders"]
     if folder is None:
         raise ValueError("no encoders: pass --encoders FOLDER (the VAE, umT5 weights and tokenizer)")
     enc = find_encoders(folder)
+    vae_cfg = vae_preset(enc["vae_config"])
+    plan = dict(found=found, cfg=cfg, defaults=d, enc=enc, vae_cfg=vae_cfg, frames=req.frames or d["frames"],
+                steps=req.steps or d["steps"], shift=req.shift if req.shift is not None else d["shift"],
+                fps=req.fps or d["fps"], guidance=req.guidance if req.guidance is not None else d["guidance"],
+                images=None, note=None)
+    if req.image is None:
+        plan.update(height=req.height or d["height"], width=req.width or d["width"])
+    else:
+        area = req.max_area or d["height"] * d["width"]
+        (plan["height"], plan["width"]), plan["images"], plan["note"] = _conditioning_frames(
+            req, cfg, req.height, req.width, area, vae_cfg)
+    t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    frames, height, width = plan["frames"], plan["height"], plan["width"]
+    if (frames - 1) % t_stride or height % (s_stride * cfg.patch_size[1]) or width % (s_stride * cfg.patch_size[2]):
+        raise ValueError(f"frames must be 1 + {t_stride}k and height / width multiples of "
+                         f"{s_stride * cfg.patch_size[1]} for {cfg.name} with {enc['vae_config']}; got "
+                         f"{frames} x {height} x {width}")
+    if cfg.image_dim:
+        if enc["clip"] is None:
+            raise ValueError(f"{cfg.name} conditions on CLIP image tokens (Wan2.1 I2V / FLF2V), but {folder} holds no "
+                             "CLIP image encoder (models_clip_*.pth, image_encoder.safetensors): convert the whole "
+                             "pipeline, or pass --encoders a folder with one")
+        clip_width = clip_preset(enc["clip_config"]).hidden_size
+        if clip_width != cfg.image_dim:
+            raise ValueError(f"the CLIP image encoder {enc['clip']} is {clip_width} wide, but {cfg.name} takes "
+                             f"{cfg.image_dim}-wide image tokens")
+    return plan
+
+
+def generate(req: GenerationRequest) -> list:
+    """Sample every prompt of `req`; collective over the world (call on every rank). Returns the written paths
+    (on the ranks that wrote them)."""
+    plan = prepare(req)
+    found, cfg, d, enc, vae_cfg = (plan[k] for k in ("found", "cfg", "defaults", "enc", "vae_cfg"))
+    frames, height, width, steps, shift, fps, guidance = (plan[k] for k in ("frames", "height", "width", "steps",
+                                                                             "shift", "fps", "guidance"))
+    if plan["note"] and dist.get_rank() == 0:
+        print(f"[generate] {plan['note']}", flush=True)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = generation_device(req.device, dist.get_backend(), world)
@@ -191,15 +285,10 @@ def generate(req: GenerationRequest) -> list:
     if len(replica_ranks) == 1:
         mp_group = None
 
-    vae_cfg = vae_preset(enc["vae_config"])
     vae = load_vae(enc["vae"], vae_cfg, device=device) if first_of_replica else None
     if vae is not None and req.vae_tiling:
         vae.enable_tiling(*req.vae_tiling)
     t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
-    if (frames - 1) % t_stride or height % (s_stride * cfg.patch_size[1]) or width % (s_stride * cfg.patch_size[2]):
-        raise ValueError(f"frames must be 1 + {t_stride}k and height / width multiples of "
-                         f"{s_stride * cfg.patch_size[1]} for {cfg.name} with {enc['vae_config']}; got "
-                         f"{frames} x {height} x {width}")
     shape = (vae_cfg.z_dim, *Bucket(frames, height, width).latent_shape((t_stride, s_stride, s_stride)))
 
     cp = ps.get_context_parallel_world_size()
@@ -234,8 +323,9 @@ def generate(req: GenerationRequest) -> list:
     noise_all = _initial_noise(req, len(prompts), shape).to(device)
     mine = list(range(dp_rank, len(prompts), dp_size))
     written, latents_out = [], {}
-    extra, pin, per_token = _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape,
-                                          first_of_replica, replica_ranks, mp_group, device)
+    image_tokens = _clip_tokens(plan["images"]["clip"], enc, device) if cfg.image_dim else None
+    extra, pin, per_token = _image_inputs(plan["images"], cfg, vae, vae_cfg, frames, shape, first_of_replica,
+                                          replica_ranks, mp_group, device)
     for i in mine:
         cond = text[i:i + 1]
         uncond = null if null is not None else torch.zeros_like(cond)
@@ -250,8 +340,9 @@ def generate(req: GenerationRequest) -> list:
             x_in = x if extra is None else torch.cat([x, extra.expand(x.shape[0], -1, -1, -1, -1)], dim=1)
             timestep = timestep.to(device)
             ts = timestep if per_token is None else per_token[None] * timestep[:, None]
+            image = None if image_tokens is None else image_tokens.repeat(x.shape[0], 1, 1)  # FLF2V: (first, last)
             with torch.no_grad():
-                return model_at(t)(x_in, ts, text_in).float()
+                return model_at(t)(x_in, ts, text_in, image=image).float()
 
         lat = sample(velocity, noise, make_sampler(req.sampler, steps, shift), guidance=scale,
                      callback=lambda k, x: bar.update(1), pin=pin)
@@ -280,6 +371,18 @@ def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype 
     return states[:, :text_len] if states.shape[1] > text_len else states
 
 
+def _clip_tokens(images: list, enc: dict, device: torch.device) -> torch.Tensor:
+    """The CLIP tokens of the conditioning frames [n_images, 1 + (S / patch)^2, width] (FLF2V: first, last), as
+    the official Wan2.1 takes them (penultimate block, Wan's bicubic resize to S). Collective over the tensor-
+    parallel group: the encoder is split like the DiT and the text encoder (every CP rank of a replica computes
+    the same tokens); fp16 on CUDA as Wan's, fp32 on CPU."""
+    encoder = load_clip_encoder(enc["clip"], clip_preset(enc["clip_config"]), device=device,
+                                dtype=torch.float16 if device.type == "cuda" else None)
+    with torch.no_grad():  # each image on its own: first and last frame may differ in size
+        pixels = torch.cat([encoder.preprocess(image[None].to(device)) for image in images])
+        return encoder(pixels).float()
+
+
 def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor:
     if req.noise:
         noise = load_torch_file(req.noise)  # a pickle with code in it is refused, naming the file
@@ -295,13 +398,15 @@ def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(req.seed + i)) for i in range(n)])
 
 
-def _image_inputs(req, cfg, vae, vae_cfg, frames, height, width, shape, first, ranks, group, device):
-    """(extra input channels, pin, per-token timestep factor) for the model type, on `device`; all None for T2V."""
-    if req.image is None:
+def _image_inputs(images, cfg, vae, vae_cfg, frames, shape, first, ranks, group, device):
+    """(extra input channels, pin, per-token timestep factor) for the model type, on `device`; all None for T2V.
+    The replica's first rank encodes the frames with the VAE and sends the result to its peers."""
+    if images is None:
         return None, None, None
-    image = _load_image(req.image, height, width).to(device)
-    if cfg.model_type == "i2v":  # Wan2.2 I2V-A14B: mask + first-frame latents beside the noise
-        cond = _i2v_condition(vae, image, frames, vae_cfg.temporal_stride) if first else \
+    image = images["first"].to(device)
+    if cfg.model_type == "i2v":  # mask + first-frame (FLF2V: and last-frame) latents beside the noise
+        last = images["last"].to(device) if images["last"] is not None else None
+        cond = _i2v_condition(vae, image, frames, vae_cfg.temporal_stride, last) if first else \
             torch.empty(1, vae_cfg.temporal_stride + shape[0], *shape[1:], device=device)
         if group is not None:
             dist.broadcast(cond, src=ranks[0], group=group)

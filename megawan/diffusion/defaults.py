@@ -25,13 +25,14 @@ _TINY = dict(frames=17, height=32, width=48, steps=25, shift=3.0, guidance=3.0, 
 
 
 def official_defaults(preset: str, model_type: str = "t2v", expert_boundary: Optional[float] = None,
-                      height: Optional[int] = None, width: Optional[int] = None) -> dict:
-    """Sampling defaults of a model preset as the official repos set them; tiny presets get the demo's."""
+                      height: Optional[int] = None, width: Optional[int] = None, area: Optional[int] = None) -> dict:
+    """Sampling defaults of a model preset as the official repos set them; tiny presets get the demo's.
+    `area`: image-to-video sized from the image within this many pixels (the official --size of I2V)."""
     d = dict(_OFFICIAL.get(preset, _TINY))
     if preset not in _OFFICIAL and expert_boundary is not None:
         d["guidance"] = (d["guidance"], d["guidance"])
     # Wan2.1 generate.py: image-to-video at 480p samples with shift 3
-    if preset == "wan2.1-i2v-14b" and {height, width} == {480, 832}:
+    if preset == "wan2.1-i2v-14b" and ({height, width} == {480, 832} or area == 480 * 832):
         d["shift"] = 3.0
     d["negative_prompt"] = WAN_NEGATIVE_PROMPT
     return d
