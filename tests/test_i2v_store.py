@@ -19,6 +19,7 @@ from megawan.data.store import LatentStore
 from megawan.demo.shapes import write_synthetic_dataset
 from megawan.demo.tiny_assets import write_tiny_encoders
 from megawan.training.trainer import preflight
+from megawan.training.validation import read_samples
 from pipelines import write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +153,8 @@ def test_preflight_takes_a_fitting_store_and_refuses_the_others(stores):
                                                    r"20 \(tiny\)$")
     _refused(_cfg(flf2v, "model.image_dim=20", "model.image_pos_len=14"),
              r"^model\.image_pos_len: 14 image tokens, but the store holds 34 per sample$")
-    _refused(_cfg(i2v, "validation.every=2", f"validation.store={i2v}"), r"^validation\.every: ")
+    _refused(_cfg(i2v, "validation.every=2", f"validation.store={t2v}"),
+             r"^validation\.store: .* holds no image conditioning .*--conditioning i2v makes one$")
     # a text-to-video model trains on an image-conditioned store as on any other (the conditioning unused)
     assert preflight(load_config(CONFIG, [f"data.store={i2v}", "parallel.tensor_parallel=1",
                                           "data.video_ratio=1.0"]), 1)
@@ -175,18 +177,48 @@ def test_the_tool_refuses_image_buckets_under_conditioning_in_one_line(stores, t
     assert err.count("\n") == 1 and "an image-conditioned store (--conditioning i2v) holds videos only" in err, err
 
 
-def test_megawan_train_runs_flf2v_on_its_store(stores, tmp_path):
-    """`megawan train` end to end on the FLF2V store (one rank): the trainer's own input assembly, CLIP tokens
-    through the image branch, finite losses. (Layout equality of the step: tests/test_parallel_training_step.py.)"""
+def test_megawan_train_runs_and_validates_flf2v_on_its_store_under_pp2(stores, tmp_path):
+    """`megawan train` end to end on the FLF2V store, two pipeline stages: the trainer's own input assembly, CLIP
+    tokens through the image branch, finite losses; validation measures the held-out loss and samples each
+    held-out clip from its stored first and last frames (decoded to mp4). (Layout equality of the step:
+    tests/test_parallel_training_step.py.)"""
     from training_runs import losses, run
+    from megawan.training.metrics import read_metrics
+    from megawan.training.validation import frames_of
 
-    ckpt = str(tmp_path / "ckpt")
-    code, log = run(1, ckpt, stores["flf2v"].out, "parallel.tensor_parallel=1", "data.video_ratio=1.0",
-                    "model.preset=tiny-i2v", "model.in_dim=12", "model.image_dim=20", "model.image_pos_len=34",
-                    "train.steps=2", "data.global_batch_size=2", "checkpoint.every=2")
+    ckpt, job = str(tmp_path / "ckpt"), stores["flf2v"]
+    code, log = run(2, ckpt, job.out, "parallel.tensor_parallel=1", "parallel.pipeline_parallel=2",
+                    "data.video_ratio=1.0", "model.preset=tiny-i2v", "model.in_dim=12", "model.image_dim=20",
+                    "model.image_pos_len=34", "train.steps=2", "data.global_batch_size=2", "checkpoint.every=2",
+                    "validation.every=2", f"validation.store={job.out}", f"validation.vae={job.vae}",
+                    "validation.steps=3", "validation.num_samples=2", "validation.batch_size=2")
     assert code == 0, log
     got = losses(ckpt)
     assert len(got) == 2 and all(0 < loss < 100 for loss in got), got
+    val = [r for r in read_metrics(os.path.join(ckpt, "logs", "metrics.jsonl")) if "val/loss" in r]
+    assert len(val) == 1 and 0 < val[0]["val/loss"] < 100, val
+    samples = read_samples(os.path.join(ckpt, "logs", "validation", "step-0000002"))
+    assert len(samples) == 2 and all(frames_of(r).shape == (17, 32, 48, 3) for r in samples)
+
+
+def test_ti2v_validation_samples_from_the_held_out_first_frame(stores, tmp_path):
+    """A TI2V model validates image-to-video: each sampled clip's first latent frame is the held-out clip's own
+    (normalised), kept clean through sampling; the rest is sampled."""
+    from training_runs import run
+
+    ckpt, job = str(tmp_path / "ckpt"), stores["t2v"]
+    code, log = run(1, ckpt, job.out, "parallel.tensor_parallel=1", "data.video_ratio=1.0", "model.preset=tiny-ti2v",
+                    "model.in_dim=4", "model.out_dim=4", "train.steps=1", "data.global_batch_size=2",
+                    "validation.every=1", f"validation.store={job.out}", "validation.steps=3",
+                    "validation.num_samples=2", "validation.batch_size=2")
+    assert code == 0, log
+    store = LatentStore.open(job.out)
+    mean, std = (v[0] for v in store.metadata.vae.normalization())
+    for row in read_samples(os.path.join(ckpt, "logs", "validation", "step-0000001")):
+        sampled = torch.load(row["latents"])
+        held_out = store.read(BUCKET, store.ids(BUCKET).index(row["id"]))["latents"].float()
+        assert torch.allclose(sampled[:, :1], ((held_out - mean) / std)[:, :1], atol=1e-6)
+        assert not torch.allclose(sampled[:, 1:], ((held_out - mean) / std)[:, 1:], atol=1e-2)
 
 
 def test_inspect_store_shows_the_conditioning(stores):

@@ -31,8 +31,8 @@ def input_channels(meta: StoreMetadata) -> int:
 
 
 def check_store(cfg: RunConfig, meta: StoreMetadata, where: str = "data.store") -> None:
-    """Refuse, in one line naming the field, an image-conditioned model on a store that does not fit it (and an
-    i2v run with validation, which samples text-to-video only)."""
+    """Refuse, in one line naming the field (`where`: data.store or validation.store), an image-conditioned model
+    on a store that does not fit it."""
     model = cfg.model
     if model.model_type != "i2v":
         return
@@ -59,9 +59,6 @@ def check_store(cfg: RunConfig, meta: StoreMetadata, where: str = "data.store") 
         if model.image_pos_len and cond.clip_tokens != model.image_pos_len:
             raise ConfigError(f"model.image_pos_len: {model.image_pos_len} image tokens, but the store holds "
                               f"{cond.clip_tokens} per sample")
-    if cfg.validation.every:
-        raise ConfigError("validation.every: validation of an image-to-video model is not supported yet (it "
-                          "samples text-to-video); set validation.every=0")
 
 
 def image_inputs(batch: dict, model: DiTConfig, n: int, mean: torch.Tensor, std: torch.Tensor) -> tuple:

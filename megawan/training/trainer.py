@@ -170,8 +170,9 @@ def _preflight_validation(cfg: RunConfig) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"validation.store: {e}") from None
     z, dim = meta.vae.z_dim, meta.text_encoder.dim
-    if z != cfg.model.in_dim:
-        raise ConfigError(f"validation.store: its latents have z_dim={z}, the model takes {cfg.model.in_dim} channels")
+    if z != cfg.model.out_dim:
+        raise ConfigError(f"validation.store: its latents have z_dim={z}, the model's are {cfg.model.out_dim} channels")
+    check_conditioning(cfg, meta, where="validation.store")  # i2v: held-out conditioning that fits the model
     if dim != cfg.model.text_dim:
         raise ConfigError(f"validation.store: its text states have dim={dim}, the model takes {cfg.model.text_dim}")
     if not held_out.buckets() or not any(held_out.count(b) for b in held_out.buckets()):
@@ -424,8 +425,8 @@ class Trainer:
                                     config_to_dict(cfg), enabled=self.rank == 0, step=self.step)
             validator = None
             if cfg.validation.every:
-                validator = Validator(cfg.validation, self.ddp, patch_size=cfg.model.patch_size,
-                                      model_type=cfg.model.model_type, micro_batch_size=cfg.data.micro_batch_size,
+                validator = Validator(cfg.validation, self.ddp, model=cfg.model,
+                                      micro_batch_size=cfg.data.micro_batch_size,
                                       device=self.device, dtype=self.dtype,
                                       normalization=(self.latents_mean, self.latents_std),
                                       ema=self.ema, out_dir=os.path.join(log_dir, "validation"))

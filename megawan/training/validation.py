@@ -29,12 +29,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from PIL import Image
 
-from megawan.config import ValidationConfig, vae_preset
+from megawan.config import DiTConfig, ValidationConfig, vae_preset
 from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.diffusion.flow import FlowMatching
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.artifacts import load_vae
+from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.schedule import forward_backward
 from megawan.utils.images import contact_sheet, video_to_uint8
 from megawan.utils.media import media_suffix, read_media, write_media
@@ -50,17 +51,18 @@ class Validator:
     by the trainer, says which replica and stage this rank is).
 
     settings: the run's `validation` section (held-out store, VAE, sampler, …); chunks: the DDP-wrapped model
-    chunks of this rank; patch_size, model_type: the DiT's; micro_batch_size: held-out samples per forward;
+    chunks of this rank; model: the DiT's config (patch size, model type, image branch); micro_batch_size:
+    held-out samples per forward;
     device, dtype: where and in which dtype the model runs; normalization: (mean, std) [1, z, 1, 1, 1], the
     latent statistics the model is trained with; ema: the trainer's EMA (swapped in when settings.use_ema);
     out_dir: where each validation step's folder goes.
     """
 
-    def __init__(self, settings: ValidationConfig, chunks: list, *, patch_size: tuple, model_type: str,
-                 micro_batch_size: int, device: torch.device, dtype: torch.dtype, normalization: tuple, out_dir: str,
-                 ema=None):
+    def __init__(self, settings: ValidationConfig, chunks: list, *, model: DiTConfig, micro_batch_size: int,
+                 device: torch.device, dtype: torch.dtype, normalization: tuple, out_dir: str, ema=None):
         self.cfg, self.chunks, self.ema = settings, chunks, ema
-        self.patch_size, self.ti2v, self.micro_batch_size = tuple(patch_size), model_type == "ti2v", micro_batch_size
+        self.model, self.micro_batch_size = model, micro_batch_size
+        self.patch_size, self.ti2v = tuple(model.patch_size), model.model_type == "ti2v"
         self.device, self.dtype = device, dtype
         self.latents_mean, self.latents_std = normalization
         self.store = LatentStore.open(self.cfg.store)
@@ -89,7 +91,7 @@ class Validator:
         return metrics
 
     # ------------------------------------------------------------------------------------------
-    def _forward(self, x, timestep, text, capture=None, target=None, weight=None, mask=None):
+    def _forward(self, x, timestep, text, capture=None, target=None, weight=None, mask=None, image=None):
         """One forward-only pass of the replica. With `capture`, returns the velocity on every rank of the
         replica; else the weighted squared error summed on the last stage (0 elsewhere). Results stay on the
         rank's device: the sampler steps there, and the loss sums come back to the host once per validation."""
@@ -97,11 +99,11 @@ class Validator:
         tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
         out = {}
         batch = {"x": x.to(self.device, self.dtype), "t": timestep.to(self.device),
-                 "text": text.to(self.device, self.dtype)}
+                 "text": text.to(self.device, self.dtype), "image": image}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb["x"], mb["t"], mb["text"])
+            output = model(mb["x"], mb["t"], mb["text"], image=mb["image"])
 
             def loss_fn(prediction):
                 if capture:
@@ -122,8 +124,9 @@ class Validator:
             return out.get("sum", 0.0)
         v = out.get("v")
         if self.pp_size > 1:
-            if v is None:
-                v = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+            if v is None:  # the velocity has the latents' channels (an i2v input also holds its conditioning)
+                v = torch.empty(x.shape[0], self.model.out_dim, *x.shape[2:], dtype=torch.float32,
+                                device=self.device)
             dist.broadcast(v, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return v
@@ -162,6 +165,7 @@ class Validator:
                 x0, noise = x0.to(self.device), noise.to(self.device)
                 text = torch.stack([r["text"] for r in rows])
                 weight = torch.tensor([r["weight"] for r in rows], device=self.device)
+                condition, image = self._image_inputs(rows)
                 for k, flow_time in enumerate(times):
                     tt = torch.full((x0.shape[0],), flow_time, device=self.device)
                     if self.ti2v:  # videos as image-to-video; an image (one latent frame) as text-to-image
@@ -170,7 +174,9 @@ class Validator:
                                                                                      clean)
                     else:
                         (x_t, target), timestep, mask = FlowMatching.noised(x0, noise, tt), tt * 1000, None
-                    value = self._forward(x_t, timestep, text, target=target, weight=weight, mask=mask)
+                    if condition is not None:  # i2v: the model sees [x_t, mask, conditioning latents]
+                        x_t = torch.cat([x_t, condition], dim=1)
+                    value = self._forward(x_t, timestep, text, target=target, weight=weight, mask=mask, image=image)
                     if self.leader:
                         sums[k] += value
         dist.all_reduce(sums)
@@ -203,8 +209,9 @@ class Validator:
             noise = noise.to(self.device)  # the sampler's latents stay on the device until they are written
             guided = cfg.guidance != 1.0
             text_in = torch.cat([text, torch.zeros_like(text)]) if guided else text
-            latents = sample(lambda x, timestep: self._forward(x, timestep, text_in, capture=True), noise,
-                             make_sampler(cfg.sampler, cfg.steps, cfg.shift), guidance=cfg.guidance)
+            velocity, pin = self._velocity(rows, text_in, guided)
+            latents = sample(velocity, noise, make_sampler(cfg.sampler, cfg.steps, cfg.shift), guidance=cfg.guidance,
+                             pin=pin)
             if self.leader:
                 written += self._write(folder, rows, latents)
         rows_file = os.path.join(folder, f"samples-rank{dist.get_rank():05d}.jsonl")
@@ -215,6 +222,45 @@ class Validator:
         if dist.get_rank() == 0:
             self._merge(folder)
         return {"val/samples": n}
+
+    def _image_inputs(self, rows: list) -> tuple:
+        """An i2v model's inputs beside the noise for these held-out rows: (condition [n, mask + z, T', H', W'] on
+        the device, CLIP tokens as the DiT takes them or None); (None, None) for other models."""
+        if self.model.model_type != "i2v":
+            return None, None
+        batch = {k: torch.stack([r[k] for r in rows]) for k in ("cond_latents", "cond_mask", "clip_tokens")
+                 if k in rows[0]}
+        condition, tokens = image_inputs(batch, self.model, len(rows), self.latents_mean, self.latents_std)
+        return condition.to(self.device), image_for_model(tokens, slice(None), self.model, self.device, self.dtype)
+
+    def _velocity(self, rows: list, text_in: torch.Tensor, guided: bool) -> tuple:
+        """(velocity(x, timestep) for the sampler, pin or None) for these held-out rows. i2v: the stored
+        conditioning beside the noise (the same for the conditional and unconditional halves of guidance, as
+        the official pipelines); TI2V clips: the held-out clip's first latent frame pinned clean, its tokens at
+        timestep 0 (image-to-video, as `megawan generate --image`); otherwise text only."""
+        halves = 2 if guided else 1
+        condition, image = self._image_inputs(rows)
+        if condition is not None:
+            condition = torch.cat([condition] * halves)
+            image = None if image is None else torch.cat([image] * halves)
+            return (lambda x, timestep: self._forward(torch.cat([x, condition], dim=1), timestep, text_in,
+                                                       capture=True, image=image)), None
+        frames = rows[0]["latents"].shape[1]
+        if not self.ti2v or frames == 1:
+            return (lambda x, timestep: self._forward(x, timestep, text_in, capture=True)), None
+        first = torch.stack([r["latents"][:, :1].float() for r in rows])
+        first = ((first - self.latents_mean) / self.latents_std).to(self.device)
+        pt, ph, pw = self.patch_size
+        _, _, h, w = rows[0]["latents"].shape
+        per_token = torch.ones(frames // pt, h // ph, w // pw, device=self.device)
+        per_token[0] = 0.0
+        per_token = per_token.flatten()
+
+        def pin(x):
+            return torch.cat([first.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)
+
+        return (lambda x, timestep: self._forward(x, per_token[None] * timestep.to(self.device)[:, None], text_in,
+                                                  capture=True)), pin
 
     def _vae_model(self):
         if self._vae is None:
