@@ -38,8 +38,9 @@ def uninterrupted(tiny_store, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slurm_dataset(tmp_path_factory):
-    """The tiny store both Slurm test modules train on (tests/test_slurm.py, tests/test_slurm_multihost.py):
-    built once per session, since it takes ~10 s on 2 cores. The jobs only read it."""
+    """The tiny store both Slurm test modules train on (tests/test_slurm.py, tests/test_slurm_multihost.py),
+    and tests/test_curriculum.py's stages: built once per session, since it takes ~10 s on 2 cores. The runs
+    only read it."""
     from megawan.demo.tiny_dataset import make_tiny_dataset
 
     return make_tiny_dataset(str(tmp_path_factory.mktemp("slurm-data") / "work"), videos=8, images=8)
