@@ -52,16 +52,8 @@ def trained_encoders(tmp_path_factory):
     (megawan.demo.tiny_dataset.make_tiny_dataset(train_vae_steps=TINY_VAE_STEPS)): made once per session, since
     the training takes ~2.5 min on 2 cores. tests/test_demo.py runs the demo on them (and counts their training
     time in its 15-minute limit); tests/test_tiny_vae_colors.py checks the VAE's colours on held-out clips.
-    Trained on both cores (conftest sets one thread for the many-rank tests), as the `megawan demo` command
-    trains it (torch's default thread count)."""
-    import torch
-
+    On the session's one thread (above): two threads were no faster on 2 cores, and far slower on a busy machine."""
     from megawan.demo.tiny_assets import TINY_VAE_STEPS, write_tiny_encoders
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    try:
-        return write_tiny_encoders(str(tmp_path_factory.mktemp("trained-encoders") / "encoders"),
-                                   train_vae_steps=TINY_VAE_STEPS)
-    finally:
-        torch.set_num_threads(before)
+    return write_tiny_encoders(str(tmp_path_factory.mktemp("trained-encoders") / "encoders"),
+                               train_vae_steps=TINY_VAE_STEPS)
