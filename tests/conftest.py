@@ -38,8 +38,22 @@ def uninterrupted(tiny_store, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slurm_dataset(tmp_path_factory):
-    """The tiny store both Slurm test modules train on (tests/test_slurm.py, tests/test_slurm_multihost.py):
-    built once per session, since it takes ~10 s on 2 cores. The jobs only read it."""
+    """The tiny store both Slurm test modules train on (tests/test_slurm.py, tests/test_slurm_multihost.py),
+    and tests/test_curriculum.py's stages: built once per session, since it takes ~10 s on 2 cores. The runs
+    only read it."""
     from megawan.demo.tiny_dataset import make_tiny_dataset
 
     return make_tiny_dataset(str(tmp_path_factory.mktemp("slurm-data") / "work"), videos=8, images=8)
+
+
+@pytest.fixture(scope="session")
+def trained_encoders(tmp_path_factory):
+    """The tiny encoders with the VAE trained for TINY_VAE_STEPS (seed 0), exactly what `megawan demo` writes
+    (megawan.demo.tiny_dataset.make_tiny_dataset(train_vae_steps=TINY_VAE_STEPS)): made once per session, since
+    the training takes ~2.5 min on 2 cores. tests/test_demo.py runs the demo on them (and counts their training
+    time in its 15-minute limit); tests/test_tiny_vae_colors.py checks the VAE's colours on held-out clips.
+    On the session's one thread (above): two threads were no faster on 2 cores, and far slower on a busy machine."""
+    from megawan.demo.tiny_assets import TINY_VAE_STEPS, write_tiny_encoders
+
+    return write_tiny_encoders(str(tmp_path_factory.mktemp("trained-encoders") / "encoders"),
+                               train_vae_steps=TINY_VAE_STEPS)

@@ -33,10 +33,8 @@ def test_curriculum_stage_is_valid_and_fits(path):
     assert (cfg.checkpoint.init_from is None) == (stage == 0)
 
 
-def test_tiny_curriculum_warm_starts_stage_after_stage(tmp_path):
-    from megawan.demo.tiny_dataset import make_tiny_dataset
-
-    store, _ = make_tiny_dataset(str(tmp_path / "work"), videos=8, images=8)
+def test_tiny_curriculum_warm_starts_stage_after_stage(tmp_path, slurm_dataset):
+    store, _ = slurm_dataset  # tests/conftest.py: make_tiny_dataset(videos=8, images=8), made once per session
     previous = None
     for i, name in enumerate(["stage0_t2i", "stage1_joint", "stage2_video"]):
         config = os.path.join(ROOT, "examples", "configs", "tiny-curriculum", f"{name}.yaml")

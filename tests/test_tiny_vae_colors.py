@@ -1,6 +1,7 @@
 """The colour metric and the trained tiny VAE: dominant_color reads every rendered clip's and still's colour;
-a tiny Wan-VAE trained for TINY_VAE_STEPS (written and loaded back in the official layout) reconstructs
-held-out clips (17x32x48) and stills (1x32x32) so that their decoded colour is still the true one."""
+a tiny Wan-VAE trained for TINY_VAE_STEPS (the session's `trained_encoders`, tests/conftest.py: the one the demo
+trains; written and loaded back in the official layout) reconstructs held-out clips (17x32x48) and stills
+(1x32x32) so that their decoded colour is still the true one."""
 
 import itertools
 import math
@@ -92,12 +93,13 @@ def test_training_is_deterministic_and_leaves_the_global_rng_alone(tmp_path, two
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_trained_tiny_vae_keeps_the_colors_of_held_out_clips_and_stills(tmp_path, two_threads):
+def test_trained_tiny_vae_keeps_the_colors_of_held_out_clips_and_stills(trained_encoders):
     from megawan.config import vae_preset
     from megawan.artifacts import load_vae
 
-    encoders = write_tiny_encoders(str(tmp_path / "encoders"), train_vae_steps=TINY_VAE_STEPS)
+    encoders = trained_encoders  # tests/conftest.py: the VAE `megawan demo` trains (TINY_VAE_STEPS)
     stats = encoders["vae_training"]
+    assert stats["steps"] == TINY_VAE_STEPS
     vae = load_vae(encoders["vae"], vae_preset(encoders["vae_config"]))  # the saved official-layout file
 
     rng = random.Random(2024)  # held out: other draws and render seeds than the training's

@@ -71,7 +71,13 @@ def color_accuracy(rows: list) -> dict:
 
 def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, images: int = 64,
              held_out_videos: int = 24, vae_steps: int | None = None, nproc: int = 4,
-             prompts: tuple = DEMO_PROMPTS) -> dict:
+             prompts: tuple = DEMO_PROMPTS, encoders: dict | None = None) -> dict:
+    """Run the demo into `out_dir`; returns the summary (also written to <out>/summary.json).
+
+    `encoders`: encoder files written by megawan.demo.tiny_assets.write_tiny_encoders to use instead of writing
+    (and training) new ones; `vae_steps` is then unused. The tests pass the session's trained encoders, so that
+    the tiny VAE is trained once per test session rather than once per test.
+    """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, "checkpoints")):
         raise FileExistsError(f"{out_dir}/checkpoints exists: choose another --out or remove it")
@@ -84,7 +90,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
     t0 = time.perf_counter()
     kwargs = {"train_vae_steps": TINY_VAE_STEPS if vae_steps is None else vae_steps}
     store, encoders = make_tiny_dataset(os.path.join(out_dir, "data"), videos=videos, images=images,
-                                        held_out_videos=held_out_videos, held_out_images=0, **kwargs)
+                                        held_out_videos=held_out_videos, held_out_images=0, encoders=encoders,
+                                        **kwargs)
     held_out = os.path.join(out_dir, "data", "held_out.zarr")
     timings["data_s"] = round(time.perf_counter() - t0, 1)
     _say(f"    training store {store}, held-out store {held_out} ({timings['data_s']} s)")

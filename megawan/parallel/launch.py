@@ -44,17 +44,23 @@ def _entry(rank: int, fn, world_size: int, port: int, parallel: ParallelConfig, 
         dist.destroy_process_group()
 
 
+# What every rank imports: the fork server imports them once and its forks become the ranks, instead of each
+# rank importing torch and megatron-core afresh (~6 s of CPU apiece; 8 ranks on 2 cores: ~25 s to start).
+RANK_IMPORTS = ("torch", "torch.distributed", "megatron.core", "megawan.parallel.launch")
+
+
 def spawn_local(fn, world_size: int, tensor_parallel: int = 1, args: tuple = (), preload: tuple = (),
                 **parallel) -> None:
-    """Call fn(rank, *args) on `world_size` spawned processes; raises if any rank fails.
+    """Call fn(rank, *args) on `world_size` processes forked from a fork server; raises if any rank fails.
 
     tensor_parallel and the other ParallelConfig fields (context_parallel=2, …) lay the ranks out; the
-    layout is validated here, before any process starts. preload: modules (fn's among them) that a fork server
-    imports once, its forks becoming the ranks, instead of each rank importing torch and megatron afresh (8
-    ranks on 2 cores: ~10 s to start, not ~80 s). It takes effect when the process starts its fork server.
+    layout is validated here, before any process starts. The fork server has imported RANK_IMPORTS and
+    `preload` (more modules, fn's among them, that the ranks would import). The server starts at the process's
+    first call, with the environment and sys.path of that moment, and serves every later call: the preload of
+    a later call has no effect, and the ranks see the environment the server started with (then updated by
+    _entry), not later changes to os.environ.
     """
     layout = ParallelConfig(tensor_parallel=tensor_parallel, **parallel).validate(world_size)
-    if preload:
-        multiprocessing.set_forkserver_preload(list(preload))
+    multiprocessing.set_forkserver_preload([*RANK_IMPORTS, *preload])
     mp.start_processes(_entry, args=(fn, world_size, free_port(), layout, args), nprocs=world_size, join=True,
-                       start_method="forkserver" if preload else "spawn")
+                       start_method="forkserver")
