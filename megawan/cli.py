@@ -1,6 +1,7 @@
 """The `megawan` command. Subcommands:
 
     megawan demo [--out DIR]                       the tiny end-to-end job (videos -> latents -> train -> mp4)
+    megawan demo --task i2v [--out DIR]            the tiny image-to-video task (first frame + caption -> clip)
     megawan presets                                list model presets and their hyper-parameters
     megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP)
     megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs (latent sizes)
@@ -20,9 +21,14 @@ from megawan.utils.user_errors import UserError, run_main
 
 
 def _cmd_demo(args) -> int:
-    from megawan.demo.runner import run_demo  # lazy: torch and megatron-core
+    if args.task == "i2v":
+        from megawan.demo.i2v_task import I2V_STEPS, run_i2v_task  # lazy: torch and megatron-core
 
-    run_demo(args.out, steps=args.steps, nproc=args.nproc)
+        run_i2v_task(args.out or "runs/i2v", steps=args.steps or I2V_STEPS)
+        return 0
+    from megawan.demo.runner import run_demo
+
+    run_demo(args.out or "runs/demo", steps=args.steps or 1200, nproc=args.nproc)
     return 0
 
 
@@ -111,9 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the tiny end-to-end job on CPU: synthetic videos -> latents -> train on "
                                        "4 ranks -> checkpoint -> held-out colour check -> mp4")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--steps", type=int, default=1200, help="training steps")
-    demo.add_argument("--nproc", type=int, default=4, help="CPU ranks (TP2 x DP nproc/2)")
+    demo.add_argument("--task", choices=("t2v", "i2v"), default="t2v",
+                      help="t2v: the colour task (text-to-video, 4 ranks); i2v: the image-to-video task (first "
+                           "frame + caption, one rank)")
+    demo.add_argument("--out", default=None, help="output folder (default runs/demo, runs/i2v for --task i2v)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 1200; i2v 600)")
+    demo.add_argument("--nproc", type=int, default=4, help="CPU ranks of the t2v task (TP2 x DP nproc/2)")
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train under torchrun / srun: megawan train --config FILE [key=value ...]")
