@@ -8,8 +8,8 @@ fp32 summation noise of g, which TP and ring attention reorder; such an element 
 fraction of lr. The loss and gradient norm, which no such amplification touches, are compared elementwise.
 
 The image-to-video models (Wan2.1 I2V and FLF2V with CLIP tokens, Wan2.2 I2V-A14B without) take their inputs as
-the trainer assembles them from an image-conditioned store (megawan.training.conditioning) and are checked
-under TP2 x PP2 x CP2 together.
+the trainer assembles them from an image-conditioned store (megawan.training.conditioning); they and Wan2.2 TI2V
+(micro-batches mixing its text-to-video and image-to-video samples) are checked under TP2 x PP2 x CP2 together.
 """
 
 import dataclasses
@@ -227,19 +227,41 @@ def _i2v_setup(kind, overrides, g, flow):
                 state_dict=convert_state_dict(diffusers_dit(cfg).state_dict(), "diffusers", "megawan", cfg))
 
 
-def test_image_to_video_steps_under_tp2_pp2_cp2_equal_one_rank(tmp_path):
-    """Wan2.1 I2V, FLF2V and Wan2.2 I2V-A14B: one step each on TP2 x PP2 x CP2 (8 ranks) equals one rank. The
-    three models run one after the other in the same two launches (a launch costs more than a tiny step)."""
+def _ti2v_setup(g, flow):
+    """Wan2.2 TI2V micro-batches mixing its two modes (megawan.diffusion.trains_image_to_video chooses per sample):
+    image-to-video samples keep their first latent frame clean (timestep 0 on its tokens, out of the loss),
+    text-to-video ones are noised whole; every mix of the two appears in a micro-batch."""
+    cfg = dit_preset("tiny-ti2v", num_heads=4, num_layers=2, in_dim=4, out_dim=4)
+    microbatches = []
+    for m in range(4):
+        x0 = torch.randn(MICRO_BATCH_SIZE, cfg.in_dim, *LATENT, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = flow.sample_timesteps(MICRO_BATCH_SIZE, generator=g)
+        clean = torch.tensor([m % 2 == 0, m >= 2])  # both clean, one of each, neither
+        x_t, target, timestep, mask = flow.clean_first_frame(x0, noise, t, cfg.patch_size, clean)
+        microbatches.append(dict(x_t=x_t, timestep=timestep, target=target, mask=mask,
+                                 text=torch.randn(MICRO_BATCH_SIZE, 7, cfg.text_dim, generator=g)))
+    lt, lh, lw = LATENT
+    return dict(config=dataclasses.asdict(cfg), microbatches=microbatches, tokens=lt * (lh // 2) * (lw // 2),
+                micro_batches=len(microbatches),
+                state_dict=convert_state_dict(diffusers_dit(cfg).state_dict(), "diffusers", "megawan", cfg))
+
+
+def test_image_conditioned_steps_under_tp2_pp2_cp2_equal_one_rank(tmp_path):
+    """Wan2.1 I2V, FLF2V, Wan2.2 I2V-A14B and TI2V (both modes mixed): one step each on TP2 x PP2 x CP2 (8 ranks)
+    equals one rank. The models run one after the other in the same two launches (a launch costs more than a tiny
+    step)."""
     g, flow = torch.Generator().manual_seed(1), FlowMatching(shift=3.0)
     setups = {name: _i2v_setup(kind, overrides, g, flow) for name, (kind, overrides) in I2V_VARIANTS.items()}
+    setups["ti2v"] = _ti2v_setup(g, flow)
     path = tmp_path / "variants.pt"
     torch.save(setups, path)
     layout = LAYOUTS["tp2-pp2-cp2"]
     for out, world, parallel in ((tmp_path / "single", 1, {}), (tmp_path / "layout", _world(layout), layout)):
         out.mkdir()
         spawn_local(_worker, world_size=world, args=(str(path), str(out), parallel), **parallel)
-    for name in I2V_VARIANTS:
+    for name in setups:
         ref = torch.load(tmp_path / "single" / f"{name}rank0.pt", weights_only=False)
         ranks = [torch.load(tmp_path / "layout" / f"{name}rank{r}.pt", weights_only=False) for r in range(8)]
-        assert any("image_embedding" in p for p in ref["params"]) == (name != "i2v-a14b")
+        assert any("image_embedding" in p for p in ref["params"]) == (name in ("i2v", "flf2v"))
         _assert_step_equal(ranks, ref, f"{name} tp2-pp2-cp2")

@@ -2,22 +2,17 @@
 t = 0 on its tokens, out of the loss) with probability `train.i2v_ratio`, else text-to-video (noised whole,
 every frame in the loss); an image (one latent frame) always as text-to-image, so image steps train. The draw
 is the sample's own (seed, step, index in the global batch): any data-parallel split, micro-batching or
-resume draws the same. A step mixing both modes under PP2 equals the one-rank step."""
+resume draws the same. (A step mixing both modes under TP2 x PP2 x CP2 equals the one-rank step:
+tests/test_parallel_training_step.py, with the other image-conditioned models.)"""
 
-import dataclasses
 
 import pytest
 import torch
 
 from megawan.config import ConfigError, dit_preset, load_config
-from megawan.convert import convert_state_dict
-from megawan.convert.dit_keys import TP_AXIS
-from megawan.convert.tensor_parallel import tp_axis
 from megawan.diffusion import FlowMatching, trains_image_to_video
 from megawan.models.dit import WanDiT
 from megawan.parallel.launch import spawn_local
-from test_parallel_training_step import LAYOUTS, MICRO_BATCH_SIZE, MICRO_BATCHES, _run, _worker
-from wan_reference import diffusers_dit
 
 LATENT = (3, 4, 6)  # [T', H', W']: 18 tokens at patch (1, 2, 2)
 FIRST = 4 * 6 // 4  # tokens of the first latent frame
@@ -186,48 +181,3 @@ def test_trainer_draws_each_sample_mode_once_for_every_layout_and_trains_image_s
     assert not any(result["image_clean"])  # even at ratio 1, images train as text-to-image
     for loss, grad_norm in result["image_steps"]:
         assert loss > 0 and grad_norm > 0
-
-
-# ----------------------------------------------------------------------------------------------
-# One optimizer step of micro-batches mixing both modes (masked loss, per-token timesteps) under PP2 equals one
-# rank. PP2 only, for CI time (~40 s a layout on 2 cores): TI2V's per-token timesteps under TP / CP / SP, forward
-# and gradients, are tests/test_dit_tensor_parallel.py's and tests/test_dit_sequence_context_parallel.py's; the
-# step's machinery under every layout is tests/test_parallel_training_step.py's. Add "tp2", "cp2-ulysses" here
-# to run those too.
-
-
-@pytest.fixture(scope="module")
-def ti2v_setup(tmp_path_factory):
-    cfg = dit_preset("tiny-ti2v", num_heads=4, num_layers=4)
-    g = torch.Generator().manual_seed(0)
-    flow = FlowMatching(shift=3.0)
-    microbatches = []
-    for m in range(MICRO_BATCHES):
-        x0 = torch.randn(MICRO_BATCH_SIZE, cfg.in_dim, *LATENT, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = flow.sample_timesteps(MICRO_BATCH_SIZE, generator=g)
-        clean = torch.tensor([m % 2 == 0, m >= 2])  # every mix: both clean, one of each, neither
-        x_t, target, timestep, mask = flow.clean_first_frame(x0, noise, t, cfg.patch_size, clean)
-        microbatches.append(dict(x_t=x_t, timestep=timestep, target=target, mask=mask,
-                                 text=torch.randn(MICRO_BATCH_SIZE, 7, cfg.text_dim, generator=g)))
-    path = tmp_path_factory.mktemp("ti2v-step") / "setup.pt"
-    torch.save(dict(config=dataclasses.asdict(cfg), microbatches=microbatches, tokens=3 * 2 * 3,
-                    state_dict=convert_state_dict(diffusers_dit(cfg).state_dict(), "diffusers", "megawan", cfg)), path)
-    out = tmp_path_factory.mktemp("ti2v-single")
-    spawn_local(_worker, world_size=1, args=(str(path), str(out), {}))
-    return path, torch.load(out / "rank0.pt", weights_only=False)
-
-
-@pytest.mark.parametrize("name", ["pp2"])
-def test_mixed_mode_step_equals_single_rank(ti2v_setup, tmp_path, name):
-    path, ref = ti2v_setup
-    ranks = _run(path, tmp_path, name)
-    last = [r["losses"] for r in ranks if r["losses"]][0]
-    torch.testing.assert_close(torch.tensor(last), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
-    assert abs(ranks[0]["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
-    tp = LAYOUTS[name].get("tensor_parallel", 1)
-    for pname, expected in ref["params"].items():  # TP shards gathered along their split axis
-        pieces = {r["tp_rank"]: r["params"][pname] for r in ranks if pname in r["params"]}
-        axis = tp_axis(pname, TP_AXIS)
-        got = pieces[0] if axis is None else torch.cat([pieces[t] for t in range(tp)], dim=axis)
-        assert ((got - expected).norm() / expected.norm()).item() <= 1e-5, f"{name}: {pname}"
