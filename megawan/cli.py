@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="t2v: the colour task (text-to-video, 4 ranks); i2v: the image-to-video task (first "
                            "frame + caption, one rank)")
     demo.add_argument("--out", default=None, help="output folder (default runs/demo, runs/i2v for --task i2v)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 1200; i2v 600)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 1200; i2v 900)")
     demo.add_argument("--nproc", type=int, default=4, help="CPU ranks of the t2v task (TP2 x DP nproc/2)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -3,6 +3,8 @@ pipeline, the same image, noise, prompt, sampler and guidance — Wan2.2 I2V-A14
 experts), TI2V-5B (a clean first latent frame, per-token timesteps), Wan2.1 I2V and FLF2V (CLIP tokens of the
 first / first and last frame); TP2 and CP2 sample what one rank does. Sizes from the image, crops, bad input."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,19 @@ def _request(ckpt, out_dir, name, **kw):
 def _generate(req, world=1, **layout):
     spawn_local(run_generate, world_size=world, args=(req, None), **layout)
     return torch.load(req.save_latents, weights_only=True)
+
+
+def _generate_logged(rank, req, log_dir):
+    """run_generate with this rank's stdout in log_dir/rank<N>.log: ranks forked from spawn_local's fork server
+    write to the fd 1 the server started with, which pytest's capfd of a later test does not see."""
+    import sys
+
+    with open(os.path.join(log_dir, f"rank{rank}.log"), "w") as log:
+        sys.stdout = log
+        try:
+            run_generate(rank, req)
+        finally:
+            sys.stdout = sys.__stdout__
 
 
 def _rel(a, b):
@@ -208,18 +223,18 @@ def test_the_image_sets_the_size_and_another_aspect_ratio_is_cropped_and_said(a1
     assert plan["images"]["first"].shape == (3, 32, 64)
 
 
-def test_ti2v_sized_from_the_image_says_so_once_and_cp2_equals_one_rank(ti2v, tmp_path, capfd):
+def test_ti2v_sized_from_the_image_says_so_once_and_cp2_equals_one_rank(ti2v, tmp_path):
     """An image of 64 x 32 within 2048 pixels gives a 64 x 32 video (Wan2.2's rule); the size line is printed once
     by the whole world, and two context-parallel ranks sample what one rank does (per-token timesteps split)."""
     image = _image(tmp_path / "first.png", height=32, width=64)
     kw = dict(image=image, guidance=4.0, steps=4, height=None, width=None, max_area=2048)
     one = _generate(_request(ti2v / "megawan", tmp_path, "one", **kw))
     assert one.shape == (1, 6, 5, 2, 4)
-    capfd.readouterr()
-    cp2 = _generate(_request(ti2v / "megawan", tmp_path, "cp2", **kw), world=2, context_parallel=2)
-    assert _rel(cp2, one) < 1e-5
-    out = capfd.readouterr().out
-    assert out.count("[generate] 64x32 video: the aspect ratio of --image (64x32) within 2048 pixels") == 1
+    req = _request(ti2v / "megawan", tmp_path, "cp2", **kw)
+    spawn_local(_generate_logged, world_size=2, args=(req, str(tmp_path)), context_parallel=2)
+    assert _rel(torch.load(req.save_latents, weights_only=True), one) < 1e-5
+    out = "".join(open(tmp_path / f"rank{r}.log").read() for r in range(2))
+    assert out.count("[generate] 64x32 video: the aspect ratio of --image (64x32) within 2048 pixels") == 1, out
 
 
 def _relabelled(a14b, folder, preset, **overrides):
