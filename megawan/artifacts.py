@@ -80,19 +80,25 @@ def load_vae(path: str, config: VAEConfig, device="cpu", dtype: torch.dtype | No
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_text_encoder(path: str, config: TextConfig, device="cpu", dtype: torch.dtype | None = None,
-                      tp_group=None) -> UMT5Encoder:
-    """The umT5 encoder (tensor-parallel over `tp_group` when given: each rank keeps its shard), built on `device`
-    in `dtype` (default: the config's) and filled from the file: umT5-XXL never exists in fp32 on a GPU."""
-    state, _ = to_megawan(load_state_dict_file(path), config, TEXT_LAYOUTS, "umT5 encoder", path)
+def _load_sharded_encoder(cls, path: str, config, layouts: tuple, what: str, device, dtype, tp_group):
+    """An encoder built on `device` in `dtype` (default: the config's), tensor-parallel over `tp_group` when
+    given (each rank keeps its shard), filled from the file in any of `layouts`."""
+    state, _ = to_megawan(load_state_dict_file(path), config, layouts, what, path)
     if dtype is not None:
         config = dataclasses.replace(config, params_dtype=dtype_name(dtype))
-    encoder = UMT5Encoder(config, tp_group=tp_group, device=device)
+    encoder = cls(config, tp_group=tp_group, device=device)
     size = encoder.tp_group.size()
     if size > 1:
         state = convert_state_dict(state, "megawan", "megawan", config, tp_size=size)[encoder.tp_group.rank()]
     encoder.load_state_dict(state)  # copies into the encoder's device and dtype
     return encoder.eval().requires_grad_(False)
+
+
+def load_text_encoder(path: str, config: TextConfig, device="cpu", dtype: torch.dtype | None = None,
+                      tp_group=None) -> UMT5Encoder:
+    """The umT5 encoder (tensor-parallel over `tp_group` when given: each rank keeps its shard), built on `device`
+    in `dtype` (default: the config's) and filled from the file: umT5-XXL never exists in fp32 on a GPU."""
+    return _load_sharded_encoder(UMT5Encoder, path, config, TEXT_LAYOUTS, "umT5 encoder", device, dtype, tp_group)
 
 
 def load_clip_encoder(path: str, config: CLIPConfig, device="cpu", dtype: torch.dtype | None = None,
@@ -100,15 +106,8 @@ def load_clip_encoder(path: str, config: CLIPConfig, device="cpu", dtype: torch.
     """The CLIP image encoder (tensor-parallel over `tp_group` when given), built on `device` in `dtype` (default:
     the config's) and filled from the file: the official models_clip_*.pth (its text tower is not read),
     transformers' CLIPVisionModel weights or megawan's."""
-    state, _ = to_megawan(load_state_dict_file(path), config, CLIP_LAYOUTS, "CLIP image encoder", path)
-    if dtype is not None:
-        config = dataclasses.replace(config, params_dtype=dtype_name(dtype))
-    encoder = CLIPVisionEncoder(config, tp_group=tp_group, device=device)
-    size = encoder.tp_group.size()
-    if size > 1:
-        state = convert_state_dict(state, "megawan", "megawan", config, tp_size=size)[encoder.tp_group.rank()]
-    encoder.load_state_dict(state)  # copies into the encoder's device and dtype
-    return encoder.eval().requires_grad_(False)
+    return _load_sharded_encoder(CLIPVisionEncoder, path, config, CLIP_LAYOUTS, "CLIP image encoder", device, dtype,
+                                 tp_group)
 
 
 def load_tokenizer(path: str, max_length: int = 512) -> UMT5Tokenizer:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import yaml
 
 from megawan.demo.shapes import caption_color, caption_direction, dominant_color, motion_direction
 from megawan.demo.tiny_assets import TINY_VAE_STEPS
+from megawan.demo.runner import train_under_torchrun
 from megawan.demo.tiny_dataset import make_tiny_dataset
-from megawan.parallel.launch import free_port
 from megawan.training.validation import frames_of, read_samples
 
 I2V_STEPS = 900  # ~2.5 min on one CPU rank; measured on the 24 held-out clips: colour 23, direction 24 (600 steps:
@@ -96,13 +94,7 @@ def run_i2v_task(out_dir: str = "runs/i2v", steps: int = I2V_STEPS, videos: int 
     with open(config_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     _say(f"3/4 training {steps} steps on one CPU rank: torchrun -m megawan.cli train --config {config_path}")
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
-           "-m", "megawan.cli", "train", "--config", config_path]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit {proc.returncode}); the log is above")
-    timings["train_s"] = round(time.perf_counter() - t0, 1)
+    timings["train_s"] = train_under_torchrun(config_path, nproc=1)
 
     _say("4/4 colour and direction of the held-out clips sampled from their first frames by the last validation")
     validation = os.path.join(out_dir, "checkpoints", "logs", "validation", f"step-{steps:07d}")

@@ -59,6 +59,18 @@ def demo_config(out_dir: str, store: str, held_out: str, vae: str, steps: int, h
     }
 
 
+def train_under_torchrun(config_path: str, nproc: int) -> float:
+    """`megawan train --config config_path` under torchrun on `nproc` local CPU ranks (its log on this terminal);
+    the seconds it took. Raises if training fails."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), "-m", "megawan.cli", "train", "--config", config_path]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); the log is above")
+    return round(time.perf_counter() - t0, 1)
+
+
 def color_accuracy(rows: list) -> dict:
     """Share of sampled held-out prompts whose frames' dominant colour is the colour their caption names."""
     results = []
@@ -102,14 +114,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
         yaml.safe_dump(config, f, sort_keys=False)
     _say(f"3/5 training {steps} steps on {nproc} CPU ranks (TP2 x DP{nproc // 2}, gloo): "
          f"torchrun -m megawan.cli train --config {config_path}")
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "megawan.cli", "train", "--config", config_path]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit {proc.returncode}); the log is above")
-    timings["train_s"] = round(time.perf_counter() - t0, 1)
+    timings["train_s"] = train_under_torchrun(config_path, nproc)
 
     _say("4/5 the colour check on the held-out prompts sampled by the last validation")
     validation = os.path.join(out_dir, "checkpoints", "logs", "validation", f"step-{steps:07d}")
@@ -130,7 +135,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, im
            "--out", samples]
     _say(f"5/5 megawan generate for {len(prompts)} new prompts on 2 ranks (TP2): {' '.join(cmd[2:])}")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
         raise RuntimeError(f"megawan generate failed (exit {proc.returncode}); the log is above")
     videos_out = [os.path.join(samples, f"{i:03d}_{slug(p)}.mp4") for i, p in enumerate(prompts)]
