@@ -54,7 +54,9 @@ from megawan.config import ParallelConfig, clip_preset, text_preset, vae_preset
 from megawan.config.te_limits import te_tokens_problem
 from megawan.convert.files import load_torch_file
 from megawan.data.buckets import Bucket
+from megawan.data.conditioning import expand_mask, frame_mask
 from megawan.diffusion.defaults import official_defaults
+from megawan.diffusion.flow import FlowMatching
 from megawan.diffusion.samplers import make_sampler, sample
 from megawan.parallel.groups import context_parallel_groups
 from megawan.utils.conditioning_images import (
@@ -144,26 +146,18 @@ def _conditioning_frames(req, cfg, height, width, area: int, vae_cfg) -> tuple:
 
 def _i2v_condition(vae, first: torch.Tensor, frames: int, temporal_stride: int,
                    last: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Wan's I2V input beside the noise: a mask (which frames are given; 4 channels per latent frame) and the
-    normalised VAE latents of the first frame, zero frames (and the last frame: FLF2V). [1, 4 + z, T', H', W']
-    on the image's device. The first pixel frame fills its latent frame's 4 mask channels (the VAE encodes it
-    alone); a last frame marks only the last channel of the last latent frame, as the official FLF2V."""
+    """Wan's I2V input beside the noise: the frame mask (4 channels per latent frame, megawan.data.conditioning's,
+    as the store holds it for training) and the normalised VAE latents of the first frame, zero frames (and the
+    last frame: FLF2V). [1, 4 + z, T', H', W'] on the image's device."""
     video = torch.zeros(1, 3, frames, *first.shape[1:], device=first.device)
     video[0, :, 0] = first
-    given = torch.zeros(frames, device=first.device)
-    given[0] = 1.0
     if last is not None:
         video[0, :, -1] = last
-        given[-1] = 1.0
     with torch.no_grad():
         mean, _ = vae.encode(video)
     z = vae.normalize(mean.float())
-    per_latent = torch.cat([given[:1].repeat(temporal_stride), given[1:]]).view(-1, temporal_stride).t()
-    mask = per_latent[None, :, :, None, None].expand(1, -1, -1, *z.shape[3:])
-    return torch.cat([mask, z], dim=1)
-
-
-# ----------------------------------------------------------------------------------------------
+    mask = frame_mask("flf2v" if last is not None else "i2v", frames, temporal_stride).to(z.device)
+    return torch.cat([expand_mask(mask, *z.shape[3:])[None], z], dim=1)
 
 
 def generation_device(name: str, backend: str, world_size: int) -> torch.device:
@@ -324,8 +318,8 @@ def generate(req: GenerationRequest) -> list:
     mine = list(range(dp_rank, len(prompts), dp_size))
     written, latents_out = [], {}
     image_tokens = _clip_tokens(plan["images"]["clip"], enc, device) if cfg.image_dim else None
-    extra, pin, per_token = _image_inputs(plan["images"], cfg, vae, vae_cfg, frames, shape, first_of_replica,
-                                          replica_ranks, mp_group, device)
+    extra, pin, token_timesteps = _image_inputs(plan["images"], cfg, vae, vae_cfg, frames, shape, first_of_replica,
+                                                replica_ranks, mp_group, device)
     for i in mine:
         cond = text[i:i + 1]
         uncond = null if null is not None else torch.zeros_like(cond)
@@ -339,7 +333,7 @@ def generate(req: GenerationRequest) -> list:
             t = float(timestep[0])  # the sampler's grid lives on the host: no device sync
             x_in = x if extra is None else torch.cat([x, extra.expand(x.shape[0], -1, -1, -1, -1)], dim=1)
             timestep = timestep.to(device)
-            ts = timestep if per_token is None else per_token[None] * timestep[:, None]
+            ts = timestep if token_timesteps is None else token_timesteps(timestep)
             image = None if image_tokens is None else image_tokens.repeat(x.shape[0], 1, 1)  # FLF2V: (first, last)
             with torch.no_grad():
                 return model_at(t)(x_in, ts, text_in, image=image).float()
@@ -399,7 +393,7 @@ def _initial_noise(req: GenerationRequest, n: int, shape: tuple) -> torch.Tensor
 
 
 def _image_inputs(images, cfg, vae, vae_cfg, frames, shape, first, ranks, group, device):
-    """(extra input channels, pin, per-token timestep factor) for the model type, on `device`; all None for T2V.
+    """(extra input channels, pin, per-token timesteps(t)) for the model type, on `device`; all None for T2V.
     The replica's first rank encodes the frames with the VAE and sends the result to its peers."""
     if images is None:
         return None, None, None
@@ -420,12 +414,8 @@ def _image_inputs(images, cfg, vae, vae_cfg, frames, shape, first, ranks, group,
         z0 = torch.empty(1, shape[0], 1, *shape[2:], device=device)
     if group is not None:
         dist.broadcast(z0, src=ranks[0], group=group)
-    pt, ph, pw = cfg.patch_size
-    grid = (shape[1] // pt, shape[2] // ph, shape[3] // pw)
-    per_token = torch.ones(grid, device=device)
-    per_token[0] = 0.0
-    return None, (lambda x: torch.cat([z0.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)), \
-        per_token.flatten()
+    pin, timesteps = FlowMatching.clean_first_frame_sampling(z0, shape[1:], cfg.patch_size)
+    return None, pin, timesteps
 
 
 def slug(text: str) -> str:

@@ -88,6 +88,26 @@ class FlowMatching:
         return x_t, target, token_t, keep
 
     @staticmethod
+    def clean_first_frame_sampling(first: torch.Tensor, latent_shape: tuple, patch_size=(1, 2, 2)) -> tuple:
+        """Sampling the TI2V image-to-video way: (pin, velocity timesteps). `first` [B or 1, C, 1, H', W'] is the
+        clean first latent frame (normalised); pin(x) puts it back into x [B, C, T', H', W'] (sample()'s `pin`),
+        and timesteps(t) turns the sampler's [N] model timesteps into per-token ones [N, L], 0 on the first
+        frame's tokens, as clean_first_frame gives training."""
+        frames, h, w = latent_shape
+        pt, ph, pw = patch_size
+        factor = torch.ones(frames // pt, h // ph, w // pw, device=first.device)
+        factor[0] = 0.0
+        factor = factor.flatten()
+
+        def pin(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([first.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)
+
+        def timesteps(t: torch.Tensor) -> torch.Tensor:
+            return factor[None] * t.to(factor.device)[:, None]
+
+        return pin, timesteps
+
+    @staticmethod
     def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor,
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B] mean squared error of each sample, in fp32; with a mask, each sample's mean over its masked-in

@@ -250,17 +250,8 @@ class Validator:
             return (lambda x, timestep: self._forward(x, timestep, text_in, capture=True)), None
         first = torch.stack([r["latents"][:, :1].float() for r in rows])
         first = ((first - self.latents_mean) / self.latents_std).to(self.device)
-        pt, ph, pw = self.patch_size
-        _, _, h, w = rows[0]["latents"].shape
-        per_token = torch.ones(frames // pt, h // ph, w // pw, device=self.device)
-        per_token[0] = 0.0
-        per_token = per_token.flatten()
-
-        def pin(x):
-            return torch.cat([first.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)
-
-        return (lambda x, timestep: self._forward(x, per_token[None] * timestep.to(self.device)[:, None], text_in,
-                                                  capture=True)), pin
+        pin, timesteps = FlowMatching.clean_first_frame_sampling(first, rows[0]["latents"].shape[1:], self.patch_size)
+        return (lambda x, timestep: self._forward(x, timesteps(timestep), text_in, capture=True)), pin
 
     def _vae_model(self):
         if self._vae is None:
