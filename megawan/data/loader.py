@@ -37,10 +37,9 @@ import numpy as np
 import torch
 
 from megawan.data.buckets import Bucket
-from megawan.data.store import BucketReader, LatentStore
+from megawan.data.store import TRAINING_TENSORS, BucketReader, LatentStore
 
 STREAMS = ("image", "video")
-CONDITIONING = ("cond_latents", "cond_mask", "clip_tokens")  # the batch's extra keys from an image-conditioned store
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,7 @@ class BucketedLoader:
                  "text_length": torch.tensor([r["text_length"] for r in rows]), "ids": [r["id"] for r in rows],
                  "indices": indices, "weight": torch.tensor(weights), "global_samples": len(planned.indices),
                  "offset": self.offset(planned)}
-        for key in ("latents", "text", *CONDITIONING):
+        for key in TRAINING_TENSORS:  # latents, text, and an image-conditioned store's conditioning
             if key in rows[0]:
                 batch[key] = torch.stack([r[key] for r in rows])
         return batch

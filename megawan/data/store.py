@@ -54,6 +54,7 @@ class Sample:
 
 
 TENSORS = ("latents", "text", "logvar", "cond_latents", "cond_mask", "clip_tokens")  # per-sample arrays
+TRAINING_TENSORS = tuple(k for k in TENSORS if k != "logvar")  # what BucketReader hands the loader
 
 
 def _to_numpy(t: torch.Tensor):
@@ -207,9 +208,8 @@ class BucketReader:
         for part in store._parts(bucket):
             n = int(part.attrs.get("count", 0))
             if n:
-                keys = ("latents", "text", "cond_latents", "cond_mask", "clip_tokens")
-                arrays = {k: part[k] for k in (*keys, "text_length", "id") if k in part}
-                self.parts.append((n, arrays, {k: part[k].attrs.get("dtype") for k in keys if k in part}))
+                arrays = {k: part[k] for k in (*TRAINING_TENSORS, "text_length", "id") if k in part}
+                self.parts.append((n, arrays, {k: part[k].attrs.get("dtype") for k in TRAINING_TENSORS if k in part}))
         total = sum(n for n, _, _ in self.parts)
         if total < count:
             raise ValueError(f"bucket {bucket} holds {total} samples, fewer than the {count} this loader's plan "
