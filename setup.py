@@ -28,6 +28,7 @@ EXTRAS = {
         "transformers>=4.50",
         "protobuf",  # transformers reads sentencepiece models through it
         "triton>=3.0",  # the kernels/ tests run it on CPU through its interpreter (TRITON_INTERPRET=1)
+        "peft",  # diffusers' load_lora_weights needs it (the reference our exported LoRA files are loaded with)
         "accelerate",  # diffusers needs it to load WanPipeline.from_pretrained (fp32-kept modules)
         # DALI's CPU decoders (VP8 / VP9 / MJPEG) run without a GPU, so its tests run in CI; pinned to the release
         # the decoding tolerances in tests/test_data_dali.py were measured with. One py3-none wheel (~420 MB) for

@@ -3,7 +3,7 @@
 Every import of megawan's own modules (function-level ones too) is read with `ast` from the source of
 `megawan/` and `kernels/`; nothing is imported. The layers, lowest first (LAYERS; docs/architecture.md):
 
-    kernels < config, utils < convert < diffusion < parallel < models < checkpoint < artifacts < data
+    kernels < config, utils < convert < diffusion < parallel < models < lora < checkpoint < artifacts < data
             < training < generation, export, demo, cli
 
 A failure names the file, the line and the import that breaks the rule. `python tests/test_architecture.py`
@@ -29,6 +29,7 @@ LAYERS = (
     ("megawan.diffusion",),
     ("megawan.parallel",),
     ("megawan.models",),
+    ("megawan.lora",),  # adapters on the models' linears, and the LoRA files the community's tools read
     # THE checkpoint format, its checksums, how its tensors are written
     ("megawan.checkpoint", "megawan.checkpoint_integrity", "megawan.checkpoint_strategy"),
     ("megawan.artifacts",),  # what a folder on disk holds

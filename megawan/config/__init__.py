@@ -9,6 +9,7 @@ field, and the presets and foreign config.json readers of each model beside its 
     text.py     TextConfig, the umT5 presets, text_config_from / transformers_config_json (transformers' UMT5Config)
     clip.py     CLIPConfig, the CLIP vision tower presets, clip_config_from / transformers_clip_config_json
                 (transformers' CLIPVisionConfig), clip_image_processor_json (CLIPImageProcessor)
+    lora.py     LoRAConfig, the run's `lora:` section
     run.py      the run sections (parallel, data, optimizer, train, checkpoint, logging, validation), RunConfig,
                 load_config (YAML + `section.key=value` overrides)
 """
@@ -18,6 +19,7 @@ from megawan.config.clip import (CLIP_MEAN, CLIP_STD, CLIPConfig, clip_config_fr
 from megawan.config.dit import (BACKENDS, MODEL_TYPES, DiTConfig, diffusers_config_json, dit_config_from, dit_preset,
                                 official_config_json, preset_names)
 from megawan.config.fields import DTYPES, ConfigError, config_to_dict
+from megawan.config.lora import LoRAConfig
 from megawan.config.run import (CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, ParallelConfig,
                                 RunConfig, TrainConfig, ValidationConfig, load_config)
 from megawan.config.text import TextConfig, text_config_from, text_preset, transformers_config_json
@@ -28,7 +30,7 @@ __all__ = [
     "BACKENDS", "DTYPES", "MODEL_TYPES", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD",
     "ConfigError", "DiTConfig", "VAEConfig", "TextConfig", "CLIPConfig", "CLIP_MEAN", "CLIP_STD",
     "ParallelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig",
-    "ValidationConfig", "RunConfig",
+    "ValidationConfig", "LoRAConfig", "RunConfig",
     "dit_preset", "preset_names", "dit_config_from", "vae_preset", "vae_config_from", "text_preset",
     "text_config_from", "clip_preset", "clip_config_from", "load_config", "config_to_dict",
     "official_config_json", "diffusers_config_json", "diffusers_vae_config_json", "transformers_config_json",

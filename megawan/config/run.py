@@ -1,4 +1,4 @@
-"""One run's config: the sections (parallel layout, data, optimizer, train, checkpoint, logging, validation),
+"""One run's config: the sections (parallel layout, data, optimizer, train, checkpoint, logging, validation, lora),
 `RunConfig` and its cross-section checks, and reading it from YAML with `section.key=value` overrides.
 
 One config per run. Every field has a default; an unknown key is an error that names the key (and the nearest
@@ -16,6 +16,7 @@ import yaml
 
 from megawan.config.dit import DIT_PRESETS, DiTConfig
 from megawan.config.fields import ConfigError, build, checker, did_you_mean
+from megawan.config.lora import LoRAConfig
 from megawan.config.te_limits import te_layout_problem
 
 CP_MODES = ("ulysses", "ring", "2d")
@@ -251,6 +252,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0
 
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
@@ -260,6 +262,10 @@ class RunConfig:
         self.optimizer.validate()
         self.train.validate()
         self.validation.validate()
+        self.lora.validate()
+        if self.lora.enabled and not self.checkpoint.init_from:
+            raise ConfigError("lora.rank: LoRA trains adapters on frozen base weights: set checkpoint.init_from to "
+                              "them (a megawan checkpoint, e.g. a release converted by tools/convert_checkpoint.py)")
         if self.train.expert is not None and self.model.expert_boundary is None:
             raise ConfigError(f"train.expert: {self.model.name} has no experts (model.expert_boundary is unset)")
         if self.model.model_type == "ti2v" and self.train.i2v_ratio is None:
