@@ -15,6 +15,8 @@ A non-finite loss (known to every rank: it is all-reduced) skips the step and st
 SIGUSR1 (Slurm's pre-emption warning): see megawan.checkpoint. With checkpoint.async_save the files are written
 in the background while the next steps train; every step commits a finished write (collectively), a new save
 first waits for the previous one, and the end of training or a signal's stop waits for the last one.
+With lora.rank > 0 the run trains adapters on the frozen base weights of checkpoint.init_from, and its
+checkpoints hold the adapters only (megawan.training.lora).
 """
 
 from __future__ import annotations
