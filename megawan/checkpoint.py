@@ -286,8 +286,8 @@ def _prepare_root(root: str, path: str) -> None:
             shutil.rmtree(path)
 
 
-def _training_sharded(chunks: list, optimizer, ema, trainer_state: dict) -> dict:
-    model_sd = model_sharded_state_dict(chunks, adapters_only=LORA_BASE in trainer_state)
+def _training_sharded(chunks: list, optimizer, ema, trainer_state: Optional[dict] = None) -> dict:
+    model_sd = model_sharded_state_dict(chunks, adapters_only=LORA_BASE in (trainer_state or {}))
     sharded = {"model": model_sd, _OPTIMIZER_PREFIX: optimizer.sharded_state_dict(model_sd,
                                                                                   metadata=OPTIMIZER_METADATA)}
     if ema is not None:
