@@ -80,6 +80,19 @@ def _names(name: str) -> tuple:
     raise LoRAFileError(f"{name} is not a linear of a Wan block")
 
 
+def lora_argument(text: str, flag: str = "--lora") -> tuple:
+    """FILE[:SCALE] -> (FILE, SCALE); a file name with a colon but no number after it stays whole."""
+    path, _, scale = text.rpartition(":")
+    if path and scale:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    if not text.endswith(".safetensors"):
+        raise LoRAFileError(f"{flag} {text}: give FILE.safetensors or FILE.safetensors:SCALE")
+    return text, 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 
