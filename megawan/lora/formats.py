@@ -80,6 +80,12 @@ def _names(name: str) -> tuple:
     raise LoRAFileError(f"{name} is not a linear of a Wan block")
 
 
+def _ordered(names) -> list:
+    """Global linear names in model order: by block, then as a block holds its linears."""
+    order = {row[0]: i for i, row in enumerate(LINEARS)}
+    return sorted(names, key=lambda n: (_split_name(n)[0], order.get(_split_name(n)[1], len(order))))
+
+
 def lora_argument(text: str, flag: str = "--lora") -> tuple:
     """FILE[:SCALE] -> (FILE, SCALE); a file name with a colon but no number after it stays whole."""
     path, _, scale = text.rpartition(":")
@@ -186,8 +192,7 @@ def read_lora_file(path: str) -> LoRAFile:
     if not parts:
         raise LoRAFileError(f"{path} holds no LoRA tensors")
     out = LoRAFile(str(path))
-    order = {row[0]: i for i, row in enumerate(LINEARS)}
-    for name in sorted(parts, key=lambda n: (_split_name(n)[0], order[_split_name(n)[1]])):
+    for name in _ordered(parts):
         got, keys = parts[name], file_keys[name]
         for kind in ("A", "B"):
             if kind not in got:
@@ -222,7 +227,8 @@ def lora_from_checkpoint(source, lora_section: dict, origin: str = "") -> LoRAFi
         raise LoRAFileError(f"{origin or 'the checkpoint'} holds no LoRA adapter tensors (is it a LoRA run's?)")
     alpha = (lora_section or {}).get("alpha")
     out = LoRAFile(origin)
-    for name, keys in sorted(parts.items(), key=lambda kv: (_split_name(kv[0])[0], kv[0])):
+    for name in _ordered(parts):
+        keys = parts[name]
         a, b = source.get(keys["A"]), source.get(keys["B"])
         out[name] = LoRATensors(a, b, float(a.shape[0] if alpha is None else alpha))
         out.file_keys[name] = keys["A"]
@@ -269,7 +275,8 @@ def merge_lora_file(state_dict: dict, lora, scale: float = 1.0) -> dict:
     """W += scale · alpha / rank · B A for every linear of `lora` (a file's path or a LoRAFile) in a whole
     (unsplit) megawan state dict, in fp32 and cast back to W's dtype. In place; returns the state dict."""
     lora = _as_lora(lora)
-    check_shapes(lora, {k: tuple(v.shape) for k, v in state_dict.items()}, "the base weights")
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    check_shapes(lora, shapes, "the base weights")
     for name, t in lora.items():
         w = state_dict[name + ".weight"]
         state_dict[name + ".weight"] = (w.float() + lora_delta(t, scale).to(w.device)).to(w.dtype)
