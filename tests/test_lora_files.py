@@ -210,5 +210,5 @@ def test_files_that_do_not_fit_are_refused_naming_the_key(made, tmp_path, capsys
                "transformer.blocks.0.attn1.to_q.lora_B.weight": t.B}, bad)
     assert main(["generate", "--ckpt", str(made / "megawan"), "--prompt", "x", "--lora", f"{bad}:0.7"]) == 2
     assert capsys.readouterr().err == (f"megawan generate: {bad}: key 'transformer.blocks.0.attn1.to_q.lora_A.weight'"
-                                       " takes 64 in-features, but blocks.0.self_attention.linear_q of tiny takes 32 "
-                                       "(a LoRA for another model size?)\n")
+                                       " takes 64 in-features, but blocks.0.self_attention.linear_q of official takes "
+                                       "32 (a LoRA for another model size?)\n")
