@@ -22,7 +22,7 @@ from megawan.checkpoint import (LORA_BASE, is_lora_checkpoint, load_checkpoint, 
 from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint
 from megawan.config import ConfigError, RunConfig
 from megawan.config.lora import LoRAConfig
-from megawan.lora.apply import apply_lora
+from megawan.lora import apply_lora, load_lora
 from megawan.lora.targets import select_linears
 
 
@@ -53,20 +53,9 @@ def add_adapters(chunks: list, base: str, lora: LoRAConfig) -> dict:
     load_checkpoint(base, chunks)  # before the adapters: the base checkpoint has none
     for chunk in chunks:  # seed: the model's init seed (default), the same on every chunk and rank
         apply_lora(chunk, lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout, init=lora.init)
-    if lora.init_from:
-        _continue_from(chunks, lora.init_from)
+    for chunk in (chunks if lora.init_from else ()):  # continue a LoRA file: it must cover these adapters
+        load_lora(chunk, lora.init_from)
     return {"path": os.path.abspath(base), "fingerprint": weights_fingerprint(base)}
-
-
-def _continue_from(chunks: list, path: str) -> None:
-    """Start the adapters from a LoRA file (diffusers / peft or ComfyUI layout): megawan.lora.load_lora."""
-    try:
-        from megawan.lora import load_lora
-    except ImportError:
-        raise ConfigError(f"lora.init_from: {path}: this megawan cannot read LoRA files yet "
-                          "(needs megawan.lora.load_lora)") from None
-    for chunk in chunks:
-        load_lora(chunk, path)
 
 
 def check_resume(state: dict, base: dict | None, folder: str) -> None:
