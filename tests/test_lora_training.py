@@ -27,8 +27,8 @@ from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.parallel.launch import spawn_local
 
 RANK, ALPHA = 4, 8.0
-LAYOUTS = {8: dict(tensor_parallel=2, pipeline_parallel=2, context_parallel=2),  # keyed by their world size
-           2: dict(tensor_parallel=2, sequence_parallel=True)}
+LAYOUTS = {8: dict(tensor_parallel=2, sequence_parallel=True, pipeline_parallel=2, context_parallel=2),  # by world
+           2: dict(tensor_parallel=2)}
 
 
 def _perturb(chunk):

@@ -193,7 +193,7 @@ class WanDiT(MegatronModule):
         gradient on each TP rank; megatron sums the grads of parameters marked `sequence_parallel` over the
         TP group (row-parallel biases are marked by megatron itself). Text and image embeddings are not
         marked: the cross-attention's key / value projections see every text token on every rank."""
-        modules = [self.patch_embedding, self.time_embedding, self.head]
+        modules = [m for m in (self.patch_embedding, self.time_embedding, self.head) if m is not None]  # PP stage
         modules += [block.cross_attention_norm for block in self.blocks]
         params = [p for m in modules for p in m.parameters()] + [block.modulation for block in self.blocks]
         for p in params:
