@@ -5,6 +5,7 @@
     megawan demo --task lora [--base DIR]          a LoRA fine-tune teaches the demo's model a new colour word
     megawan presets                                list model presets and their hyper-parameters
     megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP)
+    megawan generate --ckpt DIR --prompt TEXT --lora style.safetensors:0.8     ... with LoRA files merged in
     megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs (latent sizes)
 """
 
@@ -94,6 +95,9 @@ def _cmd_generate(args) -> int:
         raise UserError("give --prompt TEXT or --prompts FILE")
     if args.device == "cuda" and not cuda_available():
         raise UserError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
+    from megawan.lora.formats import lora_argument
+
+    loras = tuple(lora_argument(text, "--lora") for text in args.lora)
     guidance = args.guidance
     if guidance is not None and len(guidance) == 1:
         guidance = guidance[0]
@@ -103,7 +107,7 @@ def _cmd_generate(args) -> int:
         steps=args.steps, sampler=args.sampler, shift=args.shift, guidance=guidance, seed=args.seed, fps=args.fps,
         image=args.image, last_image=args.last_image, max_area=args.max_area, noise=args.noise,
         save_latents=args.save_latents, use_ema=not args.no_ema,
-        vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None, device=args.device)
+        vae_tiling=tuple(args.vae_tiling) if args.vae_tiling else None, device=args.device, loras=loras)
     # a missing or damaged checkpoint, an image that is not one, a flag the model cannot take: named before any
     # process group starts
     prepare(req)
@@ -171,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="OUT.mp4 for one prompt, else a folder")
     gen.add_argument("--vae-tiling", type=int, nargs=2, metavar=("TILE", "STRIDE"),
                      help="decode in overlapping spatial tiles (pixels), e.g. 256 192 for 720p on small GPUs")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="merge a LoRA file (diffusers or ComfyUI layout) into the DiT's weights: W += SCALE alpha / "
+                          "rank B A (repeatable; SCALE default 1)")
     gen.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="where each rank runs the DiT, umT5 (bf16 on CUDA) and the VAE: auto = cuda:LOCAL_RANK "

@@ -45,7 +45,9 @@ from megawan.artifacts import (
     to_megawan,
     write_pipeline_file,
 )
-from megawan.checkpoint import CheckpointTensors, save_model_checkpoint
+import megawan.checkpoint as checkpoint_files
+from megawan.checkpoint import CheckpointTensors, has_ema, read_run_config, read_trainer_state, resolve_checkpoint, \
+    save_model_checkpoint
 from megawan.config import (
     DiTConfig,
     ParallelConfig,
@@ -72,6 +74,7 @@ from megawan.convert import (
 )
 from megawan.convert.dit_keys import TP_AXIS, dit_key_table, dit_param_shapes
 from megawan.diffusion.defaults import diffusers_scheduler_config_json
+from megawan.lora.formats import MergedSource, check_shapes, lora_from_checkpoint, read_lora_file, write_lora_file
 from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
 from megawan.parallel.launch import spawn_local
 
@@ -89,11 +92,51 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 # Reading DiT tensors
 
 
-def _dit_source(path: str, fmt: str, ema: bool = False):
-    """One expert's tensors, read one at a time: a checkpoint folder (megawan) or sharded safetensors."""
-    if fmt == "megawan":
-        return CheckpointTensors(path, ema=ema)
-    return SafetensorsDir(path)
+def _dit_source(path: str, fmt: str, ema: bool = False, cfg: Optional[DiTConfig] = None, loras: tuple = ()):
+    """One expert's tensors, read one at a time: a checkpoint folder (megawan) or sharded safetensors; with
+    `loras` ((LoRA file, scale) pairs) the adapted weights come merged (W += scale alpha / rank B A)."""
+    source = CheckpointTensors(path, ema=ema) if fmt == "megawan" else SafetensorsDir(path)
+    if not loras:
+        return source
+    rename, _ = _renamer(cfg, fmt, "megawan")
+    return MergedSource(source, rename, dit_param_shapes(cfg), [(read_lora_file(f), s) for f, s in loras])
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA training checkpoints (the adapters alone, beside the base they were trained on)
+
+
+def lora_base(path: str) -> Optional[str]:
+    """The base checkpoint of LoRA training checkpoint `path` (trainer_state.json's lora_base), checked against
+    the fingerprint recorded at training time where megawan.checkpoint computes one; None: not a LoRA checkpoint."""
+    base = read_trainer_state(path).get("lora_base")
+    if not base:
+        return None
+    folder = base["path"]
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} is a LoRA checkpoint whose base {folder} is gone (trainer_state.json "
+                                "lora_base.path)")
+    fingerprint = getattr(checkpoint_files, "weights_fingerprint", None)
+    if fingerprint is not None and base.get("fingerprint") and fingerprint(folder) != base["fingerprint"]:
+        raise ValueError(f"{path}: its base {folder} changed since the LoRA was trained (weights fingerprint "
+                         "differs): the adapters were trained on other weights")
+    return folder
+
+
+def read_lora_checkpoint(path: str, ema: bool = False):
+    """The adapters of LoRA training checkpoint `path` (its EMA's with ema=True) as a LoRAFile, with the rank and
+    alpha of its run config's `lora:` section."""
+    section = read_run_config(path).get("lora") or {}
+    return lora_from_checkpoint(CheckpointTensors(path, ema=ema), section, origin=path)
+
+
+def export_lora_checkpoint(src: str, out: str, fmt: str = "diffusers", ema: bool = False) -> str:
+    """Write the adapters of a LoRA training checkpoint (or a run's checkpoint root: its latest) as a LoRA file."""
+    path = resolve_checkpoint(src)
+    if ema and not has_ema(path):
+        raise ValueError(f"--ema: {path} holds no EMA weights")
+    lora = read_lora_checkpoint(path, ema)
+    return write_lora_file(dict(lora), None, out, fmt)
 
 
 def _renamer(config: DiTConfig, src: str, dst: str):
@@ -167,10 +210,10 @@ def write_safetensors_shards(tensors: Iterator, folder: str, stem: str = "diffus
 
 
 def _write_megawan_rank(rank: int, src_path: str, src_format: str, ema: bool, cfg: DiTConfig,
-                        dst: str, tp: int, pp: int, converted: dict) -> None:
+                        dst: str, tp: int, pp: int, converted: dict, loras: tuple = ()) -> None:
     """One rank of a TP x PP world: build its model chunk, fill it from the source (only its own tensors,
-    its TP slice of each), save the whole model as a weights-only checkpoint (collective)."""
-    source = _dit_source(src_path, src_format, ema)
+    its TP slice of each; LoRAs merged), save the whole model as a weights-only checkpoint (collective)."""
+    source = _dit_source(src_path, src_format, ema, cfg, loras)
     first = next(iter(source.keys()))
     model_cfg = dataclasses.replace(cfg, params_dtype=_DTYPE_NAMES[source.get(first).dtype])
     # on the CPU: the ranks are spawn_local's gloo processes, and a conversion moves tensors between files
@@ -204,10 +247,13 @@ def _write_megawan_rank(rank: int, src_path: str, src_format: str, ema: bool, cf
     save_model_checkpoint(dst, chunks, {"model": config_to_dict(cfg)}, converted)
 
 
-def _write_megawan(path: str, src_format: str, ema: bool, cfg: DiTConfig, folder: str, tp: int, pp: int) -> None:
+def _write_megawan(path: str, src_format: str, ema: bool, cfg: DiTConfig, folder: str, tp: int, pp: int,
+                   loras: tuple = ()) -> None:
     converted = {"step": 0, "converted_from": src_format, "layout": {"tensor_parallel": tp, "pipeline_parallel": pp}}
+    if loras:
+        converted["merged_lora"] = [{"file": os.path.abspath(f), "scale": s} for f, s in loras]
     spawn_local(_write_megawan_rank, world_size=tp * pp, tensor_parallel=tp, pipeline_parallel=pp,
-                args=(path, src_format, ema, cfg, folder, tp, pp, converted))
+                args=(path, src_format, ema, cfg, folder, tp, pp, converted, tuple(loras)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +359,9 @@ def _read_diffusers_clip(folder: str) -> tuple:
 
 def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
                      tp: int = 1, pp: int = 1, encoders: Optional[str] = None, ema: bool = False,
-                     max_shard_bytes: int = SHARD_BYTES, boundary: Optional[float] = None) -> dict:
-    """Convert the pipeline at `src` into `dst` (a new folder). Returns a summary of what was written."""
+                     max_shard_bytes: int = SHARD_BYTES, boundary: Optional[float] = None, loras: tuple = ()) -> dict:
+    """Convert the pipeline at `src` into `dst` (a new folder). loras: (LoRA file, scale) pairs merged into the
+    DiT's weights on the way. Returns a summary of what was written."""
     if dst_format not in FORMATS:
         raise ValueError(f"--dst-format {dst_format!r} is not one of {FORMATS}")
     if os.path.exists(dst) and os.listdir(dst):
@@ -334,13 +381,18 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
     if len(experts) == 2 and cfg.expert_boundary is None:
         raise ValueError("two experts but no boundary: name the preset with --model (e.g. wan2.2-t2v-a14b) or "
                          "give --boundary")
+    if loras and len(experts) == 2:
+        raise ValueError("--merge-lora: two-expert (A14B) models take one LoRA per expert, which this tool does not "
+                         "do yet; merge into a single expert's weights")
+    for f, _ in loras:  # a LoRA that does not fit is named before anything is written
+        check_shapes(read_lora_file(f), dit_param_shapes(cfg), cfg.name)
     for expert, (path, expert_ema) in experts.items():
         sub = _EXPERT_DIRS[dst_format][expert]
         folder = os.path.join(tmp, sub) if sub else tmp
         if dst_format == "megawan":
-            _write_megawan(path, src_format, expert_ema, cfg, folder, tp, pp)
+            _write_megawan(path, src_format, expert_ema, cfg, folder, tp, pp, loras)
         else:
-            source = _dit_source(path, src_format, expert_ema)
+            source = _dit_source(path, src_format, expert_ema, cfg, loras)
             write_safetensors_shards(stream_dit(source, cfg, src_format, dst_format), folder,
                                      max_shard_bytes=max_shard_bytes)
             config_json = official_config_json(cfg) if dst_format == "official" else diffusers_config_json(cfg)

@@ -52,12 +52,17 @@ from megawan.artifacts import (
 from megawan.capabilities import cuda_available, rank_device, resolve_backend
 from megawan.config import ParallelConfig, clip_preset, text_preset, vae_preset
 from megawan.config.te_limits import te_tokens_problem
+from megawan.checkpoint import has_ema
+from megawan.convert.dit_keys import dit_param_shapes
 from megawan.convert.files import load_torch_file
 from megawan.data.buckets import Bucket
 from megawan.data.conditioning import expand_mask, frame_mask
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.flow import FlowMatching
 from megawan.diffusion.samplers import make_sampler, sample
+from megawan.export import lora_base, read_lora_checkpoint
+from megawan.lora import load_lora, merge_adapters, read_lora_file
+from megawan.lora.formats import check_shapes
 from megawan.parallel.groups import context_parallel_groups
 from megawan.utils.conditioning_images import (
     crop_to_aspect,
@@ -99,6 +104,7 @@ class GenerationRequest:
     text_dtype: str = "float32"  # "bfloat16": round the text states as a bf16 latent store holds them
     vae_tiling: Optional[tuple] = None  # (tile, stride) in pixels: decode 720p on small GPUs
     device: str = "auto"  # auto | cpu | cuda: where this rank's models and tensors live (generation_device)
+    loras: tuple = ()  # (LoRA file, scale) pairs merged into the DiT's weights after loading (--lora FILE[:SCALE])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,12 +232,19 @@ def prepare(req: GenerationRequest) -> dict:
     if req.max_area is not None and (req.image is None or req.height is not None):
         raise ValueError("--max-area sizes a video from its --image: give it with --image and without --height / "
                          "--width")
+    loras = [(read_lora_file(path), float(scale)) for path, scale in req.loras]
+    if loras and len(found["experts"]) > 1:
+        raise ValueError(f"--lora: {cfg.name} has two experts, which take one LoRA each; megawan generate does not "
+                         "take per-expert LoRAs yet (merge them with tools/convert_checkpoint.py --merge-lora)")
+    for lora, _ in loras:  # a LoRA for another model size, or for linears this model lacks: named before any load
+        check_shapes(lora, dit_param_shapes(cfg), cfg.name)
     folder = req.encoders or found["encoders"]
     if folder is None:
         raise ValueError("no encoders: pass --encoders FOLDER (the VAE, umT5 weights and tokenizer)")
     enc = find_encoders(folder)
     vae_cfg = vae_preset(enc["vae_config"])
-    plan = dict(found=found, cfg=cfg, defaults=d, enc=enc, vae_cfg=vae_cfg, frames=req.frames or d["frames"],
+    plan = dict(found=found, cfg=cfg, defaults=d, enc=enc, vae_cfg=vae_cfg, loras=loras,
+                frames=req.frames or d["frames"],
                 steps=req.steps or d["steps"], shift=req.shift if req.shift is not None else d["shift"],
                 fps=req.fps or d["fps"], guidance=req.guidance if req.guidance is not None else d["guidance"],
                 images=None, note=None)
@@ -291,7 +304,13 @@ def generate(req: GenerationRequest) -> list:
     cfg, why = sampling_backend(cfg, shape, layout)
     if why and rank == 0:
         print(f"[generate] {why}", flush=True)
-    experts = {name: load_dit(path, cfg, req.use_ema, device=device) for name, path in found["experts"].items()}
+    experts = {name: _load_expert(path, cfg, req.use_ema, device) for name, path in found["experts"].items()}
+    for lora, lora_scale in plan["loras"]:  # this rank's shard of scale alpha / rank B A, added to its weights
+        for model in experts.values():
+            load_lora(model, lora, lora_scale)
+            merge_adapters(model)
+        if rank == 0:
+            print(f"[generate] merged LoRA {lora.path} ({len(lora)} linears) at scale {lora_scale:g}", flush=True)
     boundary = cfg.expert_boundary * 1000.0 if cfg.expert_boundary is not None else None
 
     def model_at(t: float):
@@ -348,6 +367,18 @@ def generate(req: GenerationRequest) -> list:
         _save_latents(req.save_latents, latents_out, len(prompts), first_of_replica)
     dist.barrier()
     return written
+
+
+def _load_expert(path: str, cfg, use_ema: bool, device):
+    """The DiT of checkpoint `path` on this rank; a LoRA training checkpoint loads its base (the trained weights,
+    as the LoRA run started from them) and merges its adapters (their EMA where kept, unless --no-ema)."""
+    base = lora_base(path)
+    if base is None:
+        return load_dit(path, cfg, use_ema, device=device)
+    model = load_dit(base, cfg, use_ema=False, device=device)
+    load_lora(model, read_lora_checkpoint(path, ema=use_ema and has_ema(path)))
+    merge_adapters(model)
+    return model
 
 
 def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype = torch.float32,

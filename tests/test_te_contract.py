@@ -24,6 +24,7 @@ import torch
 import megawan.capabilities as capabilities
 from megawan.config import DiTConfig, ParallelConfig, dit_preset, load_config
 from megawan.config.te_limits import te_token_multiple
+from megawan.lora import adapters, apply_lora
 from megawan.models.dit import WanDiT
 from megawan.models.dit.parallelize import apply_activation_recompute
 from megawan.parallel.launch import spawn_local
@@ -75,8 +76,9 @@ def _contract_case(path: str) -> dict:
     latents = [(2, 8, 2 * max(1, m // math.gcd(m, 8)))]  # 2 x 4 x w tokens: a multiple of m, nothing to mask
     if parallel.context_parallel == 1 and parallel.sequence_parallel:
         latents.append((1, 6, 6))  # 9 tokens: sequence parallelism pads them, TE's padding mask masks them
+    lora = dict(rank=min(cfg.lora.rank, 4), targets=cfg.lora.targets) if cfg.lora.enabled else None
     return dict(name=os.path.relpath(path, ROOT), layout=layout, dit=dataclasses.asdict(dit),
-                recompute=cfg.parallel.recompute, latents=latents)
+                recompute=cfg.parallel.recompute, latents=latents, lora=lora)
 
 
 def _contract_worker(rank, cases_path, out_dir):
@@ -99,6 +101,11 @@ def _contract_worker(rank, cases_path, out_dir):
             calls = []
             model = WanDiT(DiTConfig(**case["dit"]), block_spec=contract_spec(signatures, calls))
             assert model.backend == "te"
+            if case["lora"]:  # the adapters' hooks on TE's linears; the base is frozen
+                apply_lora(model, rank=case["lora"]["rank"], targets=case["lora"]["targets"])
+                for _, adapter in adapters(model):
+                    with torch.no_grad():  # B is zero after init: give it values so that A's gradient is non-zero
+                        adapter.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
             apply_activation_recompute(model, case["recompute"])
             with torch.no_grad():  # a non-zero head, so that gradients reach every block
                 model.head.linear.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
@@ -110,10 +117,11 @@ def _contract_worker(rank, cases_path, out_dir):
                     out = model(latents, torch.tensor([300.0, 700.0]), text)
                     (out * torch.randn(out.shape, generator=g)).sum().backward()
                 assert torch.isfinite(out).all()
-            grads = {n: p.grad for n, p in model.named_parameters()}
+            grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            q = "blocks.0.self_attention.linear_q" + ("_lora.lora_A" if case["lora"] else ".weight")
             results[case["name"]] = dict(
                 calls=calls, grads_finite=all(g is not None and torch.isfinite(g).all() for g in grads.values()),
-                attention_grad=float(grads["blocks.0.self_attention.linear_q.weight"].abs().sum()))
+                attention_grad=float(grads[q].abs().sum()))
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 

@@ -12,6 +12,12 @@ Selective recompute (attention core only) is not listed: with flash-style attent
 Without recompute, a layout that is short of memory by a few blocks' activations is listed with the fewest
 blocks whose activations go to host memory that make it fit (parallel.offload_blocks; copies over PCIe,
 preferred to full recompute only when few blocks are offloaded, see --max-offload).
+
+LoRA fine-tuning (--lora-rank R, or --config of a run with a `lora:` section): the base weights stay frozen in
+bf16 with no gradients or optimizer state; only the adapters have them (docs/finetuning.md):
+
+    python tools/plan_parallel.py --preset wan2.1-t2v-14b --frames 81 --height 480 --width 832 \
+        --gpus 1 --gpu-memory-gb 80 --lora-rank 32
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import dataclasses
 import itertools
 import sys
 
-from megawan.config import ConfigError, ParallelConfig, RunConfig, dit_preset
+from megawan.config import ConfigError, LoRAConfig, ParallelConfig, RunConfig, dit_preset, load_config
 from megawan.models.dit import flops
 from megawan.models.dit.flops import tokens as count_tokens
-from megawan.training.memory import estimate_memory
+from megawan.training.memory import estimate_memory, lora_params_per_block
 from megawan.utils.user_errors import run_main
 
 GB = 1024**3
@@ -38,18 +44,20 @@ def latent_size(preset: str, frames: int, height: int, width: int):
 
 
 def offload_needed(cfg, parallel: ParallelConfig, gpus: int, tokens: int, micro_batch: int, budget: float,
-                   max_offload: int, ema: bool = False):
+                   max_offload: int, ema: bool = False, lora=None):
     """The fewest offloaded blocks (<= max_offload) that bring the layout under budget bytes, or None."""
     layers = cfg.num_layers // parallel.pipeline_parallel
     for k in range(0, min(max_offload, layers) + 1):
         trial = dataclasses.replace(parallel, offload_blocks=k)
-        if estimate_memory(cfg, trial, gpus, tokens, micro_batch, ema=ema).total <= budget:
+        if estimate_memory(cfg, trial, gpus, tokens, micro_batch, ema=ema, lora=lora).total <= budget:
             return trial
     return None
 
 
 def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memory_gb: float,
-         micro_batch: int = 1, headroom: float = 0.9, max_offload: int = 4, ema: bool = False):
+         micro_batch: int = 1, headroom: float = 0.9, max_offload: int = 4, ema: bool = False,
+         lora: LoRAConfig | None = None):
+    """lora: a `lora:` section with rank > 0 plans a LoRA fine-tune (frozen base, trainable adapters)."""
     cfg = dit_preset(preset)
     f, h, w = latent_size(preset, frames, height, width)
     tokens = count_tokens(cfg, f, h, w)
@@ -68,8 +76,9 @@ def plan(preset: str, frames: int, height: int, width: int, gpus: int, gpu_memor
             except ConfigError:
                 continue
             if recompute == "none":
-                parallel = offload_needed(cfg, parallel, gpus, tokens, micro_batch, budget, max_offload, ema) or parallel
-            mem = estimate_memory(cfg, parallel, gpus, tokens, micro_batch, ema=ema)
+                parallel = offload_needed(cfg, parallel, gpus, tokens, micro_batch, budget, max_offload, ema,
+                                          lora) or parallel
+            mem = estimate_memory(cfg, parallel, gpus, tokens, micro_batch, ema=ema, lora=lora)
             rows.append((parallel, mem, step_flops * parallel.data_parallel(gpus) / gpus))
     fits = [r for r in rows if r[1].total <= budget]
     # prefer: least recompute, then fewest offloaded blocks, then fewest model-parallel ranks (more DP), then
@@ -87,7 +96,8 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", required=True)
+    ap.add_argument("--preset", help="the model preset (default: the --config run's)")
+    ap.add_argument("--config", help="a run config: its model preset, micro batch, EMA and lora: section")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
@@ -98,11 +108,31 @@ def _main(argv=None) -> int:
     ap.add_argument("--max-offload", type=int, default=4,
                     help="most blocks per stage whose activations may go to host memory (0: never offload)")
     ap.add_argument("--ema", action="store_true", help="the run keeps an EMA of the weights (train.ema_decay > 0)")
+    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA fine-tune: adapter rank (0: full training)")
+    ap.add_argument("--lora-targets", help="LoRA: comma-separated linears (peft's target_modules; default all)")
     args = ap.parse_args(argv)
+    lora = LoRAConfig()
+    if args.config:
+        run = load_config(args.config)
+        args.preset = args.preset or run.model.name
+        args.ema = args.ema or run.train.ema_decay > 0
+        lora = run.lora
+        if args.micro_batch == 1:
+            args.micro_batch = run.data.micro_batch_size
+    if not args.preset:
+        raise ConfigError("--preset: give a model preset (or --config of a run)")
+    if args.lora_rank is not None or args.lora_targets:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else lora.targets
+        lora = LoRAConfig(rank=lora.rank if args.lora_rank is None else args.lora_rank, alpha=lora.alpha,
+                          targets=targets).validate("--lora")
     cfg, tokens, fits, rows = plan(args.preset, args.frames, args.height, args.width, args.gpus,
-                                   args.gpu_memory_gb, args.micro_batch, max_offload=args.max_offload, ema=args.ema)
+                                   args.gpu_memory_gb, args.micro_batch, max_offload=args.max_offload, ema=args.ema,
+                                   lora=lora)
+    tuned = (f"LoRA rank {lora.rank}, {lora_params_per_block(cfg, lora) * cfg.num_layers / 1e6:.1f}M adapter params"
+             if lora.enabled else "full fine-tune")
     print(f"{args.preset}: {args.frames} frames {args.height}x{args.width} -> {tokens:,} tokens/sample; "
-          f"{args.gpus} GPUs x {args.gpu_memory_gb:g} GB; {len(fits)} of {len(rows)} layouts fit (90% of memory)")
+          f"{args.gpus} GPUs x {args.gpu_memory_gb:g} GB; {tuned}; {len(fits)} of {len(rows)} layouts fit "
+          "(90% of memory)")
     print(f"{'TP':>3} {'PP':>3} {'CP':>3} {'DP':>3} {'cp mode':8} {'recompute':9} {'offload':>7} {'params/GPU':>11} "
           f"{'weights':>8} {'grads':>8} {'optim':>8} {'ema':>8} {'activ':>8} {'total GB':>9} {'TFLOP/GPU/microbatch':>21}")
     for parallel, mem, per_gpu_flops in fits[: args.top]:

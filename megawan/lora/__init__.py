@@ -8,6 +8,9 @@
 
 from megawan.lora.apply import (adapters, apply_lora, base_state_dict, has_lora, is_lora_parameter,
                                 lora_parameters, merge_adapters)
+from megawan.lora.formats import (FORMATS, LoRAFile, LoRAFileError, LoRATensors, export_lora, load_lora,
+                                  merge_lora_file, read_lora_file, write_lora_file)
 
-__all__ = ["adapters", "apply_lora", "base_state_dict", "has_lora", "is_lora_parameter", "lora_parameters",
-           "merge_adapters"]
+__all__ = ["FORMATS", "LoRAFile", "LoRAFileError", "LoRATensors", "adapters", "apply_lora", "base_state_dict",
+           "export_lora", "has_lora", "is_lora_parameter", "load_lora", "lora_parameters", "merge_adapters",
+           "merge_lora_file", "read_lora_file", "write_lora_file"]
