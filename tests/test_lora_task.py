@@ -27,8 +27,11 @@ def test_the_fine_tune_set_leaves_the_held_out_combinations_and_the_base_never_s
 
 
 def test_lora_fine_tune_teaches_the_demo_model_a_new_colour_word(tmp_path, demo_run):
+    from megawan.checkpoint import is_lora_checkpoint, latest_checkpoint
+
     base, _ = demo_run
     summary = run_lora_task(str(tmp_path / "lora"), base=str(base))
+    assert is_lora_checkpoint(latest_checkpoint(summary["checkpoints"]))  # only the adapters trained
     accuracy = json.load(open(tmp_path / "lora" / "lora_accuracy.json"))
     after, before = accuracy["after"], accuracy["before"]
     assert after["new_color_total"] == before["new_color_total"] == 20, accuracy
