@@ -23,6 +23,8 @@ from megawan.utils.user_errors import UserError, run_main
 
 
 def _cmd_demo(args) -> int:
+    if args.base and args.task != "lora":
+        raise UserError("--base: only --task lora fine-tunes a finished demo")
     if args.task == "i2v":
         from megawan.demo.i2v_task import I2V_STEPS, run_i2v_task  # lazy: torch and megatron-core
 
@@ -33,8 +35,6 @@ def _cmd_demo(args) -> int:
 
         run_lora_task(args.out or "runs/lora", base=args.base, steps=args.steps or LORA_STEPS)
         return 0
-    if args.base:
-        raise UserError("--base: only --task lora fine-tunes a finished demo")
     from megawan.demo.runner import DEMO_STEPS, run_demo
 
     run_demo(args.out or "runs/demo", steps=args.steps or DEMO_STEPS, nproc=args.nproc)
