@@ -11,6 +11,7 @@ module that knows the names on disk; the trainer, generation, export, tools and 
     load_weights(resolve_checkpoint(path), [model], ema=has_ema(path))             # inference
     save_model_checkpoint(folder, chunks, config, trainer_state)                   # weights only (export)
     CheckpointTensors(folder).get(key)                                             # one tensor, no process group
+    is_lora_checkpoint(folder); weights_fingerprint(base)                          # LoRA runs (below)
     saver = CheckpointSaver(async_save=True); saver.save(root, step, ...)           # written in the background
     saver.finalize()  # each step, collective: commits a finished write;  saver.close() waits for it
 
@@ -21,12 +22,17 @@ none), which is what a resume reads; a reader never sees a half-written folder. 
 truncated, deleted or changed file) is found by resume_checkpoint, which falls back to the newest intact one.
 A background write (CheckpointSaver) keeps these guarantees: the rename and `latest` happen in the collective
 finalize, after every rank's writer has finished.
+
+LoRA runs: a trainer state with "lora_base" ({"path", "fingerprint"} of the frozen base checkpoint) makes the
+checkpoint adapter-only: its model tensors are the adapters' (`...linear_q_lora.lora_A` / `.lora_B`), its optimizer
+and EMA state theirs; loading it fills only the adapters (the base comes from lora_base.path, loaded first).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -42,8 +48,10 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import FileSystemReader
 
 from megawan.capabilities import cuda_available, rank_device
-from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint, write_manifests
+from megawan.checkpoint_integrity import (UNVERIFIED, CheckpointError, recorded_files, verify_checkpoint,
+                                          write_manifests)
 from megawan.checkpoint_strategy import save_strategy
+from megawan.lora.apply import is_lora_parameter
 from megawan.models.dit.parallelize import chunk_state_dict
 from megawan.utils.processes import run_dying_with_parent
 
@@ -51,6 +59,7 @@ STATE_FILE = "trainer_state.json"  # step, LR schedule, loader position, counter
 CONFIG_FILE = "config.yaml"  # the run config the checkpoint was trained with
 LATEST = "latest"  # names the newest complete checkpoint of a root
 EMA_PREFIX = "ema."  # the EMA's tensors: `ema.<model key>`
+LORA_BASE = "lora_base"  # trainer state of a LoRA run: {"path", "fingerprint"} of its base; tensors: adapters only
 _ITER = re.compile(r"^iter_(\d{7})$")
 _OPTIMIZER_PREFIX = "optimizer"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads under any TP / PP / DP
@@ -165,6 +174,21 @@ def read_run_config(path: str) -> dict:
         return yaml.safe_load(f)
 
 
+def is_lora_checkpoint(path: str) -> bool:
+    """Whether checkpoint `path` is a LoRA run's: adapters (and their optimizer / EMA state) only."""
+    return LORA_BASE in read_trainer_state(path)
+
+
+def weights_fingerprint(path: str) -> str:
+    """A cheap identity of checkpoint `path`'s contents: sha256 over the sizes and checksums its manifests record
+    (no file is read); for a checkpoint written before manifests, over its files' names and sizes."""
+    files = recorded_files(path)
+    if files is None:
+        files = {os.path.relpath(os.path.join(d, n), path): [os.path.getsize(os.path.join(d, n))]
+                 for d, _, names in os.walk(path) for n in names}
+    return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def _tensor_metadata(path: str) -> dict:
     return FileSystemReader(path).read_metadata().state_dict_metadata
 
@@ -196,8 +220,10 @@ def _all_ranks_agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
-    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+def model_sharded_state_dict(chunks: list, adapters_only: bool = False) -> dict:
+    """The chunks' dist_checkpointing entries (adapters_only: a LoRA run's, the frozen base left out)."""
+    return {f"chunk{i}": {k: v for k, v in chunk.sharded_state_dict().items()
+                          if not adapters_only or is_lora_parameter(k)} for i, chunk in enumerate(chunks)}
 
 
 def _begin(path: str) -> str:
@@ -260,8 +286,8 @@ def _prepare_root(root: str, path: str) -> None:
             shutil.rmtree(path)
 
 
-def _training_sharded(chunks: list, optimizer, ema) -> dict:
-    model_sd = model_sharded_state_dict(chunks)
+def _training_sharded(chunks: list, optimizer, ema, trainer_state: Optional[dict] = None) -> dict:
+    model_sd = model_sharded_state_dict(chunks, adapters_only=LORA_BASE in (trainer_state or {}))
     sharded = {"model": model_sd, _OPTIMIZER_PREFIX: optimizer.sharded_state_dict(model_sd,
                                                                                   metadata=OPTIMIZER_METADATA)}
     if ema is not None:
@@ -290,7 +316,7 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state
     name = checkpoint_name(step)
     path = os.path.join(root, name)
     _prepare_root(root, path)
-    _write(path, _training_sharded(chunks, optimizer, ema), config, trainer_state,
+    _write(path, _training_sharded(chunks, optimizer, ema, trainer_state), config, trainer_state,
            content_metadata=OPTIMIZER_METADATA)
     _move_latest(root, name, keep)
     return path
@@ -352,7 +378,7 @@ class CheckpointSaver:
         _prepare_root(root, path)
         tmp = _begin(path)
         texts = _texts(config, trainer_state)
-        request = dist_checkpointing.save(_training_sharded(chunks, optimizer, ema), tmp,
+        request = dist_checkpointing.save(_training_sharded(chunks, optimizer, ema, trainer_state), tmp,
                                           sharded_strategy=save_strategy(snapshot=True),
                                           content_metadata=OPTIMIZER_METADATA, async_sharded_save=True)
         # the forked writer dies with this rank: a SIGKILLed rank's writer must not go on writing into a `.tmp`
@@ -442,19 +468,26 @@ def _load(sharded: dict, path: str) -> dict:
         return dist_checkpointing.load(sharded, path)
 
 
-def _fill_chunks(chunks: list, loaded_model: dict) -> None:
+def _fill_chunks(chunks: list, loaded_model: dict, adapters_only: bool = False) -> None:
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(chunk_state_dict(loaded_model[f"chunk{i}"], chunk))
+        part = chunk_state_dict(loaded_model[f"chunk{i}"], chunk)
+        if adapters_only:  # a LoRA checkpoint: every adapter of the chunk, nothing else
+            missing = [k for k in chunk.state_dict() if is_lora_parameter(k) and k not in part]
+            if missing:
+                raise CheckpointError(f"the LoRA checkpoint has no {missing[0]} (another lora.targets?)")
+        chunk.load_state_dict(part, strict=not adapters_only)
 
 
 def load_checkpoint(path: str, chunks: list, optimizer=None, ema=None) -> dict:
     """Load weights (and, when given, optimizer and EMA) from `path` into this rank's chunks under the current
     layout. Returns the trainer state. A warm start passes no optimizer and then calls the optimizer's
-    reload_model_params() so that its fp32 main weights are the loaded ones."""
+    reload_model_params() so that its fp32 main weights are the loaded ones. A LoRA checkpoint fills the adapters
+    only (apply_lora first, the base loaded beforehand)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     trainer_state = read_trainer_state(path)
-    model_sd = model_sharded_state_dict(chunks)
+    adapters_only = LORA_BASE in trainer_state
+    model_sd = model_sharded_state_dict(chunks, adapters_only)
     sharded = {"model": model_sd}
     if optimizer is not None:
         _prepare_optimizer_for_load(optimizer)
@@ -464,7 +497,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, ema=None) -> dict:
         sharded["ema"] = ema.sharded_state_dict([model_sd[f"chunk{i}"] for i in range(len(chunks))],
                                                 is_loading=True)
     loaded = _load(sharded, path)
-    _fill_chunks(chunks, loaded["model"])
+    _fill_chunks(chunks, loaded["model"], adapters_only)
     if optimizer is not None:
         optimizer.load_state_dict(loaded[_OPTIMIZER_PREFIX])
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -486,6 +519,9 @@ def load_weights(path: str, chunks: list, ema: bool = False) -> None:
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     # every rank of the load checks a share of the checksums and all agree (the load below is collective too)
     _check_present(path, verify_checkpoint(path, collective=True))
+    if is_lora_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} holds a LoRA run's adapters only: load its base "
+                              f"({read_trainer_state(path)[LORA_BASE]['path']}), then the adapters")
     model_sd = model_sharded_state_dict(chunks)
     if ema:
         for i, chunk in enumerate(chunks):

@@ -100,6 +100,11 @@ def _manifest(folder: str) -> tuple:
     return files, None
 
 
+def recorded_files(folder: str) -> Optional[dict]:
+    """{relative path: [size, crc32]} as the manifests of checkpoint `folder` record them; None without them."""
+    return _manifest(folder)[0]
+
+
 def _check_files(folder: str, files: dict, names: list, sizes_only: bool = False) -> Optional[str]:
     for name in names:
         path = os.path.join(folder, name)

@@ -93,7 +93,7 @@ class EMA:
             part, params = {}, {}
             for key, entry in sharded.items():
                 param = by_id.get(id(getattr(entry, "data", None)))
-                if param is not None:
+                if param is not None and param in whole:  # not a frozen parameter (a LoRA run's base)
                     data = whole[param]
                     part[key] = dataclasses.replace(entry, key=EMA_PREFIX + entry.key, data=data, dtype=data.dtype)
                     params[key] = param

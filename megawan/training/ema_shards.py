@@ -11,7 +11,7 @@ step) and each parameter's average is a view into it.
 
 Float16OptimizerWithFloat16Params (not distributed): whole fp32 copies of the bf16 / fp16 parameters.
 Any other parameter (fp32 without the distributed optimizer, no optimizer at all): the whole parameter is
-its own main weight.
+its own main weight. A frozen parameter (requires_grad False: a LoRA run's base) is not averaged at all.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def find_shards(chunks: list, optimizer=None) -> Shards:
                 fp32_copies.update((p, m.detach().view(-1)) for p, m in zip(model_group, main_group))
     for chunk in chunks:
         for param in chunk.parameters():
-            if param in held:  # in a distributed optimizer's buffers, or shared by two chunks
-                continue
+            if param in held or not param.requires_grad:  # in a distributed optimizer's buffers, shared by two
+                continue  # chunks, or frozen (a LoRA run's base: nothing to average)
             main = fp32_copies.get(param)
             aliased = main is None
             if aliased:

@@ -24,13 +24,14 @@ from megawan.parallel.cpu_compat import p2p_communicator
 
 def reduce_pipeline_shared_grads(chunks: list) -> None:
     """Sum the gradients of pipeline-shared parameters over this rank's chunks and over the PP group, and
-    give every copy the sum. Works on megatron DDP's `main_grad` when present, else on `.grad`."""
+    give every copy the sum. Works on megatron DDP's `main_grad` when present, else on `.grad`. Frozen ones (a
+    LoRA run's base) have no gradient."""
     pipelined = parallel_state.model_parallel_is_initialized() and \
         parallel_state.get_pipeline_model_parallel_world_size() > 1
     if len(chunks) == 1 and not pipelined:
         return  # one copy of each: nothing to sum
     named = [dict(chunk.named_parameters()) for chunk in chunks]
-    names = [n for n, p in named[0].items() if getattr(p, "pipeline_shared", False)]
+    names = [n for n, p in named[0].items() if getattr(p, "pipeline_shared", False) and p.requires_grad]
     if not names:
         return
 

@@ -15,6 +15,8 @@ A non-finite loss (known to every rank: it is all-reduced) skips the step and st
 SIGUSR1 (Slurm's pre-emption warning): see megawan.checkpoint. With checkpoint.async_save the files are written
 in the background while the next steps train; every step commits a finished write (collectively), a new save
 first waits for the previous one, and the end of training or a signal's stop waits for the last one.
+With lora.rank > 0 the run trains adapters on the frozen base weights of checkpoint.init_from, and its
+checkpoints hold the adapters only (megawan.training.lora).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.dispatch import triton_runnable
 from megawan.capabilities import cuda_available, rank_device
-from megawan.checkpoint import CheckpointSaver, load_checkpoint, resolve_checkpoint, resume_checkpoint
+from megawan.checkpoint import (LORA_BASE, CheckpointSaver, load_checkpoint, read_trainer_state, resolve_checkpoint,
+                                resume_checkpoint)
 from megawan.checkpoint_integrity import UNVERIFIED, CheckpointError, verify_checkpoint
 from megawan.config import ConfigError, RunConfig, config_to_dict, load_config
 from megawan.data.buckets import Bucket
@@ -48,6 +51,7 @@ from megawan.training.backend import TE_MISSING, run_backend, te_usable
 from megawan.training.conditioning import check_store as check_conditioning
 from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.ema import EMA
+from megawan.training.lora import add_adapters, check_lora, check_resume
 from megawan.training.memory import estimate_memory
 from megawan.training.metrics import MetricsLogger
 from megawan.training.optimizer import Overlap, build_optimizer, finish_param_gather, wrap_data_parallel
@@ -138,11 +142,13 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     if cfg.train.fp8_attention and backend == "local" and not triton_runnable():
         raise ConfigError("train.fp8_attention: the local backend's FP8 attention is a Triton kernel; it needs "
                           "Triton and a CUDA device (on CPU only Triton's interpreter, TRITON_INTERPRET=1)")
+    base = None
     if cfg.checkpoint.init_from:
         try:
-            resolve_checkpoint(cfg.checkpoint.init_from)
+            base = resolve_checkpoint(cfg.checkpoint.init_from)
         except (FileNotFoundError, RuntimeError, CheckpointError) as e:
             raise ConfigError(f"checkpoint.init_from: {e}") from None
+    check_lora(cfg, base)  # lora.targets, a LoRA checkpoint named as the base, lora.init_from
     return {"metadata": meta, "buckets": buckets, "backend": backend, "backend_reason": reason}
 
 
@@ -233,6 +239,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         # built where they run: on CUDA megatron initialises each shard on this rank's GPU, no host copy first
         self.chunks = build_model_chunks(model_cfg, cfg.parallel, device=self.device)
+        self.lora_base = None  # a LoRA run: {"path", "fingerprint"} of the frozen base, saved with every checkpoint
+        if cfg.lora.enabled:  # the base weights, then the adapters: before recompute wraps the blocks and DDP
+            self.lora_base = add_adapters(self.chunks, resolve_checkpoint(cfg.checkpoint.init_from), cfg.lora)
+            self._log0(f"LoRA rank {cfg.lora.rank} on the frozen base {self.lora_base['path']}")
         if cfg.parallel.recompute != "none":
             for chunk in self.chunks:
                 apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)
@@ -273,13 +283,14 @@ class Trainer:
         for note in notes:
             self._log0(note)
         if latest is not None:
+            check_resume(read_trainer_state(latest), self.lora_base, latest)  # LoRA: the same base as before
             state = load_checkpoint(latest, self.chunks, self.optimizer, self.ema)
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.bad_in_row, self.consumed = state["bad_in_row"], state["consumed_samples"]
             self.scheduler.load_state_dict(state["scheduler"])
             self.loader.load_state_dict(state["loader"])
             self._log0(f"resumed from {latest} at step {self.step}")
-        elif cfg.checkpoint.init_from:
+        elif cfg.checkpoint.init_from and self.lora_base is None:  # (a LoRA run's base is loaded in _setup)
             source = resolve_checkpoint(cfg.checkpoint.init_from)
             verdict = verify_checkpoint(source, collective=True)  # named by the user: no fallback
             if verdict not in (None, UNVERIFIED):
@@ -296,6 +307,8 @@ class Trainer:
                  "loader": self.loader.state_dict(), "seed": self.cfg.seed,
                  "rng": "noise and timesteps are drawn from (seed, step, sample index): no state to keep",
                  "layout": {"world": self.world, **config_to_dict(self.cfg.parallel)}}
+        if self.lora_base is not None:  # the checkpoint holds the adapters only (megawan.checkpoint)
+            state[LORA_BASE] = self.lora_base
         return self.saver.save(self.cfg.checkpoint.dir, self.step, self.chunks, self.optimizer, state,
                                config_to_dict(self.cfg), ema=self.ema, keep=self.cfg.checkpoint.keep)
 
