@@ -2,6 +2,7 @@
 
     megawan demo [--out DIR]                       the tiny end-to-end job (videos -> latents -> train -> mp4)
     megawan demo --task i2v [--out DIR]            the tiny image-to-video task (first frame + caption -> clip)
+    megawan demo --task lora [--base DIR]          a LoRA fine-tune teaches the demo's model a new colour word
     megawan presets                                list model presets and their hyper-parameters
     megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP)
     megawan generate --ckpt DIR --prompt TEXT --lora style.safetensors:0.8     ... with LoRA files merged in
@@ -22,14 +23,21 @@ from megawan.utils.user_errors import UserError, run_main
 
 
 def _cmd_demo(args) -> int:
+    if args.base and args.task != "lora":
+        raise UserError("--base: only --task lora fine-tunes a finished demo")
     if args.task == "i2v":
         from megawan.demo.i2v_task import I2V_STEPS, run_i2v_task  # lazy: torch and megatron-core
 
         run_i2v_task(args.out or "runs/i2v", steps=args.steps or I2V_STEPS)
         return 0
-    from megawan.demo.runner import run_demo
+    if args.task == "lora":
+        from megawan.demo.lora_task import LORA_STEPS, run_lora_task  # lazy: torch and megatron-core
 
-    run_demo(args.out or "runs/demo", steps=args.steps or 1200, nproc=args.nproc)
+        run_lora_task(args.out or "runs/lora", base=args.base, steps=args.steps or LORA_STEPS)
+        return 0
+    from megawan.demo.runner import DEMO_STEPS, run_demo
+
+    run_demo(args.out or "runs/demo", steps=args.steps or DEMO_STEPS, nproc=args.nproc)
     return 0
 
 
@@ -121,11 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the tiny end-to-end job on CPU: synthetic videos -> latents -> train on "
                                        "4 ranks -> checkpoint -> held-out colour check -> mp4")
-    demo.add_argument("--task", choices=("t2v", "i2v"), default="t2v",
+    demo.add_argument("--task", choices=("t2v", "i2v", "lora"), default="t2v",
                       help="t2v: the colour task (text-to-video, 4 ranks); i2v: the image-to-video task (first "
-                           "frame + caption, one rank)")
-    demo.add_argument("--out", default=None, help="output folder (default runs/demo, runs/i2v for --task i2v)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 1200; i2v 900)")
+                           "frame + caption, one rank); lora: a LoRA fine-tune of the t2v model teaches it a colour "
+                           "word it never saw (one rank)")
+    demo.add_argument("--out", default=None, help="output folder (default runs/demo; runs/i2v, runs/lora)")
+    demo.add_argument("--base", default=None, help="--task lora: the folder of a finished `megawan demo` to "
+                                                   "fine-tune (default: run the demo first, into OUT/base)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 1200; i2v 900; lora 300)")
     demo.add_argument("--nproc", type=int, default=4, help="CPU ranks of the t2v task (TP2 x DP nproc/2)")
     demo.set_defaults(func=_cmd_demo)
 

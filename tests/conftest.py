@@ -57,3 +57,14 @@ def trained_encoders(tmp_path_factory):
 
     return write_tiny_encoders(str(tmp_path_factory.mktemp("trained-encoders") / "encoders"),
                                train_vae_steps=TINY_VAE_STEPS)
+
+
+@pytest.fixture(scope="session")
+def demo_run(trained_encoders, tmp_path_factory):
+    """(output folder, summary) of `megawan demo` run once per session on the session's trained encoders:
+    tests/test_demo.py checks the run itself; tests/test_lora_task.py fine-tunes its checkpoint (a model of the
+    six COLORS) with a LoRA, so the suite pre-trains the demo's model once (~8 min on 2 cores), not twice."""
+    from megawan.demo.runner import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, run_demo(str(out), encoders=trained_encoders)  # what `megawan demo` runs: 1200 steps

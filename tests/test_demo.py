@@ -3,7 +3,8 @@
 prompt, within the README's 15 minutes.
 
 The tiny VAE is the session's (tests/conftest.py `trained_encoders`: what the demo itself trains, trained once
-and shared with tests/test_tiny_vae_colors.py); its training time counts towards the 15 minutes.
+and shared with tests/test_tiny_vae_colors.py); its training time counts towards the 15 minutes. The run is the
+session's too (tests/conftest.py `demo_run`): tests/test_lora_task.py fine-tunes its checkpoint.
 
 The colour check: for each of the 24 held-out prompts, the palette colour nearest to the median of the
 generated pixels that are clearly not background (megawan.demo.shapes.dominant_color) against the colour
@@ -12,15 +13,13 @@ the caption names. The tiny model must get at least 90 % right."""
 import json
 import os
 
-from megawan.demo.runner import run_demo
 from megawan.demo.tiny_assets import TINY_VAE_STEPS
 from megawan.training.metrics import read_metrics
 from megawan.training.validation import frames_of
 
 
-def test_demo_runs_end_to_end(tmp_path, trained_encoders):
-    out = tmp_path / "demo"
-    summary = run_demo(str(out), encoders=trained_encoders)  # what `megawan demo` runs: 1200 steps
+def test_demo_runs_end_to_end(demo_run):
+    out, summary = demo_run  # run_demo(out, encoders=trained_encoders): what `megawan demo` runs, 1200 steps
     assert summary["encoders"]["vae_training"]["steps"] == TINY_VAE_STEPS  # the VAE the demo trains
     assert summary["seconds"] + summary["encoders"]["vae_training"]["seconds"] < 15 * 60, summary
 

@@ -31,6 +31,7 @@ from megawan.generation import slug
 from megawan.parallel.launch import free_port
 from megawan.training.validation import frames_of, read_samples
 
+DEMO_STEPS = 1200  # the demo's training steps: >= 90 % of the held-out colours (tests/test_demo.py)
 DEMO_PROMPTS = ("a red circle moves right", "a blue square moves down", "a yellow triangle moves left")
 
 
@@ -81,7 +82,7 @@ def color_accuracy(rows: list) -> dict:
     return {"accuracy": right / max(len(results), 1), "correct": right, "total": len(results), "samples": results}
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int = 1200, videos: int = 96, images: int = 64,
+def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 96, images: int = 64,
              held_out_videos: int = 24, vae_steps: int | None = None, nproc: int = 4,
              prompts: tuple = DEMO_PROMPTS, encoders: dict | None = None) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to <out>/summary.json).

@@ -23,6 +23,10 @@ COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUND = (24, 24, 28)
+# Colours no pre-training sees (the demo and the trainer tests draw from COLORS only, and the tokenizer learns
+# their words only): the LoRA task (megawan.demo.lora_task) teaches one of them to a pre-trained model.
+UNSEEN_COLORS = {"orange": (245, 140, 20)}
+PALETTE = {**COLORS, **UNSEEN_COLORS}  # every colour `render` draws
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def render(clip: ShapeClip, frames: int, height: int, width: int, seed: int = 0)
             inside = (yy >= top) & (yy <= y + size / 2) & (abs(xx - x) <= (yy - top) / 2)
         frame = np.empty((height, width, 3), dtype=np.uint8)
         frame[:] = BACKGROUND
-        frame[inside] = COLORS[clip.color]
+        frame[inside] = PALETTE[clip.color]
         out[t] = frame
     return out
 
@@ -71,8 +75,8 @@ MIN_FOREGROUND_PIXELS = 8
 
 
 def dominant_color(frames: np.ndarray, threshold: float = FOREGROUND_DISTANCE,
-                   min_pixels: int = MIN_FOREGROUND_PIXELS) -> str | None:
-    """The palette colour (a key of COLORS) that the shape pixels of `frames` show, or None.
+                   min_pixels: int = MIN_FOREGROUND_PIXELS, palette: dict = COLORS) -> str | None:
+    """The palette colour (a key of `palette`, COLORS by default) that the shape pixels of `frames` show, or None.
 
     `frames` is uint8 RGB, [T, H, W, 3] (a clip: all frames are pooled) or [H, W, 3] (one image).
     Measured in three steps:
@@ -101,7 +105,7 @@ def dominant_color(frames: np.ndarray, threshold: float = FOREGROUND_DISTANCE,
         return None
     median = np.median(foreground, axis=0) - background
     best, best_distance = None, np.inf
-    for name, rgb in COLORS.items():
+    for name, rgb in palette.items():
         direction = np.asarray(rgb, dtype=np.float64) - background
         a = float(np.clip(median @ direction / (direction @ direction), 0.0, 1.0))
         distance = float(np.linalg.norm(median - a * direction))
@@ -110,11 +114,11 @@ def dominant_color(frames: np.ndarray, threshold: float = FOREGROUND_DISTANCE,
     return best
 
 
-def caption_color(caption: str) -> str | None:
+def caption_color(caption: str, palette: dict = COLORS) -> str | None:
     """The palette colour a caption names: the first whole word of `caption` (case-insensitive) that is a key
-    of COLORS ("a red circle moves left" -> "red"); None when it names none."""
+    of `palette` (COLORS by default; "a red circle moves left" -> "red"); None when it names none."""
     for word in re.findall(r"[a-z]+", caption.lower()):
-        if word in COLORS:
+        if word in palette:
             return word
     return None
 
