@@ -52,7 +52,7 @@ from megawan.training.conditioning import check_store as check_conditioning
 from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.ema import EMA
 from megawan.training.lora import add_adapters, check_lora, check_resume
-from megawan.training.memory import estimate_memory
+from megawan.training.memory import estimate_run_memory
 from megawan.training.metrics import MetricsLogger
 from megawan.training.optimizer import Overlap, build_optimizer, finish_param_gather, wrap_data_parallel
 from megawan.training.precision import fp8_context
@@ -125,10 +125,7 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
                               f"{cfg.model.patch_size}")
         if cfg.train.memory_budget_gb:
             tokens = _tokens(shapes[b], meta.vae.stride, cfg)
-            est = estimate_memory(cfg.model, cfg.parallel, world_size, tokens, cfg.data.micro_batch_size,
-                                  text_len=cfg.model.text_len,
-                                  param_bytes=2 if cfg.train.precision == "bf16" else 4,
-                                  ema=cfg.train.ema_decay > 0)
+            est = estimate_run_memory(cfg, world_size, tokens)  # a LoRA run: the frozen base has no optimizer state
             if est.total / 2**30 > cfg.train.memory_budget_gb:
                 raise ConfigError(
                     f"data.buckets: {b} ({tokens} tokens, micro batch {cfg.data.micro_batch_size}) needs about "
