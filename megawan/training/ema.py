@@ -26,11 +26,12 @@ from megawan.training.ema_shards import find_shards
 
 
 class EMA:
-    def __init__(self, chunks: list, decay: float, optimizer=None):
+    def __init__(self, chunks: list, decay: float, optimizer=None, skip_frozen: bool = False):
         """chunks: the model chunks (DDP-wrapped or not; the same parameters); optimizer: megatron's optimizer
-        over them (a DistributedOptimizer, a ChainedOptimizer of them, ...) or None for plain modules."""
+        over them (a DistributedOptimizer, a ChainedOptimizer of them, ...) or None for plain modules.
+        skip_frozen: average only the parameters that train (a LoRA run: its adapters, not the frozen base)."""
         self.chunks, self.decay = chunks, decay
-        self.shards = find_shards(chunks, optimizer)
+        self.shards = find_shards(chunks, optimizer, skip_frozen)
         self.averages = [s.ema for s in self.shards.slots]  # this rank's fp32 averages, one flat range each
         self._by_param = {s.param: s for s in self.shards.slots}
         self._backup = None

@@ -11,7 +11,7 @@ step) and each parameter's average is a view into it.
 
 Float16OptimizerWithFloat16Params (not distributed): whole fp32 copies of the bf16 / fp16 parameters.
 Any other parameter (fp32 without the distributed optimizer, no optimizer at all): the whole parameter is
-its own main weight. A frozen parameter (requires_grad False: a LoRA run's base) is not averaged at all.
+its own main weight. With skip_frozen, a frozen parameter (requires_grad False: a LoRA run's base) is not averaged.
 """
 
 from __future__ import annotations
@@ -114,9 +114,10 @@ def _distributed(opt, slots: list, buckets: list) -> set:
     return held
 
 
-def find_shards(chunks: list, optimizer=None) -> Shards:
+def find_shards(chunks: list, optimizer=None, skip_frozen: bool = False) -> Shards:
     """The ranges of the chunks' parameters this rank averages: its distributed optimizers' shards, whole
-    parameters elsewhere (toward a non-distributed optimizer's fp32 copy when there is one)."""
+    parameters elsewhere (toward a non-distributed optimizer's fp32 copy when there is one); skip_frozen: none of
+    the parameters that do not train (a LoRA run's base)."""
     slots, buckets, ddp_chunks, held = [], [], [], set()
     fp32_copies = {}
     for opt in _optimizers(optimizer):
@@ -130,8 +131,8 @@ def find_shards(chunks: list, optimizer=None) -> Shards:
                 fp32_copies.update((p, m.detach().view(-1)) for p, m in zip(model_group, main_group))
     for chunk in chunks:
         for param in chunk.parameters():
-            if param in held or not param.requires_grad:  # in a distributed optimizer's buffers, shared by two
-                continue  # chunks, or frozen (a LoRA run's base: nothing to average)
+            if param in held or (skip_frozen and not param.requires_grad):  # in a distributed optimizer's
+                continue  # buffers, shared by two chunks, or frozen (a LoRA run's base: nothing to average)
             main = fp32_copies.get(param)
             aliased = main is None
             if aliased:

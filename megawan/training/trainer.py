@@ -257,7 +257,8 @@ class Trainer:
             lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(decay_steps, o.warmup_steps + 1),
             lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant")
-        self.ema = EMA(self.chunks, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_decay > 0 else None
+        self.ema = (EMA(self.chunks, cfg.train.ema_decay, self.optimizer, skip_frozen=cfg.lora.enabled)
+                    if cfg.train.ema_decay > 0 else None)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         d = cfg.data
         sizes = {"video": d.global_batch_size, "image": d.image_global_batch_size or d.global_batch_size}
