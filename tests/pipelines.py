@@ -68,3 +68,12 @@ def make_official_i2v_pipeline(folder, dtype=torch.bfloat16, seed: int = 0, **kw
     cfg = make_official_pipeline(folder, "tiny-i2v", TINY_I2V, dtype=dtype, seed=seed, **kwargs)
     write_tiny_clip(folder, seed=seed)
     return cfg
+
+
+def make_pipelines_in_three_layouts(root) -> None:
+    """A tiny official T2V pipeline in `root`/official, converted to `root`/megawan and `root`/diffusers."""
+    from megawan.export import convert_pipeline
+
+    make_official_pipeline(root / "official", dtype=torch.float32)
+    convert_pipeline(str(root / "official"), "official", str(root / "megawan"), "megawan")
+    convert_pipeline(str(root / "official"), "official", str(root / "diffusers"), "diffusers")

@@ -13,7 +13,7 @@ import torch
 from megawan.export import convert_pipeline
 from megawan.generation import GenerationRequest, run_generate
 from megawan.parallel.launch import spawn_local
-from pipelines import TINY_T2V, make_official_pipeline
+from pipelines import TINY_T2V, make_official_pipeline, make_pipelines_in_three_layouts
 
 pytest.importorskip("diffusers")
 PROMPTS = ["a red circle moves left", "a blue square moves down"]
@@ -22,9 +22,7 @@ PROMPTS = ["a red circle moves left", "a blue square moves down"]
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
-    make_official_pipeline(root / "official", dtype=torch.float32)
-    convert_pipeline(str(root / "official"), "official", str(root / "megawan"), "megawan")
-    convert_pipeline(str(root / "official"), "official", str(root / "diffusers"), "diffusers")
+    make_pipelines_in_three_layouts(root)
     return root
 
 

@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megawan.export import convert_pipeline
 from megawan.lora import (LoRAFileError, apply_lora, export_lora, load_lora, merge_adapters, merge_lora_file,
                           read_lora_file, write_lora_file)
 from megawan.parallel.launch import spawn_local
-from pipelines import make_official_pipeline
+from pipelines import make_pipelines_in_three_layouts
 from test_generate import PROMPTS, _generate, _rel, _request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
@@ -53,9 +52,7 @@ def _lora_run(rank, pipeline, root):
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    make_official_pipeline(root / "official", dtype=torch.float32)
-    convert_pipeline(str(root / "official"), "official", str(root / "megawan"), "megawan")
-    convert_pipeline(str(root / "official"), "official", str(root / "diffusers"), "diffusers")
+    make_pipelines_in_three_layouts(root)
     spawn_local(_lora_run, world_size=1, args=(str(root / "megawan"), str(root)))
     return root
 

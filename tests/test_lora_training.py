@@ -6,6 +6,7 @@ another base; configs that cannot work are refused before any rank starts."""
 import dataclasses
 import os
 import shutil
+import sys
 import zlib
 
 import pytest
@@ -21,10 +22,13 @@ from megawan.checkpoint import (CheckpointTensors, is_lora_checkpoint, read_trai
 from megawan.config import ConfigError, DiTConfig, ParallelConfig, dit_preset, load_config
 from megawan.convert import convert_state_dict
 from megawan.diffusion import FlowMatching
-from megawan.lora import adapters, apply_lora
+from megawan.lora import adapters, apply_lora, read_lora_file
 from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
 from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.parallel.launch import spawn_local
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402  (tools/ is not a package)
 
 RANK, ALPHA = 4, 8.0
 LAYOUTS = {8: dict(tensor_parallel=2, sequence_parallel=True, pipeline_parallel=2, context_parallel=2),  # by world
@@ -199,6 +203,16 @@ def test_lora_run_checkpoints_adapters_only_resumes_exactly_and_refuses_another_
     assert all("_lora.lora_" in k for k in saved)  # model, optimizer and EMA tensors: the adapters' alone
     model_numel = sum(n for k, n in saved.items() if k in keys)
     assert model_numel * 4 < sum(base_tensors.values())  # tiny model, rank 4 on 8 of 10 linears: about 1/7
+
+    # the trained adapters as the files diffusers / ComfyUI load (tests/test_lora_files.py samples such files)
+    for fmt in ("diffusers", "comfyui"):
+        out = str(tmp_path / f"trained-{fmt}.safetensors")
+        assert convert_main(["--src", last, "--src-format", "megawan", "--lora-out", out, "--lora-format", fmt]) == 0
+        lora = read_lora_file(out)
+        assert len(lora) == len(keys) // 2 and {t.alpha for t in lora.values()} == {ALPHA}
+        q = lora["blocks.1.self_attention.linear_q"]
+        assert torch.equal(q.A, CheckpointTensors(last).get("blocks.1.self_attention.linear_q_lora.lora_A"))
+        assert torch.equal(q.B, CheckpointTensors(last).get("blocks.1.self_attention.linear_q_lora.lora_B"))
 
     # a run stopped after its checkpoint of step 2 (the later one gone, as after a kill), then the same command
     resumed = str(tmp_path / "resumed")
