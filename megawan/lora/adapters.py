@@ -82,12 +82,7 @@ class LoRAAdapter(nn.Module):
         self.out_features = out_local * tp if self.mode == "column" else out_local
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-        a, b = self._initial(init, seed, weight.device)
-        tp_rank = self.tp_group.rank() if self.tp_group is not None else 0
-        if self.mode == "row" and tp > 1:
-            a = a.chunk(tp, dim=1)[tp_rank]
-        if self.mode == "column" and tp > 1:
-            b = b.chunk(tp, dim=0)[tp_rank]
+        a, b = self.this_rank(*self._initial(init, seed, weight.device))
         self.lora_A = nn.Parameter(a.to(weight.dtype).contiguous())
         self.lora_B = nn.Parameter(b.to(weight.dtype).contiguous())
         if tp > 1 and self.mode == "row":
@@ -107,6 +102,18 @@ class LoRAAdapter(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             a.uniform_(-bound, bound, generator=g)
         return a.to(device), torch.zeros(self.out_features, self.rank, device=device)
+
+    def this_rank(self, a: torch.Tensor, b: torch.Tensor) -> tuple:
+        """This TP rank's slices of a whole A [rank, in] and B [out, rank]: a row adapter's A by columns, a column
+        adapter's B by rows."""
+        if self.tp_group is None:
+            return a, b
+        tp, rank = self.tp_group.size(), self.tp_group.rank()
+        if self.mode == "row":
+            a = a.chunk(tp, dim=1)[rank]
+        elif self.mode == "column":
+            b = b.chunk(tp, dim=0)[rank]
+        return a, b
 
     @property
     def scale(self) -> float:

@@ -314,19 +314,6 @@ class MergedSource:
 # Models
 
 
-def _this_rank(adapter: LoRAAdapter, a: torch.Tensor, b: torch.Tensor) -> tuple:
-    """This TP rank's slices of the whole A and B, as LoRAAdapter splits them."""
-    group = adapter.tp_group
-    if group is None:
-        return a, b
-    tp, rank = group.size(), group.rank()
-    if adapter.mode == "row":
-        a = a.chunk(tp, dim=1)[rank]
-    elif adapter.mode == "column":
-        b = b.chunk(tp, dim=0)[rank]
-    return a, b
-
-
 def _check_fits(lora: LoRAFile, name: str, adapter: LoRAAdapter) -> None:
     t, key = lora[name], lora.key_of(name)
     if t.A.shape[0] != adapter.rank:
@@ -369,7 +356,7 @@ def load_lora(model, lora, scale: float = 1.0) -> list:
         if missing:
             raise LoRAFileError(f"{lora.path} holds no tensors for the model's adapter on {missing[0]}")
     for name, parent, attr, adapter in plan:
-        a, b = _this_rank(adapter, lora[name].A, lora[name].B)
+        a, b = adapter.this_rank(lora[name].A, lora[name].B)
         adapter.lora_A.copy_(a)
         adapter.lora_B.copy_(b)
         adapter.alpha, adapter.multiplier = lora[name].alpha, float(scale)
