@@ -17,7 +17,14 @@ INSTALL_REQUIRES = [
     "av>=12",  # PyAV: video decoding on CPU, synthetic videos
     "zarr>=3,<4",  # the latent store (v3 format, sharding)
     "pillow",
+    "tqdm>=4.60",  # progress lines of train, precompute, generate, conversion (log-friendly off a terminal)
 ]
+
+# What a run logs to and draws with: TensorBoard event files (on by default: logging.tensorboard=auto writes them
+# when this is installed, as the quickstart does) and matplotlib for tools/plot_metrics.py and the demo's loss plot.
+LOGGING = ["tensorboard>=2.14", "matplotlib>=3.7"]
+# The generation web page (`megawan serve`)
+SERVE = ["gradio>=4.44"]
 
 EXTRAS = {
     # Test-only references: diffusers' Wan classes and transformers' UMT5 are what we check against.
@@ -34,7 +41,14 @@ EXTRAS = {
         # the decoding tolerances in tests/test_data_dali.py were measured with. One py3-none wheel (~420 MB) for
         # every Python 3, no torch dependency; Linux only (x86_64, aarch64)
         "nvidia-dali-cuda120==2.4.0; sys_platform == 'linux'",
+        *LOGGING,  # the tests read TensorBoard's event files back and draw plots
+        "wandb",  # offline mode: a requeued run keeps its W&B id
+        *SERVE,
+        "selenium>=4.20",  # drives headless Chromium (apt: chromium, chromium-driver) against `megawan serve`
     ],
+    "logging": LOGGING,
+    "wandb": ["wandb"],
+    "serve": SERVE,
     "gpu": [
         "transformer-engine[pytorch]>=2.9",  # te.autocast; megatron-core 0.16.1 declares 2.9 - 2.11
         # fn.decoders.video with frames=, as megawan.data.dali uses it. The CUDA 12 build also runs under CUDA 13
