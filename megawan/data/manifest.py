@@ -64,7 +64,7 @@ def _rows(path: str):
             for number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
                 yield number, {k: v for k, v in row.items() if v not in (None, "")}
     else:
-        raise ManifestError(f"{path}: a manifest is .jsonl or .csv")
+        raise ManifestError(f"{path}: a manifest is .jsonl or .csv (or WebDataset .tar shards, docs/data.md)")
 
 
 def _number(value, path, number, field):
