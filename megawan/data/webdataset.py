@@ -101,7 +101,7 @@ def shard_paths(source: str) -> list:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise ShardError(f"{missing[0]}: shard not found ({len(missing)} of the {len(paths)} shards of {source} "
-                         "are missing; quote a brace pattern so the shell leaves it to megawan)")
+                         "are missing)")
     return [os.path.abspath(p) for p in paths]
 
 
