@@ -94,13 +94,13 @@ def test_brace_patterns_and_shard_sources(tmp_path):
     assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
     for i in range(2):
         with tarfile.open(tmp_path / f"{i:06d}.tar", "w") as tar:
-            for name, data in ((f"k{i}.txt", b"caption"), (f"k{i}.mp4", b"x")):
+            for name, data in ((f"k{i}.txt", b"caption"), (f"k{i}{'.clip' * i}.mp4", b"x")):
                 (tmp_path / name).write_bytes(data)
                 tar.add(tmp_path / name, arcname=name)
     by_pattern = read_shards(str(tmp_path / "{000000..000001}.tar"))
     assert [e.id for e in by_pattern] == ["000000/k0", "000001/k1"]
     assert read_entries(str(tmp_path)) == by_pattern  # the folder of shards: the same entries, same order
-    assert member_of(by_pattern[1].path) == (str(tmp_path / "000001.tar"), "k1.mp4")
+    assert member_of(by_pattern[1].path) == (str(tmp_path / "000001.tar"), "k1.clip.mp4")  # field "clip.mp4"
     with pytest.raises(ShardError, match="000002.tar: shard not found"):
         read_shards(str(tmp_path / "{000000..000002}.tar"))
     with pytest.raises(ShardError, match="compressed tar"):

@@ -7,8 +7,8 @@
 
 A shard is a plain (uncompressed) tar; a sample is the members sharing a key, the member name up to the first
 dot of its base name (`clips/000123.mp4` and `clips/000123.txt`: key `clips/000123`, as webdataset splits it).
-A sample gives a manifest entry with
-- its video (VIDEO_EXTENSIONS; else an image, IMAGE_EXTENSIONS) as `path`: `<shard>/<member>`, the shard's path
+The member's type is the last suffix of the rest (`000123.clip.mp4`: an mp4). A sample gives a manifest entry with
+- its (first) video (VIDEO_EXTENSIONS; else an image, IMAGE_EXTENSIONS) as `path`: `<shard>/<member>`, the shard's path
   followed by the member's name, which `member_of` splits and `local_copy` reads;
 - its caption from `txt` (or `caption`, `text`) or from the `caption` (or `text`, `prompt`) field of `json`;
 - the id `<shard>/<key>`, the shard's path relative to the shards' common folder without `.tar`: stable
@@ -137,6 +137,7 @@ def _samples(shard: str) -> dict:
                 continue
             name = info.name[2:] if info.name.startswith("./") else info.name
             key, ext = split_key(name)
+            ext = ext.rsplit(".", 1)[-1]  # a field "clip.mp4" or "caption.txt" is an mp4 or a txt
             sample = samples.setdefault(key, {})
             is_video, is_image = ext in VIDEO_EXTENSIONS, ext in IMAGE_EXTENSIONS
             if (is_video and not sample.get("video")) or (is_image and "media" not in sample):  # clip > thumbnail
