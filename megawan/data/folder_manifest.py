@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,6 +36,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PATH_COLUMNS, CAPTION_COLUMNS = ("path", "video"), ("caption", "text")
 PASSED_COLUMNS = ("start", "end", "fps")  # a CSV's clip window and sampling rate, as the manifest reads them
+CHUNK = 1024  # files handed to the probing threads at once
 
 
 @dataclass
@@ -56,7 +58,8 @@ def _ids(paths: list, root: str) -> list:
     """Relative path without suffix ("a/clip"); files sharing a stem keep their suffix ("a/clip.mp4")."""
     rel = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
     stems = [os.path.splitext(r)[0] for r in rel]
-    return [s if stems.count(s) == 1 else r for s, r in zip(stems, rel)]
+    counts = Counter(stems)
+    return [s if counts[s] == 1 else r for s, r in zip(stems, rel)]
 
 
 def folder_candidates(folder: str) -> list:
@@ -195,7 +198,9 @@ def make_manifest(source: str, out: str, workers: int = 8, progress: bool = True
     rows, skipped, seen = [], [], {}
     bar = Progress(len(candidates), desc="probe", unit="files", enabled=progress)
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:  # PyAV and PIL release the GIL while reading
-        for candidate, info in pool.map(_probed, candidates):
+        probed = (result for start in range(0, len(candidates), CHUNK)  # a bounded number of futures at a time
+                  for result in pool.map(_probed, candidates[start:start + CHUNK]))
+        for candidate, info in probed:
             if candidate.problem is None and candidate.id in seen:
                 candidate.problem = f"id {candidate.id!r} repeats {seen[candidate.id]}"
             if candidate.problem is not None:
