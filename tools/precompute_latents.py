@@ -29,7 +29,9 @@ from megawan.utils.user_errors import run_main
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--manifest", required=True, help="JSONL or CSV: path, caption[, start, end, fps, id]")
+    ap.add_argument("--manifest", required=True,
+                    help="JSONL or CSV: path, caption[, start, end, fps, id]; or WebDataset shards: a quoted brace "
+                         "pattern 'shards/{000000..000009}.tar', one .tar, or a folder of .tar (docs/data.md)")
     ap.add_argument("--out", required=True, help="the Zarr store (created, or resumed when it exists)")
     ap.add_argument("--vae", required=True, help="VAE weights (official .pth, diffusers or megawan safetensors)")
     ap.add_argument("--vae-config", default="wan2.1", help="VAE preset: wan2.1, wan2.2, tiny-2.1, tiny-2.2")

@@ -4,7 +4,9 @@
     entries = read_manifest("clips.jsonl")     # [ManifestEntry(id=..., path=..., caption=..., ...)]
 
 Relative paths are resolved against the manifest's folder. A malformed row is an error that names the file,
-the row and the field; ids must be unique (they key the latent store).
+the row and the field; ids must be unique (they key the latent store). The fields tools/make_manifest.py measures
+(PROBE_FIELDS: duration, frames, width, height, source_fps) may stand beside them, for the reader's information;
+precompute measures each file itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Optional
 from megawan.utils.user_errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# what megawan.data.folder_manifest writes beside each row; `source_fps` is the file's own rate, not `fps`, which
+# is the rate precompute samples the clip at
+PROBE_FIELDS = ("duration", "frames", "width", "height", "source_fps")
 
 
 class ManifestError(UserError, ValueError):
@@ -32,6 +37,9 @@ class ManifestEntry:
     start: Optional[float] = None
     end: Optional[float] = None
     fps: Optional[float] = None
+    # why this row cannot give a sample (a WebDataset sample without a caption or a video): precompute reports it
+    # as skipped, with this reason, and decodes nothing
+    problem: Optional[str] = None
 
     @property
     def is_image(self) -> bool:
@@ -56,7 +64,7 @@ def _rows(path: str):
             for number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
                 yield number, {k: v for k, v in row.items() if v not in (None, "")}
     else:
-        raise ManifestError(f"{path}: a manifest is .jsonl or .csv")
+        raise ManifestError(f"{path}: a manifest is .jsonl or .csv (or WebDataset .tar shards, docs/data.md)")
 
 
 def _number(value, path, number, field):
@@ -74,7 +82,7 @@ def read_manifest(path: str) -> list:
     entries, seen = [], {}
     known = {"id", "path", "caption", "start", "end", "fps"}
     for number, row in _rows(path):
-        unknown = sorted(set(row) - known)
+        unknown = sorted(set(row) - known - set(PROBE_FIELDS))
         if unknown:
             raise ManifestError(f"{path}: row {number} has unknown field(s) {unknown}; known: {sorted(known)}")
         for field in ("path", "caption"):

@@ -26,7 +26,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -41,10 +41,11 @@ from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
 from megawan.data.conditioning import KINDS, clip_images, conditioning_video, frame_mask, given_frames
 from megawan.data.decoding import DecodeError, UnsupportedCodecError
-from megawan.data.manifest import ManifestEntry, read_manifest
+from megawan.data.manifest import ManifestEntry
 from megawan.data.store import LatentStore, Sample
 from megawan.data.store_metadata import ConditioningMetadata, StoreMetadata, TextEncoderMetadata, VAEMetadata
 from megawan.data.video import BACKENDS, decode_image, decode_video
+from megawan.data.webdataset import local_copy, read_entries
 from megawan.utils.progress import Progress
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -52,7 +53,7 @@ STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16":
 
 @dataclass
 class PrecomputeJob:
-    manifest: str
+    manifest: str  # a .jsonl / .csv manifest, or WebDataset shards: "shards/{000000..000009}.tar", a .tar, a folder
     out: str
     vae: str
     text_encoder: str
@@ -118,6 +119,23 @@ class Prepared:
 def prepare(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str = "auto",
             device_id: Optional[int] = None) -> Prepared:
     """Decode one manifest row, pick its bucket, resize + crop. A bad file gives skip_reason, never raises.
+    A WebDataset shard's member is decoded from a temporary copy (megawan.data.webdataset.local_copy); a shard
+    sample without a caption or a video (`entry.problem`) is skipped with that reason. See `_prepare_file`."""
+    if entry.problem is not None:
+        return Prepared(entry, skip_reason=entry.problem)
+    try:
+        with local_copy(entry.path) as path:
+            item = _prepare_file(entry if path == entry.path else replace(entry, path=path), buckets, fps,
+                                 decode_backend, device_id)
+    except DecodeError as e:
+        return Prepared(entry, skip_reason=e.reason)
+    item.entry = entry  # the entry's own path (`<shard>.tar/<member>`) in the store and the skip report
+    return item
+
+
+def _prepare_file(entry: ManifestEntry, buckets: list, fps: float, decode_backend: str,
+                  device_id: Optional[int]) -> Prepared:
+    """One row whose path is a file.
 
     A video goes through DALI on the GPU with decode_backend "dali-gpu", or "auto" where CUDA and DALI are there
     (a codec NVDEC refuses then falls back to PyAV): decoded, resized and cropped on GPU `device_id` (by default
@@ -294,7 +312,7 @@ def run_precompute(job: PrecomputeJob, rank: int = 0, world_size: int = 1, barri
     barrier = barrier or (lambda: None)
     device = resolve_device(device)  # None: this rank's (the GPU initialize() gave it, else the CPU)
     decode_gpu = decode_device_id(device)
-    entries = read_manifest(job.manifest)
+    entries = read_entries(job.manifest)  # a manifest file or WebDataset shards, the same list on every rank
     buckets = job.resolved_buckets()
     encoders = Encoders(job, device)
     metadata = StoreMetadata(vae=encoders.vae_metadata, text_encoder=encoders.text_metadata,
