@@ -40,7 +40,7 @@ from megawan.artifacts import load_vae
 from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.schedule import forward_backward
 from megawan.utils.images import captioned_rows, contact_sheet, video_to_uint8
-from megawan.utils.media import media_suffix, read_media, write_media
+from megawan.utils.media import media_suffix, preview_path, read_media, write_media
 
 
 CONTACT_SHEET = "contact_sheet.png"
@@ -226,7 +226,7 @@ class Validator:
                 f.writelines(json.dumps(w) + "\n" for w in written)
         dist.barrier()
         if dist.get_rank() == 0:
-            self._merge(folder)
+            merge_samples(folder)
         return {"val/samples": n}
 
     def _image_inputs(self, rows: list) -> tuple:
@@ -284,25 +284,13 @@ class Validator:
                 name = r["id"] + media_suffix(frames.shape[0])
                 write_media(os.path.join(folder, name), frames, fps=self.cfg.fps)
                 record["video" if frames.shape[0] > 1 else "image"] = name
+                if frames.shape[0] > 1:  # write_media's animated preview beside the mp4
+                    record["preview"] = os.path.basename(preview_path(name))
                 strip = contact_sheet(frames, max_frames=8, gap=2, min_height=STRIP_MIN_HEIGHT)
                 strip.save(os.path.join(folder, f"{r['id']}.strip.png"))
                 record["strip"] = f"{r['id']}.strip.png"
             out.append(record)
         return out
-
-    def _merge(self, folder: str) -> None:
-        rows = []
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("samples-rank") and name.endswith(".jsonl"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    rows += [json.loads(line) for line in f if line.strip()]
-                os.remove(os.path.join(folder, name))
-        rows.sort(key=lambda r: r["id"])
-        with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        strips = [(r["caption"], Image.open(os.path.join(folder, r["strip"]))) for r in rows if "strip" in r]
-        if strips:
-            captioned_rows(strips).save(os.path.join(folder, CONTACT_SHEET))
 
     def media(self, step: int) -> dict:
         """The pictures validation wrote at `step`, as MetricsLogger.log_media takes them: {"videos": [(tag,
@@ -312,6 +300,23 @@ class Validator:
         if dist.get_rank() != 0 or not os.path.exists(os.path.join(folder, "samples.jsonl")):
             return {"videos": [], "images": []}
         return media_of(folder)
+
+
+def merge_samples(folder: str) -> None:
+    """Rank 0, once every leader has written: the leaders' rows (samples-rankNNNNN.jsonl) become samples.jsonl,
+    sorted by id, and their strips one contact_sheet.png, each prompt's caption left of its row."""
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("samples-rank") and name.endswith(".jsonl"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+            os.remove(os.path.join(folder, name))
+    rows.sort(key=lambda r: r["id"])
+    with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    strips = [(r["caption"], Image.open(os.path.join(folder, r["strip"]))) for r in rows if "strip" in r]
+    if strips:
+        captioned_rows(strips).save(os.path.join(folder, CONTACT_SHEET))
 
 
 def media_of(folder: str) -> dict:
@@ -331,7 +336,7 @@ def read_samples(folder: str) -> list:
     with open(os.path.join(folder, "samples.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     for r in rows:
-        for key in ("latents", "video", "image", "strip"):
+        for key in ("latents", "video", "image", "preview", "strip"):
             if key in r:
                 r[key] = os.path.join(folder, r[key])
     return rows
