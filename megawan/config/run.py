@@ -216,7 +216,7 @@ class LoggingConfig:
              f"{self.tensorboard!r} is not auto | true | false")
         need(self.tensorboard is not True or tensorboard_installed(), "tensorboard",
              "true, but tensorboard is not installed: pip install megawan[logging] (or logging.tensorboard=auto)")
-        need(not self.wandb_project or importlib.util.find_spec("wandb") is not None, "wandb_project",
+        need(not self.wandb_project or wandb_installed(), "wandb_project",
              "set, but wandb is not installed: pip install megawan[wandb]")
         return self
 
@@ -228,6 +228,10 @@ class LoggingConfig:
 def tensorboard_installed() -> bool:
     """torch.utils.tensorboard needs the tensorboard package; looked up without importing it (fast)."""
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def wandb_installed() -> bool:
+    return importlib.util.find_spec("wandb") is not None
 
 
 @dataclass
