@@ -38,7 +38,8 @@ from megawan.utils.media import read_media
 logger = logging.getLogger("megawan")
 
 WANDB_ID_FILE = "wandb_run_id"
-TB_VIDEO_MAX_SIDE = 512  # TensorBoard holds every GIF in its event file: big clips are shrunk for it
+# TensorBoard holds every picture in its event file: big clips (GIFs) and sheets are shrunk for it
+TB_VIDEO_MAX_SIDE, TB_IMAGE_MAX_SIDE = 512, 2048
 
 
 class MetricsLogger:
@@ -114,9 +115,9 @@ class MetricsLogger:
             return
         if self.tb is not None:
             for tag, path, caption in videos:
-                self._tb_picture(tag, read_media(path), step, caption, fps=_fps(path))
+                self._tb_picture(tag, read_media(path), step, caption, TB_VIDEO_MAX_SIDE, fps=_fps(path))
             for tag, path, caption in images:
-                self._tb_picture(tag, read_media(path), step, caption)
+                self._tb_picture(tag, read_media(path), step, caption, TB_IMAGE_MAX_SIDE)
             self.tb.flush()
         if self.wandb is not None:
             import wandb
@@ -125,13 +126,13 @@ class MetricsLogger:
             media.update({tag: wandb.Image(path, caption=caption) for tag, path, caption in images})
             self.wandb.log(media, step=step)
 
-    def _tb_picture(self, tag: str, frames, step: int, caption: str | None, fps: float = 16.0) -> None:
+    def _tb_picture(self, tag: str, frames, step: int, caption: str | None, max_side: int, fps: float = 16.0) -> None:
         """One picture (one frame: PNG) or clip (animated GIF) as a TensorBoard image summary; the caption is
         the tag's display name and description (the image dashboard shows both)."""
         from PIL import Image
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 
-        frames = enlarge_frames(frames, max_side=TB_VIDEO_MAX_SIDE)
+        frames = enlarge_frames(frames, max_side=max_side)
         pictures = [Image.fromarray(f) for f in frames]
         buffer = io.BytesIO()
         if len(pictures) == 1:

@@ -20,8 +20,6 @@ import os
 
 import numpy as np
 
-from megawan.utils.images import enlarge_frames
-
 VIDEO_SUFFIX, IMAGE_SUFFIX, PREVIEW_SUFFIX = ".mp4", ".png", ".webp"
 PREVIEW_MIN_HEIGHT, PREVIEW_MAX_SIDE = 128, 640  # tiny demo frames shown 4x; 720p clips shrunk to a preview
 
@@ -77,6 +75,8 @@ def write_preview(path: str, frames: np.ndarray, fps: int = 16) -> None:
     PREVIEW_MIN_HEIGHT enlarged by a whole factor (nearest neighbour), a longer side above PREVIEW_MAX_SIDE shrunk.
     """
     from PIL import Image
+
+    from megawan.utils.images import enlarge_frames  # here: images.py imports torch, a png write needs none
 
     pictures = [Image.fromarray(f) for f in enlarge_frames(frames, PREVIEW_MIN_HEIGHT, PREVIEW_MAX_SIDE)]
     options = {"quality": 90} if path.lower().endswith(PREVIEW_SUFFIX) else {}
