@@ -31,7 +31,7 @@ import os
 import secrets
 import time
 
-from megawan.config import config_to_dict
+from megawan.config import ConfigError, config_to_dict
 from megawan.utils.images import enlarge_frames
 from megawan.utils.media import read_media
 
@@ -74,9 +74,13 @@ class MetricsLogger:
         if wandb_project:
             import wandb  # the config check refuses wandb_project without wandb before any rank starts
 
-            self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=wandb_run_name,
-                                    id=wandb_run_id(run_folder or directory), resume="allow", config=config or {},
-                                    dir=directory)
+            try:
+                self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=wandb_run_name,
+                                        id=wandb_run_id(run_folder or directory), resume="allow",
+                                        config=config or {}, dir=directory)
+            except wandb.errors.Error as e:  # not logged in, no network, a project of another entity, ...
+                raise ConfigError(f"logging.wandb_project: W&B did not start ({' '.join(str(e).split())}); "
+                                  "`wandb login`, or WANDB_MODE=offline to log now and `wandb sync` later") from None
             where = "offline, `wandb sync` uploads it later" if self.wandb.settings.mode == "offline" else \
                 self.wandb.url
             said.append(f"W&B run {self.wandb.id} of {wandb_project} ({where}; files {self.wandb.dir})")
