@@ -6,7 +6,8 @@
     2. precompute: decode -> bucket -> VAE latents + umT5 states -> Zarr stores (training and held-out)
     3. `megawan train` under torchrun on 4 CPU ranks, tensor parallel 2 x data parallel 2 (distributed
        optimizer), joint image + video batches, EMA, text dropout for guidance, checkpoints, validation
-       (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet)
+       (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet), TensorBoard events when
+       tensorboard is installed, and the loss plot <out>/loss.png (megawan.training.loss_plot)
     4. the colour check: the dominant colour of each held-out prompt's generated frames against the colour
        its caption names (megawan.demo.shapes.dominant_color)
     5. `megawan generate` samples the checkpoint for new prompts on 2 ranks (tensor parallel) -> mp4
