@@ -62,6 +62,7 @@ setup(
     name="megawan",
     version="0.1.0",
     description="Train Wan-style video diffusion models at scale on megatron-core",
+    license="Apache-2.0",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # zarr 3
