@@ -105,6 +105,14 @@ def test_tensorboard_events_hold_the_scalars_clips_and_contact_sheet(validation_
     rows = [json.loads(line) for line in open(logs / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [5, 10, 10] and rows[1]["grad_norm"] is None
 
+    resumed = MetricsLogger(str(logs), tensorboard=True, step=5)  # killed after step 10, resumed from step 5
+    resumed.write(10, {"loss": 0.125})
+    resumed.close()
+    events = EventAccumulator(str(logs / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()  # TensorBoard, like metrics.jsonl, holds the resumed run's step 10 only
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 0.5), (10, 0.125)]
+    assert [r["step"] for r in map(json.loads, open(logs / "metrics.jsonl"))] == [5, 10]
+
 
 def test_wandb_run_id_is_kept_in_the_checkpoint_folder_across_a_requeue(tmp_path, monkeypatch, validation_step):
     pytest.importorskip("wandb")

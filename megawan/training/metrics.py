@@ -9,8 +9,8 @@ Weights & Biases (when logging.wandb_project is set).
 
 A run resumed at step S (after a kill, a pre-emption, a torchrun restart) computes steps S+1, ... again: the
 rows that the stopped run logged for them are dropped from metrics.jsonl when the logger opens, so the file
-holds each step once, the one of the run that carried on. (TensorBoard shows both and W&B keeps the first: it
-refuses a step below the newest it holds.)
+holds each step once, the one of the run that carried on; TensorBoard is told the same (SummaryWriter's
+purge_step). W&B keeps the stopped run's values for those steps: it refuses a step below the newest it holds.
 
 W&B's run id lives in a file of the checkpoint folder (`wandb_run_id`), written on the first start and read on
 every later one: a requeued Slurm job, a torchrun restart or a resume by hand continues the same W&B run, even
@@ -69,7 +69,9 @@ class MetricsLogger:
                     raise
             else:
                 self.tb_dir = os.path.join(directory, "tensorboard")
-                self.tb = SummaryWriter(self.tb_dir)
+                # a resumed run: TensorBoard hides what the stopped run logged after `step` (a SessionLog START at
+                # step + 1 in the new event file), as metrics.jsonl drops those rows
+                self.tb = SummaryWriter(self.tb_dir, purge_step=step + 1 if step else None)
                 said.append(f"TensorBoard {self.tb_dir} (tensorboard --logdir {self.tb_dir})")
         if wandb_project:
             import wandb  # the config check refuses wandb_project without wandb before any rank starts
