@@ -30,15 +30,3 @@ def test_bench_loader_smoke(tmp_path, capsys):
     assert all(r["samples_per_s"] > 0 and r["ratio_vs_h100"] > 0 for r in result["rows"])
     assert result["h100_samples_per_s"] > 0 and "x H100 need" in capsys.readouterr().out
 
-
-def test_plot_metrics_keeps_the_last_value_of_relogged_steps(tmp_path, capsys):
-    from plot_metrics import load_curve, main
-
-    path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 1, "loss": 1.0, "lr": 0.1}, {"step": 2, "loss": 0.9, "lr": 0.1}, {"step": 3, "loss": None},
-            {"step": 2, "loss": 0.8, "lr": 0.1}, {"step": 3, "loss": 0.7, "lr": 0.05}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps, loss, lr = load_curve(str(path))
-    assert steps.tolist() == [1, 2, 3] and loss.tolist() == [1.0, 0.8, 0.7]
-    out = tmp_path / "loss.png"
-    assert main([str(path), "--out", str(out), "--smooth", "2"]) == 0 and out.stat().st_size > 0

@@ -13,9 +13,12 @@ the caption names. The tiny model must get at least 90 % right."""
 import json
 import os
 
+from PIL import Image
+
 from megawan.demo.tiny_assets import TINY_VAE_STEPS
 from megawan.training.metrics import read_metrics
-from megawan.training.validation import frames_of
+from megawan.training.validation import frames_of, read_samples
+from megawan.utils.media import preview_path
 
 
 def test_demo_runs_end_to_end(demo_run):
@@ -32,7 +35,32 @@ def test_demo_runs_end_to_end(demo_run):
     assert val[0] < 0.9 * train[0]  # it learned something: the held-out loss is well under the first step's
     colours = json.load(open(out / "color_accuracy.json"))
     assert colours["total"] == 24 and colours["accuracy"] >= 0.9, colours
-    assert sorted(os.listdir(out / "samples")) == sorted(os.path.basename(p) for p in summary["videos"].values())
+    mp4s = sorted(n for n in os.listdir(out / "samples") if n.endswith(".mp4"))
+    assert mp4s == sorted(os.path.basename(p) for p in summary["videos"].values())
     for prompt, path in summary["videos"].items():
         frames = frames_of({"video": path})
         assert frames.shape == (17, 32, 48, 3), (prompt, frames.shape)
+        assert os.path.isfile(preview_path(path))  # the animated .webp beside each mp4
+
+
+def test_demo_writes_tensorboard_events_and_a_loss_plot(demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, summary = demo_run
+    assert summary["tensorboard"] == str(out / "checkpoints" / "logs" / "tensorboard")
+    events = EventAccumulator(summary["tensorboard"], size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "val/loss"} <= set(tags["scalars"])
+    assert "bucket" not in tags["scalars"]
+    assert [e.step for e in events.Scalars("loss")] == list(range(10, 1201, 10))
+    clips = [t for t in tags["images"] if t.startswith("val/video/")]
+    assert len(clips) == 24 and "val/contact_sheet" in tags["images"]
+    captions = {r["id"]: r["caption"] for r in read_samples(summary["validation"])}
+    for tag in clips:
+        (clip,) = events.Images(tag)
+        assert clip.step == 1200 and clip.encoded_image_string[:6] == b"GIF89a"
+        assert events.SummaryMetadata(tag).display_name == captions[tag.rsplit("/", 1)[1]]
+    assert summary["loss_plot"] == str(out / "loss.png")
+    with Image.open(summary["loss_plot"]) as plot:
+        assert plot.format == "PNG" and plot.width > 600

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megawan.training.metrics import read_metrics
 from megawan.training.validation import frames_of, read_samples
@@ -72,6 +73,11 @@ def test_validation_is_the_same_in_every_layout(tmp_path, data, trained):
         assert frames.shape == (17, 32, 48, 3) and frames.dtype == np.uint8
         assert torch.load(row["latents"]).shape == (4, 5, 4, 6)
     assert os.path.exists(os.path.join(folder, "contact_sheet.png"))
+    assert all(os.path.isfile(row["preview"]) for row in ref_rows)  # the animated .webp beside each mp4
+    events = EventAccumulator(os.path.join(folder, "..", "..", "tensorboard"), size_guidance={"images": 0})
+    events.Reload()  # logging.tensorboard=auto: events with the held-out loss, each clip and the contact sheet
+    assert "val/loss" in events.Tags()["scalars"] and set(events.Tags()["images"]) == {
+        *(f"val/video/{r['id']}" for r in ref_rows), "val/contact_sheet"}
     assert set(ref_metrics) >= {"val/loss", "val/loss_t0.10", "val/loss_t0.90", "val/seconds"}
     assert np.isfinite(ref_metrics["val/loss"])
 

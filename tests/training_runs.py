@@ -44,7 +44,8 @@ def launch(nproc, ckpt, store, *overrides, restarts=None):
                       "--rdzv-endpoint", f"localhost:{free_port()}", "--monitor-interval", "0.1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *rendezvous,
            "-m", "megawan.cli", "train", "--config", CONFIG, f"data.store={store}", f"checkpoint.dir={ckpt}",
-           *overrides]
+           "logging.tensorboard=false", *overrides]  # these runs read metrics.jsonl; TensorBoard's import costs
+    # each ~1 s (tests/test_trackers.py, test_validation.py and test_demo.py read events back)
     # a session of its own: kill_tree and the tests' signals reach this run only
     return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

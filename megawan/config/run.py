@@ -9,8 +9,9 @@ known one); impossible values are rejected by `validate()` before any rank start
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -198,10 +199,39 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: Optional[str] = None  # metrics.jsonl and TensorBoard events (default: <checkpoint.dir>/logs)
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    """Where a run's numbers and pictures go: metrics.jsonl always; TensorBoard events and Weights & Biases when
+    asked for (megawan.training.metrics.MetricsLogger). W&B's run id is kept in <checkpoint.dir>/wandb_run_id,
+    so a requeued or restarted job continues the same W&B run."""
+
+    dir: Optional[str] = None  # metrics.jsonl, TensorBoard events, W&B files (default: <checkpoint.dir>/logs)
+    tensorboard: Any = "auto"  # auto (on when tensorboard is installed) | true | false
+    wandb_project: Optional[str] = None  # set = log to W&B (WANDB_MODE=offline works: `wandb sync` later)
+    wandb_entity: Optional[str] = None  # W&B team or user (default: the logged-in account's)
+    wandb_run_name: Optional[str] = None  # the run's display name (default: W&B picks one)
     progress: bool = True
+
+    def validate(self, prefix: str = "logging") -> "LoggingConfig":
+        need = checker(prefix)
+        need(isinstance(self.tensorboard, bool) or self.tensorboard == "auto", "tensorboard",
+             f"{self.tensorboard!r} is not auto | true | false")
+        need(self.tensorboard is not True or tensorboard_installed(), "tensorboard",
+             "true, but tensorboard is not installed: pip install megawan[logging] (or logging.tensorboard=auto)")
+        need(not self.wandb_project or wandb_installed(), "wandb_project",
+             "set, but wandb is not installed: pip install megawan[wandb]")
+        return self
+
+    def tensorboard_on(self) -> bool:
+        """Whether this run writes TensorBoard events: true, or auto with tensorboard installed."""
+        return self.tensorboard is True or (self.tensorboard == "auto" and tensorboard_installed())
+
+
+def tensorboard_installed() -> bool:
+    """torch.utils.tensorboard needs the tensorboard package; looked up without importing it (fast)."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def wandb_installed() -> bool:
+    return importlib.util.find_spec("wandb") is not None
 
 
 @dataclass
@@ -262,6 +292,7 @@ class RunConfig:
         self.optimizer.validate()
         self.train.validate()
         self.validation.validate()
+        self.logging.validate()
         self.lora.validate()
         if self.lora.enabled and not self.checkpoint.init_from:
             raise ConfigError("lora.rank: LoRA trains adapters on frozen base weights: set checkpoint.init_from to "

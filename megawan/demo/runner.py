@@ -6,7 +6,8 @@
     2. precompute: decode -> bucket -> VAE latents + umT5 states -> Zarr stores (training and held-out)
     3. `megawan train` under torchrun on 4 CPU ranks, tensor parallel 2 x data parallel 2 (distributed
        optimizer), joint image + video batches, EMA, text dropout for guidance, checkpoints, validation
-       (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet)
+       (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet), TensorBoard events when
+       tensorboard is installed, and the loss plot <out>/loss.png (megawan.training.loss_plot)
     4. the colour check: the dominant colour of each held-out prompt's generated frames against the colour
        its caption names (megawan.demo.shapes.dominant_color)
     5. `megawan generate` samples the checkpoint for new prompts on 2 ranks (tensor parallel) -> mp4
@@ -29,7 +30,9 @@ from megawan.demo.tiny_assets import TINY_VAE_STEPS
 from megawan.demo.tiny_dataset import make_tiny_dataset
 from megawan.generation import slug
 from megawan.parallel.launch import free_port
+from megawan.training.loss_plot import load_curves, plot_loss
 from megawan.training.validation import frames_of, read_samples
+from megawan.utils.user_errors import UserError
 
 DEMO_STEPS = 1200  # the demo's training steps: >= 90 % of the held-out colours (tests/test_demo.py)
 DEMO_PROMPTS = ("a red circle moves right", "a blue square moves down", "a yellow triangle moves left")
@@ -53,7 +56,7 @@ def demo_config(out_dir: str, store: str, held_out: str, vae: str, steps: int, h
         "train": {"steps": steps, "precision": "fp32", "shift": 3.0, "ema_decay": 0.99, "text_dropout": 0.1,
                   "log_every": 10},
         "checkpoint": {"dir": os.path.join(out_dir, "checkpoints"), "every": max(steps // 2, 1), "keep": 2},
-        "logging": {"progress": True, "tensorboard": False},
+        "logging": {"progress": True, "tensorboard": "auto"},  # events in <out>/checkpoints/logs/tensorboard
         "validation": {"every": steps, "store": held_out, "num_samples": held_out_samples,
                        "batch_size": held_out_samples, "sampler": "unipc", "steps": 20, "shift": 3.0,
                        "guidance": 3.0, "vae": vae},
@@ -70,6 +73,18 @@ def train_under_torchrun(config_path: str, nproc: int) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit {proc.returncode}); the log is above")
     return round(time.perf_counter() - t0, 1)
+
+
+def plot_demo_loss(metrics: str, out: str) -> str | None:
+    """<out>/loss.png: the training loss by step, the held-out loss, the learning rate (tools/plot_metrics.py's
+    picture). Without matplotlib (the `logging` extra) the demo goes on without it, saying so."""
+    try:
+        path = plot_loss(load_curves(metrics), out, window=100, title="megawan demo: tiny DiT, TP2 x DP2 on CPU")
+    except UserError as e:
+        _say(f"    no loss plot: {e}")
+        return None
+    _say(f"    loss plot {path}")
+    return path
 
 
 def color_accuracy(rows: list) -> dict:
@@ -117,6 +132,9 @@ def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 
          f"torchrun -m megawan.cli train --config {config_path}")
     timings["train_s"] = train_under_torchrun(config_path, nproc)
 
+    metrics = os.path.join(out_dir, "checkpoints", "logs", "metrics.jsonl")
+    loss_plot = plot_demo_loss(metrics, os.path.join(out_dir, "loss.png"))
+
     _say("4/5 the colour check on the held-out prompts sampled by the last validation")
     validation = os.path.join(out_dir, "checkpoints", "logs", "validation", f"step-{steps:07d}")
     colours = color_accuracy(read_samples(validation))
@@ -149,15 +167,17 @@ def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 
         "seconds": round(time.perf_counter() - start, 1), **timings,
         "config": config_path, "training_store": store, "held_out_store": held_out, "encoders": encoders,
         "checkpoints": os.path.join(out_dir, "checkpoints"),
-        "metrics": os.path.join(out_dir, "checkpoints", "logs", "metrics.jsonl"),
+        "metrics": metrics, "loss_plot": loss_plot,
+        "tensorboard": os.path.join(out_dir, "checkpoints", "logs", "tensorboard"),
         "validation": validation, "contact_sheet": os.path.join(validation, "contact_sheet.png"),
         "color_accuracy": colours["accuracy"], "videos": dict(zip(prompts, videos_out)),
     }
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     _say(f"done in {summary['seconds']} s")
-    for key in ("config", "checkpoints", "metrics", "contact_sheet"):
-        _say(f"    {key:14} {summary[key]}")
+    for key in ("config", "checkpoints", "metrics", "loss_plot", "tensorboard", "contact_sheet"):
+        if summary[key] and os.path.exists(summary[key]):
+            _say(f"    {key:14} {summary[key]}")
     for prompt, path in summary["videos"].items():
         _say(f"    {prompt!r:30} -> {path}")
     _say(f"    summary        {os.path.join(out_dir, 'summary.json')}")

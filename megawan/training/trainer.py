@@ -432,8 +432,8 @@ class Trainer:
             self._setup()
             self._resume()
             log_dir = cfg.logging.dir or os.path.join(cfg.checkpoint.dir, "logs")
-            metrics = MetricsLogger(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
-                                    config_to_dict(cfg), enabled=self.rank == 0, step=self.step)
+            metrics = MetricsLogger.for_run(cfg, log_dir, enabled=self.rank == 0, step=self.step)
+            self._log0(metrics.summary)  # which trackers are on and where they write
             validator = None
             if cfg.validation.every:
                 validator = Validator(cfg.validation, self.ddp, model=cfg.model,
@@ -471,6 +471,7 @@ class Trainer:
                         values = {"loss": out["loss"], "lr": out["lr"],
                                   "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
                                   "samples_per_s": batch["global_samples"] / seconds,
+                                  "tokens_per_s": batch["global_samples"] * out["tokens"] / seconds,
                                   "tflops_per_gpu": model_flops / seconds / self.world / 1e12,
                                   "step_seconds": seconds, "bucket": batch["bucket"], "epoch": batch["epoch"],
                                   "consumed_samples": self.consumed, "skipped_steps": self.skipped_steps,
@@ -497,6 +498,7 @@ class Trainer:
                         finish_param_gather(self.ddp)  # before the EMA swaps its weights in
                         values = validator.run(self.step)
                         metrics.write(self.step, values)
+                        metrics.log_media(self.step, **validator.media(self.step))  # clips + contact sheet
                         self._log0(f"validation at step {self.step}: loss {values['val/loss']:.4f} "
                                    f"({values['val/seconds']:.1f} s)")
                     if stop_reason:

@@ -8,8 +8,10 @@ with weight-0 copies) and the only collectives spanning replicas are the final l
 barrier, so no rank waits on another for longer than one replica's share.
 
 The replica's leader (last stage, TP rank 0, CP rank 0) decodes its latents with the VAE and writes
-<dir>/step-NNNNNNN/<id>.mp4 (clips) or <id>.png (stills), a strip of frames per prompt, and its rows of
-samples.jsonl; rank 0 stacks the strips into contact_sheet.png. The unconditional pass of
+<dir>/step-NNNNNNN/<id>.mp4 (clips, each with an animated <id>.webp preview) or <id>.png (stills), a strip of
+frames per prompt (<id>.strip.png, small frames enlarged) and its rows of samples.jsonl; rank 0 stacks the
+strips into contact_sheet.png, each prompt's caption left of its row. `media(step)` names these files for the
+trackers (megawan.training.metrics.MetricsLogger.log_media). The unconditional pass of
 classifier-free guidance uses zero text states: the null condition `train.text_dropout` trains. Wan2.2 TI2V's
 held-out loss is image-to-video on clips (first latent frame clean, out of the loss) and text-to-image on stills,
 the same on every validation; its samples are text-to-video.
@@ -37,8 +39,12 @@ from megawan.diffusion.samplers import make_sampler, sample
 from megawan.artifacts import load_vae
 from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.schedule import forward_backward
-from megawan.utils.images import contact_sheet, video_to_uint8
-from megawan.utils.media import media_suffix, read_media, write_media
+from megawan.utils.images import captioned_rows, contact_sheet, video_to_uint8
+from megawan.utils.media import media_suffix, preview_path, read_media, write_media
+
+
+CONTACT_SHEET = "contact_sheet.png"
+STRIP_MIN_HEIGHT = 128  # a strip's frames are at least this high (tiny frames enlarged, nearest neighbour)
 
 
 def _noise(seed: int, key: str, shape) -> torch.Tensor:
@@ -220,7 +226,7 @@ class Validator:
                 f.writelines(json.dumps(w) + "\n" for w in written)
         dist.barrier()
         if dist.get_rank() == 0:
-            self._merge(folder)
+            merge_samples(folder)
         return {"val/samples": n}
 
     def _image_inputs(self, rows: list) -> tuple:
@@ -278,30 +284,51 @@ class Validator:
                 name = r["id"] + media_suffix(frames.shape[0])
                 write_media(os.path.join(folder, name), frames, fps=self.cfg.fps)
                 record["video" if frames.shape[0] > 1 else "image"] = name
-                contact_sheet(frames, max_frames=8).save(os.path.join(folder, f"{r['id']}.strip.png"))
+                if frames.shape[0] > 1:  # write_media's animated preview beside the mp4
+                    record["preview"] = os.path.basename(preview_path(name))
+                strip = contact_sheet(frames, max_frames=8, gap=2, min_height=STRIP_MIN_HEIGHT)
+                strip.save(os.path.join(folder, f"{r['id']}.strip.png"))
                 record["strip"] = f"{r['id']}.strip.png"
             out.append(record)
         return out
 
-    def _merge(self, folder: str) -> None:
-        rows = []
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("samples-rank") and name.endswith(".jsonl"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    rows += [json.loads(line) for line in f if line.strip()]
-                os.remove(os.path.join(folder, name))
-        rows.sort(key=lambda r: r["id"])
-        with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        strips = [Image.open(os.path.join(folder, r["strip"])).convert("RGB") for r in rows if "strip" in r]
-        if strips:
-            width, height = max(s.width for s in strips), sum(s.height for s in strips) + 2 * (len(strips) - 1)
-            sheet = Image.new("RGB", (width, height))
-            y = 0
-            for s in strips:
-                sheet.paste(s, (0, y))
-                y += s.height + 2
-            sheet.save(os.path.join(folder, "contact_sheet.png"))
+    def media(self, step: int) -> dict:
+        """The pictures validation wrote at `step`, as MetricsLogger.log_media takes them: {"videos": [(tag,
+        mp4, caption)], "images": [(tag, png, caption or None)]}: each held-out prompt's clip (or still) and the
+        contact sheet. Rank 0 only (the one that merged the step's rows); empty elsewhere and without a VAE."""
+        folder = os.path.join(self.out_dir, f"step-{step:07d}")
+        if dist.get_rank() != 0 or not os.path.exists(os.path.join(folder, "samples.jsonl")):
+            return {"videos": [], "images": []}
+        return media_of(folder)
+
+
+def merge_samples(folder: str) -> None:
+    """Rank 0, once every leader has written: the leaders' rows (samples-rankNNNNN.jsonl) become samples.jsonl,
+    sorted by id, and their strips one contact_sheet.png, each prompt's caption left of its row."""
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("samples-rank") and name.endswith(".jsonl"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+            os.remove(os.path.join(folder, name))
+    rows.sort(key=lambda r: r["id"])
+    with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    strips = [(r["caption"], Image.open(os.path.join(folder, r["strip"]))) for r in rows if "strip" in r]
+    if strips:
+        captioned_rows(strips).save(os.path.join(folder, CONTACT_SHEET))
+
+
+def media_of(folder: str) -> dict:
+    """The pictures of one validation step folder (see Validator.media): tags val/video/<id>, val/image/<id>
+    (stills) and val/contact_sheet."""
+    rows = read_samples(folder)
+    videos = [(f"val/video/{r['id']}", r["video"], r["caption"]) for r in rows if "video" in r]
+    images = [(f"val/image/{r['id']}", r["image"], r["caption"]) for r in rows if "image" in r]
+    sheet = os.path.join(folder, CONTACT_SHEET)
+    if os.path.exists(sheet):
+        images.append(("val/contact_sheet", sheet, None))
+    return {"videos": videos, "images": images}
 
 
 def read_samples(folder: str) -> list:
@@ -309,7 +336,7 @@ def read_samples(folder: str) -> list:
     with open(os.path.join(folder, "samples.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     for r in rows:
-        for key in ("latents", "video", "image", "strip"):
+        for key in ("latents", "video", "image", "preview", "strip"):
             if key in r:
                 r[key] = os.path.join(folder, r[key])
     return rows
