@@ -50,7 +50,8 @@ def run_banner(cfg: RunConfig, world: int, counts: dict, stride: tuple, step: in
         f"{lora}; {cfg.train.precision}" + (f", fp8 {cfg.train.fp8}" if cfg.train.fp8 else ""),
         f"layout: world {world} = TP{p.tensor_parallel} x PP{p.pipeline_parallel} x CP{p.context_parallel}{cp} x "
         f"DP{p.data_parallel(world)}; SP {'on' if p.sequence_parallel else 'off'}{vpp}; recompute {p.recompute}",
-        f"batch: micro {d.micro_batch_size}, global {d.global_batch_size} (video), {image_batch} (image)",
+        f"batch: micro {d.micro_batch_size}, global {d.global_batch_size}"
+        + (f" (video), {image_batch} (image)" if any(Bucket.from_name(b).is_image for b in counts) else ""),
         *(f"  {b}" for b in buckets),
         f"steps: {start}; checkpoint every {cfg.checkpoint.every} into {cfg.checkpoint.dir}",
         f"logs: {log_dir}",
