@@ -1,5 +1,6 @@
 """Progress lines (megawan.utils.progress, on tqdm): off a terminal (a Slurm log) plain newline-separated lines;
-after a resume the rate and ETA count the steps this process ran, not the resumed ones as if they took no time."""
+after a resume the rate and ETA count the steps this process ran, not the resumed ones as if they took no
+time. The trainer's start-of-run banner (megawan.training.banner)."""
 
 import io
 
@@ -47,3 +48,18 @@ def test_a_disabled_bar_prints_nothing():
     bar.update(3)
     bar.close()
     assert out.getvalue() == ""
+
+
+def test_the_start_banner_names_the_layout_batches_and_folders():
+    from megawan.config import load_config
+    from megawan.training.banner import parameter_counts, run_banner
+
+    cfg = load_config(None, ["model.preset=tiny", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                             "data.global_batch_size=4", "lora.rank=4", "checkpoint.init_from=base",
+                             "checkpoint.dir=runs/x"])
+    total, trainable = parameter_counts(cfg)
+    assert 0 < trainable < total  # LoRA: the adapters only
+    text = run_banner(cfg, 8, {"17x32x48": 24}, (4, 8, 8), step=10, log_dir="runs/x/logs")
+    assert "world 8 = TP2 x PP1 x CP1 x DP4; SP on" in text and "LoRA rank 4" in text
+    assert "17x32x48: 24 samples, 30 tokens/sample, 120 tokens/step" in text  # 5 x 4 x 6 latents, patch 1 x 2 x 2
+    assert "resuming at step 10 of 1000" in text and "into runs/x" in text and "logs: runs/x/logs" in text
