@@ -1,43 +1,61 @@
-"""The `megawan` command. Subcommands:
+"""The `megawan` command. Subcommands (docs/cli.md: every flag, exit codes, Megatron-LM / NeMo names):
 
     megawan demo [--out DIR]                       the tiny end-to-end job (videos -> latents -> train -> mp4)
     megawan demo --task i2v [--out DIR]            the tiny image-to-video task (first frame + caption -> clip)
     megawan demo --task lora [--base DIR]          a LoRA fine-tune teaches the demo's model a new colour word
+    megawan train --config FILE [key=value ...]    train under torchrun / srun (--print-config: the resolved YAML)
     megawan presets                                list model presets and their hyper-parameters
-    megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP)
+    megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP);
+                                                   writes OUT.json beside each video (what was asked and resolved)
     megawan generate --ckpt DIR --prompt TEXT --lora style.safetensors:0.8     ... with LoRA files merged in
-    megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs (latent sizes)
-"""
+    megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs at a VIDEO size (--latent: latents)
+    megawan env                                    versions, GPUs, what backend: auto and MEGAWAN_KERNELS resolve to
+    megawan --version
 
+Exit status: 0 done; 2 a mistake on the command line or in a named file (one line `megawan CMD: message` on
+stderr, no traceback; MEGAWAN_DEBUG=1 adds it); 1 a training run that stopped early.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from megawan.config import ParallelConfig, dit_preset, load_config, preset_names
+from megawan.config import ParallelConfig, config_to_dict, dit_preset, load_config, preset_names
 from megawan.utils.user_errors import UserError, run_main
 
 # The other subcommands import their modules when they run: those pull in torch and megatron-core (seconds),
 # which `megawan --help` and `megawan presets` should not wait for.
 
 
+def _check_out_folder(path: str) -> None:
+    """The demo writes into a new or empty folder only: a non-empty one (another run, the user's data) is refused,
+    rather than mixed with the demo's files or overwritten. A finished or killed demo is rerun into a new folder."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"--out {path}: the folder exists and is not empty; the demo writes into a new or empty "
+                        "folder (choose another --out, or remove this one)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path}: is a file, not a folder")
+
+
 def _cmd_demo(args) -> int:
     if args.base and args.task != "lora":
         raise UserError("--base: only --task lora fine-tunes a finished demo")
+    args.out = args.out or {"t2v": "runs/demo", "i2v": "runs/i2v", "lora": "runs/lora"}[args.task]
+    _check_out_folder(args.out)
     if args.task == "i2v":
         from megawan.demo.i2v_task import I2V_STEPS, run_i2v_task  # lazy: torch and megatron-core
 
-        run_i2v_task(args.out or "runs/i2v", steps=args.steps or I2V_STEPS)
+        run_i2v_task(args.out, steps=args.steps or I2V_STEPS)
         return 0
     if args.task == "lora":
         from megawan.demo.lora_task import LORA_STEPS, run_lora_task  # lazy: torch and megatron-core
 
-        run_lora_task(args.out or "runs/lora", base=args.base, steps=args.steps or LORA_STEPS)
+        run_lora_task(args.out, base=args.base, steps=args.steps or LORA_STEPS)
         return 0
     from megawan.demo.runner import DEMO_STEPS, run_demo
 
-    run_demo(args.out or "runs/demo", steps=args.steps or DEMO_STEPS, nproc=args.nproc)
+    run_demo(args.out, steps=args.steps or DEMO_STEPS, nproc=args.nproc)
     return 0
 
 
@@ -63,10 +81,15 @@ def _parameter_count(config) -> int:
 def _cmd_flops(args) -> int:
     c = dit_preset(args.preset)  # a misspelt preset is refused before the slow imports
     from megawan.models.dit import flops  # lazy: torch and megatron-core
-    from megawan.models.dit.flops import tokens
+    from megawan.models.dit.flops import latent_size, tokens
 
-    f = flops(c, args.batch, args.frames, args.height, args.width)
-    print(f"{args.preset}: {tokens(c, args.frames, args.height, args.width):,} tokens per sample; "
+    if args.latent:
+        size, what = (args.frames, args.height, args.width), "latent"
+    else:  # video frames / pixels, as generate and plan_parallel.py take them; the VAE's strides give the latents
+        size = latent_size(c, args.frames, args.height, args.width)
+        what = f"{args.frames} frames {args.height}x{args.width} -> latent"
+    f = flops(c, args.batch, *size)
+    print(f"{args.preset}: {what} {size[0]}x{size[1]}x{size[2]}, {tokens(c, *size):,} tokens per sample; "
           f"forward {f / 1e12:.2f} TFLOP, training step (3x) {3 * f / 1e12:.2f} TFLOP for batch {args.batch}")
     return 0
 
@@ -74,7 +97,12 @@ def _cmd_flops(args) -> int:
 def _cmd_train(args) -> int:
     # ConfigError / TrainingError / CheckpointError are user errors: main() prints them as one line
     overrides = tuple(args.overrides) + ((f"checkpoint.init_from={args.init_from}",) if args.init_from else ())
-    load_config(args.config, overrides)  # a missing file or a bad override is refused before the slow imports
+    cfg = load_config(args.config, overrides)  # a missing file or a bad override is refused before the slow imports
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
     from megawan.training.trainer import train  # lazy: torch and megatron-core
 
     result = train(args.config, overrides)
@@ -123,9 +151,39 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_env(args) -> int:
+    from megawan.env_report import report
+
+    print(report())
+    return 0
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (unset, off, or said in the text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megawan", description="Train Wan-style video diffusion models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from megawan.env_report import megawan_version
+
+    parser = argparse.ArgumentParser(prog="megawan", description="Train Wan-style video diffusion models.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"megawan {megawan_version()}",
+                        help="print megawan's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
+
+    def add_parser(name, **kwargs):  # every subcommand's --help says what it does and shows the defaults
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("description", kwargs.get("help"))
+        return add(name, **kwargs)
+
+    sub.add_parser = add_parser
 
     demo = sub.add_parser("demo", help="the tiny end-to-end job on CPU: synthetic videos -> latents -> train on "
                                        "4 ranks -> checkpoint -> held-out colour check -> mp4")
@@ -144,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="run config YAML (model, parallel, data, optimizer, train, checkpoint)")
     train.add_argument("--init-from", help="warm start (weights only) from a checkpoint or a run's checkpoint dir")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (the file, presets and overrides applied) as YAML and exit")
     train.set_defaults(func=_cmd_train)
 
     gen = sub.add_parser("generate", help="sample videos from a checkpoint or converted pipeline (torchrun for "
@@ -156,14 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", help="default: Wan's negative prompt; the zero null condition for "
                                                "models trained with train.text_dropout")
     gen.add_argument("--frames", type=int, help="video frames, 1 + 4k (default: the model's official setting)")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--sampler", default="unipc", choices=["unipc", "euler", "dpm++"])
-    gen.add_argument("--shift", type=float)
+    gen.add_argument("--height", type=int, help="video height in pixels (default: the model's official size)")
+    gen.add_argument("--width", type=int, help="video width in pixels (default: the model's official size)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's official setting)")
+    gen.add_argument("--sampler", default="unipc", choices=["unipc", "euler", "dpm++"], help="the ODE solver")
+    gen.add_argument("--shift", type=float, help="timestep shift of the sampling grid (default: the model's official "
+                                                    "setting)")
     gen.add_argument("--guidance", type=float, nargs="+", help="one scale, or LOW HIGH for the A14B experts")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int)
+    gen.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i")
+    gen.add_argument("--fps", type=int, help="frames per second of the written video (default: the model's)")
     gen.add_argument("--image", help="first frame (image-to-video: Wan2.1 I2V / FLF2V, I2V-A14B, TI2V-5B); without "
                                      "--height / --width the video takes its aspect ratio, as the official repos "
                                      "size it")
@@ -182,22 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="where each rank runs the DiT, umT5 (bf16 on CUDA) and the VAE: auto = cuda:LOCAL_RANK "
                           "where CUDA is, else cpu; cpu runs over gloo, cuda over NCCL")
-    gen.add_argument("--tensor-parallel", type=int, default=1)
+    gen.add_argument("--tensor-parallel", type=int, default=1, help="ranks that split the weights (torchrun)")
     gen.add_argument("--context-parallel", type=int, help="default: world size / tensor parallel")
-    gen.add_argument("--cp-mode", default="ulysses", choices=["ulysses", "ring"])
+    gen.add_argument("--cp-mode", default="ulysses", choices=["ulysses", "ring"],
+                     help="how context-parallel ranks share attention")
     # generation's checks raise plain ValueErrors naming the option (--frames, --low-noise-ckpt, ...)
     gen.set_defaults(func=_cmd_generate, user_errors=(ValueError,))
 
-    presets = sub.add_parser("presets", help="list model presets")
+    presets = sub.add_parser("presets", help="list model presets and their hyper-parameters")
     presets.set_defaults(func=_cmd_presets)
 
-    fl = sub.add_parser("flops", help="model FLOPs of a preset at a latent size")
-    fl.add_argument("preset")
-    fl.add_argument("--frames", type=int, required=True, help="latent frames (81 video frames -> 21)")
-    fl.add_argument("--height", type=int, required=True, help="latent height (480 px -> 60 with Wan2.1's VAE)")
-    fl.add_argument("--width", type=int, required=True, help="latent width (832 px -> 104)")
-    fl.add_argument("--batch", type=int, default=1)
+    fl = sub.add_parser("flops", help="model FLOPs of a preset for a video size (frames, pixels)")
+    fl.add_argument("preset", help="a model preset (megawan presets lists them)")
+    fl.add_argument("--frames", type=int, required=True, help="video frames, 1 + 4k (81 -> 21 latent frames)")
+    fl.add_argument("--height", type=int, required=True, help="video height in pixels (480 -> 60 latent rows with "
+                                                               "Wan2.1's VAE)")
+    fl.add_argument("--width", type=int, required=True, help="video width in pixels (832 -> 104)")
+    fl.add_argument("--latent", action="store_true", help="--frames / --height / --width are latent sizes")
+    fl.add_argument("--batch", type=int, default=1, help="samples per step")
     fl.set_defaults(func=_cmd_flops)
+
+    env = sub.add_parser("env", help="versions of Python, torch, CUDA and the libraries megawan uses, the GPUs, and "
+                                     "what backend: auto and MEGAWAN_KERNELS resolve to here")
+    env.set_defaults(func=_cmd_env)
     return parser
 
 

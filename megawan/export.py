@@ -77,6 +77,7 @@ from megawan.diffusion.defaults import diffusers_scheduler_config_json
 from megawan.lora.formats import MergedSource, check_shapes, lora_from_checkpoint, read_lora_file, write_lora_file
 from megawan.models.dit.parallelize import build_model_chunks, chunk_state_dict
 from megawan.parallel.launch import spawn_local
+from megawan.utils.progress import Progress, write as write_line
 
 FORMATS = ("official", "diffusers", "megawan")
 SHARD_BYTES = 5 * 1024 ** 3  # official / diffusers shard size (bytes), as the Hub files are cut
@@ -359,9 +360,11 @@ def _read_diffusers_clip(folder: str) -> tuple:
 
 def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
                      tp: int = 1, pp: int = 1, encoders: Optional[str] = None, ema: bool = False,
-                     max_shard_bytes: int = SHARD_BYTES, boundary: Optional[float] = None, loras: tuple = ()) -> dict:
+                     max_shard_bytes: int = SHARD_BYTES, boundary: Optional[float] = None, loras: tuple = (),
+                     progress: bool = False) -> dict:
     """Convert the pipeline at `src` into `dst` (a new folder). loras: (LoRA file, scale) pairs merged into the
-    DiT's weights on the way. Returns a summary of what was written."""
+    DiT's weights on the way. progress: a line per DiT tensor streamed (a bar on a terminal), per expert for a
+    megawan destination (its ranks read their own tensors). Returns a summary of what was written."""
     if dst_format not in FORMATS:
         raise ValueError(f"--dst-format {dst_format!r} is not one of {FORMATS}")
     if os.path.exists(dst) and os.listdir(dst):
@@ -389,15 +392,21 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
     for expert, (path, expert_ema) in experts.items():
         sub = _EXPERT_DIRS[dst_format][expert]
         folder = os.path.join(tmp, sub) if sub else tmp
+        bar = Progress(len(dit_param_shapes(cfg)), desc=f"DiT {expert} -> {dst_format}", unit="tensors",
+                       enabled=progress)
         if dst_format == "megawan":
             _write_megawan(path, src_format, expert_ema, cfg, folder, tp, pp, loras)
+            bar.update(bar.total)
         else:
             source = _dit_source(path, src_format, expert_ema, cfg, loras)
-            write_safetensors_shards(stream_dit(source, cfg, src_format, dst_format), folder,
+            write_safetensors_shards(_counted(stream_dit(source, cfg, src_format, dst_format), bar), folder,
                                      max_shard_bytes=max_shard_bytes)
             config_json = official_config_json(cfg) if dst_format == "official" else diffusers_config_json(cfg)
             with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config_json, f, indent=2)
+        bar.close()
+    if progress:
+        write_line("writing the VAE, umT5, tokenizer" + (" and CLIP" if pipe.get("clip_state") else ""))
     vae_cfg, text_cfg = vae_preset(pipe["vae_config"]), text_preset(pipe["text_config"])
     vae_out = convert_state_dict(pipe["vae_state"], "megawan", "megawan" if dst_format != "official" else "official",
                                  vae_cfg)
@@ -411,6 +420,12 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
         os.replace(os.path.join(tmp, name), os.path.join(dst, name))
     os.rmdir(tmp)
     return {"config": cfg.name, "experts": sorted(experts), "dst": dst, "format": dst_format, "tp": tp, "pp": pp}
+
+
+def _counted(tensors: Iterator, bar: Progress) -> Iterator:
+    for item in tensors:
+        yield item
+        bar.update(1)
 
 
 def _clip_for(cfg: DiTConfig, pipe: dict):

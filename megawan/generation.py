@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from typing import Optional
 
 import torch
@@ -60,6 +61,7 @@ from megawan.data.conditioning import expand_mask, frame_mask
 from megawan.diffusion.defaults import official_defaults
 from megawan.diffusion.flow import FlowMatching
 from megawan.diffusion.samplers import make_sampler, sample
+from megawan.env_report import megawan_version
 from megawan.export import lora_base, read_lora_checkpoint
 from megawan.lora import load_lora, merge_adapters, read_lora_file
 from megawan.lora.formats import check_shapes
@@ -281,6 +283,9 @@ def generate(req: GenerationRequest) -> list:
                                                                              "shift", "fps", "guidance"))
     if plan["note"] and dist.get_rank() == 0:
         print(f"[generate] {plan['note']}", flush=True)
+    if dist.get_rank() == 0:  # once, before the models load: what the defaults filled in
+        print(f"[generate] {cfg.name}: {width}x{height}, {frames} frames at {fps} fps; {steps} {req.sampler} steps, "
+              f"shift {shift:g}, guidance {guidance}; seed {req.seed}", flush=True)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = generation_device(req.device, dist.get_backend(), world)
@@ -339,7 +344,9 @@ def generate(req: GenerationRequest) -> list:
     image_tokens = _clip_tokens(plan["images"]["clip"], enc, device) if cfg.image_dim else None
     extra, pin, token_timesteps = _image_inputs(plan["images"], cfg, vae, vae_cfg, frames, shape, first_of_replica,
                                                 replica_ranks, mp_group, device)
+    record = _record(req, plan, negative)
     for i in mine:
+        started = time.perf_counter()
         cond = text[i:i + 1]
         uncond = null if null is not None else torch.zeros_like(cond)
         guided = callable(scale) or scale != 1.0
@@ -363,6 +370,7 @@ def generate(req: GenerationRequest) -> list:
         latents_out[i] = lat[0].cpu()  # kept for save_latents, gathered as objects
         if first_of_replica:
             written.append(_write(vae, lat, req.out, i, prompts[i], len(prompts), fps))
+            _write_record(written[-1], record, i, prompts[i], time.perf_counter() - started)
     if req.save_latents:
         _save_latents(req.save_latents, latents_out, len(prompts), first_of_replica)
     dist.barrier()
@@ -467,6 +475,34 @@ def _write(vae, latents: torch.Tensor, out: str, index: int, prompt: str, count:
     path = _output_path(out, index, prompt, count, num_frames=video.shape[0])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_media(path, video, fps=fps)
+    return path
+
+
+def _record(req: GenerationRequest, plan: dict, negative) -> dict:
+    """What a video was made from, as asked and as resolved (the model's defaults filled in): the OUT.json beside
+    it, enough to make it again."""
+    cfg = plan["cfg"]
+    guidance = plan["guidance"]
+    return {"prompt": None, "negative_prompt": negative,
+            "null_condition": "zero text states" if negative is None else "the negative prompt",
+            "seed": req.seed, "noise": req.noise, "steps": plan["steps"], "shift": plan["shift"],
+            "guidance": list(guidance) if isinstance(guidance, (tuple, list)) else guidance,
+            "sampler": req.sampler, "checkpoint": os.path.abspath(req.ckpt),
+            "low_noise_checkpoint": os.path.abspath(req.low_noise_ckpt) if req.low_noise_ckpt else None,
+            "ema": req.use_ema, "model": cfg.name, "model_type": cfg.model_type,
+            "height": plan["height"], "width": plan["width"], "frames": plan["frames"], "fps": plan["fps"],
+            "image": req.image, "last_image": req.last_image,
+            "loras": [{"file": lora.path, "scale": scale} for lora, scale in plan["loras"]],
+            "megawan": megawan_version()}
+
+
+def _write_record(video: str, record: dict, index: int, prompt: str, seconds: float) -> str:
+    """OUT.json beside the video: the record with this prompt, its seed (prompt i's noise is drawn from seed + i,
+    as _initial_noise does; none when --noise gave it) and the seconds its sampling and decoding took."""
+    path = os.path.splitext(video)[0] + ".json"
+    seed = None if record["noise"] else record["seed"] + index
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**record, "prompt": prompt, "seed": seed, "seconds": round(seconds, 2)}, f, indent=2)
     return path
 
 

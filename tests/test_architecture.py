@@ -35,7 +35,8 @@ LAYERS = (
     ("megawan.artifacts",),  # what a folder on disk holds
     ("megawan.data",),
     ("megawan.training",),
-    ("megawan", "megawan.generation", "megawan.export", "megawan.demo", "megawan.cli", "megawan.__main__"),
+    ("megawan", "megawan.generation", "megawan.export", "megawan.demo", "megawan.cli", "megawan.__main__",
+     "megawan.env_report"),
 )
 
 

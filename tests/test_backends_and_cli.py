@@ -61,5 +61,5 @@ def test_cli_presets_and_flops(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "wan2.1-t2v-14b" in out and "14.288B" in out
-    assert main(["flops", "wan2.1-t2v-1.3b", "--frames", "21", "--height", "60", "--width", "104"]) == 0
+    assert main(["flops", "wan2.1-t2v-1.3b", "--frames", "81", "--height", "480", "--width", "832"]) == 0  # video
     assert "32,760 tokens" in capsys.readouterr().out

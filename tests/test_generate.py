@@ -2,6 +2,7 @@
 WanPipeline given our exported pipeline, the same noise, prompt, sampler (UniPC on Wan's grid) and guidance;
 TI2V keeps its first frame; A14B switches experts with a guidance scale per expert; the CLI writes an mp4."""
 
+import json
 import os
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def test_tp2_cp2_dp2_sample_the_same_latents_as_one_rank(pipelines, tmp_path):
         got = _generate(_request(pipelines / "megawan", tmp_path, name), world=2, **layout)
         assert _rel(got, one) < 1e-5, name
     # the videos were decoded and written once per prompt
-    videos = ["000_a_red_circle_moves_left.mp4", "001_a_blue_square_moves_down.mp4"]
-    assert sorted(n for n in os.listdir(tmp_path / "dp2") if n.endswith(".mp4")) == videos
+    videos = sorted(f for f in os.listdir(tmp_path / "dp2") if f.endswith(".mp4"))
+    assert videos == ["000_a_red_circle_moves_left.mp4", "001_a_blue_square_moves_down.mp4"]
+    records = [json.loads((tmp_path / "dp2" / v.replace(".mp4", ".json")).read_text()) for v in videos]
+    assert [(r["prompt"], r["seed"]) for r in records] == [(PROMPTS[0], 3), (PROMPTS[1], 4)]  # noise from seed + i
     assert all((tmp_path / "dp2" / v.replace(".mp4", ".webp")).is_file() for v in videos)  # animated previews
 
 
@@ -131,6 +134,14 @@ def test_cli_writes_the_mp4_from_given_noise(pipelines, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("red.mp4")
     assert read_video(str(tmp_path / "red.mp4")).shape == (17, 32, 48, 3)
+    # what was resolved is said once before sampling, and recorded beside the video
+    record = json.loads((tmp_path / "red.json").read_text())
+    assert f"48x32, 17 frames at {record['fps']} fps; 5 dpm++ steps, shift {record['shift']:g}" in out.stdout
+    assert {k: record[k] for k in ("prompt", "steps", "sampler", "frames", "height", "width", "seed", "noise")} == \
+        {"prompt": PROMPTS[0], "steps": 5, "sampler": "dpm++", "frames": 17, "height": 32, "width": 48, "seed": None,
+         "noise": str(tmp_path / "noise.pt")}
+    assert record["checkpoint"] == str(pipelines / "megawan") and record["guidance"] == 3.0
+    assert record["negative_prompt"] and record["megawan"] and record["seconds"] > 0 and record["loras"] == []
     api = _generate(_request(pipelines / "megawan", tmp_path, "api", prompts=PROMPTS[:1], steps=5, sampler="dpm++",
                              noise=str(tmp_path / "noise.pt"), guidance=None, negative_prompt=None))
     # --device cpu (over gloo) is what the default (auto) gives on this CPU machine, bit for bit; official

@@ -69,6 +69,16 @@ def test_plan_for_14b_at_720p_on_64_gpus(capsys):
                  "--gpus", "64", "--gpu-memory-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "75,600 tokens/sample" in out
+    # the first layout listed, as overrides that load into a run config with the same layout
+    first_row, pasted = out.splitlines()[2].split(), out.splitlines()[-1].split()
+    from megawan.config import load_config
+
+    p = load_config(None, ["model.preset=wan2.1-t2v-14b", *pasted]).parallel
+    assert [str(v) for v in (p.tensor_parallel, p.pipeline_parallel, p.context_parallel)] == first_row[:3]
+    assert p.data_parallel(64) == int(first_row[3]) and p.recompute == first_row[5]
+    # a video size Wan's VAE cannot take is one line naming the flag
+    assert main(["--preset", "wan2.1-t2v-14b", "--frames", "80", "--gpus", "8"]) == 2
+    assert capsys.readouterr().err.startswith("plan_parallel.py: --frames: 80 video frames")
 
 
 def test_planner_offloads_the_fewest_blocks_that_make_a_layout_fit():

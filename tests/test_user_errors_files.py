@@ -47,9 +47,13 @@ def _manifest(tmp_path, row):
 
 
 def _precompute_args(manifest, tmp_path, vae):
-    missing = str(tmp_path / "missing")  # the VAE is loaded first: the others are never opened
+    # the tool checks that every named file is there; the VAE is loaded first, the others are never opened
+    unread = tmp_path / "never_opened"
+    unread.touch()
+    if not os.path.exists(vae):
+        open(vae, "w").close()  # the manifest is read before any weights
     return ["--manifest", manifest, "--out", str(tmp_path / "s.zarr"), "--vae", vae, "--vae-config", "tiny-2.1",
-            "--text-encoder", missing, "--text-config", "tiny", "--tokenizer", missing,
+            "--text-encoder", str(unread), "--text-config", "tiny", "--tokenizer", str(unread),
             "--stage-buckets", "1x32x32", "--decode-backend", "pyav", "--no-progress"]
 
 

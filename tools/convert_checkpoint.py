@@ -52,6 +52,7 @@ def parse_args(argv=None):
                                        "--src-format megawan) to this .safetensors file")
     ap.add_argument("--lora-format", default="diffusers", choices=LORA_FORMATS,
                     help="--lora-out's layout: diffusers (WanPipeline.load_lora_weights) or comfyui (kohya names)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines (one per DiT tensor written)")
     return ap.parse_args(argv)
 
 
@@ -76,7 +77,8 @@ def _main(argv=None) -> int:
     loras = tuple(lora_argument(text, "--merge-lora") for text in args.merge_lora)
     summary = convert_pipeline(args.src, args.src_format, args.dst, args.dst_format, model=args.model,
                                tp=args.tp, pp=args.pp, encoders=args.encoders, ema=args.ema,
-                               max_shard_bytes=int(args.shard_gb * 1024 ** 3), boundary=args.boundary, loras=loras)
+                               max_shard_bytes=int(args.shard_gb * 1024 ** 3), boundary=args.boundary, loras=loras,
+                               progress=not args.no_progress)
     print(f"wrote {summary['format']} pipeline of {summary['config']} ({', '.join(summary['experts'])}) "
           f"to {summary['dst']}" + (f" at TP{summary['tp']} x PP{summary['pp']}" if summary["format"] == "megawan" else ""))
     return 0

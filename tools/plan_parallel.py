@@ -12,6 +12,7 @@ Selective recompute (attention core only) is not listed: with flash-style attent
 Without recompute, a layout that is short of memory by a few blocks' activations is listed with the fewest
 blocks whose activations go to host memory that make it fit (parallel.offload_blocks; copies over PCIe,
 preferred to full recompute only when few blocks are offloaded, see --max-offload).
+The first layout listed is printed last as `parallel.*=` overrides to paste after `megawan train --config FILE`.
 
 LoRA fine-tuning (--lora-rank R, or --config of a run with a `lora:` section): the base weights stay frozen in
 bf16 with no gradients or optimizer state; only the adapters have them (docs/finetuning.md):
@@ -29,6 +30,7 @@ import sys
 
 from megawan.config import ConfigError, LoRAConfig, ParallelConfig, RunConfig, dit_preset, load_config
 from megawan.models.dit import flops
+from megawan.models.dit.flops import latent_size as video_latent_size
 from megawan.models.dit.flops import tokens as count_tokens
 from megawan.training.memory import estimate_memory, lora_params_per_block
 from megawan.utils.user_errors import run_main
@@ -37,10 +39,21 @@ GB = 1024**3
 
 
 def latent_size(preset: str, frames: int, height: int, width: int):
-    stride_t, stride_s = 4, (16 if preset.startswith("wan2.2-ti2v") else 8)
-    if (frames - 1) % stride_t:
-        raise SystemExit(f"frames must be 1 + 4k (Wan's causal VAE), got {frames}")
-    return 1 + (frames - 1) // stride_t, height // stride_s, width // stride_s
+    """Latent (frames, height, width) of a video; a size the VAE cannot take is one line naming the flag."""
+    return video_latent_size(dit_preset(preset), frames, height, width)
+
+
+def overrides(parallel: ParallelConfig) -> str:
+    """The layout as `megawan train` overrides, ready to paste after --config."""
+    p = parallel
+    items = [f"parallel.tensor_parallel={p.tensor_parallel}", f"parallel.pipeline_parallel={p.pipeline_parallel}",
+             f"parallel.context_parallel={p.context_parallel}"]
+    if p.context_parallel > 1:
+        items.append(f"parallel.context_parallel_mode={p.context_parallel_mode}")
+    items += [f"parallel.sequence_parallel={str(p.sequence_parallel).lower()}", f"parallel.recompute={p.recompute}"]
+    if p.offload_blocks:
+        items.append(f"parallel.offload_blocks={p.offload_blocks}")
+    return " ".join(items)
 
 
 def offload_needed(cfg, parallel: ParallelConfig, gpus: int, tokens: int, micro_batch: int, budget: float,
@@ -143,6 +156,7 @@ def _main(argv=None) -> int:
     if not fits:
         print("no layout fits: more GPUs, recompute, or a smaller video")
         return 1
+    print(f"\nfirst choice, as overrides for megawan train:\n  {overrides(fits[0][0])}")
     return 0
 
 

@@ -24,7 +24,7 @@ from megawan.capabilities import rank_device
 from megawan.data.buckets import STAGE_BUCKETS
 from megawan.data.conditioning import KINDS
 from megawan.data.precompute import STORE_DTYPES, PrecomputeJob, run_precompute
-from megawan.utils.user_errors import run_main
+from megawan.utils.user_errors import UserError, run_main
 
 
 def parse_args(argv=None):
@@ -67,8 +67,21 @@ def main(argv=None) -> int:
     return run_main("precompute_latents.py", _main, argv)
 
 
+def check_files(args) -> None:
+    """Every file named on the command line is there, before minutes go into loading the encoders: a typo in
+    --tokenizer is one line naming it, not an error after the VAE and umT5 have loaded."""
+    named = [("--manifest", args.manifest), ("--vae", args.vae), ("--text-encoder", args.text_encoder),
+             ("--tokenizer", args.tokenizer), ("--clip", args.clip)]
+    for flag, path in named:
+        if flag == "--manifest" and any(c in path for c in "{*?["):
+            continue  # a pattern (shards), expanded by the manifest reader
+        if path is not None and not os.path.exists(path):
+            raise UserError(f"{flag} {path}: no such file or folder")
+
+
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    check_files(args)
     buckets = args.stage_buckets or (["video-192"] if args.conditioning else ["video-192", "image-256"])
     job = PrecomputeJob(manifest=args.manifest, out=args.out, vae=args.vae, vae_config=args.vae_config,
                         text_encoder=args.text_encoder, text_config=args.text_config, tokenizer=args.tokenizer,

@@ -85,7 +85,7 @@ def run_i2v_task(out_dir: str = "runs/i2v", steps: int = I2V_STEPS, videos: int 
     kwargs = {"train_vae_steps": TINY_VAE_STEPS if vae_steps is None else vae_steps} if encoders is None else {}
     store, encoders = make_tiny_dataset(os.path.join(out_dir, "data"), videos=videos, images=0,
                                         held_out_videos=held_out_videos, encoders=encoders, conditioning="i2v",
-                                        **kwargs)
+                                        progress=True, **kwargs)  # VAE training and precompute lines
     held_out = os.path.join(out_dir, "data", "held_out.zarr")
     timings["data_s"] = round(time.perf_counter() - t0, 1)
 

@@ -119,7 +119,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 
     kwargs = {"train_vae_steps": TINY_VAE_STEPS if vae_steps is None else vae_steps}
     store, encoders = make_tiny_dataset(os.path.join(out_dir, "data"), videos=videos, images=images,
                                         held_out_videos=held_out_videos, held_out_images=0, encoders=encoders,
-                                        **kwargs)
+                                        progress=True, **kwargs)  # VAE training and precompute lines
     held_out = os.path.join(out_dir, "data", "held_out.zarr")
     timings["data_s"] = round(time.perf_counter() - t0, 1)
     _say(f"    training store {store}, held-out store {held_out} ({timings['data_s']} s)")

@@ -29,6 +29,7 @@ from megawan.models.text import UMT5Encoder
 from megawan.models.vae import WanVAE
 from megawan.models.vae.blocks import AttentionBlock, ResidualBlock, Resample
 from megawan.models.vae.model import unpatchify
+from megawan.utils.progress import Progress
 
 TINY_VAE_STEPS = 300  # ~1-1.5 min on 2 CPU cores; decoded held-out clips and stills keep their colour
 
@@ -125,7 +126,7 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
                    image_size: int = 32, seed: int = 0, lr: float = 3e-3, still_fraction: float = 0.5,
                    warmup_stills: int = 16, stills: int = 6, clips: int = 1, foreground_weight: float = 20.0,
                    color_weight: float = 1.0, moment_weight: float = 0.1, kl_weight: float = 1e-4,
-                   ema: float = 0.98, time_taps: bool = False, log_every: int = 0) -> dict:
+                   ema: float = 0.98, time_taps: bool = False, log_every: int = 0, progress: bool = False) -> dict:
     """Train `vae` (a WanVAE, in place) from scratch as an autoencoder of the synthetic shapes; returns stats.
 
     Data: freshly rendered every step (megawan.demo.shapes.render: random colour, shape, direction and
@@ -187,6 +188,7 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
     tail = max(1, min(20, steps // 5))
     recent_mse, recent_latents = [], []
     start, cpu_start = time.time(), time.process_time()
+    bar = Progress(steps, desc="tiny VAE training", unit="steps", enabled=progress)
     for step in range(steps):
         scale = min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         if step >= warm and clips:
@@ -237,6 +239,8 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"vae step {step}: loss {loss.item():.4f} mse {np.mean(mses):.4f} moments {moments.item():.4f} "
                   f"({time.time() - start:.1f}s)", flush=True)
+        bar.update(1)
+    bar.close()
     for hook in hooks:
         hook.remove()
     if ema_model is not None:
@@ -251,7 +255,7 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
 
 
 def write_tiny_encoders(out_dir: str, vae_config: str = "tiny-2.1", text_config: str = "tiny", seed: int = 0,
-                        train_vae_steps: int = 0) -> dict:
+                        train_vae_steps: int = 0, progress: bool = False) -> dict:
     """Write the tiny VAE, umT5 encoder and tokenizer; returns their paths and preset names.
 
     `train_vae_steps` = 0: the VAE keeps random weights (fast; what most tests need). > 0: it is trained as an
@@ -263,7 +267,7 @@ def write_tiny_encoders(out_dir: str, vae_config: str = "tiny-2.1", text_config:
     torch.manual_seed(seed)
     vae_cfg, text_cfg = vae_preset(vae_config), text_preset(text_config)
     vae = WanVAE(vae_cfg)
-    training = train_tiny_vae(vae, steps=train_vae_steps, seed=seed) if train_vae_steps > 0 else None
+    training = train_tiny_vae(vae, steps=train_vae_steps, seed=seed, progress=progress) if train_vae_steps > 0 else None
     vae_path = os.path.join(out_dir, "Wan2.2_VAE.pth" if vae_cfg.is_residual else "Wan2.1_VAE.pth")
     torch.save(convert_state_dict(vae.state_dict(), "megawan", "official", vae_cfg), vae_path)
     text = UMT5Encoder(text_cfg)

@@ -50,7 +50,7 @@ def make_tiny_dataset(root: str, videos: int = 24, images: int = 16, broken: int
     root = os.path.abspath(root)
     if encoders is None:
         kwargs = {"train_vae_steps": train_vae_steps} if train_vae_steps else {}
-        encoders = write_tiny_encoders(os.path.join(root, "encoders"), seed=seed, **kwargs)
+        encoders = write_tiny_encoders(os.path.join(root, "encoders"), seed=seed, progress=progress, **kwargs)
     store = _precompute_split(root, "latents", encoders, videos, images, broken, seed, progress, conditioning)
     if held_out_videos or held_out_images:
         _precompute_split(root, "held_out", encoders, held_out_videos, held_out_images, 0, seed + 7_777, progress,

@@ -48,6 +48,7 @@ from megawan.models.dit.parallelize import apply_activation_offload, apply_activ
 from megawan.parallel import initialize
 from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.training.backend import TE_MISSING, run_backend, te_usable
+from megawan.training.banner import run_banner
 from megawan.training.conditioning import check_store as check_conditioning
 from megawan.training.conditioning import image_for_model, image_inputs
 from megawan.training.ema import EMA
@@ -59,7 +60,7 @@ from megawan.training.precision import fp8_context
 from megawan.training.schedule import forward_backward
 from megawan.training.validation import Validator
 from megawan.training.write_queue import tie_checkpoint_writer_to_this_process
-from megawan.utils.progress import Progress
+from megawan.utils.progress import Progress, write as write_line
 from megawan.utils.user_errors import UserError
 
 logger = logging.getLogger("megawan")
@@ -317,7 +318,7 @@ class Trainer:
 
     def _log0(self, message: str):
         if self.rank == 0:
-            print(f"[megawan] {message}", flush=True)
+            write_line(f"[megawan] {message}")  # on its own line, not onto an open progress bar
 
     # ------------------------------------------------------------------------------------------
     def _timesteps(self, g: torch.Generator) -> torch.Tensor:
@@ -441,8 +442,10 @@ class Trainer:
                                       device=self.device, dtype=self.dtype,
                                       normalization=(self.latents_mean, self.latents_std),
                                       ema=self.ema, out_dir=os.path.join(log_dir, "validation"))
-            bar = Progress(cfg.train.steps, desc="train", unit="steps", enabled=self.rank == 0 and cfg.logging.progress)
-            bar.count = self.step
+            if self.rank == 0:  # what runs on which layout, where it writes (megawan.training.banner)
+                write_line(run_banner(cfg, self.world, self.loader.plan.counts, self.stride, self.step, log_dir))
+            bar = Progress(cfg.train.steps, desc="train", unit="steps", enabled=self.rank == 0 and cfg.logging.progress,
+                           initial=self.step)  # a resumed run's rate and ETA count the steps run here
             it = iter(self.loader)
             last_saved, stop_reason = self.step, None
             try:

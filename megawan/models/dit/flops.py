@@ -1,14 +1,15 @@
 """Model FLOPs of the Wan DiT forward pass: every matmul (2 m n k) and both attention products.
 
 Training is counted as 3x forward (backward = 2x forward), the usual model-FLOPs convention; elementwise
-work, norms and RoPE are not counted. Sizes are the DiT's input, i.e. LATENT frames / height / width.
+work, norms and RoPE are not counted. Sizes are the DiT's input, i.e. LATENT frames / height / width;
+`latent_size` turns a video's frames / pixels into them (the VAE's strides: `megawan flops`, plan_parallel.py).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from megawan.config import DiTConfig
+from megawan.config import ConfigError, DiTConfig
 
 
 def flops(config: DiTConfig, batch: int, frames: int, height: int, width: int,
@@ -48,3 +49,23 @@ def tokens(config: DiTConfig, frames: int, height: int, width: int) -> int:
     """Video tokens per sample for latents of this size."""
     pt, ph, pw = config.patch_size
     return (frames // pt) * (height // ph) * (width // pw)
+
+
+def vae_strides(config: DiTConfig) -> tuple:
+    """(temporal, spatial) stride of the VAE the model's latents come from: Wan2.2's 4 x 16 x 16 for the 48-channel
+    latents of TI2V-5B, Wan2.1's 4 x 8 x 8 otherwise."""
+    return (4, 16) if config.out_dim == 48 else (4, 8)
+
+
+def latent_size(config: DiTConfig, frames: int, height: int, width: int) -> tuple:
+    """(latent frames, height, width) of a video of `frames` frames, `height` x `width` pixels; a size the VAE and
+    the patch size cannot take is a ConfigError naming --frames / --height / --width."""
+    t, s = vae_strides(config)
+    multiple = s * config.patch_size[1]
+    if frames < 1 or (frames - 1) % t:
+        raise ConfigError(f"--frames: {frames} video frames do not fit Wan's causal VAE (1 + {t}k: 1, 5, ..., 81)")
+    for name, n in (("--height", height), ("--width", width)):
+        if n < 1 or n % multiple:
+            raise ConfigError(f"{name}: {n} pixels is not a multiple of {multiple} (VAE stride {s} x patch "
+                              f"{config.patch_size[1]}) for {config.name}")
+    return 1 + (frames - 1) // t, height // s, width // s
