@@ -56,4 +56,4 @@ def test_tool_writes_the_plot_and_refuses_missing_or_empty_files_in_one_line(met
     for path, why in ((empty, "no training loss logged yet"), (tmp_path / "none.jsonl", "no such metrics file")):
         assert main([str(path), "--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"plot_metrics: {path}: {why}") and err.count("\n") == 1
+        assert err.startswith(f"plot_metrics.py: {path}: {why}") and err.count("\n") == 1

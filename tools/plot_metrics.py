@@ -34,7 +34,7 @@ def _main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_main("plot_metrics", _main, argv)
+    return run_main("plot_metrics.py", _main, argv)
 
 
 if __name__ == "__main__":
