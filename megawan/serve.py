@@ -45,7 +45,7 @@ def import_gradio():
     try:
         import gradio
     except ImportError as e:
-        raise UserError(f"the web page needs gradio, which is not installed ({e}): {SERVE_EXTRA}") from None
+        raise UserError(f"the web page needs gradio: {SERVE_EXTRA} ({e})") from None
     return gradio
 
 

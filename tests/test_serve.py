@@ -1,0 +1,141 @@
+"""`megawan serve`: the web page in a real (headless) Chromium. A prompt typed on the page and Generate give a video
+in the page, written to the output folder; a second click with another seed samples again on the models loaded
+by the first (another video); a blank prompt is refused on the page; a text-to-video model shows no image upload.
+Without gradio the command is one line naming the extra that installs it.
+
+Needs gradio, selenium, chromium and chromedriver: it skips naming what is missing, and fails instead where
+tools/run_tests.sh installed the browser (MEGAWAN_REQUIRE_BROWSER=1)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+BROWSER_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage")
+
+
+def _browser_or_skip() -> tuple:
+    """(chromium, chromedriver) paths, or skip (fail under MEGAWAN_REQUIRE_BROWSER=1) naming what is missing."""
+    missing = []
+    for module, extra in (("gradio", "megawan[serve]"), ("selenium", "selenium")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"{module} (pip install {extra})")
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver") or shutil.which("chromedriver", path="/usr/lib/chromium:/usr/bin")
+    if chromium is None:
+        missing.append("chromium (apt-get install chromium)")
+    if driver is None:
+        missing.append("chromedriver (apt-get install chromium-driver)")
+    if missing:
+        why = "the web-page test needs " + ", ".join(missing)
+        if os.environ.get("MEGAWAN_REQUIRE_BROWSER") == "1":
+            pytest.fail(why + " (MEGAWAN_REQUIRE_BROWSER=1: tools/run_tests.sh installed the browser)")
+        pytest.skip(why)
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc, log, deadline: float) -> None:
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"megawan serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    pytest.fail(f"megawan serve did not listen on port {port}:\n{log.read_text()[-3000:]}")
+
+
+def _video_src(browser, other_than=None):
+    """The src of the page's result video once it shows one (other than `other_than`), else None."""
+    for video in browser.find_elements("css selector", "#result video"):
+        src = video.get_attribute("src")
+        if src and src != other_than:
+            return src
+    return None
+
+
+def test_a_prompt_on_the_page_becomes_a_video_on_disk(tiny_pipelines, tmp_path):
+    chromium, driver_path = _browser_or_skip()
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from megawan.utils.media import read_video
+
+    port, out, log = _free_port(), tmp_path / "videos", tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "megawan.cli", "serve", "--ckpt", str(tiny_pipelines / "megawan"), "--device", "cpu",
+           "--port", str(port), "--out", str(out), "--steps", "2"]  # the page starts at 2 steps: a fast test
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    browser = None
+    start = time.time()
+    try:
+        _wait_for_port(port, server, log, start + 60)
+        print(f"serving after {time.time() - start:.1f} s")
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for arg in BROWSER_ARGS:
+            options.add_argument(arg)
+        browser = webdriver.Chrome(service=Service(driver_path), options=options)
+        browser.get(f"http://127.0.0.1:{port}")
+        # gradio re-renders the result as it arrives: an element found a moment ago may be gone, look again
+        wait = WebDriverWait(browser, 45, ignored_exceptions=(StaleElementReferenceException,))
+        prompt = wait.until(lambda b: b.find_element("css selector", "#prompt textarea"))
+        # a text-to-video model: no image upload on the page
+        assert not [e for e in browser.find_elements("css selector", "#first_frame") if e.is_displayed()]
+
+        generate = browser.find_element("css selector", "#generate")
+        generate.click()  # a blank prompt: refused on the page, nothing sampled
+        wait.until(lambda b: "prompt: write what the video shows" in b.page_source)
+
+        prompt.send_keys("a red circle moves left")
+        generate.click()
+        first = wait.until(_video_src)
+        assert first.endswith(".mp4") and "a_red_circle_moves_left" in first
+        settings = " ".join(browser.find_element("css selector", "#settings").text.split())
+        assert '"steps" : 2' in settings and '"prompt" : "a red circle moves left"' in settings, settings
+
+        seed = browser.find_element("css selector", "#seed input")
+        seed.send_keys(Keys.CONTROL, "a")
+        seed.send_keys("1", Keys.TAB)
+        generate.click()  # the models stay loaded: only sampling again
+        wait.until(lambda b: _video_src(b, other_than=first))
+        print(f"two videos after {time.time() - start:.1f} s")
+    finally:
+        if browser is not None:
+            browser.quit()
+        server.terminate()
+        server.wait(timeout=20)
+
+    videos = sorted(out.glob("*.mp4"))
+    assert len(videos) == 2, log.read_text()[-3000:]
+    a, b = (read_video(str(p)) for p in videos)
+    assert a.shape == b.shape == (17, 32, 48, 3)  # the tiny model's defaults: 17 frames of 48 x 32
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1  # seed 0 and seed 1: two samples
+    assert "the models load on the first Generate" in log.read_text()
+
+
+def test_without_gradio_the_command_names_the_extra(monkeypatch, capsys):
+    from megawan.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as where it is not installed
+    assert main(["serve", "--ckpt", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megawan serve: the web page needs gradio") and err.count("\n") == 1
+    assert "pip install megawan[serve]" in err
