@@ -1,7 +1,8 @@
 """`megawan serve`: the web page in a real (headless) Chromium. A prompt typed on the page and Generate give a video
 in the page, written to the output folder; a second click with another seed samples again on the models loaded
 by the first (another video); a blank prompt is refused on the page; a text-to-video model shows no image upload.
-Without gradio the command is one line naming the extra that installs it.
+The page's handler samples what `megawan generate` does. Without gradio the command is one line naming the
+extra that installs it.
 
 Needs gradio, selenium, chromium and chromedriver: it skips naming what is missing, and fails instead where
 tools/run_tests.sh installed the browser (MEGAWAN_REQUIRE_BROWSER=1)."""
@@ -129,6 +130,36 @@ def test_a_prompt_on_the_page_becomes_a_video_on_disk(tiny_pipelines, tmp_path):
     assert a.shape == b.shape == (17, 32, 48, 3)  # the tiny model's defaults: 17 frames of 48 x 32
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 1  # seed 0 and seed 1: two samples
     assert "the models load on the first Generate" in log.read_text()
+
+
+def _serve_twice(rank, pipeline: str, out: str, result: str) -> None:
+    """The page's handler twice with the same fields (the second on the models the first loaded), and
+    `megawan generate`'s fresh load once: their videos, as arrays, to `result`."""
+    from megawan.generation import GenerationRequest, generate
+    from megawan.serve import ServeOptions, Session
+    from megawan.utils.media import read_video
+
+    session = Session(ServeOptions(ckpt=pipeline, device="cpu", out=out, steps=2))
+    assert session.image_input == "none" and session.start_values()["steps"] == 2
+    fields = ("a blue square moves down", "", "ignored.png", None, 3, 2, 4.0, None, 5, None, None)
+    (video, still, settings), (again, _, _) = session.run(*fields), session.run(*fields)
+    assert still is None and video != again and len(session.kept) == 4  # VAE, DiT, umT5, tokenizer
+    assert (settings["steps"], settings["frames"], settings["guidance"], settings["image"]) == (2, 5, 4.0, None)
+    fresh = generate(GenerationRequest(ckpt=pipeline, prompts=["a blue square moves down"], out=out + "/fresh.mp4",
+                                       steps=2, guidance=4.0, frames=5, seed=3, device="cpu", progress=False))
+    np.savez(result, kept=read_video(video), again=read_video(again), fresh=read_video(fresh[0]))
+
+
+def test_the_page_samples_what_generate_samples_on_models_kept_loaded(tiny_pipelines, tmp_path):
+    """The page's handler (megawan.serve.Session, one rank) loads the models once and keeps them: the same
+    fields give the same video again, and the video `megawan generate` gives from a fresh load."""
+    from megawan.parallel.launch import spawn_local
+
+    result = tmp_path / "videos.npz"
+    spawn_local(_serve_twice, world_size=1, args=(str(tiny_pipelines / "megawan"), str(tmp_path), str(result)))
+    videos = np.load(result)
+    assert videos["kept"].shape == (5, 32, 48, 3)
+    assert np.array_equal(videos["kept"], videos["again"]) and np.array_equal(videos["kept"], videos["fresh"])
 
 
 def test_without_gradio_the_command_names_the_extra(monkeypatch, capsys):
