@@ -100,6 +100,11 @@ class Session:
 
         if not (prompt or "").strip():
             raise ValueError("prompt: write what the video shows")
+        name = self.cfg.name
+        if self.image_input == "required" and not image:  # in the page's words, not generate's --image
+            raise ValueError(f"first frame: {name} is an image-to-video model, upload the video's first frame")
+        if self.last_image_input and image and not last_image:
+            raise ValueError(f"last frame: {name} is a first-last-frame model, upload the video's last frame too")
         if self.image_input == "none":
             image = last_image = None
         if not self.last_image_input:
@@ -107,11 +112,11 @@ class Session:
         if guidance is not None and self.two_experts:
             guidance = (float(guidance), float(guidance_high if guidance_high is not None else guidance))
         self.count += 1
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}_{self.count:03d}_{slug(prompt)[:40]}.mp4"
+        file = f"{time.strftime('%Y%m%d-%H%M%S')}_{self.count:03d}_{slug(prompt)[:40]}.mp4"
         o = self.opts
         return GenerationRequest(
             ckpt=o.ckpt, encoders=o.encoders, low_noise_ckpt=o.low_noise_ckpt, prompts=[prompt.strip()],
-            out=os.path.join(self.out, name), negative_prompt=(negative or "").strip() or None,
+            out=os.path.join(self.out, file), negative_prompt=(negative or "").strip() or None,
             frames=_int(frames), height=_int(height), width=_int(width), steps=_int(steps), guidance=guidance,
             seed=_int(seed) or 0, image=image or None, last_image=last_image or None, device=o.device,
             progress=False)
@@ -201,13 +206,17 @@ def serve(opts: ServeOptions, block: bool = True):
 
     if opts.device == "cuda" and not cuda_available():
         raise UserError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
+    session = Session(opts)  # a missing or damaged checkpoint, missing encoders: named before the process group
     # gloo for --device cpu (also on a GPU machine), else NCCL where CUDA is: as `megawan generate` starts it
     initialize(ParallelConfig(), backend="gloo" if opts.device == "cpu" else None)
-    session = Session(opts)
     page = build_page(session)
     print(f"[serve] {session.cfg.name} from {opts.ckpt} on {opts.device}; the models load on the first Generate "
           f"and stay loaded; videos go to {session.out}", flush=True)
     page.queue(default_concurrency_limit=1)
-    page.launch(server_name=opts.host, server_port=opts.port, allowed_paths=[session.out], show_error=True,
-                prevent_thread_lock=not block)
+    try:
+        page.launch(server_name=opts.host, server_port=opts.port, allowed_paths=[session.out], show_error=True,
+                    prevent_thread_lock=not block)
+    except OSError as e:  # gradio: "Cannot find empty port in range: 7860-7860. ..."
+        raise UserError(f"--port {opts.port}: cannot listen on {opts.host}:{opts.port} (in use? pick another "
+                        f"--port): {str(e).split('.')[0]}") from None
     return page

@@ -162,6 +162,38 @@ def test_the_page_samples_what_generate_samples_on_models_kept_loaded(tiny_pipel
     assert np.array_equal(videos["kept"], videos["again"]) and np.array_equal(videos["kept"], videos["fresh"])
 
 
+def test_each_model_type_gets_its_image_fields(tiny_pipelines, tmp_path):
+    """The page and the request as built for each kind of model (the session's config swapped for the tiny
+    presets): T2V shows no upload and drops an image, I2V requires the first frame and sizes the video by it
+    (blank height / width), FLF2V also the last frame, TI2V takes one optionally, A14B two guidance scales."""
+    pytest.importorskip("gradio")
+    from megawan.config import dit_preset
+    from megawan.serve import ServeOptions, Session, build_page
+
+    session = Session(ServeOptions(ckpt=str(tiny_pipelines / "megawan"), out=str(tmp_path)))
+
+    def shown():
+        return {b.elem_id for b in build_page(session).blocks.values() if getattr(b, "elem_id", None) and b.visible}
+
+    def request(image=None, last=None, guidance=4.0, high=None):
+        return session.request("a cat", "", image, last, 0, 2, guidance, high, 5, None, None)
+
+    assert {"prompt", "first_frame"} & shown() == {"prompt"} and request("x.png").image is None
+    session.cfg = dit_preset("tiny-i2v")
+    assert {"first_frame", "last_frame"} & shown() == {"first_frame"}
+    assert session.start_values()["height"] is None and request("first.png").image == "first.png"
+    with pytest.raises(ValueError, match="^first frame: tiny-i2v is an image-to-video model"):
+        request()
+    session.cfg = dit_preset("tiny-i2v", image_pos_len=10)  # FLF2V
+    assert {"first_frame", "last_frame"} <= shown() and request("a.png", "b.png").last_image == "b.png"
+    with pytest.raises(ValueError, match="^last frame: tiny-i2v is a first-last-frame model"):
+        request("a.png")
+    session.cfg = dit_preset("tiny-ti2v")
+    assert "first_frame" in shown() and request().image is None and request("a.png").image == "a.png"
+    session.cfg = dit_preset("tiny-a14b")
+    assert "guidance_high" in shown() and request(guidance=3.0, high=4.0).guidance == (3.0, 4.0)
+
+
 def test_without_gradio_the_command_names_the_extra(monkeypatch, capsys):
     from megawan.cli import main
 
