@@ -68,8 +68,13 @@ def _video_src(browser, other_than=None):
     return None
 
 
-def test_a_prompt_on_the_page_becomes_a_video_on_disk(tiny_pipelines, tmp_path):
-    chromium, driver_path = _browser_or_skip()
+@pytest.fixture(scope="session")
+def browser_paths():
+    return _browser_or_skip()  # session-scoped and listed first: a skip comes before the session's pipeline
+
+
+def test_a_prompt_on_the_page_becomes_a_video_on_disk(browser_paths, tiny_pipelines, tmp_path):
+    chromium, driver_path = browser_paths
     from selenium import webdriver
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
