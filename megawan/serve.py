@@ -51,7 +51,8 @@ def import_gradio():
 
 class Session:
     """The model behind the page: what the checkpoint is (config, official defaults), and the models kept loaded
-    between requests. Build it after the process group is started."""
+    between requests. Building it reads only the checkpoint's and encoders' metadata; run() needs the process
+    group (megawan.parallel.initialize)."""
 
     def __init__(self, opts: ServeOptions):
         from megawan.artifacts import find_encoders, resolve_model
