@@ -11,6 +11,7 @@
     megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs at a VIDEO size (--latent: latents)
     megawan env                                    versions, GPUs, what backend: auto and MEGAWAN_KERNELS resolve to
     megawan --version
+    megawan serve --ckpt DIR [--encoders DIR] [--port 7860]   a web page for generation (gradio)
 
 Exit status: 0 done; 2 a mistake on the command line or in a named file (one line `megawan CMD: message` on
 stderr, no traceback; MEGAWAN_DEBUG=1 adds it); 1 a training run that stopped early.
@@ -168,6 +169,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _cmd_serve(args) -> int:
+    from megawan.serve import ServeOptions, import_gradio
+
+    import_gradio()  # missing gradio: one line naming `pip install megawan[serve]`, before torch is imported
+    from megawan.serve import serve  # lazy: torch and megatron-core
+
+    serve(ServeOptions(ckpt=args.ckpt, encoders=args.encoders, low_noise_ckpt=args.low_noise_ckpt, host=args.host,
+                       port=args.port, device=args.device, out=args.out, frames=args.frames, height=args.height,
+                       width=args.width, steps=args.steps))
+    return 0
+
+
+def _add_serve(sub) -> None:
+    srv = sub.add_parser("serve", help="a web page for generation (gradio): prompt, image, seed, steps, guidance "
+                                       "-> video; one process, the model kept loaded")
+    srv.add_argument("--ckpt", required=True, help="training checkpoint (or run checkpoint dir), or a megawan pipeline")
+    srv.add_argument("--encoders", help="folder with the VAE, umT5 and tokenizer (a pipeline carries its own)")
+    srv.add_argument("--low-noise-ckpt", help="A14B trained as two runs: the low-noise expert's checkpoint")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: other machines too)")
+    srv.add_argument("--port", type=int, default=7860, help="port of the page (http://HOST:PORT)")
+    srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where the DiT, umT5 and VAE run: auto = cuda where CUDA is, else cpu")
+    srv.add_argument("--out", default="outputs/serve", help="folder the videos are written to")
+    for field in ("frames", "height", "width", "steps"):
+        srv.add_argument(f"--{field}", type=int, help=f"the page's starting {field} (default: the model's official)")
+    # the checkpoint's checks raise plain ValueErrors naming the option, as generate's
+    srv.set_defaults(func=_cmd_serve, user_errors=(ValueError,))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megawan.env_report import megawan_version
 
@@ -249,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how context-parallel ranks share attention")
     # generation's checks raise plain ValueErrors naming the option (--frames, --low-noise-ckpt, ...)
     gen.set_defaults(func=_cmd_generate, user_errors=(ValueError,))
+
+    _add_serve(sub)
 
     presets = sub.add_parser("presets", help="list model presets and their hyper-parameters")
     presets.set_defaults(func=_cmd_presets)

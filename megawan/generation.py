@@ -274,9 +274,10 @@ def prepare(req: GenerationRequest) -> dict:
     return plan
 
 
-def generate(req: GenerationRequest) -> list:
+def generate(req: GenerationRequest, kept: Optional[dict] = None) -> list:
     """Sample every prompt of `req`; collective over the world (call on every rank). Returns the written paths
-    (on the ranks that wrote them)."""
+    (on the ranks that wrote them). `kept`: a dict that keeps the loaded models between calls (megawan serve
+    loads them once; `_kept`), else every call loads them."""
     plan = prepare(req)
     found, cfg, d, enc, vae_cfg = (plan[k] for k in ("found", "cfg", "defaults", "enc", "vae_cfg"))
     frames, height, width, steps, shift, fps, guidance = (plan[k] for k in ("frames", "height", "width", "steps",
@@ -297,9 +298,8 @@ def generate(req: GenerationRequest) -> list:
     if len(replica_ranks) == 1:
         mp_group = None
 
-    vae = load_vae(enc["vae"], vae_cfg, device=device) if first_of_replica else None
-    if vae is not None and req.vae_tiling:
-        vae.enable_tiling(*req.vae_tiling)
+    vae = _kept(kept, ("vae", enc["vae"], str(device), req.vae_tiling),
+                lambda: _load_vae(enc["vae"], vae_cfg, device, req.vae_tiling)) if first_of_replica else None
     t_stride, s_stride = vae_cfg.temporal_stride, vae_cfg.spatial_stride
     shape = (vae_cfg.z_dim, *Bucket(frames, height, width).latent_shape((t_stride, s_stride, s_stride)))
 
@@ -309,13 +309,8 @@ def generate(req: GenerationRequest) -> list:
     cfg, why = sampling_backend(cfg, shape, layout)
     if why and rank == 0:
         print(f"[generate] {why}", flush=True)
-    experts = {name: _load_expert(path, cfg, req.use_ema, device) for name, path in found["experts"].items()}
-    for lora, lora_scale in plan["loras"]:  # this rank's shard of scale alpha / rank B A, added to its weights
-        for model in experts.values():
-            load_lora(model, lora, lora_scale)
-            merge_adapters(model)
-        if rank == 0:
-            print(f"[generate] merged LoRA {lora.path} ({len(lora)} linears) at scale {lora_scale:g}", flush=True)
+    experts = _kept(kept, ("dit", tuple(found["experts"].items()), req.use_ema, str(device), repr(cfg), req.loras),
+                    lambda: _load_experts(found["experts"], cfg, req.use_ema, device, plan["loras"], rank))
     boundary = cfg.expert_boundary * 1000.0 if cfg.expert_boundary is not None else None
 
     def model_at(t: float):
@@ -335,13 +330,13 @@ def generate(req: GenerationRequest) -> list:
         negative = d["negative_prompt"]
     text_cfg = text_preset(enc["text_config"])
     states = _encode(prompts + ([negative] if negative is not None else []), enc, text_cfg, cfg.text_len,
-                     getattr(torch, req.text_dtype), device)
+                     getattr(torch, req.text_dtype), device, kept)
     text, null = states[:len(prompts)], (states[len(prompts):] if negative is not None else None)
 
     noise_all = _initial_noise(req, len(prompts), shape).to(device)
     mine = list(range(dp_rank, len(prompts), dp_size))
     written, latents_out = [], {}
-    image_tokens = _clip_tokens(plan["images"]["clip"], enc, device) if cfg.image_dim else None
+    image_tokens = _clip_tokens(plan["images"]["clip"], enc, device, kept) if cfg.image_dim else None
     extra, pin, token_timesteps = _image_inputs(plan["images"], cfg, vae, vae_cfg, frames, shape, first_of_replica,
                                                 replica_ranks, mp_group, device)
     record = _record(req, plan, negative)
@@ -377,6 +372,35 @@ def generate(req: GenerationRequest) -> list:
     return written
 
 
+def _kept(kept: Optional[dict], key: tuple, load):
+    """load() once per key while `kept` (a dict) lives; every time without it. The key names all that the model
+    depends on, so a later request for another checkpoint, device or LoRA loads afresh."""
+    if kept is None:
+        return load()
+    if key not in kept:
+        kept[key] = load()
+    return kept[key]
+
+
+def _load_vae(path: str, vae_cfg, device, tiling: Optional[tuple]):
+    vae = load_vae(path, vae_cfg, device=device)
+    if tiling:
+        vae.enable_tiling(*tiling)
+    return vae
+
+
+def _load_experts(paths: dict, cfg, use_ema: bool, device, loras: list, rank: int) -> dict:
+    """{expert: its DiT on this rank}, with the LoRA files merged into every expert's weights."""
+    experts = {name: _load_expert(path, cfg, use_ema, device) for name, path in paths.items()}
+    for lora, lora_scale in loras:  # this rank's shard of scale alpha / rank B A, added to its weights
+        for model in experts.values():
+            load_lora(model, lora, lora_scale)
+            merge_adapters(model)
+        if rank == 0:
+            print(f"[generate] merged LoRA {lora.path} ({len(lora)} linears) at scale {lora_scale:g}", flush=True)
+    return experts
+
+
 def _load_expert(path: str, cfg, use_ema: bool, device):
     """The DiT of checkpoint `path` on this rank; a LoRA training checkpoint loads its base (the trained weights,
     as the LoRA run started from them) and merges its adapters (their EMA where kept, unless --no-ema)."""
@@ -390,27 +414,29 @@ def _load_expert(path: str, cfg, use_ema: bool, device):
 
 
 def _encode(texts: list, enc: dict, text_cfg, text_len: int, dtype: torch.dtype = torch.float32,
-            device=torch.device("cpu")) -> torch.Tensor:
+            device=torch.device("cpu"), kept: Optional[dict] = None) -> torch.Tensor:
     """umT5 states [N, text_len, dim] (zeros past each prompt) on `device`, rounded through `dtype` (bf16: as a
     precomputed store holds them). The encoder runs in bf16 on CUDA (as Wan's), in fp32 on CPU. Collective over
     the tensor-parallel group: the encoder is sharded like the DiT (every CP rank of a replica computes the same
     states)."""
-    encoder = load_text_encoder(enc["text_encoder"], text_cfg, device=device,
-                                dtype=torch.bfloat16 if device.type == "cuda" else None)
-    tokenizer = load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len)
+    encoder = _kept(kept, ("text", enc["text_encoder"], str(device)), lambda: load_text_encoder(
+        enc["text_encoder"], text_cfg, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None))
+    tokenizer = _kept(kept, ("tokenizer", enc["tokenizer"]),
+                      lambda: load_tokenizer(enc["tokenizer"], max_length=text_cfg.text_len))
     with torch.no_grad():
         ids, mask = (t.to(device) for t in tokenizer(texts))
         states = (encoder(ids, mask) * mask[..., None]).to(dtype).float()
     return states[:, :text_len] if states.shape[1] > text_len else states
 
 
-def _clip_tokens(images: list, enc: dict, device: torch.device) -> torch.Tensor:
+def _clip_tokens(images: list, enc: dict, device: torch.device, kept: Optional[dict] = None) -> torch.Tensor:
     """The CLIP tokens of the conditioning frames [n_images, 1 + (S / patch)^2, width] (FLF2V: first, last), as
     the official Wan2.1 takes them (penultimate block, Wan's bicubic resize to S). Collective over the tensor-
     parallel group: the encoder is split like the DiT and the text encoder (every CP rank of a replica computes
     the same tokens); fp16 on CUDA as Wan's, fp32 on CPU."""
-    encoder = load_clip_encoder(enc["clip"], clip_preset(enc["clip_config"]), device=device,
-                                dtype=torch.float16 if device.type == "cuda" else None)
+    encoder = _kept(kept, ("clip", enc["clip"], str(device)), lambda: load_clip_encoder(
+        enc["clip"], clip_preset(enc["clip_config"]), device=device, dtype=torch.float16 if device.type == "cuda"
+        else None))
     with torch.no_grad():  # each image on its own: first and last frame may differ in size
         pixels = torch.cat([encoder.preprocess(image[None].to(device)) for image in images])
         return encoder(pixels).float()

@@ -47,6 +47,18 @@ def slurm_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """A tiny text-to-video pipeline (random weights, fp32) in `root`/official, `root`/megawan (what `--ckpt`
+    takes) and `root`/diffusers (tests/pipelines.py): made once per session for the tests that only read it
+    (tests/test_generate.py, tests/test_serve.py)."""
+    from pipelines import make_pipelines_in_three_layouts
+
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    make_pipelines_in_three_layouts(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def trained_encoders(tmp_path_factory):
     """The tiny encoders with the VAE trained for TINY_VAE_STEPS (seed 0), exactly what `megawan demo` writes
     (megawan.demo.tiny_dataset.make_tiny_dataset(train_vae_steps=TINY_VAE_STEPS)): made once per session, since

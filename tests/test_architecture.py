@@ -4,7 +4,7 @@ Every import of megawan's own modules (function-level ones too) is read with `as
 `megawan/` and `kernels/`; nothing is imported. The layers, lowest first (LAYERS; docs/architecture.md):
 
     kernels < config, utils < convert < diffusion < parallel < models < lora < checkpoint < artifacts < data
-            < training < generation, export, demo, cli
+            < training < generation, export, demo, cli, serve
 
 A failure names the file, the line and the import that breaks the rule. `python tests/test_architecture.py`
 prints today's report.
@@ -36,7 +36,7 @@ LAYERS = (
     ("megawan.data",),
     ("megawan.training",),
     ("megawan", "megawan.generation", "megawan.export", "megawan.demo", "megawan.cli", "megawan.__main__",
-     "megawan.env_report"),
+     "megawan.env_report", "megawan.serve"),  # serve: the web page over generation, beside cli (which starts it)
 )
 
 

@@ -14,17 +14,15 @@ import torch
 from megawan.export import convert_pipeline
 from megawan.generation import GenerationRequest, run_generate
 from megawan.parallel.launch import spawn_local
-from pipelines import TINY_T2V, make_official_pipeline, make_pipelines_in_three_layouts
+from pipelines import TINY_T2V, make_official_pipeline
 
 pytest.importorskip("diffusers")
 PROMPTS = ["a red circle moves left", "a blue square moves down"]
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("generate")
-    make_pipelines_in_three_layouts(root)
-    return root
+def pipelines(tiny_pipelines):
+    return tiny_pipelines  # made once per session (tests/conftest.py); these tests only read it
 
 
 def _request(ckpt, out_dir, name, **kw):
