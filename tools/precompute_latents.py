@@ -81,7 +81,6 @@ def check_files(args) -> None:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
-    check_files(args)
     buckets = args.stage_buckets or (["video-192"] if args.conditioning else ["video-192", "image-256"])
     job = PrecomputeJob(manifest=args.manifest, out=args.out, vae=args.vae, vae_config=args.vae_config,
                         text_encoder=args.text_encoder, text_config=args.text_config, tokenizer=args.tokenizer,
@@ -90,6 +89,7 @@ def _main(argv=None) -> int:
                         decode_backend=args.decode_backend, conditioning=args.conditioning, clip=args.clip,
                         clip_config=args.clip_config)
     job.check()  # a bad bucket, or a decode backend this machine cannot run, fails here before any work
+    check_files(args)  # then the files, before the encoders load
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     rank, barrier, device = 0, None, None
     if world > 1:
