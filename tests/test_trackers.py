@@ -115,7 +115,6 @@ def test_tensorboard_events_hold_the_scalars_clips_and_contact_sheet(validation_
 
 
 def test_wandb_run_id_is_kept_in_the_checkpoint_folder_across_a_requeue(tmp_path, monkeypatch, validation_step):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
