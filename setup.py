@@ -1,5 +1,7 @@
 """megawan: training Wan-style video diffusion models at scale on megatron-core."""
 
+import re
+
 from setuptools import find_packages, setup
 
 # Every pin is satisfied by the CPU torch 2.13.0 used in CI and by the newest releases on
@@ -58,9 +60,12 @@ EXTRAS = {
     ],
 }
 
+# One version, in megawan/__init__.py (`megawan --version`, generate's OUT.json and `megawan env` print it)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("megawan/__init__.py", encoding="utf-8").read(), re.M).group(1)
+
 setup(
     name="megawan",
-    version="0.1.0",
+    version=VERSION,
     description="Train Wan-style video diffusion models at scale on megatron-core",
     license="Apache-2.0",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -35,13 +35,10 @@ TRACKERS = (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("matplotlib", "
 
 
 def megawan_version() -> str:
-    """The installed distribution's version, else the source tree's (megawan.__version__, as setup.py's)."""
-    try:
-        return importlib.metadata.version("megawan")
-    except importlib.metadata.PackageNotFoundError:
-        import megawan
+    """megawan.__version__: the one version (setup.py reads it from there too)."""
+    import megawan
 
-        return megawan.__version__
+    return megawan.__version__
 
 
 def module_version(module: str, distributions: tuple = ()) -> str:
