@@ -72,11 +72,9 @@ def _cmd_presets(args) -> int:
 
 
 def _parameter_count(config) -> int:
-    from math import prod
+    from megawan.convert.dit_keys import dit_param_count  # lazy: megawan.convert imports torch
 
-    from megawan.convert.dit_keys import dit_param_shapes  # lazy: megawan.convert imports torch
-
-    return sum(prod(s) for s in dit_param_shapes(config).values())
+    return dit_param_count(config)
 
 
 def _cmd_flops(args) -> int:

@@ -10,6 +10,8 @@ swap: official `norm3` (affine, before cross-attention) is diffusers' `norm2`.
 
 from __future__ import annotations
 
+from math import prod
+
 from megawan.config import DiTConfig
 
 LAYOUTS = ("megawan", "official", "diffusers")
@@ -134,3 +136,8 @@ def dit_param_shapes(config: DiTConfig) -> dict:
         else:  # biases, norm weights
             shapes[key] = (d,)
     return shapes
+
+
+def dit_param_count(config: DiTConfig) -> int:
+    """Parameters of the whole DiT (one expert of A14B), from the shapes: no model is built."""
+    return sum(prod(shape) for shape in dit_param_shapes(config).values())

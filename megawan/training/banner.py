@@ -7,17 +7,15 @@ wrong layout or a too-small store is seen at once rather than in the first check
 
 from __future__ import annotations
 
-from math import prod
-
 from megawan.config import RunConfig
-from megawan.convert.dit_keys import dit_param_shapes
+from megawan.convert.dit_keys import dit_param_count
 from megawan.data.buckets import Bucket
 from megawan.training.memory import lora_params_per_block
 
 
 def parameter_counts(cfg: RunConfig) -> tuple:
     """(total parameters of the model, trainable ones): the whole DiT, or with lora.rank > 0 its adapters only."""
-    total = sum(prod(s) for s in dit_param_shapes(cfg.model).values())
+    total = dit_param_count(cfg.model)
     trainable = lora_params_per_block(cfg.model, cfg.lora) * cfg.model.num_layers if cfg.lora.enabled else total
     return total, trainable
 
