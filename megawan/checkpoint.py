@@ -470,7 +470,10 @@ def _load(sharded: dict, path: str) -> dict:
 
 def _fill_chunks(chunks: list, loaded_model: dict, adapters_only: bool = False) -> None:
     for i, chunk in enumerate(chunks):
-        part = chunk_state_dict(loaded_model[f"chunk{i}"], chunk)
+        # a DiT pipeline chunk holds some blocks under local numbers; other modules (the VAE) hold everything
+        part = loaded_model[f"chunk{i}"]
+        if hasattr(chunk, "layers"):
+            part = chunk_state_dict(part, chunk)
         if adapters_only:  # a LoRA checkpoint: every adapter of the chunk, nothing else
             missing = [k for k in chunk.state_dict() if is_lora_parameter(k) and k not in part]
             if missing:
