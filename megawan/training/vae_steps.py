@@ -129,7 +129,10 @@ class VAEStep:
                         g = hinge_generator_loss(self.disc_ddp(x_hat))
                         weight = torch.tensor(loss.gan)
                         if loss.adaptive_gan_weight:
-                            weight = loss.gan * adaptive_gan_weight(rec.sum() * scale, g.sum() * scale,
+                            # the global batch's mean losses (summed over DP in there): taming's eps 1e-4 is
+                            # added to a norm, so the scale must not depend on the layout
+                            weight = loss.gan * adaptive_gan_weight(rec.sum() / global_samples,
+                                                                    g.sum() / global_samples,
                                                                     last_decoder_weight(self.vae), self.group)
                         total = total + weight.to(g) * g.sum() * scale
                         sums[4] += g.detach().double().sum()
