@@ -140,3 +140,36 @@ def test_ema_choice_and_refusals(checkpoints, tmp_path, capsys):
         vae_config_named("tiny-2.3")
     with pytest.raises(ConfigError, match="no such VAE config file"):
         vae_config_named(str(tmp_path / "missing.json"))
+
+
+def test_precompute_records_the_exported_statistics(checkpoints, tmp_path):
+    """`--vae-config exported/vae_config.json`: the store's VAE metadata carries the recomputed statistics, and its
+    latents are the exported VAE's."""
+    from megawan.data.precompute import PrecomputeJob, run_precompute
+    from megawan.data.store import LatentStore
+    from megawan.demo.tiny_assets import write_tiny_encoders
+
+    root, ckpts, manifest = checkpoints
+    out = str(tmp_path / "exported")
+    written = export_vae(ckpts["tiny-2.1"], out, to="official", stats=manifest, stats_samples=2)  # run's buckets
+    assert written["config"].latents_mean != vae_preset("tiny-2.1").latents_mean
+    encoders = write_tiny_encoders(str(tmp_path / "encoders"))
+    job = PrecomputeJob(manifest=manifest, out=str(tmp_path / "store.zarr"), vae=written["official"],
+                        vae_config=os.path.join(out, "vae_config.json"), text_encoder=encoders["text_encoder"],
+                        text_config=encoders["text_config"], tokenizer=encoders["tokenizer"], buckets=["9x32x48"],
+                        decode_workers=1, dtype="float32")
+    run_precompute(job, progress=False)
+    store = LatentStore.open(job.out)
+    vae_meta = store.metadata.vae
+    assert vae_meta.latents_mean == written["config"].latents_mean
+    assert vae_meta.latents_std == written["config"].latents_std
+    assert vae_meta.name == os.path.abspath(os.path.join(out, "vae_config.json"))
+    sample = store.read("9x32x48", 0)
+    clips, _ = eval_clips(manifest, ["9x32x48"])
+    clip = next(c for c in clips if c["id"] == sample["id"])
+    state, cfg = read_trained_vae(ckpts["tiny-2.1"])
+    from megawan.vae_export import build_vae
+
+    with torch.no_grad():
+        expected = build_vae(state, cfg).encode(clip["video"][None])[0][0]
+    torch.testing.assert_close(torch.as_tensor(sample["latents"]), expected)
