@@ -107,8 +107,9 @@ def test_export_loads_in_diffusers_and_megawan_alike(checkpoints, preset):
     for config in (os.path.join(out, "vae_config.json"), os.path.join(out, "vae", "config.json")):
         with open(config) as f:
             values = json.load(f)
-        torch.testing.assert_close(torch.tensor(values["latents_mean"], dtype=torch.float64), latents.mean(1))
-        torch.testing.assert_close(torch.tensor(values["latents_std"], dtype=torch.float64), latents.std(1, correction=0))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        torch.testing.assert_close(as_tensor(values["latents_mean"]), latents.mean(1))
+        torch.testing.assert_close(as_tensor(values["latents_std"]), latents.std(1, correction=0))
     assert list(ref.config.latents_mean) == values["latents_mean"]
 
 
