@@ -150,6 +150,12 @@ def test_ema_choice_and_refusals(checkpoints, tmp_path, capsys):
         vae_config_named("tiny-2.3")
     with pytest.raises(ConfigError, match="no such VAE config file"):
         vae_config_named(str(tmp_path / "missing.json"))
+    from megawan.data.precompute import PrecomputeJob
+
+    job = PrecomputeJob(manifest="m.jsonl", out="o.zarr", vae="v.pth", text_encoder="t.pth", tokenizer="tok",
+                        vae_config=str(tmp_path), decode_backend="pyav")
+    with pytest.raises(ConfigError, match=r"^PrecomputeJob.vae_config \(--vae-config\): .* holds config.json or "):
+        job.check()  # before any file is read or model built
 
 
 def test_precompute_records_the_exported_statistics(checkpoints, tmp_path):
