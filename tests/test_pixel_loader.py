@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from megawan.config.fields import ConfigError
-from megawan.data.buckets import resize_center_crop
+from megawan.data.buckets import parse_buckets, resize_center_crop
 from megawan.data.pixel_loader import PixelLoader
+from megawan.data.pixel_scan import buckets_for
 from megawan.data.video import decode_image, decode_video
 from megawan.utils.media import write_image, write_video
 
@@ -100,7 +101,7 @@ def test_images_are_one_frame_samples_and_crops_are_seeded(data):
     for video, sample_id in zip(batch["video"], batch["ids"]):
         path = str(folder / (f"{sample_id}.png" if sample_id.startswith("still") else f"{sample_id}.mp4"))
         frames = decode_image(path) if sample_id.startswith("still") else decode_video(path, fps=16, num_frames=1)
-        assert torch.equal(video, resize_center_crop(frames, 32, 32))
+        assert torch.equal(video, resize_center_crop(np.array(frames), 32, 32))
     # clip0 is 48 px wide: a random crop moves across it with the epoch, centre crops never do
     crops = {}
     for random_crop in (True, False):
@@ -164,3 +165,30 @@ def test_a_file_failing_mid_run_is_replaced_and_reported(data, tmp_path):
 def test_bad_settings_name_the_field(data, kw, field):
     with pytest.raises(ConfigError, match=field):
         loader(data[1], **kw)
+
+
+def test_every_length_and_resolution_a_clip_can_give():
+    buckets = parse_buckets(["9x32x32", "9x16x16", "5x32x32", "17x32x32", "9x32x64", "1x32x32", "1x16x16"],
+                            grid=16)
+    names = lambda found: sorted(b.name for b in found)  # noqa: E731
+    assert names(buckets_for(buckets, 13, 32, 40)) == ["5x32x32", "9x16x16", "9x32x32"]  # square is nearest 5:4
+    assert names(buckets_for(buckets, 13, 20, 20)) == ["9x16x16"]  # 32 px would upscale it
+    assert names(buckets_for(buckets, 13, 8, 8)) == ["9x16x16"]  # smaller than all: the smallest, upscaled
+    assert names(buckets_for(buckets, 3, 32, 32)) == ["1x16x16", "1x32x32"]  # too short: a frame of it
+    assert names(buckets_for(buckets, 40, 30, 62)) == ["9x32x64"]  # the nearest aspect only
+    assert buckets_for(parse_buckets(["9x32x32"]), 3, 32, 32) == ()
+
+
+def test_a_later_start_keeps_the_clip_evenly_sampled(tmp_path):
+    """A 30 fps source sampled at 16 fps: frame k of every sample is source frame f0 + floor(k * 30 / 16), whatever
+    frame f0 the seeded offset starts it on (a window starting between two frames would begin one frame late)."""
+    frames = np.broadcast_to((6 * np.arange(40))[:, None, None, None].astype(np.uint8), (40, 32, 32, 3))
+    write_video(str(tmp_path / "a.mp4"), frames.copy(), fps=30)
+    got = loader(write_manifest(tmp_path, [{"id": "a", "path": "a.mp4", "caption": "x"}]), buckets=["9x32x32"],
+                 global_batch_size=1)
+    starts = set()
+    for b in take(iter(got), 8):
+        source = np.round(((b["video"][0].mean(dim=(0, 2, 3)) + 1) * 127.5).numpy() / 6).astype(int)
+        assert source.tolist() == [source[0] + k * 30 // 16 for k in range(9)]
+        starts.add(int(source[0]))
+    assert len(starts) > 1 and not got.failed

@@ -23,8 +23,10 @@ never from the number of ranks or workers):
   a step takes the next `global_batch_size` samples of its bucket's stream (a batch may run into the next epoch).
   The state is the step and how many samples each bucket has handed out.
 - DP rank r takes the r-th of `split_even(global, dp)` contiguous slices (`sample_index` says which places).
-- a sample's crop (and, for a clip longer than its bucket, which frames) is drawn from (seed, epoch, sample id):
-  the same on any rank, worker or resume. `random_crop=False`: centred, from the clip's first frame.
+- a sample trains every bucket it can fill (`pixel_scan.buckets_for`: the nearest aspect ratio, every length it
+  has, every resolution it has the pixels for); its crop there (and, for a clip longer than the bucket, which
+  frames) is drawn from (seed, epoch, sample id, bucket): the same on any rank, worker or resume.
+  `random_crop=False`: centred, from the clip's first frame.
 - a file that fails to decode mid-run (the scan found it fine) is replaced by the next sample of its bucket (in
   manifest order) and reported (a JSON line with "step"), never a crash; the same file always gives the same
   replacement, so the batch does not depend on which worker met it first.
@@ -46,8 +48,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megawan import capabilities
 from megawan.config.fields import ConfigError
-from megawan.data.buckets import cover_crop, parse_buckets
+from megawan.data.buckets import Bucket, cover_crop, parse_buckets
 from megawan.data.decoding import DecodeError
 from megawan.data.loader import split_even
 from megawan.data.pixel_scan import Scanned, crop_origin, scan, temporal_offsets
@@ -79,6 +82,17 @@ def to_bucket(frames: np.ndarray, height: int, width: int, u: Optional[tuple] = 
     left = crop_origin(crop.resized[1], width, None if u is None else u[1])
     video = video[..., top:top + height, left:left + width]
     return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def clip_start(sample: Scanned, offset: int) -> float:
+    """Where a sample starting `offset` frames (at its rate) into the clip starts: that sampling time put back on
+    the time of the frame shown then. A decode window starting between two frames would begin with the later one
+    (the frames before `start` are dropped), a first step shorter than the others; from a frame's own time, the
+    clip is evenly spaced at the rate, a fraction of a source frame later than the scan's grid."""
+    t = sample.first + offset / sample.rate
+    if sample.frame_step > 0:
+        t = sample.origin + np.floor((t - sample.origin) / sample.frame_step + 1e-3) * sample.frame_step
+    return max(t, sample.entry.start or 0.0)
 
 
 class PixelLoader:
@@ -116,7 +130,7 @@ class PixelLoader:
         self.report, self.source = report, manifest if isinstance(manifest, str) else "the given entries"
         entries = read_entries(manifest) if isinstance(manifest, str) else list(manifest)
         usable, self.skipped = scan(entries, self.buckets, fps, workers=max(num_workers, 4))
-        self.samples = {b.name: [s for s in usable if s.bucket == b] for b in self.buckets}
+        self.samples = {b.name: [s for s in usable if b in s.buckets] for b in self.buckets}
         self.counts = {name: len(found) for name, found in self.samples.items()}
         self.names = [name for name in sorted(self.counts) if self.counts[name]]
         self.failed: list = []  # mid-run decode failures, as reported
@@ -147,7 +161,7 @@ class PixelLoader:
 
     # ------------------------------------------------------------------------------------------
     def _stream_names(self, stream: str) -> list:
-        return [n for n in self.names if (self.samples[n][0].bucket.is_image) == (stream == "image")]
+        return [n for n in self.names if Bucket.from_name(n).is_image == (stream == "image")]
 
     def bucket_at(self, step: int) -> str:
         """The bucket of global step `step` (a function of the seed and the step only)."""
@@ -206,10 +220,10 @@ class PixelLoader:
         self._state = {"step": int(state["step"]), "cursors": {n: int(c) for n, c in state["cursors"].items()}}
 
     # ------------------------------------------------------------------------------------------
-    def _decode(self, sample: Scanned, epoch: int) -> tuple:
-        """(float32 [3, T, H, W] in [-1, 1], its id): the sample's frames, resized and cropped."""
-        bucket, entry = sample.bucket, sample.entry
-        rng = _rng(self.seed, epoch, _stable(entry.id), 1)
+    def _decode(self, sample: Scanned, bucket: Bucket, epoch: int) -> tuple:
+        """(float32 [3, T, H, W] in [-1, 1], its id): the sample's frames for `bucket`, resized and cropped."""
+        entry = sample.entry
+        rng = _rng(self.seed, epoch, _stable(entry.id), _stable(bucket.name))
         offset, u = 0, None
         if self.random_crop:
             offset = int(rng.integers(temporal_offsets(sample.frames, bucket.frames)))
@@ -218,15 +232,14 @@ class PixelLoader:
             if entry.is_image:
                 frames = decode_image(path)
             else:
-                # the clip's first sampling point moved by `offset` frames of the sampling rate
-                start = entry.start if offset == 0 else sample.first + offset / sample.rate
+                start = entry.start if offset == 0 else clip_start(sample, offset)
                 frames = decode_video(path, fps=sample.rate, num_frames=bucket.frames, start=start, end=entry.end,
                                       backend=self.decode)
         if len(frames) < bucket.frames:
             raise DecodeError(entry.path, f"gave {len(frames)} frames, the scan counted {sample.frames}")
         return to_bucket(frames[: bucket.frames], bucket.height, bucket.width, u), entry.id
 
-    def _fail(self, sample: Scanned, reason: str, step: int) -> None:
+    def _fail(self, sample: Scanned, bucket: str, reason: str, step: int) -> None:
         with self._lock:
             if sample.entry.id in self._bad:
                 return
@@ -237,23 +250,23 @@ class PixelLoader:
                 with open(self.report, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
         print(f"pixel data: {sample.entry.path} failed to decode ({reason}); replaced by the next sample of "
-              f"bucket {sample.bucket.name}", flush=True)
+              f"bucket {bucket}", flush=True)
 
     def load_sample(self, bucket: str, epoch: int, index: int, step: int) -> tuple:
         """(video, id) of sample `index` of `bucket`, or of the next one that decodes (reporting those that do not)."""
-        found = self.samples[bucket]
+        found, shape = self.samples[bucket], Bucket.from_name(bucket)
         for k in range(len(found)):
             sample = found[(index + k) % len(found)]
             if sample.entry.id in self._bad:
                 continue
             try:
-                return self._decode(sample, epoch)
+                return self._decode(sample, shape, epoch)
             except DecodeError as e:
-                self._fail(sample, e.reason, step)
+                self._fail(sample, bucket, e.reason, step)
             except (ImportError, NameError, AttributeError, TypeError):
                 raise  # our bug or a broken install
             except Exception as e:  # a decoder choking on one odd file must not end the run
-                self._fail(sample, f"decoder failed ({type(e).__name__}: {e})", step)
+                self._fail(sample, bucket, f"decoder failed ({type(e).__name__}: {e})", step)
         raise UserError(f"{self.source}: every sample of bucket {bucket} failed to decode (see the report)")
 
     def _batch(self, step: int, bucket: str, members: list, videos: list) -> dict:
@@ -274,9 +287,13 @@ class PixelLoader:
                 yield self._batch(step, bucket, members, videos)
                 step += 1
         ahead = deque()
-        with ThreadPoolExecutor(max_workers=self.num_workers) as pool:
+        # enough steps ahead to keep every worker busy (prefetch x workers samples in flight, at least prefetch steps)
+        depth = max(self.prefetch, 1, -(-self.prefetch * self.num_workers // len(places)))
+        # torch's current CUDA device is per thread: DALI's GPU decode in a worker must see this rank's device
+        init = (torch.cuda.set_device, (capabilities.rank_device(),)) if capabilities.cuda_available() else (None, ())
+        with ThreadPoolExecutor(max_workers=self.num_workers, initializer=init[0], initargs=init[1]) as pool:
             while True:
-                while len(ahead) < max(self.prefetch, 1):
+                while len(ahead) < depth:
                     bucket, members, cursors = self.plan(step, cursors)
                     futures = [pool.submit(self.load_sample, bucket, *members[p], step) for p in places]
                     ahead.append((step, bucket, members, futures, cursors))

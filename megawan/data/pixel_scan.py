@@ -3,13 +3,16 @@ video's first frame), before training starts, so that a file that cannot give a 
 front instead of failing a step.
 
     usable, skipped = scan(entries, buckets, fps=16.0, workers=4)
-    usable[0]  # Scanned(entry, bucket, frames=33, height=32, width=48, first=0.0, rate=16.0)
+    usable[0]  # Scanned(entry, buckets=(Bucket(17, 32, 48), Bucket(33, 32, 48)), frames=33, height=32, width=48,
+               #         first=0.0, rate=16.0)
     skipped[0] # {"id": "broken_000", "path": ".../broken_000_empty.mp4", "reason": "empty file"}
 
 A video's length is counted as its decode will count it (`decoding.available_frames` over the timestamps of its
-packets, cut to the row's `start` / `end`), so a clip the scan puts in a bucket has the bucket's frames. A video
-goes to the longest video bucket it fills (nearest aspect first, `buckets.assign_bucket`); one shorter than every
-video bucket goes to an image bucket when the set has one (one of its frames is the sample), else is skipped.
+packets, cut to the row's `start` / `end`), so a clip the scan puts in a bucket has the bucket's frames. Unlike
+the latent store (one bucket per clip), a VAE trains every length and resolution a clip can give
+(`buckets_for`): of the buckets at the aspect ratio nearest its own, every video bucket it fills, at each
+resolution it has the pixels for. A video shorter than every video bucket goes to the image buckets when the set
+has them (one of its frames is the sample), else is skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Optional
 
 import numpy as np
 
-from megawan.data.buckets import Bucket, assign_bucket
 from megawan.data.decoding import DecodeError, available_frames, open_video
 from megawan.data.manifest import ManifestEntry
 from megawan.data.video import decode_image
@@ -31,17 +33,19 @@ from megawan.data.webdataset import local_copy
 @dataclass(frozen=True)
 class Scanned:
     entry: ManifestEntry
-    bucket: Bucket
+    buckets: tuple  # the Buckets it trains (`buckets_for`)
     frames: int  # the frames the clip holds at `rate` (1 for an image)
     height: int
     width: int
     first: float  # the time (s) of the clip's first sampling point
     rate: float  # the rate (fps) it is sampled at: the row's `fps`, else the loader's
+    origin: float = 0.0  # the time (s) of its first frame in the window, and the median step between frames:
+    frame_step: float = 0.0  # a later start is put on a frame's time (`PixelLoader`), so that frame is its first
 
 
 def probe_video_window(path: str, rate: float, start: Optional[float], end: Optional[float]) -> tuple:
-    """(frames at `rate` inside [start, end), height, width, first sampling time) of a video; DecodeError when it
-    cannot be read. Only the first frame is decoded; the rest is read from the packets' timestamps."""
+    """(frames at `rate` inside [start, end), height, width, first sampling time, first frame's time, median frame
+    step) of a video; DecodeError when it cannot be read. Only the first frame is decoded; the rest is read from the packets' timestamps."""
     import av
 
     container, stream = open_video(path)
@@ -69,21 +73,33 @@ def probe_video_window(path: str, rate: float, start: Optional[float], end: Opti
     if len(times) == 0:
         raise DecodeError(path, "no frames in the requested window")
     count = len(available_frames(times, rate, start, end))
-    return count, height, width, float(start if start is not None else times[0])
+    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / rate
+    return count, height, width, float(start if start is not None else times[0]), float(times[0]), step
 
 
-def _bucket_for(buckets: list, entry: ManifestEntry, frames: int, height: int, width: int, rate: float) -> tuple:
-    """(bucket, None) or (None, why not)."""
-    bucket = assign_bucket(buckets, frames=frames, height=height, width=width)
-    if bucket is None and frames > 1:
-        bucket = assign_bucket(buckets, frames=1, height=height, width=width)  # a frame of it as an image
-    if bucket is not None:
-        return bucket, None
+def buckets_for(buckets: list, frames: int, height: int, width: int) -> tuple:
+    """The buckets a clip of `frames` frames (1: an image) of height x width trains: those of the aspect ratio
+    nearest its own (`buckets.assign_bucket`'s rule) that it fills (images: the image buckets; videos: the video
+    buckets no longer than it, else, with none, the image buckets: a frame of it), at every resolution it has the
+    pixels for (a cover resize that does not upscale), or, smaller than all of them, the smallest (upscaled)."""
+    fits = [b for b in buckets if b.is_image] if frames == 1 else \
+        [b for b in buckets if not b.is_image and b.frames <= frames] or [b for b in buckets if b.is_image]
+    if not fits:
+        return ()
+    aspect = math.log(width / height)
+    nearest = min(round(abs(math.log(b.aspect) - aspect), 6) for b in fits)
+    fits = [b for b in fits if round(abs(math.log(b.aspect) - aspect), 6) == nearest]
+    sharp = [b for b in fits if max(b.height / height, b.width / width) <= 1.0]
+    smallest = min(b.height * b.width for b in fits)
+    return tuple(sorted(sharp or [b for b in fits if b.height * b.width == smallest]))
+
+
+def _no_bucket(buckets: list, entry: ManifestEntry, frames: int, rate: float) -> str:
     if entry.is_image:
-        return None, "an image, and the bucket set has no image bucket"
+        return "an image, and the bucket set has no image bucket"
     shortest = min(b.frames for b in buckets if not b.is_image)
-    return None, (f"too short: {frames} frame{'' if frames == 1 else 's'} at {rate:g} fps, the shortest video "
-                  f"bucket has {shortest} (and the bucket set has no image bucket)")
+    return (f"too short: {frames} frame{'' if frames == 1 else 's'} at {rate:g} fps, the shortest video "
+            f"bucket has {shortest} (and the bucket set has no image bucket)")
 
 
 def scan_entry(entry: ManifestEntry, buckets: list, fps: float) -> tuple:
@@ -95,19 +111,19 @@ def scan_entry(entry: ManifestEntry, buckets: list, fps: float) -> tuple:
         with local_copy(entry.path) as path:
             if entry.is_image:
                 height, width = decode_image(path).shape[1:3]
-                frames, first = 1, 0.0
+                frames, first, origin, step = 1, 0.0, 0.0, 0.0
             else:
-                frames, height, width, first = probe_video_window(path, rate, entry.start, entry.end)
+                frames, height, width, first, origin, step = probe_video_window(path, rate, entry.start, entry.end)
     except DecodeError as e:
         return None, e.reason
     except (ImportError, NameError, AttributeError, TypeError):
         raise  # our bug or a broken install, not a bad file: skipping every clip would hide it
     except Exception as e:  # a library choking on one odd file is that file's problem, not the whole run's
         return None, f"cannot be read ({type(e).__name__}: {e})"
-    bucket, reason = _bucket_for(buckets, entry, frames, int(height), int(width), rate)
-    if bucket is None:
-        return None, reason
-    return Scanned(entry, bucket, frames, int(height), int(width), first, rate), None
+    found = buckets_for(buckets, frames, int(height), int(width))
+    if not found:
+        return None, _no_bucket(buckets, entry, frames, rate)
+    return Scanned(entry, found, frames, int(height), int(width), first, rate, origin, step), None
 
 
 def scan(entries: list, buckets: list, fps: float, workers: int = 4) -> tuple:
