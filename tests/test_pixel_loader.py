@@ -15,6 +15,7 @@ from megawan.data.buckets import parse_buckets, resize_center_crop
 from megawan.data.pixel_loader import PixelLoader
 from megawan.data.pixel_scan import buckets_for
 from megawan.data.video import decode_image, decode_video
+from megawan.parallel.launch import spawn_local
 from megawan.utils.media import write_image, write_video
 
 BUCKETS = ["9x32x32", "1x32x32"]
@@ -114,6 +115,12 @@ def test_images_are_one_frame_samples_and_crops_are_seeded(data):
                     lefts.add(round(float((video[0, 0, :, 0].mean() + 1) * 127.5)))
         crops[random_crop] = lefts
     assert len(crops[False]) == 1 and len(crops[True]) > 1
+    # the fixed validation set: the first samples of each bucket, centre crops, the same on every call
+    held = loader(manifest, buckets=BUCKETS).held_out(per_bucket=2)
+    assert [(h["id"], h["bucket"]) for h in held] == [("still0", "1x32x32"), ("still1", "1x32x32"),
+                                                      ("clip0", "9x32x32"), ("clip1", "9x32x32")]
+    again = loader(manifest, buckets=BUCKETS, random_crop=False).held_out(per_bucket=2)
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(held, again))
 
 
 def test_short_and_corrupt_files_are_skipped_and_reported(data, tmp_path, capsys):
@@ -192,3 +199,28 @@ def test_a_later_start_keeps_the_clip_evenly_sampled(tmp_path):
         assert source.tolist() == [source[0] + k * 30 // 16 for k in range(9)]
         starts.add(int(source[0]))
     assert len(starts) > 1 and not got.failed
+
+
+def _scan_rank(rank, manifest, out):
+    import torch.distributed as dist
+
+    got = PixelLoader(manifest, buckets=BUCKETS, global_batch_size=2, seed=3, dp_rank=rank, dp_size=2, num_workers=0,
+                      verbose=False, scan_group=dist.group.WORLD)
+    batches = take(iter(got), 3)
+    torch.save({"samples": {n: [s.entry.id for s in v] for n, v in got.samples.items()}, "skipped": got.skipped,
+                "ids": [b["ids"] for b in batches]}, f"{out}/rank{rank}.pt")
+
+
+def test_ranks_share_the_scan_and_agree(data, tmp_path):
+    """Two gloo ranks split the scan (each probes half the rows, then all gather): both end with the one-process
+    scan's samples, and their slices make its batches."""
+    folder, manifest = data
+    rows = [json.loads(line) for line in open(manifest)] + [{"id": "bad", "path": "nothing.mp4", "caption": "x"}]
+    manifest = write_manifest(tmp_path, [{**r, "path": str(folder / r["path"])} for r in rows])
+    spawn_local(_scan_rank, world_size=2, args=(manifest, str(tmp_path)))
+    alone = loader(manifest, global_batch_size=2)
+    expected = {n: [s.entry.id for s in v] for n, v in alone.samples.items()}
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for got in ranks:
+        assert got["samples"] == expected and got["skipped"] == alone.skipped
+    assert [a + b for a, b in zip(ranks[0]["ids"], ranks[1]["ids"])] == [b["ids"] for b in take(iter(alone), 3)]

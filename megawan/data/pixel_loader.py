@@ -99,10 +99,12 @@ class PixelLoader:
     def __init__(self, manifest: Union[str, list], buckets: list, global_batch_size: int, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1, num_workers: int = 2, fps: float = 16.0, decode: str = "auto",
                  random_crop: bool = True, report: Optional[str] = None, stride: tuple = (4, 8, 8),
-                 video_ratio: Optional[float] = None, prefetch: int = 2, verbose: bool = True):
+                 video_ratio: Optional[float] = None, prefetch: int = 2, verbose: bool = True, scan_group=None):
         """manifest: a .jsonl / .csv manifest or WebDataset shards (`webdataset.read_entries`), or a list of
         ManifestEntry. buckets: "FxHxW" names (frames 1 or 1 + stride[0] k; H, W multiples of stride[1], stride[2]).
-        report: the JSONL file of skipped / failed samples (None: not written)."""
+        report: the JSONL file of skipped / failed samples (None: not written). scan_group: a torch.distributed
+        group (e.g. the DP group) whose ranks split the scan and gather it (all of them build their loader at
+        once); None: each process scans every row. Either way every rank ends with the same samples."""
         if not isinstance(global_batch_size, int) or global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size: {global_batch_size!r} is not a positive integer")
         if not 0 <= dp_rank < dp_size:
@@ -129,7 +131,7 @@ class PixelLoader:
         self.num_workers, self.prefetch, self.decode, self.random_crop = num_workers, prefetch, decode, random_crop
         self.report, self.source = report, manifest if isinstance(manifest, str) else "the given entries"
         entries = read_entries(manifest) if isinstance(manifest, str) else list(manifest)
-        usable, self.skipped = scan(entries, self.buckets, fps, workers=max(num_workers, 4))
+        usable, self.skipped = scan(entries, self.buckets, fps, workers=max(num_workers, 4), group=scan_group)
         self.samples = {b.name: [s for s in usable if b in s.buckets] for b in self.buckets}
         self.counts = {name: len(found) for name, found in self.samples.items()}
         self.names = [name for name in sorted(self.counts) if self.counts[name]]
@@ -220,12 +222,12 @@ class PixelLoader:
         self._state = {"step": int(state["step"]), "cursors": {n: int(c) for n, c in state["cursors"].items()}}
 
     # ------------------------------------------------------------------------------------------
-    def _decode(self, sample: Scanned, bucket: Bucket, epoch: int) -> tuple:
+    def _decode(self, sample: Scanned, bucket: Bucket, epoch: int, centre: bool = False) -> tuple:
         """(float32 [3, T, H, W] in [-1, 1], its id): the sample's frames for `bucket`, resized and cropped."""
         entry = sample.entry
         rng = _rng(self.seed, epoch, _stable(entry.id), _stable(bucket.name))
         offset, u = 0, None
-        if self.random_crop:
+        if self.random_crop and not centre:
             offset = int(rng.integers(temporal_offsets(sample.frames, bucket.frames)))
             u = (float(rng.random()), float(rng.random()))
         with local_copy(entry.path) as path:
@@ -252,15 +254,16 @@ class PixelLoader:
         print(f"pixel data: {sample.entry.path} failed to decode ({reason}); replaced by the next sample of "
               f"bucket {bucket}", flush=True)
 
-    def load_sample(self, bucket: str, epoch: int, index: int, step: int) -> tuple:
-        """(video, id) of sample `index` of `bucket`, or of the next one that decodes (reporting those that do not)."""
+    def load_sample(self, bucket: str, epoch: int, index: int, step: int, centre: bool = False) -> tuple:
+        """(video, id) of sample `index` of `bucket`, or of the next one that decodes (reporting those that do not);
+        `centre`: the centre crop from the first frame whatever `random_crop` says."""
         found, shape = self.samples[bucket], Bucket.from_name(bucket)
         for k in range(len(found)):
             sample = found[(index + k) % len(found)]
             if sample.entry.id in self._bad:
                 continue
             try:
-                return self._decode(sample, shape, epoch)
+                return self._decode(sample, shape, epoch, centre)
             except DecodeError as e:
                 self._fail(sample, bucket, e.reason, step)
             except (ImportError, NameError, AttributeError, TypeError):
@@ -268,6 +271,20 @@ class PixelLoader:
             except Exception as e:  # a decoder choking on one odd file must not end the run
                 self._fail(sample, bucket, f"decoder failed ({type(e).__name__}: {e})", step)
         raise UserError(f"{self.source}: every sample of bucket {bucket} failed to decode (see the report)")
+
+    def held_out(self, per_bucket: int) -> list:
+        """[{"id", "bucket", "video": float32 [3, T, H, W]}]: the first `per_bucket` samples of each bucket (manifest
+        order; one failing to decode is replaced by the next), centre-cropped from the first frame. A fixed set for
+        validation and evaluation: the same on every call, rank and run."""
+        out = []
+        for bucket in self.names:
+            seen = set()
+            for index in range(min(per_bucket, self.counts[bucket])):
+                video, sample_id = self.load_sample(bucket, 0, index, -1, centre=True)
+                if sample_id not in seen:  # a replacement already in the set is not counted twice
+                    seen.add(sample_id)
+                    out.append({"id": sample_id, "bucket": bucket, "video": video})
+        return out
 
     def _batch(self, step: int, bucket: str, members: list, videos: list) -> dict:
         places = self.local_places()

@@ -126,11 +126,25 @@ def scan_entry(entry: ManifestEntry, buckets: list, fps: float) -> tuple:
     return Scanned(entry, found, frames, int(height), int(width), first, rate, origin, step), None
 
 
-def scan(entries: list, buckets: list, fps: float, workers: int = 4) -> tuple:
+def scan(entries: list, buckets: list, fps: float, workers: int = 4, group=None) -> tuple:
     """([Scanned] in manifest order, [{"id", "path", "reason"}]) over every entry, probed by `workers` threads
-    (PyAV and PIL release the GIL while reading). The same answer on every rank and every run."""
+    (PyAV and PIL release the GIL while reading). The same answer on every rank and every run. `group`: a
+    torch.distributed process group whose ranks share the work (each probes every n-th row, then all gather);
+    every rank of it must call scan. None: this process probes every row."""
+    rank, size = 0, 1
+    if group is not None:
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+    mine = entries[rank::size]
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        results = list(pool.map(lambda e: scan_entry(e, buckets, fps), entries, chunksize=1))
+        results = list(pool.map(lambda e: scan_entry(e, buckets, fps), mine))
+    if size > 1:
+        gathered = [None] * size
+        dist.all_gather_object(gathered, results, group=group)
+        results = [None] * len(entries)
+        for r, part in enumerate(gathered):
+            results[r::size] = part
     usable, skipped = [], []
     for entry, (found, reason) in zip(entries, results):
         if found is None:
