@@ -5,6 +5,8 @@ The clips are tiny H.264 files written here: frame k of clip c is a horizontal r
 so a decoded sample says which frames it holds and where it was cropped."""
 
 import json
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -224,3 +226,15 @@ def test_ranks_share_the_scan_and_agree(data, tmp_path):
     for got in ranks:
         assert got["samples"] == expected and got["skipped"] == alone.skipped
     assert [a + b for a, b in zip(ranks[0]["ids"], ranks[1]["ids"])] == [b["ids"] for b in take(iter(alone), 3)]
+
+
+def test_bench_pixel_loader_smoke(tmp_path, capsys):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    from bench_pixel_loader import main
+
+    out = tmp_path / "pixels.json"
+    assert main(["--make", "2", "--source", "9x32x48", "--bucket", "9x32x32", "--steps", "2", "--workers", "0", "2",
+                 "--need", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in rows] == [0, 2] and all(r["samples_per_s"] > 0 for r in rows)
+    assert "x need" in capsys.readouterr().out
