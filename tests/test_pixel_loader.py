@@ -81,8 +81,8 @@ def test_dp_slices_make_one_ranks_global_batch_and_workers_change_nothing(data):
     same(take(iter(loader(manifest, num_workers=2, prefetch=3)), 6), whole)
 
 
-def test_resume_gives_the_batches_that_follow(data):
-    _, manifest = data
+def test_resume_gives_the_batches_that_follow(data, tmp_path, capsys):
+    folder, manifest = data
     whole = take(iter(loader(manifest)), 7)
     first = loader(manifest, num_workers=2)
     take(iter(first), 3)
@@ -93,6 +93,12 @@ def test_resume_gives_the_batches_that_follow(data):
     same(take(iter(resumed), 4), whole[3:])
     with pytest.raises(ValueError, match="seed"):
         loader(manifest, seed=4).load_state_dict(state)
+    # a file lost since the save: said in one line, and training goes on from the saved position
+    fewer = [json.loads(line) for line in open(manifest)][1:]
+    changed = loader(write_manifest(tmp_path, [{**r, "path": str(folder / r["path"])} for r in fewer]))
+    changed.load_state_dict(state)
+    assert "the usable samples differ" in capsys.readouterr().out
+    assert next(iter(changed))["step"] == 3 and changed.state_dict()["fingerprint"] != state["fingerprint"]
 
 
 def test_images_are_one_frame_samples_and_crops_are_seeded(data):

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from megawan import capabilities
 from megawan.config.fields import ConfigError
 from megawan.data.buckets import Bucket, cover_crop, parse_buckets
+from megawan.data import dali
 from megawan.data.decoding import DecodeError
 from megawan.data.loader import split_even
 from megawan.data.pixel_scan import Scanned, crop_origin, scan, temporal_offsets
@@ -114,12 +115,19 @@ class PixelLoader:
                               f"size {dp_size} (every rank takes the same number of samples)")
         if decode not in BACKENDS:
             raise ConfigError(f"data.decode: {decode!r} is not one of {' | '.join(BACKENDS)}")
+        if decode == "dali-gpu" and not capabilities.cuda_available():
+            raise ConfigError("data.decode: dali-gpu decodes with NVDEC on a CUDA device and this machine has none; "
+                              "use dali-cpu (VP8 / VP9 / MJPEG), pyav (every codec) or auto")
+        if decode.startswith("dali-") and not dali.dali_available():
+            raise ConfigError(f"data.decode: {decode} needs NVIDIA DALI, which does not import here "
+                              "(pip install nvidia-dali-cuda120); use pyav or auto")
         if not fps > 0:
             raise ConfigError(f"data.fps: {fps!r} is not positive")
         if video_ratio is not None and not 0.0 <= video_ratio <= 1.0:
             raise ConfigError(f"data.video_ratio: {video_ratio} is not within [0, 1]")
         if stride[1] != stride[2]:
             raise ValueError(f"stride {stride}: the VAE's height and width strides differ")
+        buckets = [buckets] if isinstance(buckets, str) else list(buckets)
         try:
             self.buckets = parse_buckets(buckets, grid=stride[1], temporal_stride=stride[0])
         except ValueError as e:
@@ -216,10 +224,13 @@ class PixelLoader:
                 raise ValueError(f"the pixel loader state was saved with {key}={state[key]!r}, this loader has "
                                  f"{getattr(self, key)!r}: a resumed run keeps its data settings")
         if state["counts"] != {n: self.counts[n] for n in self.names} or state["fingerprint"] != self.fingerprint():
-            raise UserError(f"{self.source}: the usable samples differ from those of the saved run (per bucket now "
-                            f"{self.counts}, then {state['counts']}): the manifest or its files changed; resume "
-                            f"with the same data, or start a new run")
-        self._state = {"step": int(state["step"]), "cursors": {n: int(c) for n, c in state["cursors"].items()}}
+            # files damaged, removed or added since: refusing would strand the run's training; this goes on from the
+            # saved position with today's samples (batches from here differ from those the saved run would have had)
+            print(f"pixel data: the usable samples differ from those of the saved run (per bucket now "
+                  f"{ {n: self.counts[n] for n in self.names} }, then {state['counts']}): the manifest or its files "
+                  f"changed; continuing from the saved position with the current samples", flush=True)
+        cursors = {n: int(state["cursors"].get(n, 0)) for n in self.names}
+        self._state = {"step": int(state["step"]), "cursors": cursors}
 
     # ------------------------------------------------------------------------------------------
     def _decode(self, sample: Scanned, bucket: Bucket, epoch: int, centre: bool = False) -> tuple:
