@@ -4,9 +4,11 @@ that change nothing, images as 1-frame samples, and bad files skipped up front o
 The clips are tiny H.264 files written here: frame k of clip c is a horizontal ramp over a flat level 20 + 8 k + c,
 so a decoded sample says which frames it holds and where it was cropped."""
 
+import io
 import json
 import pathlib
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -207,6 +209,31 @@ def test_a_later_start_keeps_the_clip_evenly_sampled(tmp_path):
         assert source.tolist() == [source[0] + k * 30 // 16 for k in range(9)]
         starts.add(int(source[0]))
     assert len(starts) > 1 and not got.failed
+
+
+def test_webdataset_shards_give_the_manifests_samples(data, tmp_path):
+    """The same files as WebDataset samples (key.mp4 / key.png + key.txt): the same batches (centre crops; a
+    random crop is seeded by the sample's id, which names the shard); a broken member and one without a caption
+    are skipped with their reason."""
+    folder, manifest = data
+    rows = [json.loads(line) for line in open(manifest)]
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        for r in rows:
+            add(r["path"], (folder / r["path"]).read_bytes())
+            add(f"{r['id']}.txt", b"x")
+        add("zbroken.mp4", b"not a video" * 50)
+        add("zbroken.txt", b"x")
+        add("zuncaptioned.mp4", (folder / "clip0.mp4").read_bytes())
+    shard = loader(str(tmp_path / "000000.tar"), random_crop=False)
+    assert {r["id"]: r["reason"] for r in shard.skipped}.keys() == {"000000/zbroken", "000000/zuncaptioned"}
+    same_videos = zip(take(iter(shard), 4), take(iter(loader(manifest, random_crop=False)), 4))
+    for a, b in same_videos:
+        assert [i.split("/")[1] for i in a["ids"]] == b["ids"] and torch.equal(a["video"], b["video"])
 
 
 def _scan_rank(rank, manifest, out):
