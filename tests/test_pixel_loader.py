@@ -16,7 +16,7 @@ import torch
 
 from megawan.config.fields import ConfigError
 from megawan.data.buckets import parse_buckets, resize_center_crop
-from megawan.data.pixel_loader import PixelLoader
+from megawan.data.pixel_loader import PixelLoader, to_bucket
 from megawan.data.pixel_scan import buckets_for
 from megawan.data.video import decode_image, decode_video
 from megawan.parallel.launch import spawn_local
@@ -113,6 +113,8 @@ def test_images_are_one_frame_samples_and_crops_are_seeded(data):
         path = str(folder / (f"{sample_id}.png" if sample_id.startswith("still") else f"{sample_id}.mp4"))
         frames = decode_image(path) if sample_id.startswith("still") else decode_video(path, fps=16, num_frames=1)
         assert torch.equal(video, resize_center_crop(np.array(frames), 32, 32))
+    clip = decode_video(str(folder / "clip2.mp4"), fps=16)  # 11 frames of 40 x 32: resized in chunks, the same
+    assert torch.equal(to_bucket(clip, 24, 24), resize_center_crop(clip, 24, 24))
     # clip0 is 48 px wide: a random crop moves across it with the epoch, centre crops never do
     crops = {}
     for random_crop in (True, False):

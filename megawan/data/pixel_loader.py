@@ -71,18 +71,23 @@ def _stable(text: str) -> int:
 
 def to_bucket(frames: np.ndarray, height: int, width: int, u: Optional[tuple] = None) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float32 [3, T, height, width] in [-1, 1]: scaled (antialiased bilinear, aspect kept) to
-    cover the target, then the window at (u_top, u_left) fractions of the free room, centred for u None."""
+    cover the target, then the window at (u_top, u_left) fractions of the free room, centred for u None. A few
+    frames at a time: a 1080p clip in float32 at once would hold ~25 MB per frame in every decoding thread."""
     frames = np.ascontiguousarray(frames)
     if not frames.flags.writeable:  # PIL's arrays are read-only; torch wants to own writable memory
         frames = frames.copy()
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    crop = cover_crop(video.shape[-2], video.shape[-1], height, width)
-    if crop.resized != tuple(video.shape[-2:]):
-        video = F.interpolate(video, size=crop.resized, mode="bilinear", antialias=True, align_corners=False)
+    source = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
+    crop = cover_crop(source.shape[-2], source.shape[-1], height, width)
     top = crop_origin(crop.resized[0], height, None if u is None else u[0])
     left = crop_origin(crop.resized[1], width, None if u is None else u[1])
-    video = video[..., top:top + height, left:left + width]
-    return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+    out = torch.empty(3, len(frames), height, width)
+    for first in range(0, len(frames), 4):  # each frame is resized alone, so chunks give the frames of one call
+        video = source[first:first + 4].float()
+        if crop.resized != tuple(video.shape[-2:]):
+            video = F.interpolate(video, size=crop.resized, mode="bilinear", antialias=True, align_corners=False)
+        video = video[..., top:top + height, left:left + width]
+        out[:, first:first + 4] = (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3)
+    return out
 
 
 def clip_start(sample: Scanned, offset: int) -> float:
