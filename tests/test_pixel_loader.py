@@ -108,7 +108,7 @@ def test_images_are_one_frame_samples_and_crops_are_seeded(data):
     centre = loader(manifest, random_crop=False, buckets=["1x32x32"])
     batch = next(iter(centre))
     assert batch["video"].shape == (4, 3, 1, 32, 32)
-    # no image bucket for the videos' length? here the clips give a frame each, the stills themselves
+    # with only an image bucket, each clip gives its first frame (centre crop) and each still itself
     for video, sample_id in zip(batch["video"], batch["ids"]):
         path = str(folder / (f"{sample_id}.png" if sample_id.startswith("still") else f"{sample_id}.mp4"))
         frames = decode_image(path) if sample_id.startswith("still") else decode_video(path, fps=16, num_frames=1)
