@@ -133,7 +133,8 @@ def stats_from_manifest(vae: WanVAE, manifest: str, samples: int, buckets: list,
         raise ConfigError(f"--stats {manifest}: none of its {samples} sampled rows fills a bucket of "
                           f"{' '.join(buckets)} ({len(skipped)} skipped: {skipped[0]['reason'] if skipped else '-'})")
     mean, std = latent_stats(vae, (c["video"] for c in clips))
-    return {"latents_mean": mean, "latents_std": std, "clips": len(clips), "skipped": skipped}
+    return {"latents_mean": mean, "latents_std": std, "samples": len(clips), "rows": len({c["id"] for c in clips}),
+            "skipped": skipped}
 
 
 def _stats_buckets(path: str, given: Optional[list]) -> list:
@@ -159,27 +160,33 @@ def export_vae(src: str, out: str, to: str = "both", ema: Optional[bool] = None,
     "stats": None or stats_from_manifest's summary}."""
     if to not in TARGETS:
         raise ConfigError(f"--to: {to!r} is not one of {' | '.join(TARGETS)}")
-    if _run_vae_config(resolve_checkpoint(src)).image_only:
+    path = resolve_checkpoint(src)
+    run_cfg = _run_vae_config(path)
+    if run_cfg.image_only:
         raise ConfigError(f"{src}: vae.image_only: an image VAE (stage 1) has no official / diffusers form; inflate "
                           "it into the 3D VAE and train that (init.inflate), then export")
-    state, cfg = read_trained_vae(src, ema)
+    targets = ([official_name(run_cfg), CONFIG_FILE] if to != "diffusers" else []) \
+        + ([DIFFUSERS_DIR] if to != "official" else [])
+    for name in targets:  # all checked before anything is written: no half-written export
+        _free(os.path.join(out, name))
+    state, cfg = read_trained_vae(path, ema)
     summary = None
     if stats is not None:
-        buckets = _stats_buckets(resolve_checkpoint(src), stats_buckets)
+        buckets = _stats_buckets(path, stats_buckets)
         summary = stats_from_manifest(build_vae(state, cfg), stats, stats_samples, buckets, fps, decode)
         cfg = dataclasses.replace(cfg, latents_mean=summary["latents_mean"], latents_std=summary["latents_std"])
-        write_line(f"latent statistics from {summary['clips']} clips of {stats} ({len(summary['skipped'])} rows "
-                   "skipped)")
+        write_line(f"latent statistics from {summary['samples']} samples ({summary['rows']} rows) of {stats} "
+                   f"({len(summary['skipped'])} rows skipped)")
     os.makedirs(out, exist_ok=True)
     config_json = diffusers_vae_config_json(cfg)
     written = {"official": None, "vae_config": None, "diffusers": None, "config": cfg, "stats": summary}
     if to in ("official", "both"):
-        pth = _free(os.path.join(out, official_name(cfg)))
+        pth = os.path.join(out, official_name(cfg))
         torch.save({k: v.contiguous() for k, v in convert_state_dict(state, "megawan", "official", cfg).items()}, pth)
         written["official"] = pth
-        written["vae_config"] = _write_json(_free(os.path.join(out, CONFIG_FILE)), config_json)
+        written["vae_config"] = _write_json(os.path.join(out, CONFIG_FILE), config_json)
     if to in ("diffusers", "both"):
-        folder = _free(os.path.join(out, DIFFUSERS_DIR))
+        folder = os.path.join(out, DIFFUSERS_DIR)
         os.makedirs(folder)
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, DIFFUSERS_WEIGHTS),
                   metadata={"format": "pt"})
