@@ -36,6 +36,7 @@ EXTRAS = {
         "diffusers>=0.35",
         "transformers>=4.50",
         "protobuf",  # transformers reads sentencepiece models through it
+        "scikit-image",  # the reference for megawan.utils.video_metrics' PSNR / SSIM
         "triton>=3.0",  # the kernels/ tests run it on CPU through its interpreter (TRITON_INTERPRET=1)
         "peft",  # diffusers' load_lora_weights needs it (the reference our exported LoRA files are loaded with)
         "accelerate",  # diffusers needs it to load WanPipeline.from_pretrained (fp32-kept modules)

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from megawan.config.fields import DTYPES, build, checker, from_preset
+from megawan.config.fields import DTYPES, ConfigError, build, checker, from_preset
 from megawan.config.wan22_stats import WAN22_LATENT_MEAN, WAN22_LATENT_STD
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -35,9 +35,16 @@ class VAEConfig:
     latents_mean: tuple = WAN21_LATENT_MEAN
     latents_std: tuple = WAN21_LATENT_STD
     params_dtype: str = "float32"
+    # The Wan report's stage-1 2D image VAE of the same structure: every causal conv has time kernel 1 (a 2D conv
+    # per frame), no temporal down / up-sampling (no time_conv; temperal_downsample only tells Wan2.2's
+    # parameter-free shortcuts what their 3D twin does to a stream's first frame, which they do to every frame).
+    # megawan.models.vae.inflate turns its weights into the 3D VAE's; it has no official / diffusers layout.
+    image_only: bool = False
 
     @property
     def temporal_stride(self) -> int:
+        if self.image_only:
+            return 1
         return 2 ** sum(bool(t) for t in self.temperal_downsample)
 
     @property
@@ -52,6 +59,7 @@ class VAEConfig:
         need(len(self.temperal_downsample) == len(self.dim_mult) - 1, "temperal_downsample",
              f"needs one entry per down-sampling ({len(self.dim_mult) - 1})")
         need(self.params_dtype in DTYPES, "params_dtype", f"{self.params_dtype!r} is not one of {DTYPES}")
+        need(isinstance(self.image_only, bool), "image_only", f"must be true or false, got {self.image_only!r}")
         return self
 
 
@@ -85,6 +93,9 @@ def vae_config_from(config_json: dict, **overrides) -> VAEConfig:
 
 def diffusers_vae_config_json(c: "VAEConfig") -> dict:
     """The diffusers AutoencoderKLWan config.json of `c` (what vae_config_from reads back)."""
+    if c.image_only:
+        raise ConfigError("vae.image_only: an image-only VAE has no diffusers / official layout; inflate it into "
+                          "the 3D VAE first (init.inflate: true, megawan.models.vae.inflate)")
     return {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0", "base_dim": c.base_dim,
             "decoder_base_dim": c.decoder_base_dim, "z_dim": c.z_dim, "dim_mult": list(c.dim_mult),
             "num_res_blocks": c.num_res_blocks, "attn_scales": list(c.attn_scales),

@@ -27,7 +27,8 @@ from megawan.convert import convert_state_dict
 from megawan.demo.shapes import BACKGROUND, COLORS, DIRECTIONS, SHAPES, ShapeClip, render
 from megawan.models.text import UMT5Encoder
 from megawan.models.vae import WanVAE
-from megawan.models.vae.blocks import AttentionBlock, ResidualBlock, Resample
+from megawan.models.vae.blocks import Resample
+from megawan.models.vae.inflate import per_frame_init
 from megawan.models.vae.model import unpatchify
 from megawan.utils.progress import Progress
 
@@ -87,39 +88,9 @@ def _clips(rng: random.Random, count: int, frames: int, height: int, width: int)
 
 @torch.no_grad()
 def _init_for_training(vae, generator: torch.Generator) -> None:
-    """Re-initialise `vae` for training from scratch, as a per-frame image autoencoder to start with.
-
-    Every conv: weights N(0, 1 / fan_in), zero bias; causal 3D convs put those weights on their last
-    (current-frame) time tap and zeros on the earlier taps; the second conv of every residual block and every
-    attention output projection start at zero (each block starts as its shortcut); the temporal resampling
-    convs start as identities (the down-sampler keeps the newest frame of each window, the up-sampler
-    repeats each frame). Without this the default init's biases drown the input (the encoder output barely depends on
-    the image) and the random earlier taps mix frames, and the tiny model does not get past "background
-    everywhere" within a few hundred steps.
-    """
-    for m in vae.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-            w = m.weight
-            if w.dim() == 5 and w.shape[2] > 1:
-                w.zero_()
-                w[:, :, -1].normal_(0.0, 1.0 / math.sqrt(w[0, :, -1].numel()), generator=generator)
-            else:
-                w.normal_(0.0, 1.0 / math.sqrt(w[0].numel()), generator=generator)
-            if m.bias is not None:
-                m.bias.zero_()
-    for m in vae.modules():
-        if isinstance(m, ResidualBlock):
-            m.conv2.weight.zero_()
-        elif isinstance(m, AttentionBlock):
-            m.proj.weight.zero_()
-        elif isinstance(m, Resample) and hasattr(m, "time_conv"):
-            w = m.time_conv.weight
-            c = w.shape[1]
-            w.zero_()
-            eye = torch.eye(c, dtype=w.dtype)
-            w[:c, :, -1, 0, 0] = eye
-            if m.mode == "upsample3d":  # two output frames per input frame, both the input
-                w[c:, :, -1, 0, 0] = eye
+    """Re-initialise `vae` for training from scratch, as a per-frame image autoencoder to start with (the
+    init inflation gives a trained image VAE; why and how: megawan.models.vae.inflate.per_frame_init)."""
+    per_frame_init(vae, generator)
 
 
 def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: int = 32, width: int = 32,

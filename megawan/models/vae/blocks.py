@@ -30,13 +30,25 @@ def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
 
+def _each_frame_as_first(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 3D op to every frame of [B, C, T, H, W] as to a one-frame stream (the image VAE's shortcuts)."""
+    b, c, t, h, w = x.shape
+    y = fn(x.transpose(1, 2).reshape(b * t, c, 1, h, w))  # [b t, c', 1, h', w']
+    return y.reshape(b, t, y.shape[1], *y.shape[3:]).transpose(1, 2)
+
+
+def conv3x3(in_dim: int, out_dim: int, time_kernel: int = 3) -> CausalConv3d:
+    """The VAE's 3x3 causal conv; time kernel 3, or 1 in the image VAE (config.image_only: a 2D conv per frame)."""
+    return CausalConv3d(in_dim, out_dim, (time_kernel, 3, 3), padding=((time_kernel - 1) // 2, 1, 1))
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, time_kernel: int = 3):
         super().__init__()
         self.norm1 = RMSNorm(in_dim)
-        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.conv1 = conv3x3(in_dim, out_dim, time_kernel)
         self.norm2 = RMSNorm(out_dim)
-        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv2 = conv3x3(out_dim, out_dim, time_kernel)
         self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
@@ -66,9 +78,9 @@ class AttentionBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, time_kernel: int = 3):
         super().__init__()
-        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, time_kernel), ResidualBlock(dim, dim, time_kernel)])
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
@@ -165,16 +177,24 @@ class DupUp3D(nn.Module):
 
 
 class ResidualDownBlock(nn.Module):
-    """Wan2.2 encoder level: residual blocks, optional down-sampling, plus the averaging shortcut."""
+    """Wan2.2 encoder level: residual blocks, optional down-sampling, plus the averaging shortcut.
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool):
+    image_only: time kernel 1, no temporal down-sampling; the shortcut treats every frame as its 3D twin treats a
+    stream's first frame (front-padded in time), so that the inflated 3D VAE reproduces this one on images."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool,
+                 image_only: bool = False):
         super().__init__()
+        self.image_only = image_only
         self.avg_shortcut = AvgDown3D(in_dim, out_dim, factor_t=2 if temporal else 1, factor_s=2 if down else 1)
-        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks))
-        self.downsampler = Resample(out_dim, "downsample3d" if temporal else "downsample2d") if down else None
+        kt = 1 if image_only else 3
+        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim, kt)
+                                     for i in range(num_res_blocks))
+        mode = "downsample3d" if temporal and not image_only else "downsample2d"
+        self.downsampler = Resample(out_dim, mode) if down else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        shortcut = self.avg_shortcut(x)
+        shortcut = _each_frame_as_first(self.avg_shortcut, x) if self.image_only else self.avg_shortcut(x)
         for resnet in self.resnets:
             x = resnet(x, cache)
         if self.downsampler is not None:
@@ -185,9 +205,11 @@ class ResidualDownBlock(nn.Module):
 class UpBlock(nn.Module):
     """Wan2.1 decoder level: residual blocks then optional up-sampling (which halves the channels)."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample_mode: str | None):
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample_mode: str | None,
+                 time_kernel: int = 3):
         super().__init__()
-        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1))
+        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim, time_kernel)
+                                     for i in range(num_res_blocks + 1))
         self.upsamplers = nn.ModuleList([Resample(out_dim, upsample_mode)]) if upsample_mode else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
@@ -197,17 +219,25 @@ class UpBlock(nn.Module):
 
 
 class ResidualUpBlock(nn.Module):
-    """Wan2.2 decoder level: residual blocks, optional up-sampling, plus the duplicating shortcut."""
+    """Wan2.2 decoder level: residual blocks, optional up-sampling, plus the duplicating shortcut (image_only: as
+    in ResidualDownBlock, every frame is treated as a stream's first)."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool):
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool,
+                 image_only: bool = False):
         super().__init__()
+        self.image_only = image_only
         self.avg_shortcut = DupUp3D(in_dim, out_dim, factor_t=2 if temporal else 1, factor_s=2) if up else None
-        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1))
-        self.upsampler = Resample(out_dim, "upsample3d" if temporal else "upsample2d", upsample_out_dim=out_dim) if up else None
+        kt = 1 if image_only else 3
+        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim, kt)
+                                     for i in range(num_res_blocks + 1))
+        mode = "upsample3d" if temporal and not image_only else "upsample2d"
+        self.upsampler = Resample(out_dim, mode, upsample_out_dim=out_dim) if up else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         shortcut = None
-        if self.avg_shortcut is not None:
+        if self.image_only and self.avg_shortcut is not None:
+            shortcut = _each_frame_as_first(lambda v: self.avg_shortcut(v, first_chunk=True), x)
+        elif self.avg_shortcut is not None:
             shortcut = self.avg_shortcut(x, first_chunk=cache.first_call(self))
         for resnet in self.resnets:
             x = resnet(x, cache)

@@ -26,6 +26,7 @@ from megawan.models.vae.blocks import (
     ResidualUpBlock,
     RMSNorm,
     UpBlock,
+    conv3x3,
 )
 from megawan.models.vae.causal import CausalConv3d, StreamCache
 from megawan.models.state import torch_dtype
@@ -36,25 +37,28 @@ class Encoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        kt = 1 if cfg.image_only else 3  # the image VAE: every conv 2D per frame
+        self.conv_in = conv3x3(cfg.in_channels, dims[0], kt)
         self.down_blocks = nn.ModuleList()
         scale, last = 1.0, len(cfg.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             temporal = bool(cfg.temperal_downsample[i]) if i != last else False
             if cfg.is_residual:
-                self.down_blocks.append(ResidualDownBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, down=i != last))
+                self.down_blocks.append(ResidualDownBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, down=i != last,
+                                                          image_only=cfg.image_only))
                 continue
+            temporal = temporal and not cfg.image_only
             for _ in range(cfg.num_res_blocks):
-                self.down_blocks.append(ResidualBlock(in_dim, out_dim))
+                self.down_blocks.append(ResidualBlock(in_dim, out_dim, kt))
                 if scale in cfg.attn_scales:
                     self.down_blocks.append(AttentionBlock(out_dim))
                 in_dim = out_dim
             if i != last:
                 self.down_blocks.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
                 scale /= 2.0
-        self.mid_block = MidBlock(dims[-1])
+        self.mid_block = MidBlock(dims[-1], kt)
         self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+        self.conv_out = conv3x3(dims[-1], 2 * cfg.z_dim, kt)
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         x = self.conv_in(x, cache)
@@ -70,21 +74,23 @@ class Decoder3d(nn.Module):
         base = cfg.decoder_base_dim or cfg.base_dim
         dims = [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
         temporal_up = tuple(cfg.temperal_downsample[::-1])
-        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.mid_block = MidBlock(dims[0])
+        kt = 1 if cfg.image_only else 3  # the image VAE: every conv 2D per frame
+        self.conv_in = conv3x3(cfg.z_dim, dims[0], kt)
+        self.mid_block = MidBlock(dims[0], kt)
         self.up_blocks = nn.ModuleList()
         last = len(cfg.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             up = i != last
             temporal = bool(temporal_up[i]) if up else False
             if cfg.is_residual:
-                self.up_blocks.append(ResidualUpBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, up))
+                self.up_blocks.append(ResidualUpBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, up,
+                                                      image_only=cfg.image_only))
             else:
                 in_dim = in_dim // 2 if i > 0 else in_dim  # Wan2.1's up-sampling halves the channels
-                mode = ("upsample3d" if temporal else "upsample2d") if up else None
-                self.up_blocks.append(UpBlock(in_dim, out_dim, cfg.num_res_blocks, mode))
+                mode = ("upsample3d" if temporal and not cfg.image_only else "upsample2d") if up else None
+                self.up_blocks.append(UpBlock(in_dim, out_dim, cfg.num_res_blocks, mode, kt))
         self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = conv3x3(dims[-1], cfg.out_channels, kt)
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         x = self.mid_block(self.conv_in(x, cache), cache)
