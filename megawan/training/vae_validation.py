@@ -43,7 +43,7 @@ class VAEValidator:
         for bucket in v.buckets or cfg.data.buckets:  # the same held-out batch every time, on every rank
             loader = PixelLoader(v.manifest, buckets=[bucket], global_batch_size=v.samples, seed=cfg.train.seed,
                                  dp_rank=0, dp_size=1, num_workers=0, fps=cfg.data.fps, decode=cfg.data.decode,
-                                 random_crop=False, stride=stride)
+                                 random_crop=False, stride=stride, verbose=False)
             self.batches[bucket] = next(iter(loader))["video"]
         self._media = []
 
