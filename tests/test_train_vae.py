@@ -179,3 +179,35 @@ def test_configs_that_cannot_work_are_refused_naming_the_field(manifest, tmp_pat
         preflight_vae(load_vae_config(config, overrides), world_size=2)
     message = str(err.value)
     assert field in message and "\n" not in message, message
+
+
+def test_image_vae_then_inflated_clips_with_frozen_encoder_recompute_ema_and_validation(manifest, tmp_path):
+    """Stage 1: the 2D image VAE (vae.image_only) on stills, fresh per-frame init. Stage 2: its weights inflated into
+    the 3D VAE (init.inflate), the encoder frozen, activation recompute, an EMA and held-out validation. The
+    frozen encoder is stage 1's, inflated; validation logs PSNR / SSIM and writes its strips."""
+    from megawan.config import vae_preset
+    from megawan.models.vae.inflate import image_vae_config, inflate_image_vae
+
+    config, _ = _config(tmp_path, manifest)
+    stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    spawn_local(_train_rank, world_size=1, args=(config, (
+        f"checkpoint.dir={stage1}", "vae.image_only=true", "data.buckets=[1x32x32]", "train.steps=2",
+        "init.per_frame=true", "init.logvar=-6")))
+    spawn_local(_train_rank, world_size=1, args=(config, (
+        f"checkpoint.dir={stage2}", f"init.from={stage1}", "init.inflate=true", "init.freeze_encoder=true",
+        "train.steps=2", "train.recompute=true", "train.ema_decay=0.9", "validation.every=2",
+        f"validation.manifest={manifest}", "validation.samples=2")))
+    flat = {k[len("vae."):]: v for k, v in _tensors(latest_checkpoint(stage1), "vae.").items()}
+    inflated = inflate_image_vae(flat, vae_preset("tiny-2.1"))
+    assert image_vae_config(vae_preset("tiny-2.1")).image_only
+    trained = _tensors(latest_checkpoint(stage2))
+    for key, value in inflated.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(trained["vae." + key], value, rtol=0, atol=0, msg=key)
+    assert any(k.startswith("ema.vae.decoder.") for k in trained)
+    assert not any(k.startswith("ema.vae.encoder.") for k in trained)  # frozen: not averaged
+    rows = read_metrics(os.path.join(stage2, "logs", "metrics.jsonl"))
+    val = [r for r in rows if "val/psnr" in r]
+    assert len(val) == 1 and val[0]["val/psnr"] > 0 and "val/1x32x32/ssim" in val[0], val
+    assert sorted(os.listdir(os.path.join(stage2, "logs", "validation"))) == [
+        "step0000002_1x32x32.png", "step0000002_5x32x32.png"]
