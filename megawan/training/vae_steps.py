@@ -120,7 +120,8 @@ class VAEStep:
                     sums[0] += l1.detach().double().sum()
                     sums[1] += kl.detach().double().sum()
                     sums[2] += 0.0 if lp is None else lp.detach().double().sum()
-                    sums[3] += (x.float() - x_hat.detach().float().clamp(-1, 1)).pow(2).flatten(1).mean(1).double().sum()
+                    error = x.float() - x_hat.detach().float().clamp(-1, 1)  # the PSNR the metrics log
+                    sums[3] += error.pow(2).flatten(1).mean(1).double().sum()
                     if loss.latent_moments > 0:
                         moments = latent_moments_loss(self.vae.normalize(mean), x.shape[0] * self.dp_size, self.group)
                         total = total + loss.latent_moments * moments * self.dp_size / len(slices)

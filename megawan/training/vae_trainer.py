@@ -155,7 +155,8 @@ class VAETrainer:
         from megawan.data.pixel_loader import PixelLoader  # the pixel data path (decoding on the fly)
 
         d = cfg.data
-        self.loader = PixelLoader(d.manifest, buckets=list(self.facts["buckets"]), global_batch_size=d.global_batch_size,
+        self.loader = PixelLoader(d.manifest, buckets=list(self.facts["buckets"]),
+                                  global_batch_size=d.global_batch_size,
                                   seed=cfg.train.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                   num_workers=d.num_workers, fps=d.fps, decode=d.decode, random_crop=d.random_crop,
                                   stride=self.facts["stride"], scan_group=ps.get_data_parallel_group(),
