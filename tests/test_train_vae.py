@@ -191,7 +191,7 @@ def test_image_vae_then_inflated_clips_with_frozen_encoder_recompute_ema_and_val
     config, _ = _config(tmp_path, manifest)
     stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
     spawn_local(_train_rank, world_size=1, args=(config, (
-        f"checkpoint.dir={stage1}", "vae.image_only=true", "data.buckets=[1x32x32]", "train.steps=2",
+        f"checkpoint.dir={stage1}", "vae.image_only=true", "data.buckets=[1x32x32]", "train.steps=1",
         "init.per_frame=true", "init.logvar=-6")))
     spawn_local(_train_rank, world_size=1, args=(config, (
         f"checkpoint.dir={stage2}", f"init.from={stage1}", "init.inflate=true", "init.freeze_encoder=true",
