@@ -119,6 +119,18 @@ def test_export_loads_in_diffusers_and_megawan_alike(checkpoints, preset):
         torch.testing.assert_close(as_tensor(values["latents_std"]), latents.std(1, correction=0))
     assert list(ref.config.latents_mean) == values["latents_mean"]
 
+    # an encoder folder holding the export: generation / validation normalise with the recomputed statistics
+    from megawan.artifacts import find_encoders
+    from megawan.demo.tiny_assets import write_tiny_encoders
+
+    folder = str(root / f"encoders-{preset}")
+    write_tiny_encoders(folder, vae_config=preset)
+    os.replace(pth, os.path.join(folder, os.path.basename(pth)))
+    os.replace(os.path.join(out, "vae_config.json"), os.path.join(folder, "vae_config.json"))
+    found = find_encoders(folder)
+    assert found["vae_config"] == os.path.join(folder, "vae_config.json")
+    assert list(vae_config_named(found["vae_config"]).latents_mean) == values["latents_mean"]
+
 
 def test_ema_choice_and_refusals(checkpoints, tmp_path, capsys):
     root, ckpts, _ = checkpoints
