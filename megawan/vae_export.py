@@ -77,20 +77,26 @@ def read_trained_vae(folder: str, ema: Optional[bool] = None) -> tuple:
     with_ema = has_ema(path) if ema is None else ema
     if with_ema and not has_ema(path):
         raise ConfigError(f"--ema: {path} holds no EMA weights (train.ema_decay was not set)")
-    tensors = CheckpointTensors(path, ema=with_ema)
-    keys = {}
-    for key in tensors.keys():
-        name = key[len(_WRAPPER):] if key.startswith(_WRAPPER) else key
-        if name.startswith(VAE_PREFIX):
-            keys[key] = name[len(VAE_PREFIX):]
-    if not keys:
+    state = _vae_tensors(CheckpointTensors(path, ema=with_ema))
+    if not state:
         raise ConfigError(f"{path} holds no {VAE_PREFIX}* tensors: not a train-vae checkpoint")
-    loaded = tensors.get_many(list(keys))
-    state = {keys[k]: t for k, t in loaded.items()}
+    if with_ema:  # frozen weights (init.freeze_encoder) are not averaged: they come from the model's tensors
+        plain = CheckpointTensors(path)
+        state = {**_vae_tensors(plain, skip=set(state)), **state}
     if not cfg.image_only:  # (an image VAE has no key table: no official layout; load_state_dict checks it)
         # the key table of the config: a missing / unknown key or a wrong shape is named here
         state = convert_state_dict(state, "megawan", "megawan", cfg)
     return state, cfg
+
+
+def _vae_tensors(tensors: CheckpointTensors, skip: set = frozenset()) -> dict:
+    """{WanVAE key: tensor} of the checkpoint's vae.* tensors (`skip`: WanVAE keys not to read)."""
+    keys = {}
+    for key in tensors.keys():
+        name = key[len(_WRAPPER):] if key.startswith(_WRAPPER) else key
+        if name.startswith(VAE_PREFIX) and name[len(VAE_PREFIX):] not in skip:
+            keys[key] = name[len(VAE_PREFIX):]
+    return {keys[k]: t for k, t in tensors.get_many(list(keys)).items()} if keys else {}
 
 
 def _run_vae_config(path: str) -> VAEConfig:

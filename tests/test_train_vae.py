@@ -206,6 +206,11 @@ def test_image_vae_then_inflated_clips_with_frozen_encoder_recompute_ema_and_val
             torch.testing.assert_close(trained["vae." + key], value, rtol=0, atol=0, msg=key)
     assert any(k.startswith("ema.vae.decoder.") for k in trained)
     assert not any(k.startswith("ema.vae.encoder.") for k in trained)  # frozen: not averaged
+    from megawan.vae_export import read_trained_vae
+
+    exported, _ = read_trained_vae(stage2)  # the EMA's decoder, the model's frozen encoder: a whole VAE
+    assert torch.equal(exported["encoder.conv_in.weight"], trained["vae.encoder.conv_in.weight"])
+    assert torch.equal(exported["decoder.conv_in.weight"], trained["ema.vae.decoder.conv_in.weight"].float())
     rows = read_metrics(os.path.join(stage2, "logs", "metrics.jsonl"))
     val = [r for r in rows if "val/psnr" in r]
     assert len(val) == 1 and val[0]["val/psnr"] > 0 and "val/1x32x32/ssim" in val[0], val
