@@ -4,6 +4,7 @@
     megawan demo --task i2v [--out DIR]            the tiny image-to-video task (first frame + caption -> clip)
     megawan demo --task lora [--base DIR]          a LoRA fine-tune teaches the demo's model a new colour word
     megawan train --config FILE [key=value ...]    train under torchrun / srun (--print-config: the resolved YAML)
+    megawan train-vae --config FILE [key=value ...]   train a Wan-VAE (L1 / KL / LPIPS / GAN) under torchrun / srun
     megawan presets                                list model presets and their hyper-parameters
     megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP);
                                                    writes OUT.json beside each video (what was asked and resolved)
@@ -105,6 +106,21 @@ def _cmd_train(args) -> int:
     from megawan.training.trainer import train  # lazy: torch and megatron-core
 
     result = train(args.config, overrides)
+    return 0 if result["stopped"] is None or result["stopped"].startswith("signal") else 1
+
+
+def _cmd_train_vae(args) -> int:
+    from megawan.config.vae_run import load_vae_config, vae_run_config_dict
+
+    cfg = load_vae_config(args.config, tuple(args.overrides))  # refused before the slow imports
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(vae_run_config_dict(cfg), sort_keys=False), end="")
+        return 0
+    from megawan.training.vae_trainer import train_vae  # lazy: torch and megatron-core
+
+    result = train_vae(args.config, tuple(args.overrides))
     return 0 if result["stopped"] is None or result["stopped"].startswith("signal") else 1
 
 
@@ -233,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config (the file, presets and overrides applied) as YAML and exit")
     train.set_defaults(func=_cmd_train)
+
+    tvae = sub.add_parser("train-vae", help="train a Wan-VAE under torchrun / srun: megawan train-vae --config FILE "
+                                            "[key=value ...] (docs/vae_training.md)")
+    tvae.add_argument("--config", help="VAE run config YAML (vae, init, data, loss, optimizer, train, checkpoint)")
+    tvae.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.gan=0.1")
+    tvae.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (the file, the VAE preset and overrides applied) as YAML and exit")
+    tvae.set_defaults(func=_cmd_train_vae)
 
     gen = sub.add_parser("generate", help="sample videos from a checkpoint or converted pipeline (torchrun for "
                                           "TP / CP parallel sampling)")

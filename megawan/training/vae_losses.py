@@ -1,0 +1,94 @@
+"""The VAE's losses, per sample (the trainer sums them and divides by the global batch, as the DiT trainer
+does, so a data-parallel run's gradient is one rank's).
+
+    l1_loss(x, x_hat)                      [B]  mean |x - x_hat| over pixels in [-1, 1]
+    kl_loss(mean, logvar)                  [B]  KL(N(mean, exp(logvar)) || N(0, 1)), mean over latent elements
+    lpips_loss(net, x, x_hat)              [B]  LPIPS per frame (megawan.models.vae.lpips), frames averaged
+    hinge_generator_loss(logits_fake)      [B]  -mean(D(x_hat))
+    hinge_discriminator_loss(real, fake)   [B]  (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) / 2
+    adaptive_gan_weight(rec, gan, weight)       VQGAN's ||grad_w rec|| / (||grad_w gan|| + 1e-4), clamped
+    latent_moments_loss(z, count)               per-channel mean^2 + (std - 1)^2 of normalised posterior means
+
+KL: the report's weight 3e-6 (as LDM's) multiplies a KL summed over the latent elements of a sample; here it is
+averaged, so the same weight pulls (latent elements) times less. That keeps the weight's meaning when the
+resolution or length changes; scale loss.kl by the latent elements per sample (e.g. 16 x 5 x 16 x 16 = 20480 for
+Wan2.1 at 17x128x128) to reproduce a summed KL exactly.
+
+Batch statistics (the adaptive weight, the latent moments) are all-reduced over data parallelism, so DP2 over a
+micro-batch equals one rank over the two halves together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ADAPTIVE_EPS = 1e-4  # taming-transformers' calculate_adaptive_weight
+ADAPTIVE_MAX = 1e4
+
+
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def l1_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return _per_sample_mean((x.float() - x_hat.float()).abs())
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """0.5 (mean^2 + var - 1 - logvar), averaged over the latent elements of each sample."""
+    mean, logvar = mean.float(), logvar.float()
+    return _per_sample_mean(0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar))
+
+
+def lpips_loss(net, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """LPIPS of each frame ([B, 3, T, H, W]), frames of a clip averaged; gradients flow to x_hat."""
+    from megawan.models.vae.lpips import lpips_video  # helper 1's network (VGG16 + linear heads)
+
+    return lpips_video(net, x.float(), x_hat.float())
+
+
+def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -_per_sample_mean(logits_fake.float())
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    real = _per_sample_mean(F.relu(1.0 - logits_real.float()))
+    fake = _per_sample_mean(F.relu(1.0 + logits_fake.float()))
+    return 0.5 * (real + fake)
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_weight: torch.Tensor,
+                        group=None) -> torch.Tensor:
+    """VQGAN's balance of the GAN loss against the reconstruction (Esser et al. 2021, eq. 7): the ratio of their
+    gradient norms at the decoder's last layer, detached, clamped to [0, 1e4]. The gradients are summed over the
+    data-parallel `group` first (each rank's losses are its share of the global-batch mean), so every rank gets
+    the weight one rank would compute over the whole batch."""
+    g_rec = torch.autograd.grad(rec_loss, last_weight, retain_graph=True)[0].detach().float()
+    g_gan = torch.autograd.grad(gan_loss, last_weight, retain_graph=True)[0].detach().float()
+    both = _all_reduce(torch.stack([g_rec, g_gan]), group)
+    weight = both[0].norm() / (both[1].norm() + ADAPTIVE_EPS)
+    return weight.clamp(0.0, ADAPTIVE_MAX).detach()
+
+
+def latent_moments_loss(z: torch.Tensor, count: int, group=None) -> torch.Tensor:
+    """z: this rank's normalised posterior means [b, C, T, H, W]; count: the samples of all ranks together.
+    sum_c mean_c^2 + (std_c - 1)^2 over every latent of the global batch (per channel), so that the config's
+    latents_mean / latents_std keep normalising the latents to zero mean and unit variance for the DiT. The
+    sums are all-reduced over `group`; each rank's gradient is its share (the sums' local parts keep their
+    graph), to be scaled by the data-parallel size like the per-sample losses."""
+    n = count * z[0, 0].numel()  # latents per channel in the global batch
+    z = z.float().transpose(0, 1).flatten(1)  # [C, this rank's latents per channel]
+    local = torch.stack([z.sum(dim=1), z.pow(2).sum(dim=1)])  # [2, C]
+    total = _all_reduce(local.detach().clone(), group)
+    sums = local + (total - local.detach())
+    mean = sums[0] / n
+    var = (sums[1] / n - mean.pow(2)).clamp_min(1e-12)
+    return (mean.pow(2) + (var.sqrt() - 1.0).pow(2)).sum()
