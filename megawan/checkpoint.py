@@ -565,3 +565,12 @@ class CheckpointTensors:
             warnings.simplefilter("ignore")
             dcp.load(out, checkpoint_id=self.folder, no_dist=True)
         return out[self.prefix + key]
+
+    def get_many(self, keys) -> dict:
+        """{key: tensor} for `keys`, read in one pass (a small model's whole state: one read, not one per key)."""
+        out = {self.prefix + k: torch.empty(tuple(self._meta[k].size), dtype=self._meta[k].properties.dtype)
+               for k in keys}
+        with warnings.catch_warnings():  # torch's notice about no_dist, not ours to act on
+            warnings.simplefilter("ignore")
+            dcp.load(out, checkpoint_id=self.folder, no_dist=True)
+        return {k: out[self.prefix + k] for k in keys}

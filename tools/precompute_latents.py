@@ -5,6 +5,8 @@
         --vae Wan2.1_VAE.pth --vae-config wan2.1 \
         --text-encoder models_t5_umt5-xxl-enc-bf16.pth --text-config umt5-xxl --tokenizer google/umt5-xxl \
         --stage-buckets video-192 image-256
+    python tools/precompute_latents.py ... --vae exported/Wan2.1_VAE.pth \
+        --vae-config exported/vae_config.json    # a trained VAE (tools/export_vae.py): its latent statistics
     python tools/precompute_latents.py ... --conditioning i2v    # for Wan2.2 I2V-A14B training (video buckets)
     python tools/precompute_latents.py ... --conditioning flf2v \
         --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth  # Wan2.1 I2V / FLF2V: + CLIP tokens
@@ -34,7 +36,9 @@ def parse_args(argv=None):
                          "pattern 'shards/{000000..000009}.tar', one .tar, or a folder of .tar (docs/data.md)")
     ap.add_argument("--out", required=True, help="the Zarr store (created, or resumed when it exists)")
     ap.add_argument("--vae", required=True, help="VAE weights (official .pth, diffusers or megawan safetensors)")
-    ap.add_argument("--vae-config", default="wan2.1", help="VAE preset: wan2.1, wan2.2, tiny-2.1, tiny-2.2")
+    ap.add_argument("--vae-config", default="wan2.1",
+                    help="VAE preset (wan2.1, wan2.2, tiny-2.1, tiny-2.2) or an AutoencoderKLWan config.json / "
+                         "vae_config.json (a trained VAE's export: the store records its latent statistics)")
     ap.add_argument("--text-encoder", required=True, help="umT5 weights (official .pth, transformers, megawan)")
     ap.add_argument("--text-config", default="umt5-xxl", help="text-encoder preset: umt5-xxl, tiny")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece model file or a folder with spiece.model")

@@ -35,7 +35,8 @@ import torch
 from megawan import capabilities
 from megawan.artifacts import detect_clip_preset, load_clip_encoder, load_text_encoder, load_tokenizer, load_vae
 from megawan.capabilities import rank_device, resolve_device
-from megawan.config import ConfigError, clip_preset, text_preset, vae_preset
+from megawan.config import ConfigError, clip_preset, text_preset
+from megawan.config.vae_files import vae_config_named
 from megawan.convert import load_state_dict_file
 from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
@@ -58,7 +59,7 @@ class PrecomputeJob:
     vae: str
     text_encoder: str
     tokenizer: str
-    vae_config: str = "wan2.1"  # a megawan VAE preset
+    vae_config: str = "wan2.1"  # a megawan VAE preset, or an AutoencoderKLWan config.json (an exported VAE's)
     text_config: str = "umt5-xxl"  # a megawan text-encoder preset
     buckets: list = field(default_factory=lambda: ["video-192", "image-256"])  # set names and / or "FxHxW"
     fps: float = 16.0
@@ -79,8 +80,13 @@ class PrecomputeJob:
             spec += STAGE_BUCKETS[item] if item in STAGE_BUCKETS else [item]
         return parse_buckets(spec)
 
+    def vae_cfg(self):
+        """The VAEConfig `vae_config` names: a preset, or a config.json whose latent statistics the store records."""
+        return vae_config_named(self.vae_config, "PrecomputeJob.vae_config (--vae-config)")
+
     def check(self) -> None:
         """Refuse what cannot run on this machine, in one line naming the option, before any work starts."""
+        self.vae_cfg()
         backend, option = self.decode_backend, "PrecomputeJob.decode_backend (--decode-backend)"
         if backend not in BACKENDS:
             raise ConfigError(f"{option}: unknown {backend!r}; use one of {' | '.join(BACKENDS)}")
@@ -229,7 +235,7 @@ class Encoders:
         default = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = STORE_DTYPES[job.compute_dtype] if job.compute_dtype else default
         self.device, self.dtype = device, dtype
-        self.vae_config, self.text_config = vae_preset(job.vae_config), text_preset(job.text_config)
+        self.vae_config, self.text_config = job.vae_cfg(), text_preset(job.text_config)
         self.vae = load_vae(job.vae, self.vae_config, device=device, dtype=dtype)
         self.text = load_text_encoder(job.text_encoder, self.text_config, device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(job.tokenizer, max_length=self.text_config.text_len)
