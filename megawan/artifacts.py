@@ -4,7 +4,7 @@ official Wan, diffusers / transformers, megawan), the preset their
 weights fit, and the DiT of a training checkpoint or of a converted megawan pipeline.
 
     enc = find_encoders("Wan2.1-T2V-14B")                 # paths + the preset each file's weights fit
-    vae = load_vae(enc["vae"], vae_preset(enc["vae_config"]))
+    vae = load_vae(enc["vae"], vae_config_named(enc["vae_config"]))
     text = load_text_encoder(enc["text_encoder"], text_preset(enc["text_config"]))
     tok = load_tokenizer(enc["tokenizer"], max_length=512)   # folder or spiece.model
     clip = load_clip_encoder(enc["clip"], clip_preset(enc["clip_config"]))   # enc["clip"] is None without one
@@ -151,6 +151,8 @@ def find_encoders(folder: str) -> dict:
     """The encoder files of a folder in the official layout (Wan2.x_VAE.pth, models_t5_umt5-*.pth, a
     tokenizer folder, for Wan2.1 I2V / FLF2V models_clip_*.pth) or megawan's (vae.safetensors,
     text_encoder.safetensors, tokenizer/, image_encoder.safetensors): paths and the preset each one's weights fit.
+    A `vae_config.json` beside the VAE (tools/export_vae.py writes one: the statistics recomputed on the data)
+    makes vae_config its path instead of a preset name (megawan.config.vae_files.vae_config_named reads either).
     Keys: vae, vae_config, text_encoder, text_config, tokenizer, clip, clip_config (the last two None when the
     folder holds no CLIP image encoder)."""
     if not os.path.isdir(folder):
@@ -179,7 +181,11 @@ def find_encoders(folder: str) -> dict:
     clip = pick([r"image_encoder\.safetensors", r"models_clip_.*\.pth", r".*clip.*\.(pth|safetensors)"],
                 "CLIP image encoder", required=False)
     # presets from names and shapes only: the files are mapped, not read (umT5-XXL is 11 GB)
-    return {"vae": vae, "vae_config": detect_vae_preset(load_state_dict_file(vae, mmap=True), vae),
+    vae_config = detect_vae_preset(load_state_dict_file(vae, mmap=True), vae)
+    trained = os.path.join(folder, "vae_config.json")  # a trained VAE's export: its own latents_mean / latents_std
+    if os.path.isfile(trained):
+        vae_config = trained
+    return {"vae": vae, "vae_config": vae_config,
             "text_encoder": text, "text_config": detect_text_preset(load_state_dict_file(text, mmap=True), text),
             "tokenizer": tokenizer, "clip": clip,
             "clip_config": None if clip is None else detect_clip_preset(load_state_dict_file(clip, mmap=True), clip)}

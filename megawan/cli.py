@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     tvae.add_argument("--config", help="VAE run config YAML (vae, init, data, loss, optimizer, train, checkpoint)")
     tvae.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.gan=0.1")
     tvae.add_argument("--print-config", action="store_true",
-                      help="print the resolved config (the file, the VAE preset and overrides applied) as YAML and exit")
+                      help="print the resolved config (file, VAE preset and overrides applied) as YAML and exit")
     tvae.set_defaults(func=_cmd_train_vae)
 
     gen = sub.add_parser("generate", help="sample videos from a checkpoint or converted pipeline (torchrun for "

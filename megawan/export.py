@@ -65,6 +65,7 @@ from megawan.config import (
     transformers_config_json,
     vae_preset,
 )
+from megawan.config.vae_files import vae_config_named
 from megawan.convert import (
     SafetensorsDir,
     convert_state_dict,
@@ -317,7 +318,8 @@ def read_pipeline(src: str, fmt: str, model: Optional[str] = None, encoders: Opt
 
 def _read_encoders(folder: str) -> dict:
     enc = find_encoders(folder)
-    vae_state, _ = to_megawan(load_state_dict_file(enc["vae"]), vae_preset(enc["vae_config"]), VAE_LAYOUTS, "Wan-VAE")
+    vae_state, _ = to_megawan(load_state_dict_file(enc["vae"]), vae_config_named(enc["vae_config"]), VAE_LAYOUTS,
+                              "Wan-VAE")
     text_state, _ = to_megawan(load_state_dict_file(enc["text_encoder"]), text_preset(enc["text_config"]),
                                TEXT_LAYOUTS, "umT5 encoder")
     clip_state = None
@@ -407,7 +409,7 @@ def convert_pipeline(src: str, src_format: str, dst: str, dst_format: str, model
         bar.close()
     if progress:
         write_line("writing the VAE, umT5, tokenizer" + (" and CLIP" if pipe.get("clip_state") else ""))
-    vae_cfg, text_cfg = vae_preset(pipe["vae_config"]), text_preset(pipe["text_config"])
+    vae_cfg, text_cfg = vae_config_named(pipe["vae_config"]), text_preset(pipe["text_config"])
     vae_out = convert_state_dict(pipe["vae_state"], "megawan", "megawan" if dst_format != "official" else "official",
                                  vae_cfg)
     text_layout = {"official": "official", "diffusers": "transformers", "megawan": "megawan"}[dst_format]

@@ -51,8 +51,9 @@ from megawan.artifacts import (
     resolve_model,
 )
 from megawan.capabilities import cuda_available, rank_device, resolve_backend
-from megawan.config import ParallelConfig, clip_preset, text_preset, vae_preset
+from megawan.config import ParallelConfig, clip_preset, text_preset
 from megawan.config.te_limits import te_tokens_problem
+from megawan.config.vae_files import vae_config_named
 from megawan.checkpoint import has_ema
 from megawan.convert.dit_keys import dit_param_shapes
 from megawan.convert.files import load_torch_file
@@ -244,7 +245,7 @@ def prepare(req: GenerationRequest) -> dict:
     if folder is None:
         raise ValueError("no encoders: pass --encoders FOLDER (the VAE, umT5 weights and tokenizer)")
     enc = find_encoders(folder)
-    vae_cfg = vae_preset(enc["vae_config"])
+    vae_cfg = vae_config_named(enc["vae_config"], "the encoders' VAE config")
     plan = dict(found=found, cfg=cfg, defaults=d, enc=enc, vae_cfg=vae_cfg, loras=loras,
                 frames=req.frames or d["frames"],
                 steps=req.steps or d["steps"], shift=req.shift if req.shift is not None else d["shift"],

@@ -1,6 +1,7 @@
 """Judging VAEs on held-out clips: PSNR, SSIM and (with its weight files) LPIPS of the reconstructions, per bucket
 (resolution x length) and overall, several VAEs side by side on the same clips. `tools/eval_vae.py` is the command
-line; `evaluate_vae` is also what a training loop's validation can call.
+line. The scoring itself, `evaluate_vae`, lives in megawan.models.vae.scores (re-exported here), where a training
+loop's validation can call it too.
 
     vae = load_any_vae("runs/vae/checkpoints")[1]     # a train-vae checkpoint, an official .pth, a diffusers folder
     clips, skipped = eval_clips("held_out.jsonl", ["17x256x256", "1x256x256"])        # megawan.data.eval_clips
@@ -9,9 +10,7 @@ line; `evaluate_vae` is also what a training loop's validation can call.
     compare_vaes({"trained": vae, "official": other}, clips, "eval_out", lpips=net)   # results.json + media
 
 A reconstruction is decode(posterior mean): deterministic, what a latent store holds and the DiT's samples are
-decoded from. PSNR and SSIM (megawan.utils.video_metrics) are on [-1, 1] pixels (data range 2), per frame and
-averaged over the clip's frames; LPIPS (megawan.models.vae.lpips, VGG "lin" v0.1) per frame, averaged alike. A
-bucket's number is the mean over its clips; "overall" the mean over every (clip, bucket) sample.
+decoded from. The metrics: megawan.models.vae.scores.
 
 compare_vaes writes into its folder: results.json (every number, per sample too), table.txt (what is printed),
 media/<clip>@<bucket>/original.mp4 + <vae>.mp4 (png for one frame) and strips/<clip>@<bucket>.png (rows:
@@ -23,22 +22,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Optional
-
-import torch
+from typing import Optional
 
 from megawan.artifacts import detect_vae_preset, load_vae
 from megawan.checkpoint import LATEST, is_checkpoint
 from megawan.config import ConfigError, vae_preset
 from megawan.config.vae_files import vae_config_named
 from megawan.convert import load_state_dict_file
-from megawan.models.vae import WanVAE
+from megawan.models.vae.scores import METRICS, evaluate_vae
 from megawan.utils.images import captioned_rows, contact_sheet, video_to_uint8
 from megawan.utils.media import media_suffix, write_media
-from megawan.utils.video_metrics import psnr, ssim
 from megawan.vae_export import CONFIG_FILE, DIFFUSERS_DIR, DIFFUSERS_WEIGHTS, build_vae, read_trained_vae
 
-METRICS = ("psnr", "ssim", "lpips")
 STRIP_FRAMES = 8
 
 
@@ -76,62 +71,6 @@ def load_any_vae(spec: str, device="cpu", ema: Optional[bool] = None) -> tuple:
     else:
         cfg = vae_preset(detect_vae_preset(load_state_dict_file(path, mmap=True), path))
     return label, load_vae(path, cfg, device=device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring
-
-
-def _samples(clips: Iterable) -> Iterable:
-    """(id, bucket, video [3, T, H, W]) from clip dicts whose "video" is one clip or a batch [B, 3, T, H, W]."""
-    for n, clip in enumerate(clips):
-        video = clip["video"]
-        batch = video if video.dim() == 5 else video[None]
-        for i, v in enumerate(batch):
-            ids = clip.get("ids")
-            sample_id = ids[i] if ids is not None else clip.get("id", str(n)) + (f"#{i}" if video.dim() == 5 else "")
-            yield sample_id, clip.get("bucket") or "x".join(str(s) for s in v.shape[1:]), v
-
-
-def _means(rows: list) -> dict:
-    out = {"samples": len(rows)}
-    for m in METRICS:
-        values = [r[m] for r in rows if m in r]
-        if values:
-            out[m] = sum(values) / len(values)
-    return out
-
-
-@torch.no_grad()
-def evaluate_vae(vae: WanVAE, clips: Iterable, lpips=None, keep: int = 0) -> dict:
-    """Reconstruct each clip and score it.
-
-    clips: dicts {"video": float [3, T, H, W] (or a batch [B, 3, T, H, W]) in [-1, 1], "bucket": name (default
-    "TxHxW" of the video), "id": name (or "ids": one per batch row)}; lpips: a megawan.models.vae.lpips.LPIPS or
-    None; keep: how many reconstructions to return (the first ones, for media). Returns {"buckets": {bucket:
-    {"psnr", "ssim", ["lpips",] "samples"}}, "overall": {alike}, "samples": [{"id", "bucket", "psnr", "ssim",
-    ["lpips"]}], "reconstructions": [float [3, T, H, W] on the CPU, the first `keep`]}."""
-    param = next(vae.parameters())
-    rows, kept = [], []
-    for sample_id, bucket, video in _samples(clips):
-        x = video[None].to(param.device, param.dtype)
-        mean, _ = vae.encode(x)
-        recon = vae.decode(mean).float()
-        x = x.float()
-        row = {"id": sample_id, "bucket": bucket, "psnr": float(psnr(recon, x)[0]), "ssim": float(ssim(recon, x)[0])}
-        if lpips is not None:
-            from megawan.models.vae.lpips import lpips_video  # VGG16 code: only when LPIPS weights are given
-
-            net_param = next(lpips.parameters())
-            row["lpips"] = float(lpips_video(lpips, recon.to(net_param.device), x.to(net_param.device))[0])
-        rows.append(row)
-        if len(kept) < keep:
-            kept.append(recon[0].cpu())
-    buckets = {}
-    for row in rows:
-        buckets.setdefault(row["bucket"], []).append(row)
-    return {"buckets": {b: _means(r) for b, r in sorted(buckets.items())}, "overall": _means(rows), "samples": rows,
-            "reconstructions": kept}
 
 
 # ----------------------------------------------------------------------------------------------

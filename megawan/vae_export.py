@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from megawan.checkpoint import CheckpointTensors, has_ema, read_run_config, resolve_checkpoint
 from megawan.config import ConfigError, VAEConfig, diffusers_vae_config_json, vae_preset
+from megawan.config.fields import build
 from megawan.convert import convert_state_dict
 from megawan.data.eval_clips import eval_clips
 from megawan.models.vae import WanVAE
@@ -44,6 +45,7 @@ TARGETS = ("official", "diffusers", "both")
 CONFIG_FILE = "vae_config.json"  # beside the official .pth: its architecture + latent statistics
 DIFFUSERS_DIR = "vae"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DEFAULT_PRESET = "tiny-2.1"  # train-vae's when its config names none
 _WRAPPER = "module."  # a DDP-wrapped module's prefix, should a checkpoint have been written through one
 
 
@@ -52,15 +54,17 @@ def official_name(cfg: VAEConfig) -> str:
 
 
 def trained_vae_config(section, where: str = "config.yaml") -> VAEConfig:
-    """The VAEConfig of a train-vae run config's `vae:` section: {preset, <VAEConfig fields>, image_only}."""
+    """The VAEConfig of a train-vae run config's `vae:` section: {preset, <VAEConfig fields>} (a preset and its
+    overrides), or {name, <every VAEConfig field>} (a VAE that is no preset); neither: train-vae's default preset."""
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: no `vae:` section (not a train-vae checkpoint?)")
     known = {f.name for f in dataclasses.fields(VAEConfig)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items() if k in known and k != "name"}
-    if section.get("image_only") and "image_only" not in known:
-        raise ConfigError(f"{where}: vae.image_only is set and this megawan's VAEConfig has no image_only")
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items() if k in known}
     try:
-        return vae_preset(section.get("preset") or "wan2.1", **values)
+        if section.get("preset") is None and "name" in section:
+            return build(VAEConfig, values, "vae").validate()
+        values.pop("name", None)
+        return vae_preset(section.get("preset") or DEFAULT_PRESET, **values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -69,7 +73,7 @@ def read_trained_vae(folder: str, ema: Optional[bool] = None) -> tuple:
     """(state dict in WanVAE names, VAEConfig) of a train-vae checkpoint or run root (its latest). ema None: the
     EMA weights when the checkpoint has them; True: they must be there; False: the trained weights."""
     path = resolve_checkpoint(folder)
-    cfg = trained_vae_config(read_run_config(path).get("vae"), os.path.join(path, "config.yaml"))
+    cfg = _run_vae_config(path)
     with_ema = has_ema(path) if ema is None else ema
     if with_ema and not has_ema(path):
         raise ConfigError(f"--ema: {path} holds no EMA weights (train.ema_decay was not set)")
@@ -83,9 +87,14 @@ def read_trained_vae(folder: str, ema: Optional[bool] = None) -> tuple:
         raise ConfigError(f"{path} holds no {VAE_PREFIX}* tensors: not a train-vae checkpoint")
     loaded = tensors.get_many(list(keys))
     state = {keys[k]: t for k, t in loaded.items()}
-    # the key table of the config: a missing / unknown key or a wrong shape is named here, not in load_state_dict
-    state = convert_state_dict(state, "megawan", "megawan", cfg)
+    if not cfg.image_only:  # (an image VAE has no key table: no official layout; load_state_dict checks it)
+        # the key table of the config: a missing / unknown key or a wrong shape is named here
+        state = convert_state_dict(state, "megawan", "megawan", cfg)
     return state, cfg
+
+
+def _run_vae_config(path: str) -> VAEConfig:
+    return trained_vae_config(read_run_config(path).get("vae"), os.path.join(path, "config.yaml"))
 
 
 def build_vae(state: dict, cfg: VAEConfig, device="cpu") -> WanVAE:
@@ -124,7 +133,8 @@ def stats_from_manifest(vae: WanVAE, manifest: str, samples: int, buckets: list,
         raise ConfigError(f"--stats {manifest}: none of its {samples} sampled rows fills a bucket of "
                           f"{' '.join(buckets)} ({len(skipped)} skipped: {skipped[0]['reason'] if skipped else '-'})")
     mean, std = latent_stats(vae, (c["video"] for c in clips))
-    return {"latents_mean": mean, "latents_std": std, "clips": len(clips), "skipped": skipped}
+    return {"latents_mean": mean, "latents_std": std, "samples": len(clips), "rows": len({c["id"] for c in clips}),
+            "skipped": skipped}
 
 
 def _stats_buckets(path: str, given: Optional[list]) -> list:
@@ -150,27 +160,33 @@ def export_vae(src: str, out: str, to: str = "both", ema: Optional[bool] = None,
     "stats": None or stats_from_manifest's summary}."""
     if to not in TARGETS:
         raise ConfigError(f"--to: {to!r} is not one of {' | '.join(TARGETS)}")
-    state, cfg = read_trained_vae(src, ema)
-    if getattr(cfg, "image_only", False):
+    path = resolve_checkpoint(src)
+    run_cfg = _run_vae_config(path)
+    if run_cfg.image_only:
         raise ConfigError(f"{src}: vae.image_only: an image VAE (stage 1) has no official / diffusers form; inflate "
                           "it into the 3D VAE and train that (init.inflate), then export")
+    targets = ([official_name(run_cfg), CONFIG_FILE] if to != "diffusers" else []) \
+        + ([DIFFUSERS_DIR] if to != "official" else [])
+    for name in targets:  # all checked before anything is written: no half-written export
+        _free(os.path.join(out, name))
+    state, cfg = read_trained_vae(path, ema)
     summary = None
     if stats is not None:
-        buckets = _stats_buckets(resolve_checkpoint(src), stats_buckets)
+        buckets = _stats_buckets(path, stats_buckets)
         summary = stats_from_manifest(build_vae(state, cfg), stats, stats_samples, buckets, fps, decode)
         cfg = dataclasses.replace(cfg, latents_mean=summary["latents_mean"], latents_std=summary["latents_std"])
-        write_line(f"latent statistics from {summary['clips']} clips of {stats} ({len(summary['skipped'])} rows "
-                   "skipped)")
+        write_line(f"latent statistics from {summary['samples']} samples ({summary['rows']} rows) of {stats} "
+                   f"({len(summary['skipped'])} rows skipped)")
     os.makedirs(out, exist_ok=True)
     config_json = diffusers_vae_config_json(cfg)
     written = {"official": None, "vae_config": None, "diffusers": None, "config": cfg, "stats": summary}
     if to in ("official", "both"):
-        pth = _free(os.path.join(out, official_name(cfg)))
+        pth = os.path.join(out, official_name(cfg))
         torch.save({k: v.contiguous() for k, v in convert_state_dict(state, "megawan", "official", cfg).items()}, pth)
         written["official"] = pth
-        written["vae_config"] = _write_json(_free(os.path.join(out, CONFIG_FILE)), config_json)
+        written["vae_config"] = _write_json(os.path.join(out, CONFIG_FILE), config_json)
     if to in ("diffusers", "both"):
-        folder = _free(os.path.join(out, DIFFUSERS_DIR))
+        folder = os.path.join(out, DIFFUSERS_DIR)
         os.makedirs(folder)
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, DIFFUSERS_WEIGHTS),
                   metadata={"format": "pt"})

@@ -18,7 +18,8 @@ from megawan.data.eval_clips import eval_clips
 from megawan.demo.shapes import write_synthetic_dataset
 from megawan.models.vae import WanVAE
 from megawan.models.vae.lpips import CHANNELS, LPIPS, VGG16_CONVS, lpips_video
-from megawan.vae_eval import evaluate_vae, load_any_vae
+from megawan.models.vae.scores import evaluate_vae
+from megawan.vae_eval import load_any_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKETS = ["5x16x16", "1x16x16"]

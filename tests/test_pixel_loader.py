@@ -4,7 +4,11 @@ that change nothing, images as 1-frame samples, and bad files skipped up front o
 The clips are tiny H.264 files written here: frame k of clip c is a horizontal ramp over a flat level 20 + 8 k + c,
 so a decoded sample says which frames it holds and where it was cropped."""
 
+import io
 import json
+import pathlib
+import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import torch
 
 from megawan.config.fields import ConfigError
 from megawan.data.buckets import parse_buckets, resize_center_crop
-from megawan.data.pixel_loader import PixelLoader
+from megawan.data.pixel_loader import PixelLoader, to_bucket
 from megawan.data.pixel_scan import buckets_for
 from megawan.data.video import decode_image, decode_video
 from megawan.parallel.launch import spawn_local
@@ -79,8 +83,8 @@ def test_dp_slices_make_one_ranks_global_batch_and_workers_change_nothing(data):
     same(take(iter(loader(manifest, num_workers=2, prefetch=3)), 6), whole)
 
 
-def test_resume_gives_the_batches_that_follow(data):
-    _, manifest = data
+def test_resume_gives_the_batches_that_follow(data, tmp_path, capsys):
+    folder, manifest = data
     whole = take(iter(loader(manifest)), 7)
     first = loader(manifest, num_workers=2)
     take(iter(first), 3)
@@ -91,6 +95,12 @@ def test_resume_gives_the_batches_that_follow(data):
     same(take(iter(resumed), 4), whole[3:])
     with pytest.raises(ValueError, match="seed"):
         loader(manifest, seed=4).load_state_dict(state)
+    # a file lost since the save: said in one line, and training goes on from the saved position
+    fewer = [json.loads(line) for line in open(manifest)][1:]
+    changed = loader(write_manifest(tmp_path, [{**r, "path": str(folder / r["path"])} for r in fewer]))
+    changed.load_state_dict(state)
+    assert "the usable samples differ" in capsys.readouterr().out
+    assert next(iter(changed))["step"] == 3 and changed.state_dict()["fingerprint"] != state["fingerprint"]
 
 
 def test_images_are_one_frame_samples_and_crops_are_seeded(data):
@@ -98,11 +108,13 @@ def test_images_are_one_frame_samples_and_crops_are_seeded(data):
     centre = loader(manifest, random_crop=False, buckets=["1x32x32"])
     batch = next(iter(centre))
     assert batch["video"].shape == (4, 3, 1, 32, 32)
-    # no image bucket for the videos' length? here the clips give a frame each, the stills themselves
+    # with only an image bucket, each clip gives its first frame (centre crop) and each still itself
     for video, sample_id in zip(batch["video"], batch["ids"]):
         path = str(folder / (f"{sample_id}.png" if sample_id.startswith("still") else f"{sample_id}.mp4"))
         frames = decode_image(path) if sample_id.startswith("still") else decode_video(path, fps=16, num_frames=1)
         assert torch.equal(video, resize_center_crop(np.array(frames), 32, 32))
+    clip = decode_video(str(folder / "clip2.mp4"), fps=16)  # 11 frames of 40 x 32: resized in chunks, the same
+    assert torch.equal(to_bucket(clip, 24, 24), resize_center_crop(clip, 24, 24))
     # clip0 is 48 px wide: a random crop moves across it with the epoch, centre crops never do
     crops = {}
     for random_crop in (True, False):
@@ -201,6 +213,31 @@ def test_a_later_start_keeps_the_clip_evenly_sampled(tmp_path):
     assert len(starts) > 1 and not got.failed
 
 
+def test_webdataset_shards_give_the_manifests_samples(data, tmp_path):
+    """The same files as WebDataset samples (key.mp4 / key.png + key.txt): the same batches (centre crops; a
+    random crop is seeded by the sample's id, which names the shard); a broken member and one without a caption
+    are skipped with their reason."""
+    folder, manifest = data
+    rows = [json.loads(line) for line in open(manifest)]
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        for r in rows:
+            add(r["path"], (folder / r["path"]).read_bytes())
+            add(f"{r['id']}.txt", b"x")
+        add("zbroken.mp4", b"not a video" * 50)
+        add("zbroken.txt", b"x")
+        add("zuncaptioned.mp4", (folder / "clip0.mp4").read_bytes())
+    shard = loader(str(tmp_path / "000000.tar"), random_crop=False)
+    assert {r["id"]: r["reason"] for r in shard.skipped}.keys() == {"000000/zbroken", "000000/zuncaptioned"}
+    same_videos = zip(take(iter(shard), 4), take(iter(loader(manifest, random_crop=False)), 4))
+    for a, b in same_videos:
+        assert [i.split("/")[1] for i in a["ids"]] == b["ids"] and torch.equal(a["video"], b["video"])
+
+
 def _scan_rank(rank, manifest, out):
     import torch.distributed as dist
 
@@ -224,3 +261,15 @@ def test_ranks_share_the_scan_and_agree(data, tmp_path):
     for got in ranks:
         assert got["samples"] == expected and got["skipped"] == alone.skipped
     assert [a + b for a, b in zip(ranks[0]["ids"], ranks[1]["ids"])] == [b["ids"] for b in take(iter(alone), 3)]
+
+
+def test_bench_pixel_loader_smoke(tmp_path, capsys):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    from bench_pixel_loader import main
+
+    out = tmp_path / "pixels.json"
+    assert main(["--make", "2", "--source", "9x32x48", "--bucket", "9x32x32", "--steps", "2", "--workers", "0", "2",
+                 "--need", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in rows] == [0, 2] and all(r["samples_per_s"] > 0 for r in rows)
+    assert "x need" in capsys.readouterr().out

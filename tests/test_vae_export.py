@@ -4,6 +4,7 @@ exported VAE loads in diffusers and in megawan's own loader with identical encod
 tiny-2.2; the latent statistics recomputed on a manifest sample reach both configs and a latent store; --ema picks
 the EMA weights; bad input is one line."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 
 from megawan.artifacts import load_vae
 from megawan.checkpoint import CheckpointTensors, resolve_checkpoint
-from megawan.config import ConfigError, vae_preset
+from megawan.config import ConfigError, config_to_dict, vae_preset
 from megawan.config.vae_files import vae_config_named
 from megawan.data.eval_clips import eval_clips
 from megawan.demo.shapes import write_synthetic_dataset
@@ -60,8 +61,13 @@ def _write_checkpoints(rank, root):
         ema.update()  # halfway between the initial and the stepped weights: differs from both
         config = {"vae": {"preset": "tiny-2.1"}, "data": {"buckets": BUCKETS}}
         save_checkpoint(os.path.join(root, "run21"), 1, [module], optimizer, {"step": 1}, config, ema=ema)
+        # a VAE that is no preset: its name and every field, as train-vae writes it
+        custom = config_to_dict(dataclasses.replace(vae_preset("tiny-2.2"), name="mine"))
         save_model_checkpoint(os.path.join(root, "ckpt22"), [TrainableVAE(WanVAE(vae_preset("tiny-2.2")))],
-                              {"vae": {"preset": "tiny-2.2", "image_only": False}}, {"step": 0})
+                              {"vae": custom}, {"step": 0})
+        image = vae_preset("tiny-2.1", image_only=True)
+        save_model_checkpoint(os.path.join(root, "image"), [TrainableVAE(WanVAE(image))],
+                              {"vae": {"preset": "tiny-2.1", "image_only": True}}, {"step": 0})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,8 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae-export")
     spawn_local(_write_checkpoints, world_size=1, args=(str(root),))
     manifest = write_synthetic_dataset(str(root / "clips"), count=4, frames=9, height=32, width=48)
-    return root, {"tiny-2.1": str(root / "run21"), "tiny-2.2": str(root / "ckpt22")}, manifest
+    return root, {"tiny-2.1": str(root / "run21"), "tiny-2.2": str(root / "ckpt22"), "image": str(root / "image")}, \
+        manifest
 
 
 @pytest.mark.parametrize("preset", ["tiny-2.1", "tiny-2.2"])
@@ -112,6 +119,18 @@ def test_export_loads_in_diffusers_and_megawan_alike(checkpoints, preset):
         torch.testing.assert_close(as_tensor(values["latents_std"]), latents.std(1, correction=0))
     assert list(ref.config.latents_mean) == values["latents_mean"]
 
+    # an encoder folder holding the export: generation / validation normalise with the recomputed statistics
+    from megawan.artifacts import find_encoders
+    from megawan.demo.tiny_assets import write_tiny_encoders
+
+    folder = str(root / f"encoders-{preset}")
+    write_tiny_encoders(folder, vae_config=preset)
+    os.replace(pth, os.path.join(folder, os.path.basename(pth)))
+    os.replace(os.path.join(out, "vae_config.json"), os.path.join(folder, "vae_config.json"))
+    found = find_encoders(folder)
+    assert found["vae_config"] == os.path.join(folder, "vae_config.json")
+    assert list(vae_config_named(found["vae_config"]).latents_mean) == values["latents_mean"]
+
 
 def test_ema_choice_and_refusals(checkpoints, tmp_path, capsys):
     root, ckpts, _ = checkpoints
@@ -135,12 +154,20 @@ def test_ema_choice_and_refusals(checkpoints, tmp_path, capsys):
     assert "holds no EMA weights" in refused([ckpts["tiny-2.2"], "--out", str(tmp_path / "a"), "--ema"])
     assert "exists already" in refused([ckpts["tiny-2.1"], "--out", str(tmp_path / "official"), "--to", "official"])
     assert "data.buckets" in refused([ckpts["tiny-2.2"], "--out", str(tmp_path / "b"), "--stats", "x.jsonl"])
+    assert "image_only" in refused([ckpts["image"], "--out", str(tmp_path / "d")])
+    assert read_trained_vae(ckpts["tiny-2.2"])[1].name == "mine"
     err = refused([str(tmp_path), "--out", str(tmp_path / "c")])
     assert "neither a checkpoint" in err and len(err.splitlines()) == 1
     with pytest.raises(ConfigError, match="--vae-config: unknown VAE preset 'tiny-2.3'"):
         vae_config_named("tiny-2.3")
     with pytest.raises(ConfigError, match="no such VAE config file"):
         vae_config_named(str(tmp_path / "missing.json"))
+    from megawan.data.precompute import PrecomputeJob
+
+    job = PrecomputeJob(manifest="m.jsonl", out="o.zarr", vae="v.pth", text_encoder="t.pth", tokenizer="tok",
+                        vae_config=str(tmp_path), decode_backend="pyav")
+    with pytest.raises(ConfigError, match=r"^PrecomputeJob.vae_config \(--vae-config\): .* holds config.json or "):
+        job.check()  # before any file is read or model built
 
 
 def test_precompute_records_the_exported_statistics(checkpoints, tmp_path):

@@ -27,7 +27,8 @@ import torch
 
 from megawan.artifacts import load_vae as load_vae_weights
 from megawan.capabilities import rank_device
-from megawan.config import ConfigError, vae_preset
+from megawan.config import ConfigError
+from megawan.config.vae_files import vae_config_named
 from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.data.store_metadata import StoreMetadata
@@ -224,7 +225,7 @@ def format_sample(sample: dict, bucket: str, index: int) -> str:
 
 def load_vae(weights: str, preset: str, device: str = "cpu"):
     """WanVAE of `preset` with the weights of a file in the megawan / diffusers or the official layout."""
-    return load_vae_weights(weights, vae_preset(preset), device=device)
+    return load_vae_weights(weights, vae_config_named(preset), device=device)
 
 
 def vae_preset_name(metadata: StoreMetadata) -> str:
@@ -232,8 +233,8 @@ def vae_preset_name(metadata: StoreMetadata) -> str:
     vae = metadata.vae
     if vae.preset:
         return vae.preset
-    try:  # stores written before "preset" was recorded may name the preset as their VAE name
-        return vae_preset(vae.name).name
+    try:  # stores written before "preset" was recorded may name the preset as their VAE name; a trained VAE's
+        return vae_config_named(vae.name).name  # store names its exported config.json (tools/export_vae.py)
     except ConfigError:
         pass
     raise ValueError(f"the store does not name a VAE preset (vae = {vae}); pass --vae-config PRESET")

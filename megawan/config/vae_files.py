@@ -20,13 +20,13 @@ from megawan.config.vae import VAEConfig, vae_config_from, vae_preset
 CONFIG_NAMES = ("config.json", "vae_config.json")  # what a folder is searched for, in this order
 
 
-def _config_file(path: str) -> str:
+def _config_file(path: str, field: str) -> str:
     if not os.path.isdir(path):
         return path
     for name in CONFIG_NAMES:
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise ConfigError(f"{path}: a VAE config folder holds {' or '.join(CONFIG_NAMES)}; found neither")
+    raise ConfigError(f"{field}: {path}: a VAE config folder holds {' or '.join(CONFIG_NAMES)}; found neither")
 
 
 def vae_config_named(name_or_path: str, field: str = "--vae-config") -> VAEConfig:
@@ -38,7 +38,7 @@ def vae_config_named(name_or_path: str, field: str = "--vae-config") -> VAEConfi
             return vae_preset(name_or_path)
         except ConfigError as e:
             raise ConfigError(f"{field}: {e} (or give an AutoencoderKLWan config.json path)") from None
-    path = _config_file(name_or_path)
+    path = _config_file(name_or_path, field)
     if not os.path.isfile(path):
         raise ConfigError(f"{field}: {path}: no such VAE config file")
     try:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from megawan import capabilities
 from megawan.config.fields import ConfigError
 from megawan.data.buckets import Bucket, cover_crop, parse_buckets
+from megawan.data import dali
 from megawan.data.decoding import DecodeError
 from megawan.data.loader import split_even
 from megawan.data.pixel_scan import Scanned, crop_origin, scan, temporal_offsets
@@ -70,18 +71,23 @@ def _stable(text: str) -> int:
 
 def to_bucket(frames: np.ndarray, height: int, width: int, u: Optional[tuple] = None) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float32 [3, T, height, width] in [-1, 1]: scaled (antialiased bilinear, aspect kept) to
-    cover the target, then the window at (u_top, u_left) fractions of the free room, centred for u None."""
+    cover the target, then the window at (u_top, u_left) fractions of the free room, centred for u None. A few
+    frames at a time: a 1080p clip in float32 at once would hold ~25 MB per frame in every decoding thread."""
     frames = np.ascontiguousarray(frames)
     if not frames.flags.writeable:  # PIL's arrays are read-only; torch wants to own writable memory
         frames = frames.copy()
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    crop = cover_crop(video.shape[-2], video.shape[-1], height, width)
-    if crop.resized != tuple(video.shape[-2:]):
-        video = F.interpolate(video, size=crop.resized, mode="bilinear", antialias=True, align_corners=False)
+    source = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
+    crop = cover_crop(source.shape[-2], source.shape[-1], height, width)
     top = crop_origin(crop.resized[0], height, None if u is None else u[0])
     left = crop_origin(crop.resized[1], width, None if u is None else u[1])
-    video = video[..., top:top + height, left:left + width]
-    return (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+    out = torch.empty(3, len(frames), height, width)
+    for first in range(0, len(frames), 4):  # each frame is resized alone, so chunks give the frames of one call
+        video = source[first:first + 4].float()
+        if crop.resized != tuple(video.shape[-2:]):
+            video = F.interpolate(video, size=crop.resized, mode="bilinear", antialias=True, align_corners=False)
+        video = video[..., top:top + height, left:left + width]
+        out[:, first:first + 4] = (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3)
+    return out
 
 
 def clip_start(sample: Scanned, offset: int) -> float:
@@ -114,12 +120,19 @@ class PixelLoader:
                               f"size {dp_size} (every rank takes the same number of samples)")
         if decode not in BACKENDS:
             raise ConfigError(f"data.decode: {decode!r} is not one of {' | '.join(BACKENDS)}")
+        if decode == "dali-gpu" and not capabilities.cuda_available():
+            raise ConfigError("data.decode: dali-gpu decodes with NVDEC on a CUDA device and this machine has none; "
+                              "use dali-cpu (VP8 / VP9 / MJPEG), pyav (every codec) or auto")
+        if decode.startswith("dali-") and not dali.dali_available():
+            raise ConfigError(f"data.decode: {decode} needs NVIDIA DALI, which does not import here "
+                              "(pip install nvidia-dali-cuda120); use pyav or auto")
         if not fps > 0:
             raise ConfigError(f"data.fps: {fps!r} is not positive")
         if video_ratio is not None and not 0.0 <= video_ratio <= 1.0:
             raise ConfigError(f"data.video_ratio: {video_ratio} is not within [0, 1]")
         if stride[1] != stride[2]:
             raise ValueError(f"stride {stride}: the VAE's height and width strides differ")
+        buckets = [buckets] if isinstance(buckets, str) else list(buckets)
         try:
             self.buckets = parse_buckets(buckets, grid=stride[1], temporal_stride=stride[0])
         except ValueError as e:
@@ -216,10 +229,13 @@ class PixelLoader:
                 raise ValueError(f"the pixel loader state was saved with {key}={state[key]!r}, this loader has "
                                  f"{getattr(self, key)!r}: a resumed run keeps its data settings")
         if state["counts"] != {n: self.counts[n] for n in self.names} or state["fingerprint"] != self.fingerprint():
-            raise UserError(f"{self.source}: the usable samples differ from those of the saved run (per bucket now "
-                            f"{self.counts}, then {state['counts']}): the manifest or its files changed; resume "
-                            f"with the same data, or start a new run")
-        self._state = {"step": int(state["step"]), "cursors": {n: int(c) for n, c in state["cursors"].items()}}
+            # files damaged, removed or added since: refusing would strand the run's training; this goes on from the
+            # saved position with today's samples (batches from here differ from those the saved run would have had)
+            print(f"pixel data: the usable samples differ from those of the saved run (per bucket now "
+                  f"{ {n: self.counts[n] for n in self.names} }, then {state['counts']}): the manifest or its files "
+                  f"changed; continuing from the saved position with the current samples", flush=True)
+        cursors = {n: int(state["cursors"].get(n, 0)) for n in self.names}
+        self._state = {"step": int(state["step"]), "cursors": cursors}
 
     # ------------------------------------------------------------------------------------------
     def _decode(self, sample: Scanned, bucket: Bucket, epoch: int, centre: bool = False) -> tuple:

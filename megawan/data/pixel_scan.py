@@ -45,7 +45,8 @@ class Scanned:
 
 def probe_video_window(path: str, rate: float, start: Optional[float], end: Optional[float]) -> tuple:
     """(frames at `rate` inside [start, end), height, width, first sampling time, first frame's time, median frame
-    step) of a video; DecodeError when it cannot be read. Only the first frame is decoded; the rest is read from the packets' timestamps."""
+    step) of a video; DecodeError when it cannot be read. Only the first frame is decoded; the rest is read from
+    the packets' timestamps."""
     import av
 
     container, stream = open_video(path)
@@ -62,6 +63,8 @@ def probe_video_window(path: str, rate: float, start: Optional[float], end: Opti
             for packet in container.demux(stream):
                 if packet.size and (packet.pts is not None or packet.dts is not None):
                     ticks.append(packet.pts if packet.pts is not None else packet.dts)
+                    if end is not None and packet.dts is not None and packet.dts * stream.time_base > end + 1:
+                        break  # decode order passed the window's end by a second: no later frame is shown in it
         except av.FFmpegError:
             pass  # truncated: the decode reads the packets before the damage, as counted here
         times = np.sort(np.asarray(ticks, dtype=np.float64)) * float(stream.time_base)

@@ -69,8 +69,9 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_wei
                         group=None) -> torch.Tensor:
     """VQGAN's balance of the GAN loss against the reconstruction (Esser et al. 2021, eq. 7): the ratio of their
     gradient norms at the decoder's last layer, detached, clamped to [0, 1e4]. The gradients are summed over the
-    data-parallel `group` first (each rank's losses are its share of the global-batch mean), so every rank gets
-    the weight one rank would compute over the whole batch."""
+    data-parallel `group` first: each rank passes its samples' losses divided by the global batch, so the sum is
+    the gradient of the global-batch mean and every rank gets the weight one rank computes over the whole batch
+    (the 1e-4 in the denominator makes the weight depend on the losses' scale, not only their ratio)."""
     g_rec = torch.autograd.grad(rec_loss, last_weight, retain_graph=True)[0].detach().float()
     g_gan = torch.autograd.grad(gan_loss, last_weight, retain_graph=True)[0].detach().float()
     both = _all_reduce(torch.stack([g_rec, g_gan]), group)

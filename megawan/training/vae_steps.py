@@ -120,7 +120,8 @@ class VAEStep:
                     sums[0] += l1.detach().double().sum()
                     sums[1] += kl.detach().double().sum()
                     sums[2] += 0.0 if lp is None else lp.detach().double().sum()
-                    sums[3] += (x.float() - x_hat.detach().float().clamp(-1, 1)).pow(2).flatten(1).mean(1).double().sum()
+                    error = x.float() - x_hat.detach().float().clamp(-1, 1)  # the PSNR the metrics log
+                    sums[3] += error.pow(2).flatten(1).mean(1).double().sum()
                     if loss.latent_moments > 0:
                         moments = latent_moments_loss(self.vae.normalize(mean), x.shape[0] * self.dp_size, self.group)
                         total = total + loss.latent_moments * moments * self.dp_size / len(slices)
@@ -129,7 +130,10 @@ class VAEStep:
                         g = hinge_generator_loss(self.disc_ddp(x_hat))
                         weight = torch.tensor(loss.gan)
                         if loss.adaptive_gan_weight:
-                            weight = loss.gan * adaptive_gan_weight(rec.sum() * scale, g.sum() * scale,
+                            # the global batch's mean losses (summed over DP in there): taming's eps 1e-4 is
+                            # added to a norm, so the scale must not depend on the layout
+                            weight = loss.gan * adaptive_gan_weight(rec.sum() / global_samples,
+                                                                    g.sum() / global_samples,
                                                                     last_decoder_weight(self.vae), self.group)
                         total = total + weight.to(g) * g.sum() * scale
                         sums[4] += g.detach().double().sum()

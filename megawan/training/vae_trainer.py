@@ -155,10 +155,11 @@ class VAETrainer:
         from megawan.data.pixel_loader import PixelLoader  # the pixel data path (decoding on the fly)
 
         d = cfg.data
-        self.loader = PixelLoader(d.manifest, buckets=list(self.facts["buckets"]), global_batch_size=d.global_batch_size,
+        self.loader = PixelLoader(d.manifest, buckets=list(self.facts["buckets"]),
+                                  global_batch_size=d.global_batch_size,
                                   seed=cfg.train.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                   num_workers=d.num_workers, fps=d.fps, decode=d.decode, random_crop=d.random_crop,
-                                  stride=self.facts["stride"],
+                                  stride=self.facts["stride"], scan_group=ps.get_data_parallel_group(),
                                   report=os.path.join(cfg.checkpoint.dir, "skipped.jsonl") if self.rank == 0 else None)
         self.stepper = VAEStep(cfg, self.vae_ddp[0], self.disc_ddp[0], lpips, self.device, self.dtype,
                                ps.get_data_parallel_group(), self.dp_size)

@@ -1,6 +1,7 @@
 """In-loop validation of `megawan train-vae`: every validation.every steps, the held-out clips of each bucket are
-reconstructed through the posterior mean and measured: PSNR, SSIM (megawan.utils.video_metrics) and LPIPS when
-its weights are set (loss.lpips_vgg / lpips_lin); rank 0 writes a side-by-side strip per bucket (original |
+reconstructed through the posterior mean and measured as tools/eval_vae.py measures them
+(megawan.models.vae.scores.evaluate_vae): PSNR, SSIM and LPIPS when its weights are set (loss.lpips_vgg /
+lpips_lin); rank 0 writes a side-by-side strip per bucket (original |
 reconstruction, the first samples' middle frames) for the trackers.
 
     validator = VAEValidator(cfg, vae, lpips, device, dtype, stride, out_dir)
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megawan.config.vae_run import VAERunConfig
-from megawan.training.vae_steps import reconstruct
+from megawan.models.vae.scores import evaluate_vae
 from megawan.utils.media import write_image
 
 STRIP_SAMPLES = 4  # samples per strip
@@ -43,35 +44,30 @@ class VAEValidator:
         for bucket in v.buckets or cfg.data.buckets:  # the same held-out batch every time, on every rank
             loader = PixelLoader(v.manifest, buckets=[bucket], global_batch_size=v.samples, seed=cfg.train.seed,
                                  dp_rank=0, dp_size=1, num_workers=0, fps=cfg.data.fps, decode=cfg.data.decode,
-                                 random_crop=False, stride=stride)
+                                 random_crop=False, stride=stride, verbose=False)
             self.batches[bucket] = next(iter(loader))["video"]
         self._media = []
 
     @torch.no_grad()
     def run(self, step: int) -> dict:
-        from megawan.utils.video_metrics import psnr, ssim
-
+        """Scores of the held-out batches (megawan.models.vae.scores.evaluate_vae: what tools/eval_vae.py reports)."""
         start = time.perf_counter()
         was_training = self.vae.training
         self.vae.eval()
-        values, totals, self._media = {}, {}, []
+        values, rows, self._media = {}, [], []
         for bucket, video in self.batches.items():
-            x = video.to(self.device, self.dtype)
-            x_hat = reconstruct(self.vae, x, None)[2].float().clamp(-1, 1)
-            x = x.float()
-            found = {"psnr": psnr(x, x_hat), "ssim": ssim(x, x_hat)}
-            if self.lpips is not None:
-                from megawan.models.vae.lpips import lpips_video
-
-                found["lpips"] = lpips_video(self.lpips, x, x_hat)
-            for name, per_sample in found.items():
-                values[f"val/{bucket}/{name}"] = float(per_sample.mean())
-                totals.setdefault(name, []).append(per_sample.cpu())
+            result = evaluate_vae(self.vae, [{"video": video, "bucket": bucket}], lpips=self.lpips,
+                                  keep=STRIP_SAMPLES if self.rank == 0 else 0)
+            for name, value in result["buckets"][bucket].items():
+                if name != "samples":
+                    values[f"val/{bucket}/{name}"] = value
+            rows += result["samples"]
             if self.rank == 0:
-                self._media.append(self._strip(step, bucket, x, x_hat))
+                self._media.append(self._strip(step, bucket, video, torch.stack(result["reconstructions"])))
         self.vae.train(was_training)
-        for name, parts in totals.items():
-            values[f"val/{name}"] = float(torch.cat(parts).mean())
+        for name in ("psnr", "ssim", "lpips"):
+            if name in rows[0]:
+                values[f"val/{name}"] = sum(r[name] for r in rows) / len(rows)
         values["val/seconds"] = time.perf_counter() - start
         return values
 

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from PIL import Image
 
-from megawan.config import DiTConfig, ValidationConfig, vae_preset
+from megawan.config import DiTConfig, ValidationConfig
+from megawan.config.vae_files import vae_config_named
 from megawan.data.buckets import Bucket
 from megawan.data.store import LatentStore
 from megawan.diffusion.flow import FlowMatching
@@ -262,7 +263,8 @@ class Validator:
     def _vae_model(self):
         if self._vae is None:
             name = self.cfg.vae_config or self.store.metadata.vae.name
-            self._vae = load_vae(self.cfg.vae, vae_preset(name), device=self.device).eval()
+            config = vae_config_named(name, "validation.vae_config")  # a preset, or a trained VAE's config.json
+            self._vae = load_vae(self.cfg.vae, config, device=self.device).eval()
         return self._vae
 
     def _write(self, folder: str, rows: list, latents: torch.Tensor) -> list:
