@@ -163,6 +163,7 @@ def test_kill_and_resume_in_the_gan_stage_continues_the_same_run(manifest, tmp_p
     (("data.manifest=/nonexistent.jsonl",), "data.manifest"),
     (("parallel.tensor_parallel=2",), "parallel.tensor_parallel"),
     (("loss.gans=1",), "loss.gans"),  # unknown key
+    (("loss.l1=0", "loss.lpips=0"), "loss.l1"),  # no reconstruction loss at all
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_field(manifest, tmp_path, overrides, field):
     from megawan.training.vae_preflight import preflight_vae
@@ -216,3 +217,17 @@ def test_image_vae_then_inflated_clips_with_frozen_encoder_recompute_ema_and_val
     assert len(val) == 1 and val[0]["val/psnr"] > 0 and "val/1x32x32/ssim" in val[0], val
     assert sorted(os.listdir(os.path.join(stage2, "logs", "validation"))) == [
         "step0000002_1x32x32.png", "step0000002_5x32x32.png"]
+
+
+
+def test_foreground_weights_single_out_pixels_unlike_their_frames_median_colour():
+    from megawan.training.vae_losses import foreground_weights, l1_loss
+
+    x = torch.full((1, 3, 2, 8, 8), -0.8)  # a flat background ...
+    x[:, 0, :, 2:4, 2:4] = 0.9  # ... and a red square in both frames (4 of 64 pixels)
+    w = foreground_weights(x, 20.0, 0.1)
+    assert w.shape == (1, 1, 2, 8, 8) and w.sum() == 2 * (60 + 4 * 21)
+    x_hat = x.clone()
+    x_hat[:, 0, :, 2:4, 2:4] = -0.8  # the square lost: weighted, its share of the error is 21 / (60 + 84)
+    expected = (2 * 4 * 21 * 1.7 / 3) / (2 * (60 + 84))
+    torch.testing.assert_close(l1_loss(x, x_hat, w), torch.tensor([expected]))

@@ -13,7 +13,8 @@ rank starts.
     init:       {from: null, inflate: false, freeze_encoder: false, per_frame: false, logvar: null}
     data:       {manifest, buckets, global_batch_size, micro_batch_size, num_workers, fps, decode, random_crop}
     loss:       {l1, kl, lpips, lpips_vgg, lpips_lin, gan, gan_start, disc_lr, disc_betas, adaptive_gan_weight,
-                 latent_moments, disc_base, disc_layers}
+                 latent_moments, mse, foreground_weight, foreground_threshold, disc_base,
+                 disc_layers}
     optimizer:  run.OptimizerConfig      checkpoint: run.CheckpointConfig     logging: run.LoggingConfig
     parallel:   run.ParallelConfig (data parallel only: the overlap / bucket fields)
     train:      {steps, precision, seed, log_every, ema_decay, recompute, max_bad_steps}
@@ -90,14 +91,18 @@ class VAELossConfig:
     disc_betas: tuple = (0.5, 0.9)
     adaptive_gan_weight: bool = True  # VQGAN's ||grad L_rec|| / ||grad L_gan|| on the decoder's last conv
     latent_moments: float = 0.0  # pull the per-channel mean / std of the normalised posterior means to 0 / 1
+    mse: float = 0.0  # mean squared error over pixels in [-1, 1] (the l1 term's L2 sibling)
+    foreground_weight: float = 0.0  # l1 / mse weight 1 + this on pixels unlike their frame's median colour
+    foreground_threshold: float = 0.1  # "unlike": a channel differs from the median by more than this ([-1, 1])
     disc_base: int = 64  # channels of the discriminator's first conv (megawan.models.vae.discriminator)
     disc_layers: int = 3  # its stride-2 conv layers
 
     def validate(self, prefix: str = "loss") -> "VAELossConfig":
         need = checker(prefix)
-        for name in ("l1", "kl", "lpips", "gan", "latent_moments"):
+        for name in ("l1", "kl", "lpips", "gan", "latent_moments", "mse", "foreground_weight",
+                     "foreground_threshold"):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        need(self.l1 + self.lpips > 0, "l1", "a reconstruction loss is needed: l1 or lpips > 0")
+        need(self.l1 + self.mse + self.lpips > 0, "l1", "a reconstruction loss is needed: l1, mse or lpips > 0")
         need(self.gan_start >= 0, "gan_start", "must be >= 0")
         need(self.disc_lr > 0, "disc_lr", "must be positive")
         need(len(self.disc_betas) == 2 and all(0 <= b < 1 for b in self.disc_betas), "disc_betas",

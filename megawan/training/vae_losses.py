@@ -1,7 +1,9 @@
 """The VAE's losses, per sample (the trainer sums them and divides by the global batch, as the DiT trainer
 does, so a data-parallel run's gradient is one rank's).
 
-    l1_loss(x, x_hat)                      [B]  mean |x - x_hat| over pixels in [-1, 1]
+    l1_loss(x, x_hat, weight=None)         [B]  mean |x - x_hat| over pixels in [-1, 1] (weighted: weight-normalised)
+    mse_loss(x, x_hat, weight=None)        [B]  mean (x - x_hat)^2, likewise
+    foreground_weights(x, weight, thr)     [B, 1, T, H, W]  1 + weight on pixels unlike their frame's median colour
     kl_loss(mean, logvar)                  [B]  KL(N(mean, exp(logvar)) || N(0, 1)), mean over latent elements
     lpips_loss(net, x, x_hat)              [B]  LPIPS per frame (megawan.models.vae.lpips), frames averaged
     hinge_generator_loss(logits_fake)      [B]  -mean(D(x_hat))
@@ -32,8 +34,31 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(dim=1)
 
 
-def l1_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    return _per_sample_mean((x.float() - x_hat.float()).abs())
+def _weighted_mean(values: torch.Tensor, weight) -> torch.Tensor:
+    if weight is None:
+        return _per_sample_mean(values)
+    weight = weight.expand_as(values)
+    return _per_sample_mean(weight * values) / _per_sample_mean(weight)
+
+
+def l1_loss(x: torch.Tensor, x_hat: torch.Tensor, weight=None) -> torch.Tensor:
+    return _weighted_mean((x.float() - x_hat.float()).abs(), weight)
+
+
+def mse_loss(x: torch.Tensor, x_hat: torch.Tensor, weight=None) -> torch.Tensor:
+    return _weighted_mean((x.float() - x_hat.float()).pow(2), weight)
+
+
+@torch.no_grad()
+def foreground_weights(x: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+    """Per-pixel weights [B, 1, T, H, W] of `x` [B, 3, T, H, W]: 1 + `weight` where some channel differs from the
+    frame's median colour by more than `threshold`, else 1. For data on flat backgrounds (rendered scenes, screen
+    content, product shots) whose objects cover a few percent of a frame: with plain means a small VAE learns the
+    background first and draws objects grey for a long while (measured on the demo's shapes: docs/vae_training.md)."""
+    b, c, t, h, w = x.shape
+    median = x.float().flatten(3).median(dim=3).values[..., None, None]  # [B, 3, T, 1, 1]
+    unlike = ((x.float() - median).abs().amax(dim=1, keepdim=True) > threshold).float()
+    return 1.0 + weight * unlike
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

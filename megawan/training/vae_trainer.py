@@ -160,7 +160,8 @@ class VAETrainer:
                                   seed=cfg.train.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                   num_workers=d.num_workers, fps=d.fps, decode=d.decode, random_crop=d.random_crop,
                                   stride=self.facts["stride"], scan_group=ps.get_data_parallel_group(),
-                                  report=os.path.join(cfg.checkpoint.dir, "skipped.jsonl") if self.rank == 0 else None)
+                                  report=os.path.join(cfg.checkpoint.dir, "skipped.jsonl"))  # rank 0 writes the
+        # scan's verdicts, every rank the files that fail on it later
         self.stepper = VAEStep(cfg, self.vae_ddp[0], self.disc_ddp[0], lpips, self.device, self.dtype,
                                ps.get_data_parallel_group(), self.dp_size)
         self.step, self.bad_in_row, self.skipped_steps, self.consumed = 0, 0, 0, 0

@@ -41,11 +41,12 @@ class VAEValidator:
         self.vae, self.lpips, self.device, self.dtype, self.out_dir = vae, lpips, device, dtype, out_dir
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.batches = {}
-        for bucket in v.buckets or cfg.data.buckets:  # the same held-out batch every time, on every rank
-            loader = PixelLoader(v.manifest, buckets=[bucket], global_batch_size=v.samples, seed=cfg.train.seed,
+        for bucket in v.buckets or cfg.data.buckets:  # the same held-out samples every time, on every rank
+            loader = PixelLoader(v.manifest, buckets=[bucket], global_batch_size=1, seed=cfg.train.seed,
                                  dp_rank=0, dp_size=1, num_workers=0, fps=cfg.data.fps, decode=cfg.data.decode,
                                  random_crop=False, stride=stride, verbose=False)
-            self.batches[bucket] = next(iter(loader))["video"]
+            held = loader.held_out(per_bucket=v.samples)  # centre crops, each sample once (a batch would repeat
+            self.batches[bucket] = torch.stack([h["video"] for h in held])  # a bucket smaller than v.samples)
         self._media = []
 
     @torch.no_grad()
