@@ -330,14 +330,12 @@ class RunConfig:
         return self
 
 
-def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
-    """Read a run config from YAML (or start from defaults) and apply `section.key=value` overrides.
-
-    `model: {preset: NAME, ...}` starts the model section from a preset; other model keys override it.
-    """
+def read_raw_config(path: Optional[str] = None, overrides: tuple = ()) -> dict:
+    """The sections of a YAML config file (or none) with `section.key=value` overrides applied: what load_config
+    and megawan.config.vae_run.load_vae_config build their dataclasses from."""
     raw: dict = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:  # a missing file: the commands print "PATH: No such file ..."
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
@@ -352,6 +350,15 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = ()) -> RunConfig:
+    """Read a run config from YAML (or start from defaults) and apply `section.key=value` overrides.
+
+    `model: {preset: NAME, ...}` starts the model section from a preset; other model keys override it.
+    """
+    raw = read_raw_config(path, overrides)
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.pop("preset", None)
     if preset is not None:

@@ -27,10 +27,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-import yaml
-
 from megawan.config.fields import ConfigError, build, checker, config_to_dict, did_you_mean
-from megawan.config.run import CheckpointConfig, LoggingConfig, OptimizerConfig, ParallelConfig
+from megawan.config.run import CheckpointConfig, LoggingConfig, OptimizerConfig, ParallelConfig, read_raw_config
 from megawan.config.vae import _VAE_PRESETS, VAEConfig
 
 DECODES = ("auto", "pyav", "dali")
@@ -235,27 +233,7 @@ def load_vae_config(path: Optional[str] = None, overrides: tuple = ()) -> VAERun
 
     `vae: {preset: NAME, ...}` starts the architecture from a VAE preset (default tiny-2.1); other vae keys
     override it."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"--config: {path} does not exist") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        dotted, text = item.split("=", 1)
-        node = raw
-        parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-    raw = dict(raw)
+    raw = read_raw_config(path, overrides)
     vae_raw = dict(raw.pop("vae", None) or {})
     preset = vae_raw.pop("preset", None)
     if preset is None and "name" not in vae_raw:
