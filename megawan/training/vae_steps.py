@@ -28,9 +28,9 @@ from megawan.config.vae_run import VAERunConfig
 from megawan.models.vae.causal import StreamCache
 from megawan.models.vae.model import patchify, unpatchify
 from megawan.training.schedule import finalize_model_grads
-from megawan.training.vae_losses import (adaptive_gan_weight, hinge_discriminator_loss, hinge_generator_loss,
-                                         foreground_weights, kl_loss, l1_loss,
-                                         latent_moments_loss, lpips_loss, mse_loss)
+from megawan.training.vae_losses import (adaptive_gan_weight, foreground_weights, hinge_discriminator_loss,
+                                         hinge_generator_loss, kl_loss, l1_loss, latent_moments_loss, lpips_loss,
+                                         mse_loss)
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
