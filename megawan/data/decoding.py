@@ -97,3 +97,16 @@ def open_video(path: str):
         container.close()
         raise DecodeError(path, f"no video stream (contains {kinds})")
     return container, container.streams.video[0]
+
+
+def decode_first_frame(container, stream, path: str):
+    """The first decodable frame of `stream` (an open PyAV container's), or DecodeError naming what is wrong."""
+    import av
+
+    try:
+        first = next(container.decode(stream), None)
+    except av.FFmpegError as e:
+        raise DecodeError(path, f"corrupt video stream ({type(e).__name__}: {e})") from None
+    if first is None:
+        raise DecodeError(path, "no decodable frames")
+    return first

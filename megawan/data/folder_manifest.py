@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megawan.data.decoding import DecodeError, open_video
+from megawan.data.decoding import DecodeError, decode_first_frame, open_video
 from megawan.data.video import decode_image
 from megawan.utils.progress import Progress
 from megawan.utils.user_errors import UserError
@@ -123,17 +123,10 @@ def probe_video(path: str) -> dict:
     """{"duration", "source_fps", "frames", "width", "height"} of the first video stream; DecodeError if it
     cannot be read or its first frame not decoded. The frame count is the container's, else counted from its
     packets (webm and mkv do not store it; demuxing reads no pixels)."""
-    import av
-
     container, stream = open_video(path)
     with container:
         rate = stream.average_rate or stream.guessed_rate
-        try:
-            first = next(container.decode(stream), None)
-        except av.FFmpegError as e:
-            raise DecodeError(path, f"corrupt video stream ({type(e).__name__}: {e})") from None
-        if first is None:
-            raise DecodeError(path, "no decodable frames")
+        first = decode_first_frame(container, stream, path)
         frames = stream.frames
         duration = float(stream.duration * stream.time_base) if stream.duration else None
         if not frames:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from megawan.data.decoding import DecodeError, available_frames, open_video
+from megawan.data.decoding import DecodeError, available_frames, decode_first_frame, open_video
 from megawan.data.manifest import ManifestEntry
 from megawan.data.video import decode_image
 from megawan.data.webdataset import local_copy
@@ -51,12 +51,7 @@ def probe_video_window(path: str, rate: float, start: Optional[float], end: Opti
 
     container, stream = open_video(path)
     with container:
-        try:
-            first_frame = next(container.decode(stream), None)
-        except av.FFmpegError as e:
-            raise DecodeError(path, f"corrupt video stream ({type(e).__name__}: {e})") from None
-        if first_frame is None:
-            raise DecodeError(path, "no decodable frames")
+        first_frame = decode_first_frame(container, stream, path)
         container.seek(0)
         ticks = []
         try:
