@@ -89,11 +89,12 @@ class MetricsLogger:
         self.summary = "trackers: " + "; ".join(said)
 
     @classmethod
-    def for_run(cls, cfg, directory: str, enabled: bool, step: int) -> "MetricsLogger":
-        """The logger of a training run: its `logging` section, the W&B id kept in its checkpoint folder."""
+    def for_run(cls, cfg, directory: str, enabled: bool, step: int, as_dict=config_to_dict) -> "MetricsLogger":
+        """The logger of a training run: its `logging` section, the W&B id kept in its checkpoint folder
+        (as_dict: the run config as W&B records it)."""
         log = cfg.logging
         return cls(directory, log.tensorboard_on() if enabled else False, log.wandb_project,
-                   config_to_dict(cfg) if enabled else None, enabled=enabled, step=step,
+                   as_dict(cfg) if enabled else None, enabled=enabled, step=step,
                    wandb_entity=log.wandb_entity, wandb_run_name=log.wandb_run_name, run_folder=cfg.checkpoint.dir)
 
     def write(self, step: int, values: dict) -> None:

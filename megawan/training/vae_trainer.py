@@ -240,10 +240,8 @@ class VAETrainer:
             self._setup()
             self._resume()
             log_dir = cfg.logging.dir or os.path.join(cfg.checkpoint.dir, "logs")
-            metrics = MetricsLogger(log_dir, cfg.logging.tensorboard_on() if self.rank == 0 else False,
-                                    cfg.logging.wandb_project, vae_run_config_dict(cfg) if self.rank == 0 else None,
-                                    enabled=self.rank == 0, step=self.step, wandb_entity=cfg.logging.wandb_entity,
-                                    wandb_run_name=cfg.logging.wandb_run_name, run_folder=cfg.checkpoint.dir)
+            metrics = MetricsLogger.for_run(cfg, log_dir, enabled=self.rank == 0, step=self.step,
+                                            as_dict=vae_run_config_dict)
             self._log0(metrics.summary)
             validator = None
             if cfg.validation.every:
