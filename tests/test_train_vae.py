@@ -232,3 +232,15 @@ def test_foreground_weights_single_out_pixels_unlike_their_frames_median_colour(
     x_hat[:, 0, :, 2:4, 2:4] = -0.8  # the square lost: weighted, its share of the error is 21 / (60 + 84)
     expected = (2 * 4 * 21 * 1.7 / 3) / (2 * (60 + 84))
     torch.testing.assert_close(l1_loss(x, x_hat, w), torch.tensor([expected]))
+
+
+def test_foreground_color_loss_is_the_squared_error_of_the_objects_mean_colour():
+    from megawan.training.vae_losses import foreground_color_loss, foreground_mask
+
+    x = torch.full((2, 3, 1, 8, 8), -0.8)
+    x[0, 0, :, 2:4, 2:4] = 0.9  # sample 0: a red square; sample 1: background only
+    mask = foreground_mask(x, 0.1)
+    x_hat = x.clone()
+    x_hat[0, 0, :, 2:3, 2:4] = 0.5  # half the square 0.4 too dark: its mean red is 0.2 off
+    x_hat[0, 1, :, 0:8, 0] = 0.3  # errors on the background do not count
+    torch.testing.assert_close(foreground_color_loss(x, x_hat, mask), torch.tensor([0.2 ** 2 / 3, 0.0]))

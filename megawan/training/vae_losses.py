@@ -3,7 +3,9 @@ does, so a data-parallel run's gradient is one rank's).
 
     l1_loss(x, x_hat, weight=None)         [B]  mean |x - x_hat| over pixels in [-1, 1] (weighted: weight-normalised)
     mse_loss(x, x_hat, weight=None)        [B]  mean (x - x_hat)^2, likewise
-    foreground_weights(x, weight, thr)     [B, 1, T, H, W]  1 + weight on pixels unlike their frame's median colour
+    foreground_mask(x, thr)                [B, 1, T, H, W]  1 on pixels unlike their frame's median colour, else 0
+    foreground_weights(x, weight, thr)     [B, 1, T, H, W]  1 + weight * foreground_mask
+    foreground_color_loss(x, x_hat, mask)  [B]  squared error of the mean colour over a sample's foreground pixels
     kl_loss(mean, logvar)                  [B]  KL(N(mean, exp(logvar)) || N(0, 1)), mean over latent elements
     lpips_loss(net, x, x_hat)              [B]  LPIPS per frame (megawan.models.vae.lpips), frames averaged
     hinge_generator_loss(logits_fake)      [B]  -mean(D(x_hat))
@@ -50,15 +52,30 @@ def mse_loss(x: torch.Tensor, x_hat: torch.Tensor, weight=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def foreground_weights(x: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
-    """Per-pixel weights [B, 1, T, H, W] of `x` [B, 3, T, H, W]: 1 + `weight` where some channel differs from the
-    frame's median colour by more than `threshold`, else 1. For data on flat backgrounds (rendered scenes, screen
-    content, product shots) whose objects cover a few percent of a frame: with plain means a small VAE learns the
-    background first and draws objects grey for a long while (measured on the demo's shapes: docs/vae_training.md)."""
-    b, c, t, h, w = x.shape
+def foreground_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, 1, T, H, W] of `x` [B, 3, T, H, W]: 1 where some channel differs from the frame's median colour by more
+    than `threshold`, else 0 (the objects on a flat background)."""
     median = x.float().flatten(3).median(dim=3).values[..., None, None]  # [B, 3, T, 1, 1]
-    unlike = ((x.float() - median).abs().amax(dim=1, keepdim=True) > threshold).float()
-    return 1.0 + weight * unlike
+    return ((x.float() - median).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
+def foreground_weights(x: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+    """Per-pixel weights [B, 1, T, H, W]: 1 + `weight` on the foreground (`foreground_mask`), else 1. For data on
+    flat backgrounds (rendered scenes, screen content, product shots) whose objects cover a few percent of a
+    frame: with plain means a small VAE learns the background first and draws objects grey for a long while
+    (measured on the demo's shapes: docs/vae_training.md)."""
+    return 1.0 + weight * foreground_mask(x, threshold)
+
+
+def foreground_color_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: the squared difference between the mean reconstructed and the mean true colour over its
+    foreground pixels (`mask`), averaged over the channels; 0 for a sample without foreground. A pixel loss is
+    satisfied by many small errors; this one asks each object's colour as a whole to be right, which spreads
+    the objects' colours apart in the latent space (the demo's DiT tells colours apart by it:
+    docs/vae_training.md)."""
+    count = mask.flatten(1).sum(dim=1).clamp_min(1.0)  # [B]
+    diff = ((x_hat.float() - x.float()) * mask).flatten(2).sum(dim=2) / count[:, None]  # [B, 3]
+    return diff.pow(2).mean(dim=1)
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from megawan.config.vae_run import VAERunConfig
 from megawan.models.vae.causal import StreamCache
 from megawan.models.vae.model import patchify, unpatchify
 from megawan.training.schedule import finalize_model_grads
-from megawan.training.vae_losses import (adaptive_gan_weight, foreground_weights, hinge_discriminator_loss,
+from megawan.training.vae_losses import (adaptive_gan_weight, foreground_color_loss, foreground_mask, hinge_discriminator_loss,
                                          hinge_generator_loss, kl_loss, l1_loss, latent_moments_loss, lpips_loss,
                                          mse_loss)
 
@@ -99,8 +99,8 @@ class VAEStep:
         ddps = [self.vae_ddp] + ([self.disc_ddp] if self.disc_ddp is not None else [])
         for ddp in ddps:
             ddp.zero_grad_buffer()
-        # per-sample sums: l1, kl, lpips, mse (unweighted, for PSNR), gan_g, gan_d, the mse term
-        sums = torch.zeros(7, dtype=torch.float64)
+        # per-sample sums: l1, kl, lpips, mse (unweighted, for PSNR), gan_g, gan_d, the mse term, the colour term
+        sums = torch.zeros(8, dtype=torch.float64)
         shared = {"latent_moments": 0.0, "gan_weight": 0.0}  # batch statistics, the same on every rank
         fakes = []
         # the discriminator's gradients of the generator pass are discarded: no reduction may start meanwhile
@@ -112,14 +112,19 @@ class VAEStep:
                     x = video[sl].to(self.device, self.dtype)
                     noise = self._noise(self._latent_shape(x), indices[sl], step).to(self.device)
                     mean, logvar, x_hat = reconstruct(self.vae, x, noise, cfg.train.recompute)
-                    pixel_weight = (foreground_weights(x, loss.foreground_weight, loss.foreground_threshold)
-                                    if loss.foreground_weight > 0 else None)
+                    needs_mask = loss.foreground_weight > 0 or loss.foreground_color > 0
+                    mask = foreground_mask(x, loss.foreground_threshold) if needs_mask else None
+                    pixel_weight = 1.0 + loss.foreground_weight * mask if loss.foreground_weight > 0 else None
                     l1, kl = l1_loss(x, x_hat, pixel_weight), kl_loss(mean, logvar)
                     rec = loss.l1 * l1
                     if loss.mse > 0:
                         mse = mse_loss(x, x_hat, pixel_weight)
                         rec = rec + loss.mse * mse
                         sums[6] += mse.detach().double().sum()
+                    if loss.foreground_color > 0:
+                        color = foreground_color_loss(x, x_hat, mask)
+                        rec = rec + loss.foreground_color * color
+                        sums[7] += color.detach().double().sum()
                     lp = None
                     if loss.lpips > 0:
                         lp = lpips_loss(self.lpips, x, x_hat)
@@ -167,6 +172,9 @@ class VAEStep:
         if loss.mse > 0:
             parts["mse_term"] = values[6]
             total += loss.mse * values[6]
+        if loss.foreground_color > 0:
+            parts["foreground_color"] = values[7]
+            total += loss.foreground_color * values[7]
         if loss.lpips > 0:
             parts["lpips"] = values[2]
             total += loss.lpips * values[2]
