@@ -72,7 +72,7 @@ def _main(argv=None) -> int:
 
         from megawan.parallel import initialize  # here: megatron loads in seconds, a one-process run never needs it
 
-        initialize()
+        initialize(backend="gloo")  # a barrier is all the ranks share: no NCCL, the GPUs stay free
         rank, world, barrier = dist.get_rank(), dist.get_world_size(), dist.barrier
     entries, skipped = entries_of(args.manifest, args.out, rank, barrier, not args.no_progress)
     from megawan.curation.runner import run_curation  # OpenCV and PySceneDetect load here, after the checks

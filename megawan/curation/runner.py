@@ -5,7 +5,7 @@ writes the report and the curated manifest.
 
 Files under the output folder:
     parts/rank00000.jsonl   one record per clip measured by that rank, appended and flushed clip by clip
-    config.json             the config the records were measured with (a re-run with another one is refused)
+    config.json             what the records were measured with (a re-run with other thresholds is refused)
     report.jsonl            one line per input clip, in manifest order (written last, tmp + rename)
     manifest.jsonl          the kept scenes, the format tools/precompute_latents.py reads (tmp + rename)
     report.html, report/    histograms and thumbnails (megawan.curation.report)
@@ -73,9 +73,11 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def check_config(out: str, cfg) -> None:
-    """Write out/config.json, or refuse a folder whose records were measured with another config."""
-    path, wanted = os.path.join(out, "config.json"), config_to_dict(cfg)
-    wanted["scorers"] = [config_to_dict(s) for s in cfg.scorers]
+    """Write out/config.json, or refuse a folder whose records were measured with another config (what is measured
+    and decided: thresholds, analysis, scorers; the report section may change)."""
+    path = os.path.join(out, "config.json")
+    wanted = {"thresholds": config_to_dict(cfg.thresholds), "analysis": config_to_dict(cfg.analysis),
+              "scorers": [config_to_dict(s) for s in cfg.scorers]}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             if json.load(f) != wanted:
