@@ -2,8 +2,9 @@
 
     clips = write_clip_set(folder)       # [(id, path, expected reasons)], and folder/manifest.jsonl listing them
 
-64x48, 16 fps, 2 s (the two-scene clip 2.125 s: shots of 18 and 16 frames, cut at CUT_FRAME). Content is a pan over a random-block texture with a moving square,
-sharp and mid-grey on average, so a clean clip passes every default threshold; each fault is one change of it.
+64x48, 16 fps, 2 s (the two-shot clip 2.125 s: shots of 18 and 16 frames, cut at CUT_FRAME). The content is a
+pan over a random-block texture with a moving square, sharp and mid-grey on average, so a clean clip passes every
+default threshold; each fault is one change of it.
 """
 
 from __future__ import annotations
