@@ -38,38 +38,51 @@ def clean(seed: int, frames: int = T, height: int = H, width: int = W) -> np.nda
     return out
 
 
-def static(seed: int) -> np.ndarray:
-    return np.repeat(texture(seed, H, W)[None], T, axis=0)
+def objects_only(seed: int) -> np.ndarray:
+    """A still camera, a large square crossing the picture (3 px / frame): the objects move, not the camera."""
+    out = np.repeat(texture(seed, H, W)[None], T, axis=0)
+    for t in range(T):
+        out[t, 14:34, 3 * t % (W - 20):3 * t % (W - 20) + 20] = (230, 60, 60)
+    return out
 
 
-def shaky(seed: int) -> np.ndarray:
-    """A hand-held camera shaking: the picture jumps up to 4 px each frame, in random directions."""
+def static(seed: int, noise: int = 0) -> np.ndarray:
+    """One picture held; `noise`: sensor noise of this many grey levels, new each frame."""
+    still = np.repeat(texture(seed, H, W)[None].astype(np.int16), T, axis=0)
+    still += np.random.default_rng(seed).integers(-noise, noise + 1, size=still.shape, dtype=np.int16)
+    return np.clip(still, 0, 255).astype(np.uint8)
+
+
+def shaky(seed: int, amplitude: int = 4) -> np.ndarray:
+    """A hand-held camera shaking: the picture jumps up to `amplitude` px each frame, in random directions."""
     big = texture(seed, H + 16, W + 16)
     rng = np.random.default_rng(seed)
-    offsets = rng.integers(0, 9, size=(T, 2))
-    return np.stack([big[4 + dy:4 + dy + H, 4 + dx:4 + dx + W] for dy, dx in offsets])
+    offsets = rng.integers(-amplitude, amplitude + 1, size=(T, 2)) + 8
+    return np.stack([big[dy:dy + H, dx:dx + W] for dy, dx in offsets])
 
 
-def blurred(seed: int) -> np.ndarray:
+def blurred(seed: int, sigma: float = 2.5) -> np.ndarray:
     import cv2
 
-    return np.stack([cv2.GaussianBlur(f, (0, 0), 2.5) for f in clean(seed)])
+    return np.stack([cv2.GaussianBlur(f, (0, 0), sigma) for f in clean(seed)])
 
 
-def overexposed(seed: int) -> np.ndarray:
-    return np.clip(clean(seed).astype(np.float32) * 2.5 + 60, 0, 255).astype(np.uint8)
+def overexposed(seed: int, gain: float = 2.5) -> np.ndarray:
+    return np.clip(clean(seed).astype(np.float32) * gain + 60, 0, 255).astype(np.uint8)
 
 
-def underexposed(seed: int) -> np.ndarray:
-    return (clean(seed).astype(np.float32) * 0.04).astype(np.uint8)
+def underexposed(seed: int, gain: float = 0.04) -> np.ndarray:
+    return (clean(seed).astype(np.float32) * gain).astype(np.uint8)
 
 
 LETTERBOX_CROP = [0, 8, W, H - 16]  # x, y, w, h of the picture between the bars
+PILLARBOX_CROP = [8, 0, W - 16, H]  # bars left and right
 
 
-def letterboxed(seed: int) -> np.ndarray:
+def letterboxed(seed: int, crop: list = LETTERBOX_CROP) -> np.ndarray:
+    x, y, w, h = crop
     out = np.zeros((T, H, W, 3), np.uint8)
-    out[:, 8:H - 8] = clean(seed, height=H - 16)
+    out[:, y:y + h, x:x + w] = clean(seed, height=h, width=w)
     return out
 
 
@@ -99,8 +112,14 @@ def rescaled_copy(src: str, dst: str) -> None:
             container.mux(packet)
 
 
-def write_clip_set(folder: str, clean_count: int = 4) -> list:
-    """Write the clips and folder/manifest.jsonl; returns [(id, path, expected reasons)]."""
+# the milder second case of each fault: a threshold may miss them (the recall the test prints), never a clean clip
+MILD = ("static_noisy", "shaky_mild", "blurred_mild", "overexposed_mild", "underexposed_mild", "pillarbox",
+        "too_short_12")
+
+
+def write_clip_set(folder: str, clean_count: int = 4, variants: bool = True) -> list:
+    """Write the clips and folder/manifest.jsonl; returns [(id, path, expected reasons)]. The manifest also lists
+    `past_end`, a window (start 10 s) beyond clean0's end: a zero-length clip."""
     os.makedirs(folder, exist_ok=True)
     made = []
 
@@ -119,6 +138,15 @@ def write_clip_set(folder: str, clean_count: int = 4) -> list:
     add("letterbox", letterboxed(25), ["letterbox"])
     add("two_scenes", two_scenes(26), [])
     add("too_short", clean(27, frames=8), ["too_short"])
+    if variants:  # a second, milder case of each fault, and a clip whose objects (not the camera) move
+        add("objects_only", objects_only(30), [])
+        add("static_noisy", static(31, noise=3), ["static"])
+        add("shaky_mild", shaky(32, amplitude=2), ["shaky"])
+        add("blurred_mild", blurred(33, sigma=1.6), ["blurry"])
+        add("overexposed_mild", overexposed(34, gain=1.8), ["overexposed"])
+        add("underexposed_mild", underexposed(35, gain=0.08), ["underexposed"])
+        add("pillarbox", letterboxed(36, PILLARBOX_CROP), ["letterbox"])
+        add("too_short_12", clean(37, frames=12), ["too_short"])
     exact = os.path.join(folder, "copy_exact.mp4")
     shutil.copyfile(made[0][1], exact)
     made.append(("copy_exact", exact, ["duplicate"]))
@@ -129,7 +157,9 @@ def write_clip_set(folder: str, clean_count: int = 4) -> list:
         path = os.path.join(folder, f"broken_{kind}.mp4" if kind != "audio_only" else "broken_audio.m4a")
         write_broken(path, kind)
         made.append((os.path.splitext(os.path.basename(path))[0], path, [reason]))
+    rows = [{"id": name, "path": os.path.basename(path), "caption": f"clip {name}"} for name, path, _ in made]
+    rows.append({"id": "past_end", "path": "clean0.mp4", "caption": "a window after the end", "start": 10, "end": 12})
+    made.append(("past_end", made[0][1], ["zero_length"]))
     with open(os.path.join(folder, "manifest.jsonl"), "w", encoding="utf-8") as f:
-        for name, path, _ in made:
-            f.write(json.dumps({"id": name, "path": os.path.basename(path), "caption": f"clip {name}"}) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return made

@@ -13,7 +13,7 @@ import pytest
 from megawan.config.curate import REASONS, load_curate_config
 from megawan.config.fields import ConfigError
 from megawan.data.manifest import read_manifest
-from tests.curate_clips import CUT_FRAME, FPS, LETTERBOX_CROP, write_clip_set
+from tests.curate_clips import CUT_FRAME, FPS, LETTERBOX_CROP, MILD, PILLARBOX_CROP, write_clip_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,22 +40,28 @@ def curated(tmp_path_factory):
 
 
 def test_every_reason_found_precision_recall(curated):
+    """The clear case of each fault gets exactly its reason; over the milder second cases too (MILD), no clip gets
+    a reason it should not (precision 1) and each reason finds at least half its clips (printed for the record)."""
     expected, report, _ = curated
-    lines = []
+    lines, recalls = [], {}
     for reason in REASONS:
         truth = {i for i, reasons in expected.items() if reason in reasons}
         found = {i for i, r in report.items() if reason in r["reasons"]}
         hit = len(truth & found)
         precision = hit / len(found) if found else 1.0
-        recall = hit / len(truth) if truth else 1.0
-        lines.append(f"{reason:13s} precision {precision:.2f} recall {recall:.2f} (clips {len(truth)}, "
-                     f"flagged {len(found)})")
+        recalls[reason] = hit / len(truth) if truth else 1.0
+        lines.append(f"{reason:13s} precision {precision:.2f} recall {recalls[reason]:.2f} (clips {len(truth)}, "
+                     f"flagged {len(found)}, missed {sorted(truth - found)})")
+        assert precision == 1.0, lines[-1]
     print("\n" + "\n".join(lines))
+    assert min(recalls.values()) >= 0.5, lines
     wrong = {i: (sorted(r["reasons"]), sorted(expected[i])) for i, r in report.items()
-             if sorted(r["reasons"]) != sorted(expected[i])}
+             if i not in MILD and sorted(r["reasons"]) != sorted(expected[i])}
     assert not wrong, f"reasons (found, expected): {wrong}"
     for i, r in report.items():
-        assert r["keep"] == all(x == "letterbox" for x in expected[i]), i
+        assert r["keep"] == all(x == "letterbox" for x in r["reasons"]), i
+        if i not in MILD:
+            assert r["keep"] == all(x == "letterbox" for x in expected[i]), i
 
 
 def test_two_shots_split_at_the_cut(curated):
@@ -76,6 +82,7 @@ def test_letterbox_kept_with_its_crop(curated):
     r = report["letterbox"]
     assert r["keep"] and r["reasons"] == ["letterbox"]
     assert all(abs(a - b) <= 2 for a, b in zip(r["crop"], LETTERBOX_CROP)), r["crop"]
+    assert all(abs(a - b) <= 2 for a, b in zip(report["pillarbox"]["crop"], PILLARBOX_CROP))
     assert report["clean0"]["crop"] is None
 
 
@@ -92,25 +99,27 @@ def test_motion_classes(curated):
     assert report["static"]["measures"]["motion_class"] == "static"
     assert report["shaky"]["measures"]["motion_class"] == "shaky"
     assert report["clean1"]["measures"]["motion_class"] == "camera"  # a slow pan with a small object
+    assert report["objects_only"]["measures"]["motion_class"] == "good"  # a still camera, a moving object
     assert report["clean1"]["motion"] > report["static"]["motion"]
 
 
 def test_broken_files_reported_not_fatal(curated):
     _, report, _ = curated
     for name, reason in (("broken_garbage", "undecodable"), ("broken_empty", "zero_length"),
-                         ("broken_audio", "no_video")):
+                         ("broken_audio", "no_video"), ("past_end", "zero_length")):
         r = report[name]
         assert r["reasons"] == [reason] and not r["keep"]
         assert os.path.basename(r["path"]) in r["error"]  # the message names the file
 
 
 def test_html_report(curated):
-    _, _, out = curated
+    _, report, out = curated
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     for name in ("blur", "motion", "jitter", "border"):
         assert f"report/hist_{name}.png" in page and os.path.getsize(os.path.join(out, "report", f"hist_{name}.png"))
     thumbs = os.listdir(os.path.join(out, "report", "thumbs"))
-    assert thumbs and "<h2>blurry (1)</h2>" in page and "<h2>kept (6)</h2>" in page
+    kept, blurry = sum(r["keep"] for r in report.values()), sum("blurry" in r["reasons"] for r in report.values())
+    assert thumbs and f"<h2>blurry ({blurry})</h2>" in page and f"<h2>kept ({kept})</h2>" in page
 
 
 def test_absurd_threshold_refused_naming_the_field(tmp_path, capsys):

@@ -41,7 +41,7 @@ def _part_lines(out: str) -> int:
 
 
 def test_two_ranks_killed_and_resumed_decide_every_clip_once(tmp_path):
-    made = write_clip_set(str(tmp_path / "clips"), clean_count=2)
+    made = write_clip_set(str(tmp_path / "clips"), clean_count=2, variants=False)
     manifest = tmp_path / "clips" / "many.jsonl"
     with open(manifest, "w", encoding="utf-8") as f:
         for copy in range(COPIES):
@@ -78,7 +78,7 @@ def test_two_ranks_killed_and_resumed_decide_every_clip_once(tmp_path):
 
 
 def test_rank_slices_are_disjoint_and_a_rerun_measures_nothing(tmp_path):
-    made = write_clip_set(str(tmp_path / "clips"), clean_count=1)[:6]
+    made = write_clip_set(str(tmp_path / "clips"), clean_count=1, variants=False)[:6]
     manifest = tmp_path / "clips" / "manifest.jsonl"
     entries = read_manifest(str(manifest))[:6]
     cfg = load_curate_config(None, ["report.html=false"])

@@ -39,7 +39,7 @@ class ThresholdsConfig:
     shaky_min: float = 0.6  # shaky: the camera's translation varies (jitter) by at least this between frame pairs
     overexposed_max: float = 0.4  # overexposed: a larger share of the pixels is clipped white
     underexposed_max: float = 0.6  # underexposed: a larger share of the pixels is black
-    blur_min: float = 30.0  # blurry: Laplacian variance below this
+    blur_min: float = 100.0  # blurry: Laplacian variance below this (the usual line for 8-bit frames)
     letterbox_min: float = 0.04  # letterbox: black bars covering at least this share of the height or width
     duplicate_max_distance: int = 6  # duplicate: every key frame's hash within this Hamming distance (0 - 7)
     scene_threshold: float = 27.0  # a cut: PySceneDetect ContentDetector's HSV difference score above this
