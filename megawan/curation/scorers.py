@@ -4,15 +4,15 @@ required; each is named in the config and rejects the clips it scores out of ran
     scorers:                                         # curate.yaml
       - name: text_area                              # the reason a rejected clip carries
         target: megawan.curation.scorers.TextArea    # module.Class or module:Class, built with options
-        options: {min_box: 4}
+        options: {min_height: 5}
         max: 0.1                                     # above: rejected (and / or min: below)
 
 A scorer is a class built once per rank with the options as keyword arguments; called with the clip's key frames
 (uint8 RGB [K, H, W, 3], inside the crop) it returns one float. Load model weights in __init__ (the path among its
 options); the frames are a few per clip, so a batch of them is one forward pass.
 
-TextArea is the example that needs no weights: the share of the picture covered by text-like regions (OpenCV's
-MSER: small, stable blobs of letter size in rows), a rough stand-in for an OCR model's text boxes.
+TextArea is the example that needs no weights: the share of the picture covered by text-like boxes (OpenCV
+morphology), a rough stand-in for an OCR model's text boxes.
 """
 
 from __future__ import annotations
@@ -56,25 +56,30 @@ def score_reasons(cfg, value: float) -> list:
 
 
 class TextArea:
-    """Share of the frame covered by text-like MSER regions (letter-sized, not too elongated), the median over the
-    key frames."""
+    """Share of the frame covered by text-like boxes, the median over the key frames: the classic morphological
+    text detector (gradient, Otsu threshold, letters joined along the line by a closing), keeping boxes of one
+    text line's shape (wider than twice their height, at least `min_height` px, at most `max_height` of the
+    frame, neither empty nor solid). A rough stand-in for an OCR model's boxes: busy fine texture (foliage, gravel)
+    joins into blobs that fail the shape test, so it misses text printed over such texture."""
 
-    def __init__(self, min_box: int = 4, max_box_share: float = 0.1):
-        self.min_box, self.max_box_share = min_box, max_box_share
+    def __init__(self, min_height: int = 5, max_height: float = 0.25):
+        self.min_height, self.max_height = min_height, max_height
 
-    def __call__(self, frames: np.ndarray) -> float:
+    def share(self, frame: np.ndarray) -> float:
         import cv2
 
-        mser = cv2.MSER_create()
-        shares = []
-        for frame in frames:
-            gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
-            h, w = gray.shape
-            mask = np.zeros((h, w), bool)
-            _, boxes = mser.detectRegions(gray)
-            for x, y, bw, bh in boxes:
-                letter_sized = self.min_box <= bh <= self.max_box_share * h * 3 and bw <= 1.5 * bh
-                if letter_sized:
-                    mask[y:y + bh, x:x + bw] = True
-            shares.append(float(mask.mean()))
-        return round(float(np.median(shares)), 4) if shares else 0.0
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+        h, w = gray.shape
+        edges = cv2.morphologyEx(gray, cv2.MORPH_GRADIENT, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+        _, edges = cv2.threshold(edges, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+        lines = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (9, 1)))
+        _, _, stats, _ = cv2.connectedComponentsWithStats(lines)
+        mask = np.zeros((h, w), bool)
+        for x, y, bw, bh, _ in stats[1:]:  # [0] is the background
+            fill = float((edges[y:y + bh, x:x + bw] > 0).mean())
+            if self.min_height <= bh <= self.max_height * h and bw >= 2 * bh and 0.3 <= fill <= 0.9:
+                mask[y:y + bh, x:x + bw] = True
+        return float(mask.mean())
+
+    def __call__(self, frames: np.ndarray) -> float:
+        return round(float(np.median([self.share(f) for f in frames])), 4) if len(frames) else 0.0
