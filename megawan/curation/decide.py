@@ -17,7 +17,7 @@ from megawan.curation.duplicates import clip_hashes
 from megawan.curation.frames import ClipError, read_clip
 from megawan.curation.motion import motion_class, motion_measures
 from megawan.curation.quality import border_crop, border_share, picture_measures
-from megawan.curation.scenes import split_scenes
+from megawan.curation.scenes import SceneSplitter
 from megawan.curation.scorers import score_reasons
 
 
@@ -36,15 +36,16 @@ def failed(entry, reason: str, message: str) -> dict:
 
 def _small_crop(crop: list, clip) -> list:
     """The crop in the analysis frames' pixels."""
-    sy, sx = clip.small.shape[1] / clip.height, clip.small.shape[2] / clip.width
+    sx, sy = clip.small_size[0] / clip.width, clip.small_size[1] / clip.height
     x, y = int(np.ceil(crop[0] * sx)), int(np.ceil(crop[1] * sy))
     return [x, y, max(2, int(crop[2] * sx)), max(2, int(crop[3] * sy))]
 
 
 def measure_clip(entry, cfg, scorers=()) -> dict:
     a, t = cfg.analysis, cfg.thresholds
+    shots = SceneSplitter(t.scene_threshold, a.min_scene_frames)
     try:
-        clip = read_clip(entry.path, a.side, a.key_frames, entry.start, entry.end)
+        clip = read_clip(entry.path, a.side, a.key_frames, entry.start, entry.end, a.flow_pairs, shots.add)
     except ClipError as e:
         return failed(entry, e.reason, str(e))
     crop = border_crop(clip.keys, a.border_luma)
@@ -52,9 +53,9 @@ def measure_clip(entry, cfg, scorers=()) -> dict:
     letterbox = share >= t.letterbox_min and crop[2] * crop[3] >= 0.25 * clip.width * clip.height
     if not letterbox:
         crop = [0, 0, clip.width, clip.height]
-    moves = motion_measures(clip.small, _small_crop(crop, clip), a.flow_pairs)
+    moves = motion_measures(clip.pairs, _small_crop(crop, clip))
     kind = motion_class(moves, t.static_max, t.shaky_min)
-    scenes = split_scenes(clip.small, clip.times, clip.end, t.scene_threshold, a.min_scene_frames)
+    scenes = shots.scenes(clip.end)
     measures = {"duration": round(clip.end - clip.start, 4), "frames": int(len(clip.times)), "fps": round(clip.fps, 4),
                 "width": clip.width, "height": clip.height, "border": round(share, 4), **moves, "motion_class": kind,
                 **picture_measures(clip.keys, crop, a.side)}

@@ -1,6 +1,6 @@
 """How a clip moves: OpenCV's Farneback dense optical flow on frame pairs spread over the clip.
 
-    m = motion_measures(clip.small, crop_small, pairs=8)
+    m = motion_measures(clip.pairs, crop_small)
     # {"motion": 1.9, "camera_motion": 1.7, "object_motion": 0.4, "jitter": 0.05}
     motion_class(m, static_max=0.1, shaky_min=0.6)          # "static" | "shaky" | "camera" | "good"
 
@@ -15,23 +15,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def pair_starts(frames: int, pairs: int) -> list:
-    """First frames of up to `pairs` consecutive pairs, evenly spread over `frames` frames."""
-    if frames < 2:
-        return []
-    return sorted(set(np.linspace(0, frames - 2, min(pairs, frames - 1)).round().astype(int).tolist()))
-
-
-def motion_measures(frames: np.ndarray, crop: list, pairs: int = 8) -> dict:
-    """frames uint8 RGB [T, h, w, 3]; crop [x, y, w, h] in their pixels (the picture inside black bars)."""
+def motion_measures(pairs: list, crop: list) -> dict:
+    """pairs [(frame, next frame)] uint8 RGB [h, w, 3] (read_clip's); crop [x, y, w, h] in their pixels (the
+    picture inside black bars)."""
     import cv2
 
     x, y, w, h = crop
-    gray = [cv2.cvtColor(np.ascontiguousarray(f[y:y + h, x:x + w]), cv2.COLOR_RGB2GRAY) for f in frames]
+
+    def gray(frame):
+        return cv2.cvtColor(np.ascontiguousarray(frame[y:y + h, x:x + w]), cv2.COLOR_RGB2GRAY)
+
     scale = 100.0 / max(w, h)
     camera, magnitude, objects = [], [], []
-    for i in pair_starts(len(gray), pairs):
-        flow = cv2.calcOpticalFlowFarneback(gray[i], gray[i + 1], None, pyr_scale=0.5, levels=3, winsize=9,
+    for a, b in pairs:
+        flow = cv2.calcOpticalFlowFarneback(gray(a), gray(b), None, pyr_scale=0.5, levels=3, winsize=9,
                                             iterations=3, poly_n=5, poly_sigma=1.1, flags=0).reshape(-1, 2)
         median = np.median(flow, axis=0)
         camera.append(median)
