@@ -36,8 +36,11 @@ def parse_args(argv=None):
 def _skipped_record(row: dict) -> dict:
     """A folder's file that folder_manifest could not list, as a report line."""
     reason = row["reason"]
-    kind = ("no_caption" if reason.startswith(("no caption", "empty caption")) else "no_video" if "no video stream" in reason
-            else "zero_length" if "empty file" in reason else "undecodable")
+    if reason.startswith(("no caption", "empty caption")):
+        kind = "no_caption"
+    else:
+        kind = ("no_video" if "no video stream" in reason else "zero_length" if "empty file" in reason
+                else "undecodable")
     return {"id": row["id"], "path": row["path"], "caption": None, "keep": False, "reasons": [kind], "scenes": [],
             "crop": None, "motion": None, "duplicate_of": None, "measures": {}, "error": reason}
 

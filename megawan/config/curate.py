@@ -28,8 +28,8 @@ from megawan.config.run import read_raw_config
 # The reasons a clip can carry in report.jsonl (docs/curation.md). All but `letterbox` reject the clip; a
 # letterboxed clip is kept with its crop. A scorer adds its own name. no_caption: a folder's clip without its
 # caption (.txt).
-REASONS = ("undecodable", "no_video", "zero_length", "no_caption", "too_short", "static", "shaky", "overexposed", "underexposed",
-           "blurry", "letterbox", "duplicate")
+REASONS = ("undecodable", "no_video", "zero_length", "no_caption", "too_short", "static", "shaky", "overexposed",
+           "underexposed", "blurry", "letterbox", "duplicate")
 KEPT_REASONS = ("letterbox",)
 
 
