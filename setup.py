@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
 LOGGING = ["tensorboard>=2.14", "matplotlib>=3.7"]
 # The generation web page (`megawan serve`)
 SERVE = ["gradio>=4.44"]
+# tools/curate.py: shot cuts (PySceneDetect), optical flow and blur (OpenCV), perceptual hashes (imagehash)
+CURATE = ["scenedetect>=0.6.4", "opencv-python-headless>=4.8", "imagehash>=4.3"]
 
 EXTRAS = {
     # Test-only references: diffusers' Wan classes and transformers' UMT5 are what we check against.
@@ -47,11 +49,13 @@ EXTRAS = {
         *LOGGING,  # the tests read TensorBoard's event files back and draw plots
         "wandb",  # offline mode: a requeued run keeps its W&B id
         *SERVE,
+        *CURATE,
         "selenium>=4.20",  # drives headless Chromium (apt: chromium, chromium-driver) against `megawan serve`
     ],
     "logging": LOGGING,
     "wandb": ["wandb"],
     "serve": SERVE,
+    "curate": [*CURATE, "matplotlib>=3.7"],  # + report.html's histograms
     "gpu": [
         "transformer-engine[pytorch]>=2.9",  # te.autocast; megatron-core 0.16.1 declares 2.9 - 2.11
         # fn.decoders.video with frames=, as megawan.data.dali uses it. The CUDA 12 build also runs under CUDA 13

@@ -4,7 +4,7 @@ Every import of megawan's own modules (function-level ones too) is read with `as
 `megawan/` and `kernels/`; nothing is imported. The layers, lowest first (LAYERS; docs/architecture.md):
 
     kernels < config, utils < convert < diffusion < parallel < models < lora < checkpoint < artifacts < data
-            < training < generation, export, demo, cli, serve
+            < curation < training < generation, export, demo, cli, serve
 
 A failure names the file, the line and the import that breaks the rule. `python tests/test_architecture.py`
 prints today's report.
@@ -34,6 +34,7 @@ LAYERS = (
     ("megawan.checkpoint", "megawan.checkpoint_integrity", "megawan.checkpoint_strategy"),
     ("megawan.artifacts",),  # what a folder on disk holds
     ("megawan.data",),
+    ("megawan.curation",),  # raw clips -> report + curated manifest (reads manifests, decodes with data's helpers)
     ("megawan.training",),
     ("megawan", "megawan.generation", "megawan.export", "megawan.demo", "megawan.cli", "megawan.__main__",
      "megawan.env_report", "megawan.serve",  # serve: the web page over generation, beside cli (which starts it)
