@@ -132,6 +132,10 @@ def check_options(opts: EvalOptions) -> dict:
             plan["prompts"], plan["prompt_set"] = suite_prompts(opts.suite_size), f"synthetic:{opts.suite_size}"
     if opts.vae_clips is not None and not os.path.isfile(opts.vae_clips):
         raise FileNotFoundError(f"--vae-clips {opts.vae_clips}: no such manifest")
+    for spec in opts.vaes:  # "[LABEL=]PATH", as megawan.vae_eval.load_any_vae reads it
+        path = spec.rpartition("=")[2] if "=" in spec and not os.path.exists(spec) else spec
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--vae {path}: no such file or folder")
     label = opts.label or _default_label(opts)
     if any(r.get("label") == label for r in read_rows(opts.out)):
         raise UserError(f"--label {label}: {opts.out} already holds a run of that name (choose another --label)")
