@@ -66,6 +66,16 @@ def caption_shape(caption: str) -> str | None:
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean [H, W] mask (stray pixels of a generated frame dropped)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return mask.copy()
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # grow inside the mask's box: fewer pixels
+    out = np.zeros_like(mask)
+    out[box] = _largest_in(mask[box])
+    return out
+
+
+def _largest_in(mask: np.ndarray) -> np.ndarray:
     left = mask.copy()
     best = np.zeros_like(mask)
     while left.any():
