@@ -5,22 +5,24 @@ Bad input (a missing checkpoint, an empty prompt file, a label already used) end
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from megawan.cli import main
 from megawan.demo.shapes import write_synthetic_dataset
+from megawan.parallel.launch import spawn_local
 
 SIZE = ["--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--device", "cpu"]
 
 
+def _eval_rank(rank, args):
+    assert main(["eval", *args, *SIZE]) == 0
+
+
 def _eval(*args):
-    cmd = [sys.executable, "-m", "megawan.cli", "eval", *args, *SIZE]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    """`megawan eval ARGS` as the command runs it, in a one-rank world forked from the test session's fork server
+    (megawan.parallel.launch.spawn_local: torch and megatron-core imported once, not once per run)."""
+    spawn_local(_eval_rank, world_size=1, args=(list(args),), preload=("megawan.cli", "megawan.evaluation.runner"))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def pipeline(pipelines):
 
 def test_eval_writes_results_and_a_second_run_appends_a_row(pipelines, pipeline, tmp_path):
     out = tmp_path / "eval"
-    stdout = _eval("--ckpt", pipeline, "--suite", "synthetic", "--suite-size", "3", "--out", str(out))
+    _eval("--ckpt", pipeline, "--suite", "synthetic", "--suite-size", "3", "--out", str(out))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == ["megawan"] and rows[0]["prompts"] == "synthetic:3"
     assert rows[0]["settings"].startswith("9x32x48, 2 steps")
@@ -48,7 +50,7 @@ def test_eval_writes_results_and_a_second_run_appends_a_row(pipelines, pipeline,
         assert s["color_ok"] == (s["color"] == s["expected_color"])
     for check in ("color", "shape", "direction"):
         assert results["suite"][check] == rows[0][check] == sum(s[f"{check}_ok"] for s in samples) / 3
-    assert "| megawan |" in stdout and (out / "results.md").read_text().count("\n| megawan |") == 1
+    assert (out / "results.md").read_text().count("\n| megawan |") == 1
 
     # another prompt set and a VAE on held-out clips, under another label: a second row, the first one kept
     (tmp_path / "prompts.txt").write_text("a yellow square moves down\n\n")
