@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from safetensors.torch import save_file
 
 from megawan.demo.shapes import ShapeClip, render
 from megawan.evaluation.fvd import feature_stats, frechet_distance, fvd, i3d_features, preprocess
@@ -60,6 +61,9 @@ def test_i3d_loads_the_pytorch_i3d_layout_and_gives_400_features(i3d_file):
     net = load_i3d(str(path))
     loaded = net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    save_file(state, str(path.with_suffix(".safetensors")))  # the same weights as safetensors load alike
+    assert torch.equal(load_i3d(str(path.with_suffix(".safetensors"))).state_dict()["Mixed_4f.b2b.conv3d.weight"],
+                       state["Mixed_4f.b2b.conv3d.weight"])
 
     clips = [render(ShapeClip("red", "circle", "left"), 9, 32, 48), render(ShapeClip("cyan", "square", "up"), 9, 32, 48)]
     x = preprocess(clips[0])

@@ -16,7 +16,6 @@ forward returns, before any softmax), as the common PyTorch FVD implementations 
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -140,13 +139,10 @@ def load_i3d(path: str, device="cpu") -> InceptionI3d:
     or unexpected key, or a tensor of another shape: I3DWeightsError naming the file and the key."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--i3d {path}: no such file")
-    from megawan.convert.files import load_torch_file
+    from megawan.convert import load_state_dict_file  # an unreadable file or a pickle with code: named, refused
 
-    try:
-        state = load_torch_file(path)
-    except (RuntimeError, ValueError, EOFError) as e:
-        raise I3DWeightsError(f"--i3d {path}: not a readable weight file ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(state, dict) or "logits.conv3d.weight" not in state:
+    state = dict(load_state_dict_file(path))
+    if "logits.conv3d.weight" not in state:
         raise I3DWeightsError(f"--i3d {path}: no key logits.conv3d.weight; not an I3D state dict in the pytorch-i3d "
                               "layout (rgb_imagenet.pt)")
     net = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0])
@@ -166,9 +162,3 @@ def load_i3d(path: str, device="cpu") -> InceptionI3d:
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net.eval().to(device)
 
-
-def output_frames(frames: int) -> int:
-    """T' of the logits for `frames` input frames: strides 2 and 2 and 2 (SAME), then the 2-frame average."""
-    for _ in range(3):
-        frames = math.ceil(frames / 2)
-    return frames - 1
