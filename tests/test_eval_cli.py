@@ -1,6 +1,6 @@
 """`megawan eval` on the session's tiny pipeline (tests/conftest.py `tiny_pipelines`, random weights): a run on
 the synthetic suite writes the videos, OUT/LABEL/results.json (a row per sample) and a row of OUT/results.jsonl /
-OUT/results.md; a second run (a prompt file, a VAE scored on clips) appends a second row beside the first.
+OUT/results.md; a second run (a prompt file, a VAE scored on clips) appends a second row beside the first, a VAE-only run a third.
 Bad input (a missing checkpoint, an empty prompt file, a label already used) ends in one line naming it."""
 
 import json
@@ -66,6 +66,14 @@ def test_eval_writes_results_and_a_second_run_appends_a_row(pipelines, pipeline,
     table = (out / "results.md").read_text()
     assert table.count("\n| megawan |") == 1 and table.count("\n| second |") == 1
 
+    # a VAE alone (no checkpoint, no process group): a third row, in the sizes given
+    assert main(["eval", "--vae", f"{pipelines}/official/Wan2.1_VAE.pth", "--vae-clips", clips, "--vae-buckets",
+                 "5x32x32", "1x32x32", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[2]["label"] == "Wan2.1_VAE.pth" and rows[2]["ckpt"] is None and rows[2]["color"] is None
+    vae = json.loads((out / "Wan2.1_VAE.pth" / "results.json").read_text())["vae"]
+    assert set(vae["vaes"]["Wan2.1_VAE.pth"]["buckets"]) == {"5x32x32", "1x32x32"}
+
 
 def test_bad_input_is_one_line(pipeline, tmp_path, capsys):
     def refused(*args):
@@ -79,7 +87,9 @@ def test_bad_input_is_one_line(pipeline, tmp_path, capsys):
     assert "--prompts" in refused("--ckpt", pipeline, "--prompts", str(tmp_path / "empty.txt"))
     assert "--reference and --i3d go together" in refused("--ckpt", pipeline, "--i3d", "x.pt")
     assert "--vae and --vae-clips" in refused("--vae", "x.pth")
-    assert "--vae nothing.pth: no such file" in refused("--vae", "a=nothing.pth", "--vae-clips", str(tmp_path / "empty.txt"))
+    assert "--vae-buckets" in refused("--vae", "x.pth", "--vae-clips", str(tmp_path / "empty.txt"))
+    assert "--vae nothing.pth: no such file" in refused("--ckpt", pipeline, "--vae", "a=nothing.pth", "--vae-clips",
+                                                        str(tmp_path / "empty.txt"))
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.jsonl").write_text(json.dumps({"label": "megawan"}) + "\n")
     assert "--label megawan" in refused("--ckpt", pipeline)

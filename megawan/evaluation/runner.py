@@ -122,8 +122,10 @@ def check_options(opts: EvalOptions) -> dict:
         raise UserError("--reference and --i3d go together (FVD compares with reference videos through I3D)")
     if (opts.lpips_vgg is None) != (opts.lpips_lin is None):
         raise UserError("--lpips-vgg and --lpips-lin go together (LPIPS needs both files)")
-    if opts.suite_size < 2:
-        raise UserError(f"--suite-size {opts.suite_size}: at least 2")
+    if opts.suite_size < 1:
+        raise UserError(f"--suite-size {opts.suite_size}: at least 1")
+    if opts.vaes and opts.ckpt is None and not opts.vae_buckets:
+        raise UserError("--vae without --ckpt: give --vae-buckets FxHxW (the sizes the clips are cut to)")
     plan = {"prompts": None, "prompt_set": None, "i3d": None, "reference": None}
     if opts.ckpt is not None:
         if opts.prompts is not None:
@@ -171,7 +173,14 @@ def _generate(opts: EvalOptions, prompts: list, folder: str) -> tuple:
     return paths, settings
 
 
-def _fvd(plan: dict, generated: list, fps: float) -> dict:
+def _device(opts: EvalOptions):
+    """Where the scoring networks (I3D, the VAEs, LPIPS) run: this rank's GPU unless --device cpu."""
+    from megawan.capabilities import rank_device
+
+    return "cpu" if opts.device == "cpu" else rank_device()
+
+
+def _fvd(opts: EvalOptions, plan: dict, generated: list, fps: float) -> dict:
     from megawan.data.video import decode_video
     from megawan.evaluation.fvd import FVD_FRAMES, fvd, i3d_features
     from megawan.evaluation.i3d import MIN_FRAMES
@@ -185,7 +194,8 @@ def _fvd(plan: dict, generated: list, fps: float) -> dict:
             clips.append(frames)
     if len(clips) < 2:
         raise UserError(f"--reference: {len(clips)} clip(s) of at least {MIN_FRAMES} frames; FVD needs 2")
-    real, fake = i3d_features(plan["i3d"], clips), i3d_features(plan["i3d"], generated)
+    net = plan["i3d"].to(_device(opts))
+    real, fake = i3d_features(net, clips), i3d_features(net, generated)
     return {"fvd": fvd(real, fake), "reference_clips": len(clips), "generated_clips": len(generated),
             "skipped": skipped, "features": "I3D logits (400) averaged over time, clips resized to 224 x 224, "
                                             f"[-1, 1], first {FVD_FRAMES} frames"}
@@ -199,10 +209,11 @@ def _vae(opts: EvalOptions, folder: str, buckets: list) -> dict:
     if opts.lpips_vgg:
         from megawan.models.vae.lpips import LPIPS
 
-        lpips = LPIPS.from_files(opts.lpips_vgg, opts.lpips_lin, fields=("--lpips-vgg", "--lpips-lin"))
+        lpips = LPIPS.from_files(opts.lpips_vgg, opts.lpips_lin, fields=("--lpips-vgg", "--lpips-lin")).to(
+            _device(opts))
     vaes, sources = {}, {}
     for spec in opts.vaes:
-        label, vae = load_any_vae(spec)
+        label, vae = load_any_vae(spec, device=_device(opts))
         while label in vaes:
             label += "'"
         vaes[label], sources[label] = vae, spec
@@ -250,12 +261,10 @@ def evaluate(opts: EvalOptions) -> Optional[dict]:
                 for i, (prompt, p) in enumerate(zip(plan["prompts"], paths))]
         results["suite"] = suite_accuracy(rows)
         if plan["i3d"] is not None:
-            results["fvd"] = _fvd(plan, list(frames_of.values()), float(settings["fps"]))
+            results["fvd"] = _fvd(opts, plan, list(frames_of.values()), float(settings["fps"]))
     if opts.vaes:
         s = results.get("settings")
-        buckets = list(opts.vae_buckets) or ([f"{s['frames']}x{s['height']}x{s['width']}"] if s else [])
-        if not buckets:
-            raise UserError("--vae without --ckpt: give --vae-buckets FxHxW (the sizes the clips are cut to)")
+        buckets = list(opts.vae_buckets) or [f"{s['frames']}x{s['height']}x{s['width']}"]
         results["vae"] = _vae(opts, os.path.join(folder, "vae"), buckets)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "results.json")
