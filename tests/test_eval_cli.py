@@ -1,6 +1,7 @@
 """`megawan eval` on the session's tiny pipeline (tests/conftest.py `tiny_pipelines`, random weights): a run on
 the synthetic suite writes the videos, OUT/LABEL/results.json (a row per sample) and a row of OUT/results.jsonl /
-OUT/results.md; a second run (a prompt file, a VAE scored on clips) appends a second row beside the first, a VAE-only run a third.
+OUT/results.md; a second run (a prompt file, a VAE scored on clips) appends a second row beside the first, a
+VAE-only run a third.
 Bad input (a missing checkpoint, an empty prompt file, a label already used) ends in one line naming it."""
 
 import json

@@ -65,7 +65,8 @@ def test_i3d_loads_the_pytorch_i3d_layout_and_gives_400_features(i3d_file):
     assert torch.equal(load_i3d(str(path.with_suffix(".safetensors"))).state_dict()["Mixed_4f.b2b.conv3d.weight"],
                        state["Mixed_4f.b2b.conv3d.weight"])
 
-    clips = [render(ShapeClip("red", "circle", "left"), 9, 32, 48), render(ShapeClip("cyan", "square", "up"), 9, 32, 48)]
+    clips = [render(ShapeClip("red", "circle", "left"), 9, 32, 48),
+             render(ShapeClip("cyan", "square", "up"), 9, 32, 48)]
     x = preprocess(clips[0])
     assert tuple(x.shape) == (3, 9, 224, 224) and x.min() >= -1 and x.max() <= 1
     features = i3d_features(net, clips, batch=2)
