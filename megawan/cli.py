@@ -9,6 +9,9 @@
     megawan generate --ckpt DIR --encoders DIR --prompt TEXT [--out OUT.mp4]   sample videos (torchrun: TP / CP);
                                                    writes OUT.json beside each video (what was asked and resolved)
     megawan generate --ckpt DIR --prompt TEXT --lora style.safetensors:0.8     ... with LoRA files merged in
+    megawan eval --ckpt DIR --encoders DIR [--suite synthetic | --prompts FILE] --out DIR   generate and score:
+                                                   colour / shape / direction accuracy, FVD (--reference, --i3d),
+                                                   VAE PSNR / SSIM / LPIPS (--vae, --vae-clips); a row per run
     megawan flops PRESET --frames F --height H --width W [--batch B]   model FLOPs at a VIDEO size (--latent: latents)
     megawan env                                    versions, GPUs, what backend: auto and MEGAWAN_KERNELS resolve to
     megawan --version
@@ -166,6 +169,60 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from megawan.capabilities import cuda_available
+    from megawan.evaluation.runner import EvalOptions, evaluate  # lazy: torch and megatron-core
+
+    if args.device == "cuda" and not cuda_available():
+        raise UserError("--device cuda: this machine has no CUDA device (use --device cpu or auto)")
+    opts = EvalOptions(out=args.out, ckpt=args.ckpt, encoders=args.encoders, suite=args.suite,
+                       suite_size=args.suite_size, prompts=args.prompts, reference=args.reference, i3d=args.i3d,
+                       vaes=tuple(args.vae), vae_clips=args.vae_clips, vae_buckets=tuple(args.vae_buckets or ()),
+                       lpips_vgg=args.lpips_vgg, lpips_lin=args.lpips_lin, label=args.label, frames=args.frames,
+                       height=args.height, width=args.width, steps=args.steps, shift=args.shift,
+                       guidance=args.guidance, seed=args.seed, device=args.device)
+    results = evaluate(opts)
+    if results is not None:
+        from megawan.evaluation.results import TABLE
+
+        with open(os.path.join(args.out, TABLE), encoding="utf-8") as f:
+            print(f.read(), end="")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="generate from a checkpoint for a prompt set and score it: the synthetic suite's "
+                                     "colour / shape / direction accuracy, FVD against reference videos, VAE "
+                                     "reconstruction; one row per run in OUT/results.jsonl and OUT/results.md")
+    ev.add_argument("--ckpt", help="training checkpoint (or run checkpoint dir), or a megawan pipeline")
+    ev.add_argument("--encoders", help="folder with the VAE, umT5 and tokenizer (a pipeline carries its own)")
+    ev.add_argument("--suite", choices=("synthetic",), help="the prompt set: the synthetic suite (the default "
+                                                            "without --prompts)")
+    ev.add_argument("--suite-size", type=int, default=12, help="prompts of the synthetic suite")
+    ev.add_argument("--prompts", help="a file with one prompt per line instead of the suite")
+    ev.add_argument("--reference", help="FVD: reference videos, a folder or a manifest (.jsonl / .csv)")
+    ev.add_argument("--i3d", help="FVD: the I3D weights in the pytorch-i3d layout (rgb_imagenet.pt)")
+    ev.add_argument("--vae", action="append", default=[], metavar="[LABEL=]PATH",
+                    help="a VAE to score on --vae-clips (repeatable; as tools/eval_vae.py takes them)")
+    ev.add_argument("--vae-clips", help="held-out clips for the VAEs: a manifest (.jsonl / .csv)")
+    ev.add_argument("--vae-buckets", nargs="+", metavar="FxHxW", help="sizes the VAE clips are cut to (default: "
+                                                                       "the generated videos' size)")
+    ev.add_argument("--lpips-vgg", help="LPIPS: torchvision's vgg16-397923af.pth")
+    ev.add_argument("--lpips-lin", help="LPIPS: the LPIPS repo's weights/v0.1/vgg.pth")
+    ev.add_argument("--out", required=True, help="results folder: OUT/LABEL/ per run, OUT/results.jsonl, "
+                                                 "OUT/results.md")
+    ev.add_argument("--label", help="the run's name in the table (default: from --ckpt's path)")
+    for field in ("frames", "height", "width", "steps"):
+        ev.add_argument(f"--{field}", type=int, help=f"sampling {field} (default: the model's official)")
+    ev.add_argument("--shift", type=float, help="timestep shift (default: the model's official)")
+    ev.add_argument("--guidance", type=float, help="guidance scale (default: the model's official)")
+    ev.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the models run: auto = cuda where CUDA is, else cpu")
+    # generation's checks raise plain ValueErrors naming the option; the I3D file's check names file and key
+    ev.set_defaults(func=_cmd_eval, user_errors=(ValueError,))
+
+
 def _cmd_env(args) -> int:
     from megawan.env_report import report
 
@@ -303,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate, user_errors=(ValueError,))
 
     _add_serve(sub)
+    _add_eval(sub)
 
     presets = sub.add_parser("presets", help="list model presets and their hyper-parameters")
     presets.set_defaults(func=_cmd_presets)

@@ -38,7 +38,8 @@ LAYERS = (
     ("megawan.training",),
     ("megawan", "megawan.generation", "megawan.export", "megawan.demo", "megawan.cli", "megawan.__main__",
      "megawan.env_report", "megawan.serve",  # serve: the web page over generation, beside cli (which starts it)
-     "megawan.vae_export", "megawan.vae_eval"),  # a trained VAE out of its checkpoint; VAEs scored side by side
+     "megawan.vae_export", "megawan.vae_eval",  # a trained VAE out of its checkpoint; VAEs scored side by side
+     "megawan.evaluation"),  # `megawan eval`: generates (generation), scores with demo.shapes' metrics
 )
 
 

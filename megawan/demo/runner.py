@@ -9,7 +9,8 @@
        (held-out loss, held-out prompts sampled and decoded to mp4 + contact sheet), TensorBoard events when
        tensorboard is installed, and the loss plot <out>/loss.png (megawan.training.loss_plot)
     4. the colour check: the dominant colour of each held-out prompt's generated frames against the colour
-       its caption names (megawan.demo.shapes.dominant_color)
+       its caption names (megawan.demo.shapes.dominant_color); shape and direction are measured beside it by
+       the synthetic suite `megawan eval` uses (megawan.evaluation.synthetic_suite) and recorded, not required
     5. `megawan generate` samples the checkpoint for new prompts on 2 ranks (tensor parallel) -> mp4
 
     megawan demo --out runs/demo          (python -m megawan.cli demo)
@@ -25,9 +26,9 @@ import time
 
 import yaml
 
-from megawan.demo.shapes import caption_color, dominant_color
 from megawan.demo.tiny_assets import TINY_VAE_STEPS
 from megawan.demo.tiny_dataset import make_tiny_dataset
+from megawan.evaluation.synthetic_suite import score_clip, suite_accuracy
 from megawan.generation import slug
 from megawan.parallel.launch import free_port
 from megawan.training.loss_plot import load_curves, plot_loss
@@ -75,6 +76,10 @@ def train_under_torchrun(config_path: str, nproc: int) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+def _percent(share) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def plot_demo_loss(metrics: str, out: str) -> str | None:
     """<out>/loss.png: the training loss by step, the held-out loss, the learning rate (tools/plot_metrics.py's
     picture). Without matplotlib (the `logging` extra) the demo goes on without it, saying so."""
@@ -88,13 +93,18 @@ def plot_demo_loss(metrics: str, out: str) -> str | None:
 
 
 def color_accuracy(rows: list) -> dict:
-    """Share of sampled held-out prompts whose frames' dominant colour is the colour their caption names."""
-    results = []
-    for row in rows:
-        want, got = caption_color(row["caption"]), dominant_color(frames_of(row))
-        results.append({"id": row["id"], "caption": row["caption"], "expected": want, "found": got})
-    right = sum(r["expected"] == r["found"] for r in results)
-    return {"accuracy": right / max(len(results), 1), "correct": right, "total": len(results), "samples": results}
+    """The synthetic suite on sampled held-out rows: {"accuracy": share whose frames' dominant colour is the
+    colour their caption names, "correct", "total", "shape_accuracy", "direction_accuracy" (the suite's other
+    two checks, over the rows whose caption names them), "samples": [{"id", "caption", "expected", "found",
+    "expected_shape", "shape", "expected_direction", "direction"}]}."""
+    scored = suite_accuracy([score_clip(frames_of(row), row["caption"], row["id"]) for row in rows])
+    samples = [{"id": r["id"], "caption": r["caption"], "expected": r["expected_color"], "found": r["color"],
+                "expected_shape": r["expected_shape"], "shape": r["shape"],
+                "expected_direction": r["expected_direction"], "direction": r["direction"]}
+               for r in scored["samples"]]
+    right = sum(r["expected"] == r["found"] for r in samples)
+    return {"accuracy": right / max(len(samples), 1), "correct": right, "total": len(samples),
+            "shape_accuracy": scored["shape"], "direction_accuracy": scored["direction"], "samples": samples}
 
 
 def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 96, images: int = 64,
@@ -141,7 +151,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 
     with open(os.path.join(out_dir, "color_accuracy.json"), "w", encoding="utf-8") as f:
         json.dump(colours, f, indent=2)
     _say(f"    dominant colour = caption colour for {colours['correct']}/{colours['total']} held-out prompts "
-         f"({100 * colours['accuracy']:.0f}%)")
+         f"({100 * colours['accuracy']:.0f}%); beside it, not required: shape {_percent(colours['shape_accuracy'])}, "
+         f"direction {_percent(colours['direction_accuracy'])}")
 
     samples = os.path.join(out_dir, "samples")
     prompts_file = os.path.join(out_dir, "prompts.txt")
@@ -170,7 +181,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = DEMO_STEPS, videos: int = 
         "metrics": metrics, "loss_plot": loss_plot,
         "tensorboard": os.path.join(out_dir, "checkpoints", "logs", "tensorboard"),
         "validation": validation, "contact_sheet": os.path.join(validation, "contact_sheet.png"),
-        "color_accuracy": colours["accuracy"], "videos": dict(zip(prompts, videos_out)),
+        "color_accuracy": colours["accuracy"], "shape_accuracy": colours["shape_accuracy"],
+        "direction_accuracy": colours["direction_accuracy"], "videos": dict(zip(prompts, videos_out)),
     }
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
