@@ -347,9 +347,9 @@ def test_prepare_on_gpu_with_dali_cpu_standing_in(dali, clips, monkeypatch):
     monkeypatch.setattr(capabilities, "cuda_available", lambda: True)
     monkeypatch.setattr(dali, "select_frames", lambda *a, device, **k: select(*a, device="cpu", **k))
 
-    def decode_on_cpu(path, clip, height, width, device, device_id):
+    def decode_on_cpu(path, clip, height, width, device, device_id, crop=None):
         asked.append((device, device_id))
-        return decode(path, clip, height, width, device="cpu")
+        return decode(path, clip, height, width, device="cpu", crop=crop)
 
     monkeypatch.setattr(dali, "decode_clip_dali", decode_on_cpu)
     ours = prepare(entry, buckets, 16, "dali-gpu", device_id=5)

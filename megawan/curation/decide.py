@@ -27,7 +27,7 @@ def keep_of(reasons: list) -> bool:
 
 def _base(entry) -> dict:
     return {"id": entry.id, "path": entry.path, "caption": entry.caption, "keep": False, "reasons": [],
-            "scenes": [], "crop": None, "motion": None, "duplicate_of": None, "measures": {}}
+            "scenes": [], "crop": None, "motion": None, "duplicate_of": None, "measures": {}, "probe": None}
 
 
 def failed(entry, reason: str, message: str) -> dict:
@@ -78,5 +78,5 @@ def measure_clip(entry, cfg, scorers=()) -> dict:
             measures[scorer_cfg.name] = value
             reasons += score_reasons(scorer_cfg, value)
     return {**_base(entry), "keep": keep_of(reasons), "reasons": reasons, "scenes": scenes,
-            "crop": crop if letterbox else None, "motion": moves["motion"], "measures": measures,
+            "crop": crop if letterbox else None, "motion": moves["motion"], "measures": measures, "probe": clip.probe,
             "hashes": clip_hashes(clip.keys, crop)}
