@@ -241,9 +241,9 @@ def _probe(path: str) -> tuple:
 _pipelines = threading.local()
 
 
-def define_pipeline(device: str, device_id: Optional[int], resize: bool, crop: bool = False):
+def define_pipeline(device: str, device_id: Optional[int], resize: bool, box: bool = False):
     """(pipeline, its outputs), defined but not built: the outputs are the decoded uint8 frames [F, H, W, 3], or,
-    with `resize`, the prepared clip [3, F, H, W] float32 in [-1, 1] and the decoded frames' shape; with `crop`
+    with `resize`, the prepared clip [3, F, H, W] float32 in [-1, 1] and the decoded frames' shape; with `box`
     too, the frames are sliced to a box (`box_inputs`) on the decoder's device before the resize. Building
     needs the device; defining does not, so the graph of a GPU pipeline can be read on any machine."""
     import nvidia.dali.fn as fn
@@ -268,7 +268,7 @@ def define_pipeline(device: str, device_id: Optional[int], resize: bool, crop: b
         if resize:
             size, crop, pos = (fn.external_source(name=name, dtype=types.FLOAT, ndim=1)
                                for name in ("size", "crop", "crop_pos"))
-            if crop:
+            if box:
                 # the letterbox's picture, cut exactly (no resampling) before the resize sees the frames
                 anchor, shape = (fn.external_source(name=name, dtype=types.INT32, ndim=1)
                                  for name in ("box_anchor", "box_shape"))
@@ -285,11 +285,11 @@ def define_pipeline(device: str, device_id: Optional[int], resize: bool, crop: b
     return pipe, outputs
 
 
-def _pipeline(device: str, device_id: Optional[int], resize: bool, crop: bool = False):
+def _pipeline(device: str, device_id: Optional[int], resize: bool, box: bool = False):
     cache = _pipelines.__dict__.setdefault("cache", {})
-    key = (device, device_id, resize, crop)
+    key = (device, device_id, resize, box)
     if key not in cache:
-        pipe, _ = define_pipeline(device, device_id, resize, crop)
+        pipe, _ = define_pipeline(device, device_id, resize, box)
         pipe.build()
         cache[key] = pipe
     return cache[key]
