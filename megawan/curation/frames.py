@@ -52,18 +52,28 @@ def codec_name(stream) -> str:
     return getattr(codec, "canonical_name", None) or codec.name
 
 
+def display_rotation(matrix: bytes) -> float:
+    """Degrees counter-clockwise of a display matrix (nine int32, 16.16 fixed point but the last column), as
+    FFmpeg's av_display_rotation_get computes them."""
+    m = np.frombuffer(matrix, dtype="<i4", count=9).astype(np.float64) / 65536.0
+    scale0, scale1 = np.hypot(m[0], m[3]), np.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return 0.0
+    return -float(np.degrees(np.arctan2(m[1] / scale1, m[0] / scale0)))
+
+
 def rotation(frame, stream) -> int:
-    """Degrees counter-clockwise the picture is to be turned for display, in [0, 360): the display matrix
-    (PyAV >= 13 reads it into VideoFrame.rotation, as FFmpeg's av_display_rotation_get), else the legacy
-    `rotate` tag (clockwise degrees) where an older FFmpeg still puts it in the stream's metadata; 0 for none."""
-    degrees = getattr(frame, "rotation", None)
-    if not degrees:
-        tag = stream.metadata.get("rotate")
-        try:
-            degrees = -float(tag) if tag is not None else 0
-        except ValueError:
-            degrees = 0
-    return int(round(float(degrees))) % 360
+    """Degrees counter-clockwise the picture is to be turned for display, in [0, 360) (PyAV's VideoFrame.rotation
+    modulo 360): the display matrix the decoder attaches to the frame (FFmpeg copies the stream's to every frame;
+    read from the side data, which PyAV 12 already exposes), else the legacy `rotate` tag (clockwise degrees)
+    where an older FFmpeg still puts it in the stream's metadata; 0 for none."""
+    for data in frame.side_data:
+        if "DISPLAYMATRIX" in str(data.type).upper():
+            return int(round(display_rotation(bytes(data)))) % 360
+    try:
+        return int(round(-float(stream.metadata.get("rotate", 0)))) % 360
+    except ValueError:
+        return 0
 
 
 def probe(container, stream, length, rate, frame) -> dict:
