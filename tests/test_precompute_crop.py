@@ -14,6 +14,7 @@ import torch
 
 from megawan.data.buckets import parse_buckets
 from megawan.data.manifest import ManifestError, read_manifest
+from megawan.data.pixel_loader import PixelLoader
 from megawan.data.pixel_scan import scan_entry
 from megawan.data.precompute import PrecomputeJob, prepare, run_precompute
 from megawan.data.store import LatentStore
@@ -80,11 +81,16 @@ def test_cropped_letterbox_gives_the_bare_pictures_latents(clips, tmp_path):
                                torch.as_tensor(np.asarray(found["bare"][1])), rtol=0, atol=1e-6)
 
 
-def test_pixel_loader_scan_sees_the_box(clips):
+def test_pixel_loader_decodes_the_box(clips):
+    """train-vae's pixel loader: scanned at the box's size, and its centre crop is the bare picture's."""
     entries = {e.id: e for e in read_manifest(str(clips / "manifest.jsonl"))}
     scanned, reason = scan_entry(entries["cropped"], parse_buckets(BUCKETS), 16.0)
     assert reason is None and (scanned.height, scanned.width) == (32, 48)
     assert [b.name for b in scanned.buckets] == ["17x32x48"]
+    loader = PixelLoader([entries["bare"], entries["cropped"]], ["17x32x48"], global_batch_size=1, num_workers=0,
+                         decode="pyav", random_crop=False, verbose=False)
+    (bare, bare_id), (cropped, cropped_id) = (loader.load_sample("17x32x48", 0, i, 0, centre=True) for i in (0, 1))
+    assert (bare_id, cropped_id) == ("bare", "cropped") and torch.equal(bare, cropped)
 
 
 def test_a_bad_crop_is_refused_naming_the_row_and_field(clips, tmp_path):
