@@ -1,7 +1,8 @@
 """One clip's measures and verdict: read it once, measure everything, turn thresholds into reasons.
 
     record = measure_clip(entry, cfg, scorers)   # the report line of one manifest entry, before duplicates
-    # {"id", "path", "caption", "keep", "reasons", "scenes", "crop", "motion", "duplicate_of", "measures", ...}
+    # {"id", "path", "caption", "keep", "reasons", "scenes", "crop", "motion", "duplicate_of", "measures", "probe",
+    #  ...}
 
 `reasons` uses the vocabulary of megawan.config.curate.REASONS (docs/curation.md); `letterbox` keeps the clip
 (with its crop), every other reason rejects it. The duplicates pass (runner) adds `duplicate` afterwards. A file

@@ -35,6 +35,7 @@ DALI is imported inside the functions: megawan imports, and the PyAV path works,
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 from typing import NamedTuple, Optional
 
@@ -54,7 +55,7 @@ DEVICES = ("cpu", "gpu")
 def dali_available() -> bool:
     """DALI's Python package is importable (a CUDA device is asked separately, by megawan.capabilities)."""
     try:
-        import nvidia.dali.fn  # noqa: F401
+        importlib.import_module("nvidia.dali.fn")
     except Exception:  # not installed (ImportError), or a wheel for another CUDA / Python failing at import
         return False
     return True
