@@ -80,12 +80,24 @@ def test_two_shots_split_at_the_cut(curated):
 
 
 def test_letterbox_kept_with_its_crop(curated):
-    _, report, _ = curated
+    _, report, out = curated
     r = report["letterbox"]
     assert r["keep"] and r["reasons"] == ["letterbox"]
     assert all(abs(a - b) <= 2 for a, b in zip(r["crop"], LETTERBOX_CROP)), r["crop"]
     assert all(abs(a - b) <= 2 for a, b in zip(report["pillarbox"]["crop"], PILLARBOX_CROP))
     assert report["clean0"]["crop"] is None
+    rows = {e.id: e for e in read_manifest(os.path.join(out, "manifest.jsonl"))}  # precompute cuts to the crop
+    assert rows["letterbox"].crop == tuple(r["crop"]) and rows["pillarbox"].crop == tuple(report["pillarbox"]["crop"])
+    assert rows["clean0"].crop is None
+
+
+def test_probe_of_each_clip(curated):
+    """The container's answer, read in the measuring pass (audio and rotation: tests/test_curate_probe.py)."""
+    _, report, _ = curated
+    assert report["clean0"]["probe"] == {"container": "mov,mp4,m4a,3gp,3g2,mj2", "codec": "h264",
+                                         "duration_s": 2.0, "fps": 16.0, "width": 64, "height": 48, "rotation": 0,
+                                         "has_audio": False, "audio_codec": None}
+    assert report["broken_audio"]["probe"] is None  # no video stream: nothing measured
 
 
 def test_duplicates_clustered_with_their_original(curated):

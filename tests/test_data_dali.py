@@ -347,9 +347,9 @@ def test_prepare_on_gpu_with_dali_cpu_standing_in(dali, clips, monkeypatch):
     monkeypatch.setattr(capabilities, "cuda_available", lambda: True)
     monkeypatch.setattr(dali, "select_frames", lambda *a, device, **k: select(*a, device="cpu", **k))
 
-    def decode_on_cpu(path, clip, height, width, device, device_id):
+    def decode_on_cpu(path, clip, height, width, device, device_id, crop=None):
         asked.append((device, device_id))
-        return decode(path, clip, height, width, device="cpu")
+        return decode(path, clip, height, width, device="cpu", crop=crop)
 
     monkeypatch.setattr(dali, "decode_clip_dali", decode_on_cpu)
     ours = prepare(entry, buckets, 16, "dali-gpu", device_id=5)
@@ -366,6 +366,37 @@ def test_prepare_on_gpu_with_dali_cpu_standing_in(dali, clips, monkeypatch):
     short = prepare(ManifestEntry("c", clips["vp9"], "0.3 s", end=0.3), buckets, 16, "dali-gpu")
     assert short.skip_reason == "too short for any bucket (5 frames) at 16 fps: the shortest video bucket has 9"
     assert len(asked) == 1
+
+
+def test_dali_crop_box_is_sliced_before_the_resize(dali, clips, monkeypatch):
+    """A manifest row's `crop` (a letterbox's picture): sliced from the decoded frames inside the pipeline, on the
+    decoder's device (here the CPU graph, which the GPU one mirrors), before the resize; the same as slicing the
+    decoded frames and resizing them with torch. precompute's GPU branch picks the bucket from the box's size."""
+    box = (8, 6, 64, 48)  # x, y, w, h inside the 96x64 frame, off-centre: anchor order matters
+    clip = dali.select_frames(clips["vp9"], fps=16, device="cpu")
+    ours = dali.decode_clip_dali(clips["vp9"], clip, 32, 48, device="cpu", crop=box)
+    frames = decode_video(clips["vp9"], fps=16, backend="dali-cpu")[:, 6:54, 8:72]
+    inner, border = levels(ours, resize_center_crop(frames, 32, 48))
+    assert inner <= INNER_TOL and border <= BORDER_TOL, (inner, border)
+    with pytest.raises(DecodeError, match=r"crop \[40, 6, 64, 48\] reaches past the 96x64 frame"):
+        dali.decode_clip_dali(clips["vp9"], clip, 32, 48, device="cpu", crop=(40, 6, 64, 48))
+    _, (cropping, _) = dali.define_pipeline("gpu", 0, resize=True, box=True)
+    devices = {name: device for name, device, _ in graph([cropping])}
+    assert devices["Slice"] == devices["ResizeCropMirror"] == "gpu"
+
+    buckets = [Bucket(17, 48, 64), Bucket(17, 32, 64)]  # the 96x64 frame's aspect, the 96x48 box's
+    entry = ManifestEntry("a", clips["vp9"], "a red circle", crop=(0, 8, 96, 48))
+    ref = prepare(entry, buckets, 16, "dali-cpu")  # DALI decodes on the CPU, crop_frames + torch resize
+    select, decode = dali.select_frames, dali.decode_clip_dali
+    monkeypatch.setattr(capabilities, "cuda_available", lambda: True)
+    monkeypatch.setattr(dali, "select_frames", lambda *a, device, **k: select(*a, device="cpu", **k))
+    monkeypatch.setattr(dali, "decode_clip_dali", lambda *a, device, device_id, crop: decode(*a, device="cpu",
+                                                                                             crop=crop))
+    ours = prepare(entry, buckets, 16, "dali-gpu")
+    assert ours.bucket == ref.bucket == Bucket(17, 32, 64)
+    assert prepare(ManifestEntry("b", clips["vp9"], "bars"), buckets, 16, "dali-gpu").bucket == Bucket(17, 48, 64)
+    inner, border = levels(ours.video, ref.video)
+    assert inner <= INNER_TOL and border <= BORDER_TOL, (inner, border)
 
 
 @needs_cuda

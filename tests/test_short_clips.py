@@ -113,8 +113,8 @@ def test_every_dali_path_counts_and_buckets_like_pyav(dali, clips, monkeypatch, 
     select, decode = dali.select_frames, dali.decode_clip_dali
     monkeypatch.setattr(capabilities, "cuda_available", lambda: True)
     monkeypatch.setattr(dali, "select_frames", lambda *a, device, **k: select(*a, device="cpu", **k))
-    monkeypatch.setattr(dali, "decode_clip_dali", lambda path, clip, h, w, device, device_id:
-                        decode(path, clip, h, w, device="cpu"))
+    monkeypatch.setattr(dali, "decode_clip_dali", lambda path, clip, h, w, device, device_id, crop=None:
+                        decode(path, clip, h, w, device="cpu", crop=crop))
     gpu = prepare(ManifestEntry("g", path, "grey"), BUCKETS, 16, "dali-gpu")
     check(gpu, frames)
     assert gpu.skip_reason == pyav.skip_reason

@@ -7,7 +7,8 @@
     torchrun --nproc-per-node 8 tools/curate.py --manifest clips.jsonl --out curated/      # or under srun
 
 Writes curated/report.jsonl (one line per input clip: keep, reasons, scenes, crop, motion, duplicate_of,
-measures), curated/manifest.jsonl (the kept scenes, as tools/precompute_latents.py reads them) and
+measures, probe), curated/manifest.jsonl (the kept scenes, with a letterbox's crop, as tools/precompute_latents.py
+reads them) and
 curated/report.html. Each rank measures a disjoint slice; run it again after a kill and it measures only what is
 missing. A folder instead of a manifest is listed first (clip.mp4 + clip.txt captions, megawan.data.folder_manifest).
 """
@@ -42,7 +43,7 @@ def _skipped_record(row: dict) -> dict:
         kind = ("no_video" if "no video stream" in reason else "zero_length" if "empty file" in reason
                 else "undecodable")
     return {"id": row["id"], "path": row["path"], "caption": None, "keep": False, "reasons": [kind], "scenes": [],
-            "crop": None, "motion": None, "duplicate_of": None, "measures": {}, "error": reason}
+            "crop": None, "motion": None, "duplicate_of": None, "measures": {}, "probe": None, "error": reason}
 
 
 def entries_of(source: str, out: str, rank: int, barrier, progress: bool) -> tuple:

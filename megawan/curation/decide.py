@@ -1,7 +1,8 @@
 """One clip's measures and verdict: read it once, measure everything, turn thresholds into reasons.
 
     record = measure_clip(entry, cfg, scorers)   # the report line of one manifest entry, before duplicates
-    # {"id", "path", "caption", "keep", "reasons", "scenes", "crop", "motion", "duplicate_of", "measures", ...}
+    # {"id", "path", "caption", "keep", "reasons", "scenes", "crop", "motion", "duplicate_of", "measures", "probe",
+    #  ...}
 
 `reasons` uses the vocabulary of megawan.config.curate.REASONS (docs/curation.md); `letterbox` keeps the clip
 (with its crop), every other reason rejects it. The duplicates pass (runner) adds `duplicate` afterwards. A file
@@ -27,7 +28,7 @@ def keep_of(reasons: list) -> bool:
 
 def _base(entry) -> dict:
     return {"id": entry.id, "path": entry.path, "caption": entry.caption, "keep": False, "reasons": [],
-            "scenes": [], "crop": None, "motion": None, "duplicate_of": None, "measures": {}}
+            "scenes": [], "crop": None, "motion": None, "duplicate_of": None, "measures": {}, "probe": None}
 
 
 def failed(entry, reason: str, message: str) -> dict:
@@ -78,5 +79,5 @@ def measure_clip(entry, cfg, scorers=()) -> dict:
             measures[scorer_cfg.name] = value
             reasons += score_reasons(scorer_cfg, value)
     return {**_base(entry), "keep": keep_of(reasons), "reasons": reasons, "scenes": scenes,
-            "crop": crop if letterbox else None, "motion": moves["motion"], "measures": measures,
+            "crop": crop if letterbox else None, "motion": moves["motion"], "measures": measures, "probe": clip.probe,
             "hashes": clip_hashes(clip.keys, crop)}

@@ -5,6 +5,8 @@ pairs kept for optical flow), a few key frames at full size (for borders, exposu
     clip.pairs      # [(frame, next frame)] uint8 [h, w, 3], the longer side at most `side`
     clip.times      # [T] seconds from the file's start, every frame
     clip.keys       # uint8 [K, H, W, 3] at the source size, at clip.key_times
+    clip.probe      # {"container", "codec", "duration_s", "fps", "width", "height", "rotation", "has_audio",
+                    #  "audio_codec"}: the file as its container declares it, read in the same open
 
 A file that gives no clip raises ClipError with the report's reason: `no_video` (audio only), `zero_length` (an
 empty file, or a stream without one decodable frame) or `undecodable` (anything FFmpeg cannot read).
@@ -42,6 +44,46 @@ class Clip:
     start: float  # the window measured, seconds of the file
     end: float
     small_size: tuple  # (w, h) of the analysis frames
+    probe: dict  # `probe`'s answer
+
+
+def codec_name(stream) -> str:
+    codec = stream.codec_context.codec
+    return getattr(codec, "canonical_name", None) or codec.name
+
+
+def display_rotation(matrix: bytes) -> float:
+    """Degrees counter-clockwise of a display matrix (nine int32, 16.16 fixed point but the last column), as
+    FFmpeg's av_display_rotation_get computes them."""
+    m = np.frombuffer(matrix, dtype="<i4", count=9).astype(np.float64) / 65536.0
+    scale0, scale1 = np.hypot(m[0], m[3]), np.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return 0.0
+    return -float(np.degrees(np.arctan2(m[1] / scale1, m[0] / scale0)))
+
+
+def rotation(frame, stream) -> int:
+    """Degrees counter-clockwise the picture is to be turned for display, in [0, 360) (PyAV's VideoFrame.rotation
+    modulo 360): the display matrix the decoder attaches to the frame (FFmpeg copies the stream's to every frame;
+    read from the side data, which PyAV 12 already exposes), else the legacy `rotate` tag (clockwise degrees)
+    where an older FFmpeg still puts it in the stream's metadata; 0 for none."""
+    for data in frame.side_data:
+        if "DISPLAYMATRIX" in str(data.type).upper():
+            return int(round(display_rotation(bytes(data)))) % 360
+    try:
+        return int(round(-float(stream.metadata.get("rotate", 0)))) % 360
+    except ValueError:
+        return 0
+
+
+def probe(container, stream, length, rate, frame) -> dict:
+    """What the container says about the file (no extra pass: `frame` is the first one decoded, which carries the
+    display matrix); `duration_s` the stream's declared length (null when it declares none)."""
+    audio = next((s for s in container.streams if s.type == "audio"), None)
+    return {"container": container.format.name, "codec": codec_name(stream),
+            "duration_s": None if length is None else round(length, 4), "fps": None if not rate else round(rate, 4),
+            "width": frame.width, "height": frame.height, "rotation": rotation(frame, stream),
+            "has_audio": audio is not None, "audio_codec": None if audio is None else codec_name(audio)}
 
 
 def _reason(error: DecodeError) -> str:
@@ -110,6 +152,7 @@ def read_clip(path: str, side: int = 256, key_frames: int = 3, start: Optional[f
                     break
                 if size is None:
                     size = small_size(frame.width, frame.height, side)
+                    probed = probe(container, stream, length, rate, frame)
                 small = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
                 if on_frame is not None:
                     on_frame(small, t)
@@ -132,7 +175,7 @@ def read_clip(path: str, side: int = 256, key_frames: int = 3, start: Optional[f
         step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / (rate or 16.0)
         height, width = keys[0].shape[:2]
         return Clip(kept, np.asarray(times), np.stack(keys), np.asarray(key_times), width, height,
-                    rate or 1.0 / step, times[0], times[-1] + step, size)
+                    rate or 1.0 / step, times[0], times[-1] + step, size, probed)
 
 
 def thumbnail(path: str, at: float, side: int = 160) -> Optional[np.ndarray]:

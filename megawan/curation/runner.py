@@ -7,7 +7,8 @@ Files under the output folder:
     parts/rank00000.jsonl   one record per clip measured by that rank, appended and flushed clip by clip
     config.json             what the records were measured with (a re-run with other thresholds is refused)
     report.jsonl            one line per input clip, in manifest order (written last, tmp + rename)
-    manifest.jsonl          the kept scenes, the format tools/precompute_latents.py reads (tmp + rename)
+    manifest.jsonl          the kept scenes (a letterbox's `crop` in the row), the format tools/precompute_latents.py
+                            reads (tmp + rename)
     report.html, report/    histograms and thumbnails (megawan.curation.report)
 
 Resuming: a re-run (any world size) reads every part file, skips the clips already there and measures the rest; a
@@ -121,7 +122,8 @@ def measure_slice(entries: list, out: str, cfg, rank: int = 0, world_size: int =
 
 
 def scene_rows(record: dict, entry, min_duration: float) -> list:
-    """The manifest rows of a kept clip: one per scene of at least `min_duration` seconds."""
+    """The manifest rows of a kept clip: one per scene of at least `min_duration` seconds, with the clip's `crop`
+    when it is letterboxed."""
     scenes = [s for s in record["scenes"] if s[1] - s[0] >= min_duration - 1e-6]
     m = record["measures"]
     rows = []
@@ -130,6 +132,9 @@ def scene_rows(record: dict, entry, min_duration: float) -> list:
                "path": record["path"], "caption": record["caption"], "start": start, "end": end}
         if entry is not None and entry.fps is not None:
             row["fps"] = entry.fps
+        crop = record["crop"] or (list(entry.crop) if entry is not None and entry.crop else None)
+        if crop:  # the letterbox's picture (else the input row's own crop): precompute cuts every frame to it
+            row["crop"] = crop
         rows.append({**row, "duration": round(end - start, 4), "width": m["width"], "height": m["height"],
                      "source_fps": m["fps"]})
     return rows

@@ -35,6 +35,7 @@ DALI is imported inside the functions: megawan imports, and the PyAV path works,
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 from typing import NamedTuple, Optional
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from megawan import capabilities
 from megawan.data.buckets import CoverCrop, cover_crop
-from megawan.data.decoding import DecodeError, UnsupportedCodecError, frame_indices, open_video
+from megawan.data.decoding import DecodeError, UnsupportedCodecError, check_crop, frame_indices, open_video
 
 # codec names as FFmpeg's avcodec_get_name gives them (PyAV: codec_context.codec.canonical_name)
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -54,7 +55,7 @@ DEVICES = ("cpu", "gpu")
 def dali_available() -> bool:
     """DALI's Python package is importable (a CUDA device is asked separately, by megawan.capabilities)."""
     try:
-        import nvidia.dali.fn  # noqa: F401
+        importlib.import_module("nvidia.dali.fn")
     except Exception:  # not installed (ImportError), or a wheel for another CUDA / Python failing at import
         return False
     return True
@@ -128,10 +129,12 @@ def decode_video_dali(path: str, fps: float = 16.0, num_frames: Optional[int] = 
 
 
 def decode_clip_dali(path: str, clip: Selection, height: int, width: int, device: str = "gpu",
-                     device_id: Optional[int] = None):
+                     device_id: Optional[int] = None, crop: Optional[tuple] = None):
     """The clip ready for the VAE: float32 [3, T, height, width] in [-1, 1], T = len(clip.frames).
 
     clip: what `select_frames` gave for this file (cut to a bucket's length: `clip._replace(frames=...[:n])`).
+    crop: a manifest row's box (x, y, w, h) in source pixels (a letterbox's picture): the decoded frames are
+    sliced to it on the decoder's device before the resize, which then sees a w x h clip.
     Decoded, resized and centre-cropped (`buckets.cover_crop`) by DALI on `device`: "gpu" gives a tensor on
     cuda:device_id (by default this rank's GPU) that never went through host memory; "cpu" runs the same graph
     on the CPU and gives a CPU tensor. The result is `resize_center_crop` of the decoded frames up to float
@@ -142,8 +145,11 @@ def decode_clip_dali(path: str, clip: Selection, height: int, width: int, device
     _check_device(device)
     unique, inverse = np.unique(np.asarray(clip.frames, dtype=np.int32), return_inverse=True)
     device_id = _device_id(device, device_id)
-    video, decoded = _run(path, unique, device, device_id, window_inputs(cover_crop(clip.height, clip.width,
-                                                                                    height, width)))
+    box_height, box_width = check_crop(crop, clip.height, clip.width, path)
+    window = window_inputs(cover_crop(box_height, box_width, height, width))
+    if crop is not None:
+        window.update(box_inputs(crop))
+    video, decoded = _run(path, unique, device, device_id, window)
     # the resize was sized from the probed frame size: a decoder that disagrees would distort the clip silently
     shape = tuple(int(v) for v in decoded.as_array()[0])  # [F, H, W, C] as decoded
     if shape != (len(unique), clip.height, clip.width, 3):
@@ -165,6 +171,13 @@ def window_inputs(crop: CoverCrop) -> dict:
     return {"size": np.array(crop.resized, dtype=np.float32),
             "crop": np.array([crop.height, crop.width], dtype=np.float32),
             "crop_pos": np.array(pos, dtype=np.float32)}
+
+
+def box_inputs(crop: tuple) -> dict:
+    """What the cropping pipeline is fed beside `window_inputs`: the box's `box_anchor` [y, x] and `box_shape`
+    [h, w] in source pixels, for the slice of the decoded [F, H, W, C] frames along H and W."""
+    x, y, w, h = crop
+    return {"box_anchor": np.array([y, x], dtype=np.int32), "box_shape": np.array([h, w], dtype=np.int32)}
 
 
 def resize_args() -> dict:
@@ -229,9 +242,10 @@ def _probe(path: str) -> tuple:
 _pipelines = threading.local()
 
 
-def define_pipeline(device: str, device_id: Optional[int], resize: bool):
+def define_pipeline(device: str, device_id: Optional[int], resize: bool, box: bool = False):
     """(pipeline, its outputs), defined but not built: the outputs are the decoded uint8 frames [F, H, W, 3], or,
-    with `resize`, the prepared clip [3, F, H, W] float32 in [-1, 1] and the decoded frames' shape. Building
+    with `resize`, the prepared clip [3, F, H, W] float32 in [-1, 1] and the decoded frames' shape; with `box`
+    too, the frames are sliced to a box (`box_inputs`) on the decoder's device before the resize. Building
     needs the device; defining does not, so the graph of a GPU pipeline can be read on any machine."""
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
@@ -255,8 +269,15 @@ def define_pipeline(device: str, device_id: Optional[int], resize: bool):
         if resize:
             size, crop, pos = (fn.external_source(name=name, dtype=types.FLOAT, ndim=1)
                                for name in ("size", "crop", "crop_pos"))
+            if box:
+                # the letterbox's picture, cut exactly (no resampling) before the resize sees the frames
+                anchor, shape = (fn.external_source(name=name, dtype=types.INT32, ndim=1)
+                                 for name in ("box_anchor", "box_shape"))
+                video_in = fn.slice(video, anchor, shape, axes=[1, 2], device=device)
+            else:
+                video_in = video
             # resize then crop, fused: one resampling pass over the source region that maps onto the window
-            clip = fn.resize_crop_mirror(video, device=device, size=size, crop=crop, crop_pos_y=pos[0],
+            clip = fn.resize_crop_mirror(video_in, device=device, size=size, crop=crop, crop_pos_y=pos[0],
                                          crop_pos_x=pos[1], **resize_args())
             clip = fn.transpose(clip, device=device, perm=[3, 0, 1, 2])  # FHWC -> CFHW: the VAE's [3, T, H, W]
             clip = dmath.clamp(clip / 127.5 - 1.0, -1.0, 1.0)  # as resize_center_crop scales
@@ -265,11 +286,11 @@ def define_pipeline(device: str, device_id: Optional[int], resize: bool):
     return pipe, outputs
 
 
-def _pipeline(device: str, device_id: Optional[int], resize: bool):
+def _pipeline(device: str, device_id: Optional[int], resize: bool, box: bool = False):
     cache = _pipelines.__dict__.setdefault("cache", {})
-    key = (device, device_id, resize)
+    key = (device, device_id, resize, box)
     if key not in cache:
-        pipe, _ = define_pipeline(device, device_id, resize)
+        pipe, _ = define_pipeline(device, device_id, resize, box)
         pipe.build()
         cache[key] = pipe
     return cache[key]
@@ -277,10 +298,12 @@ def _pipeline(device: str, device_id: Optional[int], resize: bool):
 
 def _run(path: str, frames: np.ndarray, device: str, device_id: Optional[int], window: Optional[dict] = None):
     """The pipeline's outputs (DALI tensor lists, batch of one, valid until this thread's next run) for `frames`
-    (ascending DALI frame indices) of one file; with `window` (`window_inputs`), the resizing pipeline's."""
+    (ascending DALI frame indices) of one file; with `window` (`window_inputs`), the resizing pipeline's, and
+    with `box_inputs` in it, the cropping one's."""
     # DALI decodes from memory: the whole file is read (fine for clips; a window of a long film reads it all)
     encoded = np.fromfile(path, dtype=np.uint8)
-    pipe = _pipeline(device, device_id, window is not None)
+    key = (device, device_id, window is not None, "box_anchor" in (window or {}))
+    pipe = _pipeline(*key)
     try:
         pipe.feed_input("encoded", [encoded])
         pipe.feed_input("frames", [np.asarray(frames, dtype=np.int32)])
@@ -288,7 +311,7 @@ def _run(path: str, frames: np.ndarray, device: str, device_id: Optional[int], w
             pipe.feed_input(name, [value])
         return pipe.run()
     except (RuntimeError, IndexError) as e:
-        _pipelines.cache.pop((device, device_id, window is not None), None)
+        _pipelines.cache.pop(key, None)
         raise DecodeError(path, f"corrupt video stream (DALI: {_dali_reason(e)})") from None
 
 

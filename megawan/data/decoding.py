@@ -110,3 +110,23 @@ def decode_first_frame(container, stream, path: str):
     if first is None:
         raise DecodeError(path, "no decodable frames")
     return first
+
+
+def check_crop(crop: Optional[tuple], height: int, width: int, path: str) -> tuple:
+    """(height, width) of the frames after a manifest row's `crop` (x, y, w, h): the box's size, or the frame's
+    without one. DecodeError when the box reaches past the height x width frame (a crop measured on another file)."""
+    if crop is None:
+        return height, width
+    x, y, w, h = crop
+    if x + w > width or y + h > height:
+        raise DecodeError(path, f"crop [{x}, {y}, {w}, {h}] reaches past the {width}x{height} frame")
+    return h, w
+
+
+def crop_frames(frames: np.ndarray, crop: Optional[tuple], path: str) -> np.ndarray:
+    """uint8 [T, H, W, 3] cut to the row's `crop` box (a view; the frames themselves without one)."""
+    if crop is None:
+        return frames
+    check_crop(crop, frames.shape[1], frames.shape[2], path)
+    x, y, w, h = crop
+    return frames[:, y:y + h, x:x + w]

@@ -1,5 +1,7 @@
 """Manifests of videos and images with captions: JSONL or CSV rows with `path`, `caption` and optional
-`start`, `end` (seconds), `fps` (sampling rate for this clip) and `id`.
+`start`, `end` (seconds), `fps` (sampling rate for this clip), `id` and `crop` ([x, y, w, h] in source pixels:
+the picture inside a letterbox, as tools/curate.py finds it; precompute and the pixel loader cut every frame to it
+before choosing the bucket, JSON list or, in CSV, "x y w h").
 
     entries = read_manifest("clips.jsonl")     # [ManifestEntry(id=..., path=..., caption=..., ...)]
 
@@ -40,6 +42,7 @@ class ManifestEntry:
     # why this row cannot give a sample (a WebDataset sample without a caption or a video): precompute reports it
     # as skipped, with this reason, and decodes nothing
     problem: Optional[str] = None
+    crop: Optional[tuple] = None  # (x, y, w, h) source pixels: the frames are cut to this box before anything else
 
     @property
     def is_image(self) -> bool:
@@ -77,10 +80,28 @@ def _number(value, path, number, field):
     return out
 
 
+def _crop(value, path, number):
+    """[x, y, w, h] (JSON) or "x y w h" / "x,y,w,h" (CSV) -> a tuple of four ints, x, y >= 0 and w, h > 0."""
+    items = value
+    if isinstance(value, str):
+        items = value.strip().strip("[]").replace(",", " ").split()
+        try:
+            items = [int(v) for v in items]
+        except ValueError:
+            items = None
+    if (not isinstance(items, (list, tuple)) or len(items) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in items)):
+        raise ManifestError(f"{path}: row {number}, field 'crop': {value!r} is not [x, y, w, h] (four integers)")
+    x, y, w, h = items
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise ManifestError(f"{path}: row {number}, field 'crop': {value!r} needs x, y >= 0 and w, h > 0")
+    return tuple(items)
+
+
 def read_manifest(path: str) -> list:
     root = os.path.dirname(os.path.abspath(path))
     entries, seen = [], {}
-    known = {"id", "path", "caption", "start", "end", "fps"}
+    known = {"id", "path", "caption", "start", "end", "fps", "crop"}
     for number, row in _rows(path):
         unknown = sorted(set(row) - known - set(PROBE_FIELDS))
         if unknown:
@@ -91,6 +112,7 @@ def read_manifest(path: str) -> list:
         start = _number(row["start"], path, number, "start") if "start" in row else None
         end = _number(row["end"], path, number, "end") if "end" in row else None
         fps = _number(row["fps"], path, number, "fps") if "fps" in row else None
+        crop = _crop(row["crop"], path, number) if row.get("crop") is not None else None
         if start is not None and end is not None and end <= start:
             raise ManifestError(f"{path}: row {number}, field 'end': {end} is not after start {start}")
         if fps is not None and fps == 0:
@@ -101,5 +123,5 @@ def read_manifest(path: str) -> list:
         if sample_id in seen:
             raise ManifestError(f"{path}: row {number}, field 'id': {sample_id!r} repeats row {seen[sample_id]}")
         seen[sample_id] = number
-        entries.append(ManifestEntry(sample_id, media, row["caption"], start, end, fps))
+        entries.append(ManifestEntry(sample_id, media, row["caption"], start, end, fps, crop=crop))
     return entries

@@ -52,7 +52,7 @@ from megawan import capabilities
 from megawan.config.fields import ConfigError
 from megawan.data.buckets import Bucket, cover_crop, parse_buckets
 from megawan.data import dali
-from megawan.data.decoding import DecodeError
+from megawan.data.decoding import DecodeError, crop_frames
 from megawan.data.loader import split_even
 from megawan.data.pixel_scan import Scanned, crop_origin, scan, temporal_offsets
 from megawan.data.video import BACKENDS, decode_image, decode_video
@@ -255,7 +255,8 @@ class PixelLoader:
                                       backend=self.decode)
         if len(frames) < bucket.frames:
             raise DecodeError(entry.path, f"gave {len(frames)} frames, the scan counted {sample.frames}")
-        return to_bucket(frames[: bucket.frames], bucket.height, bucket.width, u), entry.id
+        frames = crop_frames(frames[: bucket.frames], entry.crop, entry.path)  # the row's letterbox crop, first
+        return to_bucket(frames, bucket.height, bucket.width, u), entry.id
 
     def _fail(self, sample: Scanned, bucket: str, reason: str, step: int) -> None:
         with self._lock:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from megawan.data.decoding import DecodeError, available_frames, decode_first_frame, open_video
+from megawan.data.decoding import DecodeError, available_frames, check_crop, decode_first_frame, open_video
 from megawan.data.manifest import ManifestEntry
 from megawan.data.video import decode_image
 from megawan.data.webdataset import local_copy
@@ -112,6 +112,7 @@ def scan_entry(entry: ManifestEntry, buckets: list, fps: float) -> tuple:
                 frames, first, origin, step = 1, 0.0, 0.0, 0.0
             else:
                 frames, height, width, first, origin, step = probe_video_window(path, rate, entry.start, entry.end)
+            height, width = check_crop(entry.crop, int(height), int(width), entry.path)  # a letterbox's picture
     except DecodeError as e:
         return None, e.reason
     except (ImportError, NameError, AttributeError, TypeError):

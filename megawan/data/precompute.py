@@ -41,7 +41,7 @@ from megawan.convert import load_state_dict_file
 from megawan.data import dali
 from megawan.data.buckets import STAGE_BUCKETS, Bucket, assign_bucket, parse_buckets, resize_center_crop
 from megawan.data.conditioning import KINDS, clip_images, conditioning_video, frame_mask, given_frames
-from megawan.data.decoding import DecodeError, UnsupportedCodecError
+from megawan.data.decoding import DecodeError, UnsupportedCodecError, check_crop, crop_frames
 from megawan.data.manifest import ManifestEntry
 from megawan.data.store import LatentStore, Sample
 from megawan.data.store_metadata import ConditioningMetadata, StoreMetadata, TextEncoderMetadata, VAEMetadata
@@ -146,7 +146,9 @@ def _prepare_file(entry: ManifestEntry, buckets: list, fps: float, decode_backen
     A video goes through DALI on the GPU with decode_backend "dali-gpu", or "auto" where CUDA and DALI are there
     (a codec NVDEC refuses then falls back to PyAV): decoded, resized and cropped on GPU `device_id` (by default
     the calling thread's current one), `video` a CUDA tensor. Otherwise decoded on the CPU (PyAV, or DALI's CPU
-    decoder) and resized there by `resize_center_crop`. Both use `buckets.cover_crop`'s geometry."""
+    decoder) and resized there by `resize_center_crop`. Both use `buckets.cover_crop`'s geometry. A row's `crop`
+    box (a letterbox's picture) is cut from the decoded frames first, on the same device: the bucket is chosen
+    from the box's size; a box past the frame skips the row."""
     on_gpu = decode_backend == "dali-gpu" or (decode_backend == "auto" and capabilities.cuda_available()
                                               and dali.dali_available())
     try:
@@ -172,6 +174,7 @@ def _prepare_file(entry: ManifestEntry, buckets: list, fps: float, decode_backen
                     decode_backend = "pyav"  # a codec NVDEC does not take (e.g. ProRes): FFmpeg reads it
             kwargs = {"backend": decode_backend} if decode_backend != "auto" else {}
             frames = decode_video(entry.path, fps=rate, start=entry.start, end=end, **kwargs)
+        frames = crop_frames(frames, entry.crop, entry.path)  # a letterbox's picture: its size picks the bucket
     except DecodeError as e:
         return Prepared(entry, skip_reason=e.reason)
     except (ImportError, NameError, AttributeError, TypeError):
@@ -191,11 +194,12 @@ def _prepare_on_gpu(entry: ManifestEntry, buckets: list, rate: float, end: float
     """The frames chosen from the container (nothing decoded yet), the bucket from their count and size, then
     only the bucket's frames decoded, resized and cropped by DALI on the GPU."""
     clip = dali.select_frames(entry.path, fps=rate, start=entry.start, end=end, device="gpu")
-    bucket = assign_bucket(buckets, frames=len(clip.frames), height=clip.height, width=clip.width)
+    height, width = check_crop(entry.crop, clip.height, clip.width, entry.path)  # the box's size, when a row has one
+    bucket = assign_bucket(buckets, frames=len(clip.frames), height=height, width=width)
     if bucket is None:
         return Prepared(entry, skip_reason=_no_bucket(buckets, False, len(clip.frames), rate))
     video = dali.decode_clip_dali(entry.path, clip._replace(frames=clip.frames[: bucket.frames]), bucket.height,
-                                  bucket.width, device="gpu", device_id=device_id)
+                                  bucket.width, device="gpu", device_id=device_id, crop=entry.crop)
     return Prepared(entry, bucket, video, _clip_indices(first, bucket))
 
 
