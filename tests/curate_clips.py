@@ -23,8 +23,18 @@ H, W, T, FPS = 48, 64, 32, 16
 
 def texture(seed: int, height: int, width: int, block: int = 4) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    small = rng.integers(40, 220, size=(height // block + 1, width // block + 1, 3), dtype=np.uint8)
+    # grey blocks, lightly tinted: natural footage's hue changes little from one frame to the next, while random
+    # saturated blocks panned by a pixel score ~20 in PySceneDetect's HSV content score, next to its cut level 27
+    grey = rng.integers(40, 220, size=(height // block + 1, width // block + 1, 1))
+    small = np.clip(grey + rng.integers(-12, 13, size=grey.shape[:2] + (3,)), 0, 255).astype(np.uint8)
     return np.repeat(np.repeat(small, block, axis=0), block, axis=1)[:height, :width]
+
+
+def _bounce(t: int, speed: int, span: int) -> int:
+    """Position at frame t of an object moving `speed` px / frame back and forth over [0, span] (no jump: a square
+    that wraps round from one side to the other is a cut to a content detector)."""
+    p = speed * t % (2 * span)
+    return p if p <= span else 2 * span - p
 
 
 def clean(seed: int, frames: int = T, height: int = H, width: int = W) -> np.ndarray:
@@ -33,7 +43,7 @@ def clean(seed: int, frames: int = T, height: int = H, width: int = W) -> np.nda
     out = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
         out[t] = big[4:4 + height, t:t + width]
-        x, y = 4 + 2 * t % (width - 12), height // 3
+        x, y = 4 + _bounce(t, 2, width - 16), height // 3
         out[t, y:y + 10, x:x + 10] = (250 - 7 * seed % 60, 240, 60 + 11 * seed % 100)
     return out
 
@@ -42,7 +52,8 @@ def objects_only(seed: int) -> np.ndarray:
     """A still camera, a large square crossing the picture (3 px / frame): the objects move, not the camera."""
     out = np.repeat(texture(seed, H, W)[None], T, axis=0)
     for t in range(T):
-        out[t, 14:34, 3 * t % (W - 20):3 * t % (W - 20) + 20] = (230, 60, 60)
+        x = _bounce(t, 3, W - 20)
+        out[t, 14:34, x:x + 20] = (230, 60, 60)
     return out
 
 
