@@ -96,17 +96,16 @@ def test_trained_tiny_vae_keeps_the_colors_of_held_out_clips_and_stills(trained_
     assert ((z.std(1) > 0.6) & (z.std(1) < 1.4)).all()
 
 
-def test_write_tiny_encoders_trains_the_vae_with_the_job_deterministically(tmp_path):
+def test_write_tiny_encoders_trains_the_vae_with_the_job(tmp_path):
     """`megawan train-vae` runs both stages of examples/configs/vae/tiny_demo_stage*.yaml (1 step each here); the
-    weights come from the job's last checkpoint, the same for the same seed; only the VAE changes."""
+    weights come from the job's last checkpoint; only the VAE changes (the job's own determinism: test_train_vae)."""
     plain = write_tiny_encoders(str(tmp_path / "plain"))
-    runs = [write_tiny_encoders(str(tmp_path / name), train_vae_steps=2, seed=0) for name in ("a", "b")]
-    stats = runs[0]["vae_training"]
+    trained = write_tiny_encoders(str(tmp_path / "trained"), train_vae_steps=2, seed=0)
+    stats = trained["vae_training"]
     assert "vae_training" not in plain and stats["steps"] == 2 and [s["steps"] for s in stats["stages"]] == [1, 1]
     assert stats["stages"][0]["config"].endswith("tiny_demo_stage1.yaml") and math.isfinite(stats["psnr"])
-    assert os.path.exists(tmp_path / "a" / "vae_training" / "stage2_clips" / "latest")
-    a, b = torch.load(plain["text_encoder"]), torch.load(runs[0]["text_encoder"])
+    assert os.path.exists(tmp_path / "trained" / "vae_training" / "stage2_clips" / "latest")
+    a, b = torch.load(plain["text_encoder"]), torch.load(trained["text_encoder"])
     assert all(torch.equal(a[k], b[k]) for k in a)
-    a, b, c = (torch.load(r["vae"]) for r in (plain, *runs))
+    a, b = torch.load(plain["vae"]), torch.load(trained["vae"])
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(b[k], c[k]) for k in b)
