@@ -9,7 +9,7 @@ from megawan.config import vae_preset
 from megawan.config.fields import ConfigError
 from megawan.config.vae import diffusers_vae_config_json
 from megawan.models.vae import WanVAE
-from megawan.models.vae.inflate import image_vae_config, inflate_image_vae, per_frame_init
+from megawan.models.vae.inflate import freeze_earlier_time_taps, image_vae_config, inflate_image_vae, per_frame_init
 
 ATOL = 1e-5
 
@@ -74,6 +74,23 @@ def test_per_frame_init_is_an_image_autoencoder_per_frame():
     clip = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
     mean, _ = vae.encode(clip)
     assert mean[:, :, 1].abs().sum() > 0 and _close(mean[:, :, 1:], vae.encode(clip[:, :, 4:5])[0])
+
+
+def test_frozen_time_taps_get_no_gradient_and_the_resampling_convs_do():
+    from megawan.models.vae.blocks import Resample
+
+    vae = WanVAE(vae_preset("tiny-2.1"))
+    per_frame_init(vae, torch.Generator().manual_seed(0))
+    handles = freeze_earlier_time_taps(vae)
+    mean, _ = vae.encode(torch.rand(1, 3, 5, 16, 16) * 2 - 1, chunked=False)
+    mean.square().sum().backward()
+    resampling = [m.time_conv.weight for m in vae.modules() if isinstance(m, Resample) and hasattr(m, "time_conv")]
+    causal = [m.weight for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv3d) and m.weight.shape[2] > 1
+              and all(m.weight is not w for w in resampling)]
+    assert len(handles) > 0 and causal and resampling
+    assert all(w.grad[:, :, :-1].abs().max() == 0 for w in causal)
+    assert any(w.grad[:, :, -1].abs().max() > 0 for w in causal)
+    assert any(w.grad.abs().max() > 0 for w in resampling if w.grad is not None)
 
 
 def test_refusals_name_the_field_and_key():

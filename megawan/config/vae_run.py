@@ -10,10 +10,11 @@ the VAE's strides take, LPIPS weights) is checked by megawan.training.vae_prefli
 rank starts.
 
     vae:        {preset: tiny-2.1, <any VAEConfig field>}       the architecture (image_only: the 2D stage-1 VAE)
-    init:       {from: null, inflate: false, freeze_encoder: false, per_frame: false, logvar: null}
+    init:       {from: null, inflate: false, freeze_encoder: false, per_frame: false, logvar: null,
+                 freeze_time_taps: false}
     data:       {manifest, buckets, global_batch_size, micro_batch_size, num_workers, fps, decode, random_crop}
     loss:       {l1, kl, lpips, lpips_vgg, lpips_lin, gan, gan_start, disc_lr, disc_betas, adaptive_gan_weight,
-                 latent_moments, mse, foreground_weight, foreground_threshold, disc_base,
+                 latent_moments, mse, foreground_weight, foreground_threshold, foreground_color, disc_base,
                  disc_layers}
     optimizer:  run.OptimizerConfig      checkpoint: run.CheckpointConfig     logging: run.LoggingConfig
     parallel:   run.ParallelConfig (data parallel only: the overlap / bucket fields)
@@ -47,6 +48,9 @@ class InitConfig:
     # the temporal resampling convs identities (megawan.models.vae.inflate.per_frame_init)
     per_frame: bool = False
     logvar: Optional[float] = None  # a fresh initialisation's posterior log-variance (quant_conv bias), e.g. -6
+    # the causal convs' earlier time taps stay as they start (zero after inflate / per_frame): only the temporal
+    # resampling convs mix frames (megawan.models.vae.inflate.freeze_earlier_time_taps)
+    freeze_time_taps: bool = False
 
 
 @dataclass

@@ -37,6 +37,7 @@ from megawan.checkpoint_integrity import CheckpointError
 from megawan.config.vae_run import VAERunConfig, load_vae_config, vae_run_config_dict
 from megawan.models.vae import WanVAE
 from megawan.models.vae.discriminator import Discriminator3D
+from megawan.models.vae.inflate import freeze_earlier_time_taps
 from megawan.parallel import initialize
 from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.training.ema import EMA
@@ -116,6 +117,8 @@ class VAETrainer:
         if cfg.init.freeze_encoder:  # decoder-only: the latents of existing stores stay valid
             vae.encoder.requires_grad_(False)
             vae.quant_conv.requires_grad_(False)
+        if cfg.init.freeze_time_taps:
+            freeze_earlier_time_taps(vae)  # hooks on the weights: before megatron's DDP copies the grads out
         overlap = Overlap.resolve(cfg.parallel)
         self.chunks = [TrainableVAE(vae.to(self.device))]
         self.vae_ddp = wrap_data_parallel(self.chunks[:1], distributed_optimizer=True, overlap=overlap)

@@ -127,3 +127,19 @@ def per_frame_init(vae: nn.Module, generator: torch.Generator) -> None:
             m.proj.weight.zero_()
         elif isinstance(m, Resample) and hasattr(m, "time_conv"):
             _time_conv_identity(m.time_conv.weight, upsample=m.mode == "upsample3d")
+
+
+def freeze_earlier_time_taps(vae: nn.Module) -> list:
+    """Keep the earlier time taps of `vae`'s causal 3D convs as they are (zero after inflation or per_frame_init):
+    a gradient hook on each such weight zeroes all but its current-frame tap's gradient, so only the temporal
+    resampling convs mix frames. Returns the hook handles. Why: in a short clip stage the earlier taps, trained
+    from zero, made a tiny VAE's colours drift along a clip (docs/vae_training.md, "The demo's tiny VAE")."""
+    resampling = {id(m.time_conv.weight) for m in vae.modules() if isinstance(m, Resample) and hasattr(m, "time_conv")}
+    handles = []
+    for m in vae.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Conv3d) and w.shape[2] > 1 and id(w) not in resampling and w.requires_grad:
+            mask = torch.zeros_like(w)
+            mask[:, :, -1] = 1
+            handles.append(w.register_hook(lambda g, mask=mask: g * mask.to(g.dtype)))
+    return handles
