@@ -27,7 +27,7 @@ def _step(compile_mode):
     cfg = dit_preset("tiny", num_layers=2)
     model = WanDiT(cfg)
     torch.nn.init.normal_(model.head.linear.weight)  # a non-zero head, so every parameter gets a gradient
-    apply_compile(model, compile_mode, backend="aot_eager")
+    apply_compile(model, compile_mode, backend="aot_eager", fullgraph=True)  # one graph: no break in a block
     # the trainer's order: compile first, then recompute / offload wrap the compiled forwards
     apply_activation_recompute(model, "full", every=2)
     apply_activation_offload(model, 1)

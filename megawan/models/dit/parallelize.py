@@ -163,24 +163,27 @@ def apply_activation_offload(model: nn.Module, num_blocks: int) -> nn.Module:
 # compile
 
 
-def apply_compile(model: nn.Module, mode: str = "blocks", backend: str = "inductor") -> nn.Module:
-    """torch.compile every block's forward on its own (fullgraph). Apply it before recompute and offload: their
-    wrappers then run around the compiled forward (Dynamo cannot trace save_on_cpu).
+def apply_compile(model: nn.Module, mode: str = "blocks", backend: str = "inductor", fullgraph: bool = False
+                  ) -> nn.Module:
+    """torch.compile every block's forward on its own. Apply it before recompute and offload: their wrappers
+    then run around the compiled forward (Dynamo cannot trace save_on_cpu).
 
     Every block runs the same code on same-shaped weights, so Dynamo traces one graph and every block reuses it
-    (weights are graph inputs): one compile however deep the model, where a whole-model compile traces every
-    block again and breaks its graph at the pipeline / context-parallel collectives between them. Inside a
-    compiled block `kernels` hands everything to the compiler (kernels.dispatch.kernel_mode: "torch"), so
-    Inductor fuses the modulated LayerNorms and gated adds with their neighbours, forward and backward.
-    Inductor runs with `kernels.dispatch.inductor_options` (mix-order reduction off: it returned wrong-shaped,
-    and wrong, modulation gradients). A new sequence length compiles once more, then the graph is
-    shape-generic. Only forwards are wrapped (no `_orig_mod.` module): parameter names and checkpoints are unchanged.
+    (weights are graph inputs): one compile however deep the model. Inside a compiled block `kernels` hands
+    everything to the compiler (kernels.dispatch.kernel_mode: "torch"), so Inductor fuses the modulated
+    LayerNorms and gated adds with their neighbours, forward and backward. Inductor runs with
+    `kernels.dispatch.inductor_options` (mix-order reduction off: it returned wrong-shaped, and wrong, modulation
+    gradients). A new sequence length compiles once more, then the graph is shape-generic. The local backend's
+    one-rank block is one graph (tests/test_compile.py: fullgraph=True); by default what Dynamo cannot trace
+    (Transformer Engine modules, TP / CP collectives: not tried) runs eagerly between compiled pieces. Only
+    forwards are wrapped (no `_orig_mod.` module): parameter names and checkpoints are unchanged.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
     if mode == "none":
         return model
+    kwargs = compile_kwargs(backend, fullgraph)
     for dit in _dits(model):
         for block in dit.blocks:
-            _wrap_forward(block, lambda forward: torch.compile(forward, **compile_kwargs(backend, fullgraph=True)))
+            _wrap_forward(block, lambda forward: torch.compile(forward, **kwargs))
     return model
