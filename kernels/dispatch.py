@@ -34,9 +34,8 @@ def kernel_mode(t: torch.Tensor) -> str:
     MEGAWAN_KERNELS picks one; auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1.
     Inside a torch.compile'd region everything is "torch": the caller's compile fuses it.
 
-    "compile" is opt-in: it is right on CPU (tests/test_kernels.py), but on an H100 with torch 2.11 Inductor's
-    backward returned a [D] gradient for a [1, 1, D] modulation input (batch 1) and the step failed
-    (docs/benchmarks.md); whole-model torch.compile fails the same way there."""
+    "compile" is opt-in (docs/kernels.md): every compile here takes `compile_kwargs`, which turn off the
+    Inductor pass that broke it on an H100 (docs/benchmarks.md)."""
     choice = os.environ.get("MEGAWAN_KERNELS", "auto")
     if choice not in MODES:
         raise ValueError(f"MEGAWAN_KERNELS={choice!r} is not one of {', '.join(MODES)}")
@@ -55,11 +54,35 @@ def fused_path(t: torch.Tensor) -> bool:
     return kernel_mode(t) != "torch"
 
 
+def inductor_options() -> dict:
+    """Inductor settings for every torch.compile megawan does: mix-order reduction off where torch has it.
+
+    That pass (default on since torch 2.10, CUDA / Triton only) fuses LayerNorm's row reductions with the
+    column sums that give a broadcast modulation input its gradient, and it got Wan's modulated LayerNorm wrong:
+    - torch 2.10 / 2.11: the column sum lost its keepdim, so a [1, 1, D] scale / shift (a batch-1 step) got a
+      [D] gradient: "CompiledFunctionBackward returned an invalid gradient ... got [5120] but expected shape
+      compatible with [1, 1, 5120]" (our H100 run; pytorch/pytorch#178080, fixed by #177782 / #178098);
+    - torch 2.10 to 2.13: when the six modulation vectors are slices of one table (Wan's `modulation` + e0,
+      unbound), the sums written into the table's gradient were dropped: silently wrong gradients past ~16k
+      tokens (pytorch/pytorch#193061, fixed by #193103).
+    Without the pass Inductor still fuses each reduction with its pointwise neighbours."""
+    from torch._inductor import config as inductor_config
+
+    return {"triton.mix_order_reduction": False} if hasattr(inductor_config.triton, "mix_order_reduction") else {}
+
+
+def compile_kwargs(backend: str = "inductor", fullgraph: bool = False) -> dict:
+    """torch.compile's (or Module.compile's) arguments with `inductor_options` (other backends, e.g. the tests'
+    aot_eager, take no options)."""
+    options = inductor_options() if backend == "inductor" else {}
+    return dict(backend=backend, fullgraph=fullgraph, options=options or None)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
     """fn through torch.compile (one compiled function per reference, reused by every block; a second shape
     makes it shape-generic rather than compiling again per shape)."""
-    return torch.compile(fn)
+    return torch.compile(fn, **compile_kwargs())
 
 
 class _Modulate(torch.autograd.Function):

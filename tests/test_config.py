@@ -55,6 +55,7 @@ def test_example_config_loads():
     (["model.backend=cuda"], r"model.backend: 'cuda' is not one of"),
     (["model.preset=tiny2"], r"unknown preset 'tiny2' \(did you mean 'tiny'\?\)"),
     (["model.expert_boundary=1.5"], r"model.expert_boundary: must lie in \(0, 1\)"),
+    (["train.compile=model"], r"train.compile: 'model' is not none or blocks"),
     (["seed"], r"not of the form section.key=value"),
 ])
 def test_impossible_configs_fail_naming_the_field(overrides, message):

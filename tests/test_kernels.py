@@ -131,6 +131,31 @@ def test_gradients_flow_through_the_dispatched_kernels(monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,batch", [(1, 1), (1, 3), (5, 3)])  # batch 1 ([1, 1, D]), per sample, per token
+def test_every_backward_returns_its_inputs_shapes(dtype, rows, batch, monkeypatch):
+    """Each custom Function's backward gives every input a gradient of exactly its shape and dtype: eager autograd
+    sum_to's a larger gradient, but a compiled graph around these Functions (AOTAutograd) checks strictly, and a
+    [D] gradient for a [1, 1, D] modulation is what failed on the H100 (docs/benchmarks.md)."""
+    import kernels
+
+    monkeypatch.setenv("MEGAWAN_KERNELS", "triton")
+    g = torch.Generator().manual_seed(4)
+    s, d, heads = 5, 16, 2
+    x = torch.randn(s, batch, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    y = torch.randn(s, batch, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    scale, shift, gate = (torch.randn(rows, batch, d, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    w = torch.randn(d, generator=g).to(DEVICE, dtype).requires_grad_()
+    cos, sin = torch.randn(2, s, d // heads // 2, generator=g).to(DEVICE)
+    for out, inputs in [(kernels.modulate(x, scale, shift, 1e-6), (x, scale, shift)),
+                        (kernels.gated_residual(x, y, gate), (x, y, gate)),
+                        (kernels.qk_norm_rope(x, w, cos, sin, heads, 1e-6), (x, w))]:
+        assert type(out.grad_fn).__name__.startswith("_"), "not our Function"  # e.g. _ModulateBackward
+        grads = torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=g).to(DEVICE, dtype))
+        for t, grad in zip(inputs, grads):
+            assert grad.shape == t.shape and grad.dtype == t.dtype, (type(out.grad_fn).__name__, t.shape, grad.shape)
+
+
 def test_dispatch_follows_the_switch(monkeypatch):
     x = torch.zeros(1, device=DEVICE)
     monkeypatch.setenv("MEGAWAN_KERNELS", "torch")

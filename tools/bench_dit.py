@@ -27,10 +27,11 @@ import time
 
 import torch
 
+from kernels.dispatch import compile_kwargs
 from megawan.capabilities import rank_device, resolve_backend
 from megawan.config import dit_preset
 from megawan.models.dit import WanDiT, flops
-from megawan.models.dit.parallelize import apply_activation_recompute
+from megawan.models.dit.parallelize import apply_activation_recompute, apply_compile
 from megawan.training.precision import fp8_context
 
 
@@ -89,7 +90,8 @@ def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = Fal
         def run():
             return forward(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     else:
-        forward = model if impl == "megawan" else torch.compile(model)
+        # megawan-compile: the whole model; megawan-compile-blocks: each block (bench()), like train.compile: blocks
+        forward = torch.compile(model, **compile_kwargs()) if impl == "megawan-compile" else model
 
         def run():
             if precision == "fp8":
@@ -125,6 +127,7 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
         model = step = None
         try:
             model = build(cfg, dtype, device).train()
+            apply_compile(model, "blocks" if impl == "megawan-compile-blocks" else "none")  # before recompute wraps
             _recompute(impl, model, recompute, recompute_every)
             step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16",
                             fp8_attention)
@@ -168,7 +171,7 @@ def parse_args(argv=None):
                     help="activation recompute, on both sides (diffusers: gradient checkpointing of every block)")
     ap.add_argument("--recompute-every", type=int, default=1, help="megawan: recompute every N-th block only")
     ap.add_argument("--compare", nargs="*", default=["diffusers"],
-                    choices=["diffusers", "diffusers-compile", "megawan-compile"])
+                    choices=["diffusers", "diffusers-compile", "megawan-compile", "megawan-compile-blocks"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="the tiny preset at a tiny shape (CPU smoke run)")

@@ -165,6 +165,7 @@ class TrainConfig:
     # loss) rather than text-to-video; images always train as text-to-image. Unset: 0.5 on a ti2v model, and
     # only a ti2v model takes it
     i2v_ratio: Optional[float] = None
+    compile: str = "none"  # none | blocks (torch.compile each block: megawan.models.dit.parallelize.apply_compile)
 
     def validate(self, prefix: str = "train") -> "TrainConfig":
         need = checker(prefix)
@@ -181,6 +182,7 @@ class TrainConfig:
         need(self.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
         need(0.0 <= self.text_dropout < 1.0, "text_dropout", "must be in [0, 1)")
         need(self.i2v_ratio is None or 0.0 <= self.i2v_ratio <= 1.0, "i2v_ratio", "must be in [0, 1]")
+        need(self.compile in ("none", "blocks"), "compile", f"{self.compile!r} is not none or blocks")
         return self
 
 

@@ -44,7 +44,8 @@ from megawan.data.loader import BucketedLoader
 from megawan.data.store import LatentStore
 from megawan.diffusion.flow import FlowMatching, trains_image_to_video
 from megawan.models.dit.flops import flops
-from megawan.models.dit.parallelize import apply_activation_offload, apply_activation_recompute, build_model_chunks
+from megawan.models.dit.parallelize import (apply_activation_offload, apply_activation_recompute, apply_compile,
+                                           build_model_chunks)
 from megawan.parallel import initialize
 from megawan.parallel.cpu_compat import megatron_cpu_mode
 from megawan.training.backend import TE_MISSING, run_backend, te_usable
@@ -241,6 +242,9 @@ class Trainer:
         if cfg.lora.enabled:  # the base weights, then the adapters: before recompute wraps the blocks and DDP
             self.lora_base = add_adapters(self.chunks, resolve_checkpoint(cfg.checkpoint.init_from), cfg.lora)
             self._log0(f"LoRA rank {cfg.lora.rank} on the frozen base {self.lora_base['path']}")
+        if cfg.train.compile != "none":  # first: recompute and offload then wrap the compiled forwards
+            for chunk in self.chunks:
+                apply_compile(chunk, cfg.train.compile)
         if cfg.parallel.recompute != "none":
             for chunk in self.chunks:
                 apply_activation_recompute(chunk, cfg.parallel.recompute, cfg.parallel.recompute_every)

@@ -5,10 +5,11 @@ model files know nothing of pipeline stages, recompute or offload; the trainer c
   pipeline-shared copies marked; `chunk_state_dict` cuts a full state dict down to one chunk.
 - `apply_activation_recompute`: full (every N-th block keeps only its input) or selective (core attention).
 - `apply_activation_offload`: the first N blocks' saved tensors go to pinned host memory.
+- `apply_compile`: torch.compile each block (the repeated-block compile of torchtitan and diffusers).
 
 Tensor and context parallelism need nothing here: the model takes its TP group and the CP groups that
-`megawan.parallel.initialize` set up. Recompute and offload wrap forwards in place, so parameter names (and
-with them checkpoints and conversion) are unchanged.
+`megawan.parallel.initialize` set up. Recompute, offload and compile wrap forwards in place, so parameter names
+(and with them checkpoints and conversion) are unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn as nn
 from megatron.core import parallel_state
 from torch.utils.checkpoint import checkpoint
 
+from kernels.dispatch import compile_kwargs
 from megawan.capabilities import cuda_available
 from megawan.config import DiTConfig, ParallelConfig
 from megawan.models.dit.model import WanDiT
@@ -29,6 +31,7 @@ from megawan.models.state import model_device
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 RECOMPUTE_MODES = ("none", "full", "selective")
+COMPILE_MODES = ("none", "blocks")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,4 +156,34 @@ def apply_activation_offload(model: nn.Module, num_blocks: int) -> nn.Module:
     for dit in _dits(model):
         for block in list(dit.blocks)[:num_blocks]:
             _wrap_forward(block, _offloaded)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# compile
+
+
+def apply_compile(model: nn.Module, mode: str = "blocks", backend: str = "inductor", fullgraph: bool = False
+                  ) -> nn.Module:
+    """torch.compile every block's forward on its own. Apply it before recompute and offload: their wrappers
+    then run around the compiled forward (Dynamo cannot trace save_on_cpu).
+
+    Every block runs the same code on same-shaped weights, so Dynamo traces one graph and every block reuses it
+    (weights are graph inputs): one compile however deep the model. Inside a compiled block `kernels` hands
+    everything to the compiler (kernels.dispatch.kernel_mode: "torch"), so Inductor fuses the modulated
+    LayerNorms and gated adds with their neighbours, forward and backward. Inductor runs with
+    `kernels.dispatch.inductor_options` (mix-order reduction off: it returned wrong-shaped, and wrong, modulation
+    gradients). A new sequence length compiles once more, then the graph is shape-generic. The local backend's
+    one-rank block is one graph (tests/test_compile.py: fullgraph=True); by default what Dynamo cannot trace
+    (Transformer Engine modules, TP / CP collectives: not tried) runs eagerly between compiled pieces. Only
+    forwards are wrapped (no `_orig_mod.` module): parameter names and checkpoints are unchanged.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+    if mode == "none":
+        return model
+    kwargs = compile_kwargs(backend, fullgraph)
+    for dit in _dits(model):
+        for block in dit.blocks:
+            _wrap_forward(block, lambda forward: torch.compile(forward, **kwargs))
     return model
