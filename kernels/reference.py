@@ -34,3 +34,11 @@ def quantize_fp8(t: torch.Tensor, dtype: torch.dtype):
     amax = t.detach().abs().amax().float().clamp_min(1e-12)
     scale = top / amax
     return (t.detach().float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+def cast_transpose_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """Per-tensor cast with a given scale (the multiplier): (t · scale saturated and cast to dtype, its transpose
+    made contiguous), what kernels/fp8_transpose.py writes in one pass."""
+    top = torch.finfo(dtype).max
+    q = (t.detach().float() * scale).clamp(-top, top).to(dtype)
+    return q, q.t().contiguous()
