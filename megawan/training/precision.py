@@ -8,9 +8,9 @@ same two recipes (megawan.models.dit.fp8_linear: its own amax history for "delay
 
 Recipes (TE's transformer_engine.common.recipe): "delayed" = DelayedScaling (HYBRID: E4M3 forward, E5M2
 gradients; scale from the max of the amax history of the last train.fp8_amax_history steps, 1024 by default
-as Megatron-LM's), "current" = Float8CurrentScaling (per-tensor scale from this step's amax). train.fp8_attention sets the recipe's fp8_dpa:
-TE then runs every DotProductAttention in FP8 (cuDNN's fused attention; with current scaling TE keeps delayed
-scaling for the softmax's S and dP). Only TE's linears and attention run in FP8; norms, modulation, RoPE and
+as Megatron-LM's), "current" = Float8CurrentScaling (per-tensor scale from this step's amax).
+train.fp8_attention sets the recipe's fp8_dpa: TE then runs every DotProductAttention in FP8 (cuDNN's fused
+attention; with current scaling TE keeps delayed scaling for the softmax's S and dP). Only TE's linears and attention run in FP8; norms, modulation, RoPE and
 the loss stay in bf16 / fp32. Weights stay bf16 with fp32 main copies in the optimizer.
 
 Amaxes are reduced over megatron's amax group (TP x DP x CP, as Megatron-LM's get_fp8_context), so every rank
