@@ -11,7 +11,8 @@ gradients; scale from the max of the amax history of the last train.fp8_amax_his
 as Megatron-LM's), "current" = Float8CurrentScaling (per-tensor scale from this step's amax).
 train.fp8_attention sets the recipe's fp8_dpa: TE then runs every DotProductAttention in FP8 (cuDNN's fused
 attention; with current scaling TE keeps delayed scaling for the softmax's S and dP). Only TE's linears and
-attention run in FP8; norms, modulation, RoPE and the loss stay in bf16 / fp32. Weights stay bf16 with fp32 main copies in the optimizer.
+attention run in FP8; norms, modulation, RoPE and the loss stay in bf16 / fp32. Weights stay bf16 with fp32
+main copies in the optimizer.
 
 Amaxes are reduced over megatron's amax group (TP x DP x CP, as Megatron-LM's get_fp8_context), so every rank
 of a sequence-parallel all-gather quantises with the same scale. Calls into TE are checked against its
