@@ -206,6 +206,7 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
         seconds = statistics.median(times)
         results[impl] = {"seconds": seconds, "model_tflops": model_flops / seconds / 1e12,
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+        print(f"  {impl}: {seconds:.4f} s/step", flush=True)  # a run cut short by a timeout keeps its lines
         del model, step
     base = results.get("megawan", {}).get("seconds")
     for impl, r in results.items():
