@@ -76,3 +76,30 @@ def test_the_fused_cast_transpose_path_equals_the_torch_path(recipe, monkeypatch
         results[mode] = outs
     for a, b in zip(results["torch"], results["triton"]):
         assert torch.equal(a, b)
+
+
+def test_a_recomputed_block_casts_with_its_forwards_scales():
+    """Activation recompute (torch's non-reentrant checkpoint, megawan's recompute) re-runs the forward inside the
+    backward: it must quantise as the forward did, although the forward has recorded a larger amax since."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 40, generator=g, requires_grad=True)
+    xs = [torch.randn(16, 40, generator=g) * size for size in (1.0, 5.0, 25.0)]  # every step's amax a new high
+    grads = {}
+    for recompute in (False, True):
+        history = AmaxHistory(4, "cpu")
+        grads[recompute] = []
+        for x in xs:
+            x = x.clone().requires_grad_()
+            if recompute:
+                y = checkpoint(fp8_linear, x, w, None, history, use_reentrant=False)
+            else:
+                y = fp8_linear(x, w, history=history)
+            y.square().sum().backward()
+            grads[recompute] += [x.grad, w.grad.clone()]
+            w.grad = None
+        assert history.recorded == [3, 3, 3]  # one record per step, the recompute's not counted
+        assert not recompute or not history.used[0]  # each recompute took its forward's scale
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)

@@ -25,6 +25,7 @@ Outside the context the classes are megatron-core's ColumnParallelLinear / RowPa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Optional
 
@@ -70,12 +71,16 @@ class AmaxHistory:
     A plain attribute of the linear, not a buffer, and deliberately not checkpointed (TE keeps it in extra_state):
     checkpoints stay identical with and without FP8 (bf16, TE and local runs load each other's, the exporters see
     no extra keys), and a resumed run rebuilds the history in `length` steps, its first pass scaling by the
-    current amax. Only passes that build a graph record (a no-grad forward does not): under activation
-    recompute the discarded first forward and its recompute then quantise with the same history."""
+    current amax. Only passes that build a graph record (a no-grad forward does not); under activation recompute
+    (torch's non-reentrant checkpoint runs the forward with a graph, then again inside the backward) the recompute
+    casts with the scale its forward used and records nothing."""
 
     def __init__(self, length: int, device):
         self.amax = torch.zeros(3, length, device=device)
         self.recorded = [0, 0, 0]
+        # the scales forwards used for x and w, for their recompute (bounded: a linear outside any recomputed
+        # region never pops, its oldest entries fall off)
+        self.used = (collections.deque(maxlen=64), collections.deque(maxlen=64))
 
     def scale(self, row: int, dtype) -> Optional[torch.Tensor]:
         """finfo(dtype).max / max(history), or None before the first record (then: current scaling)."""
@@ -90,30 +95,47 @@ class AmaxHistory:
         return view
 
 
+def _scale_of(t, dtype, history: Optional[AmaxHistory], row: int, record: bool):
+    """(the scale t is cast with, or None for plain current scaling; whether this pass records its amax).
+    A forward run inside the backward is activation recompute: it takes the scale its original forward used
+    (queued there, first in first out, as micro-batches' backwards follow their forwards) and records nothing."""
+    if history is None:
+        return None, False
+    recompute = row < 2 and torch._C._current_graph_task_id() != -1
+    if recompute and history.used[row]:
+        return history.used[row].popleft(), False
+    scale = history.scale(row, dtype)
+    if scale is None:  # the first pass: its own amax
+        scale = torch.finfo(dtype).max / _amax(t).clamp_min(1e-12)
+    if record and not recompute and row < 2:
+        history.used[row].append(scale)
+    return scale, record and not recompute
+
+
+def _amax(t):
+    return torch.linalg.vector_norm(t.detach(), float("inf"), dtype=torch.float32)
+
+
 def _quantize(t, dtype, history: Optional[AmaxHistory], row: int, record: bool, transposed: bool):
     """(q, its transpose made contiguous or None, the inverse scale) of the 2D tensor t. transposed: write the
     transposed copy in the cast's pass when the fused kernel runs (else None: the caller transposes if needed)."""
-    scale = history.scale(row, dtype) if history is not None else None
-    slot = history.slot(row) if history is not None and record else None
+    scale, record = _scale_of(t, dtype, history, row, record)
     fused = kernel_mode(t) == "triton"
-    if scale is None:  # current scaling (or delayed scaling's first pass)
-        if not fused and slot is None:
+    if scale is None:  # current scaling
+        if not fused:
             q, inv = quantize_fp8(t, dtype)  # eager or compiled torch
             return q, None, inv
-        amax = torch.linalg.vector_norm(t.detach(), float("inf"), dtype=torch.float32).clamp_min(1e-12)
-        scale = torch.finfo(dtype).max / amax
-        if slot is not None:
-            slot.copy_(amax)
-            slot = None
+        scale = torch.finfo(dtype).max / _amax(t).clamp_min(1e-12)
+    slot = history.slot(row) if record else None
     if fused:
         from kernels.fp8_transpose import cast_transpose  # Triton: an optional dependency
 
         if slot is not None:
             slot.zero_()
-        q, q_t = cast_transpose(t, scale, dtype, amax=slot)
+        q, q_t = cast_transpose(t, scale, dtype, amax=slot)  # the amax comes out of the cast's own pass
         return q, q_t if transposed else None, scale.reciprocal()
     if slot is not None:
-        slot.copy_(torch.linalg.vector_norm(t.detach(), float("inf"), dtype=torch.float32))
+        slot.copy_(_amax(t))
     return reference.cast_fp8(t, scale, dtype), None, scale.reciprocal()
 
 
