@@ -53,9 +53,11 @@ def _cast_transpose_kernel(x_ptr, scale_ptr, out_ptr, out_t_ptr, amax_ptr, M, N,
     if AMAX:
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
     y = tl.minimum(tl.maximum(x * tl.load(scale_ptr), -top), top)
-    q = _round_to_grid(y, MANT, MIN_EXP).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], q, mask=mask)
-    tl.store(out_t_ptr + cols[None, :] * M + rows[:, None], q, mask=mask)  # the same tile, transposed
+    r = _round_to_grid(y, MANT, MIN_EXP)  # on the FP8 grid: the casts below are exact
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], r.to(out_ptr.dtype.element_ty), mask=mask)
+    # the same tile transposed in registers / shared memory (tl.trans), so that this store is coalesced too
+    mask_t = (cols[:, None] < N) & (rows[None, :] < M)
+    tl.store(out_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(r).to(out_t_ptr.dtype.element_ty), mask=mask_t)
 
 
 def cast_transpose(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None = None):
