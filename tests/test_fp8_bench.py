@@ -38,3 +38,31 @@ def test_one_run_reports_bf16_and_both_fp8_recipes_and_torchao_or_why_not(tmp_pa
         assert "seconds" in torchao or "error" in torchao
     with pytest.raises(SystemExit):
         bench_dit.parse_args(["--compare", "megawan-fp9"])
+
+
+def test_the_torchao_implementation_routes_every_linear_through_its_converted_shell(monkeypatch):
+    """The plumbing of megawan-fp8-torchao, with torchao's conversion stood in by one that keeps nn.Linear
+    (torchao is absent here): the model's output and weight gradients stay the model's own."""
+    import types
+
+    import torch
+
+    import bench_dit
+    from megawan.config import dit_preset
+
+    converted = []
+    fake = types.ModuleType("torchao.float8")
+    fake.convert_to_float8_training = lambda module: converted.append(len(module))
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", fake)
+    cfg = dit_preset("tiny")
+    x, t, text, _ = bench_dit.step_inputs(cfg, (1, 4, 4), 1, torch.float32, torch.device("cpu"))
+    outs = []
+    for route in (False, True):
+        torch.manual_seed(0)
+        model = bench_dit._megawan_model(cfg, torch.float32, torch.device("cpu"), "local")
+        if route:
+            assert bench_dit.torchao_fp8(model, compile=False) == converted[0] > 0
+        model(x, t, text).square().sum().backward()
+        outs.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*outs))

@@ -72,10 +72,10 @@ def torchao_missing():
     return None
 
 
-def torchao_fp8(model) -> int:
+def torchao_fp8(model, compile: bool = True) -> int:
     """Route every megatron linear's product (TP 1) through torchao's Float8Linear, sharing the weight: nn.Linear
     shells of the weights go through convert_to_float8_training, and each linear's _forward_impl calls its
-    converted shell (compiled) plus the bias. Returns how many linears."""
+    converted shell (compiled: torchao's casts are fused by Inductor) plus the bias. Returns how many linears."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from torchao.float8 import convert_to_float8_training  # torchao: an optional dependency
 
@@ -88,7 +88,7 @@ def torchao_fp8(model) -> int:
         shells.append(shell)
     convert_to_float8_training(shells)
     for m, f8 in zip(targets, shells):
-        def forward_impl(input, weight, bias=None, _f8=torch.compile(f8), **kwargs):
+        def forward_impl(input, weight, bias=None, _f8=torch.compile(f8) if compile else f8, **kwargs):
             out = _f8(input)
             return out + bias if bias is not None else out
         m._forward_impl = forward_impl  # an instance attribute: megatron's forward calls self._forward_impl
