@@ -34,3 +34,15 @@ def quantize_fp8(t: torch.Tensor, dtype: torch.dtype):
     amax = t.detach().abs().amax().float().clamp_min(1e-12)
     scale = top / amax
     return (t.detach().float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+def cast_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-tensor cast with a given scale (the multiplier, e.g. delayed scaling's): t · scale saturated, in dtype."""
+    top = torch.finfo(dtype).max
+    return (t.detach().float() * scale).clamp(-top, top).to(dtype)
+
+
+def cast_transpose_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """(cast_fp8(t, scale, dtype), its transpose made contiguous): what kernels/fp8_transpose.py writes in one pass."""
+    q = cast_fp8(t, scale, dtype)
+    return q, q.t().contiguous()

@@ -3,6 +3,8 @@ current per-tensor scaling, torch._scaled_mm) inside `local_fp8()`; `train.fp8=c
 Stated band: each product within 8 % (relative Frobenius error) of fp32, and a 40-step tiny training run's
 loss within 2 % of the fp32 run at every step."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,8 @@ def test_fp8_product_and_its_gradients_are_close_to_fp32():
     assert _rel(fp8_grads[0], x.grad) < 0.08 and _rel(fp8_grads[1], w.grad) < 0.08
 
 
-def _train(fp8: bool, steps: int = 40, attention: bool = False) -> list:
+@functools.lru_cache(maxsize=None)  # the fp32 run is every FP8 test's baseline: run once
+def _train(fp8: bool, steps: int = 40, attention: bool = False, recipe: str = "current") -> tuple:
     cfg = dit_preset("tiny", in_dim=4, out_dim=4, dim=64, ffn_dim=128, num_heads=4)
     torch.manual_seed(0)
     model = WanDiT(cfg)
@@ -40,7 +43,7 @@ def _train(fp8: bool, steps: int = 40, attention: bool = False) -> list:
         gs = torch.Generator().manual_seed(100 + step)
         noise, t = torch.randn(x0.shape, generator=gs), torch.rand(8, generator=gs)
         x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
-        with local_fp8(fp8, attention=attention):
+        with local_fp8(fp8, attention=attention, recipe=recipe, amax_history=4):
             assert fp8_enabled() == fp8
             v = model(x_t, t * 1000, text)
         loss = (v - (noise - x0)).square().mean()
@@ -48,7 +51,11 @@ def _train(fp8: bool, steps: int = 40, attention: bool = False) -> list:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses
+    if recipe == "delayed":  # every linear kept a history, outside its state_dict
+        histories = [m._fp8_amax_history for m in model.modules() if "_fp8_amax_history" in m.__dict__]
+        assert histories and all(h.recorded == [steps] * 3 for h in histories)
+        assert not any("amax" in k for k in model.state_dict())
+    return tuple(losses)
 
 
 def test_a_short_fp8_run_tracks_the_fp32_run():
@@ -56,6 +63,14 @@ def test_a_short_fp8_run_tracks_the_fp32_run():
     assert not np.array_equal(fp8, ref)  # the FP8 products were used
     assert (np.abs(fp8 - ref) / ref).max() < 0.02
     assert fp8[-10:].mean() < fp8[0]  # and it trains
+
+
+def test_a_short_run_with_delayed_scaling_tracks_the_fp32_run():
+    """train.fp8=delayed on the local backend: scales from a 4-step amax history, same band as current scaling."""
+    fp8, ref = np.array(_train(True, recipe="delayed")), np.array(_train(False))
+    assert not np.array_equal(fp8, np.array(_train(True)))  # not current scaling
+    assert (np.abs(fp8 - ref) / ref).max() < 0.02
+    assert fp8[-10:].mean() < fp8[0]
 
 
 def test_a_short_run_with_fp8_attention_too_tracks_the_fp32_run():

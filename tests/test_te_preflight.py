@@ -63,9 +63,9 @@ def test_te_without_transformer_engine_is_refused_naming_the_alternative(store):
 
 
 @needs_no_te
-def test_delayed_fp8_without_transformer_engine_names_current_scaling(store):
-    with pytest.raises(ConfigError, match=r"^train\.fp8: delayed scaling .*train\.fp8=current"):
-        _preflight(store, "train.fp8=delayed", te=False)
+def test_delayed_fp8_without_transformer_engine_runs_on_the_local_backend(store):
+    # the local FP8 linears keep their own amax history (megawan/models/dit/fp8_linear.py)
+    assert _preflight(store, "train.fp8=delayed", te=False)["backend"] == "local"
 
 
 def test_a_bucket_tes_context_parallelism_cannot_split_is_refused(store):
@@ -80,8 +80,7 @@ def test_auto_settles_for_local_where_te_cannot_run_and_says_why(store):
     facts = _preflight(store, *CP2, "model.backend=auto")
     assert facts["backend"] == "local" and "data.buckets: 17x32x48" in facts["backend_reason"]
     assert _preflight(store, "model.backend=auto")["backend"] == "te"  # TP2 without CP: padding is masked
-    with pytest.raises(ConfigError, match=r"^train\.fp8: .*trains on 'local'.*17x32x48.*train\.fp8=current"):
-        _preflight(store, *CP2, "model.backend=auto", "train.fp8=delayed")
+    assert _preflight(store, *CP2, "model.backend=auto", "train.fp8=delayed")["backend"] == "local"
 
 
 def test_held_out_buckets_count_too(store):

@@ -153,7 +153,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     (["data.buckets=[81x480x832]"], "data.buckets"),
     (["train.memory_budget_gb=0.000001"], "train.memory_budget_gb"),
     (["data.video_ratio=1.5"], "data.video_ratio"),
-    (["train.fp8=delayed", "model.backend=local"], "train.fp8"),
+    (["train.fp8=delayed", "train.fp8_amax_history=0"], "train.fp8_amax_history"),
     (["train.fp8_attention=true"], "train.fp8_attention"),
     (["parallel.offload_blocks=99"], "parallel.offload_blocks"),
     (["parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=true"], "parallel.overlap_param_gather"),

@@ -14,12 +14,21 @@ step-time ratio diffusers / megawan (> 1: megawan is faster). Weights are random
 dtype (bf16 on GPU, fp32 on CPU), the same inputs and plain torch AdamW, so the ratio compares the models.
 `--precision fp8` runs megawan's step in FP8: Transformer Engine's fp8_autocast (delayed scaling) on the te
 backend, else the local backend's plain-torch FP8 products (current scaling, torch._scaled_mm).
+
+FP8 side by side in one run, against megawan BF16 (--precision bf16) and diffusers:
+    python tools/bench_dit.py --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
+        --compare megawan-fp8 megawan-fp8-delayed megawan-fp8-torchao diffusers diffusers-compile
+megawan-fp8 / megawan-fp8-delayed: our FP8 linears (local backend, current / delayed scaling, --amax-history);
+megawan-fp8-torchao: the same model with every linear's product through torchao's Float8Linear (tensorwise
+dynamic scaling, what torchao.float8.convert_to_float8_training applies), each under torch.compile as torchao
+intends; reported as skipped, with the reason, where torchao is not importable.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import statistics
 import sys
@@ -51,9 +60,46 @@ def _diffusers_model(cfg, dtype, device):
     ).to(device=device, dtype=dtype)
 
 
-def _megawan_model(cfg, dtype, device):
+OURS_FP8 = {"megawan-fp8": "current", "megawan-fp8-delayed": "delayed"}  # our FP8 linears, local backend
+TORCHAO = "megawan-fp8-torchao"
+
+
+def torchao_missing():
+    """Why the torchao implementation cannot run here, or None."""
+    try:
+        importlib.import_module("torchao.float8")  # torchao: an optional dependency
+    except ImportError as e:
+        return f"torchao is not importable ({e})"
+    return None
+
+
+def torchao_fp8(model, compile: bool = True) -> int:
+    """Route every megatron linear's product (TP 1) through torchao's Float8Linear, sharing the weight: nn.Linear
+    shells of the weights go through convert_to_float8_training, and each linear's _forward_impl calls its
+    converted shell (compiled: torchao's casts are fused by Inductor) plus the bias. Returns how many linears."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from torchao.float8 import convert_to_float8_training  # torchao: an optional dependency
+
+    targets = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    shells = torch.nn.ModuleList()
+    for m in targets:
+        with torch.device("meta"):
+            shell = torch.nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=False)
+        shell.weight = m.weight
+        shells.append(shell)
+    convert_to_float8_training(shells)
+    for m, f8 in zip(targets, shells):
+        def forward_impl(input, weight, bias=None, _f8=torch.compile(f8) if compile else f8, **kwargs):
+            out = _f8(input)
+            return out + bias if bias is not None else out
+        m._forward_impl = forward_impl  # an instance attribute: megatron's forward calls self._forward_impl
+    return len(targets)
+
+
+def _megawan_model(cfg, dtype, device, backend=None):
     name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
-    model = WanDiT(dataclasses.replace(cfg, params_dtype=name)).to(device)
+    overrides = {"params_dtype": name} if backend is None else {"params_dtype": name, "backend": backend}
+    model = WanDiT(dataclasses.replace(cfg, **overrides)).to(device)
     with torch.no_grad():  # Wan zero-initialises the head; a real checkpoint does not have zeros there
         model.head.linear.weight.normal_(0, 0.02)
     return model
@@ -80,7 +126,16 @@ def _recompute(impl: str, model, mode: str, every: int):
         apply_activation_recompute(model, mode, every)
 
 
-def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = False):
+def fp8_recipe_of(impl: str, precision: str, backend: str):
+    """(recipe, backend) of the FP8 context around impl's forward, None where it runs without one."""
+    if impl in OURS_FP8:
+        return OURS_FP8[impl], "local"
+    if impl in ("megawan", "megawan-compile") and precision == "fp8":
+        return ("delayed" if backend == "te" else "current"), backend
+    return None
+
+
+def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = False, amax_history: int = 1024):
     x, t, text, target = inputs
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=x.is_cuda)
 
@@ -92,11 +147,11 @@ def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = Fal
     else:
         # megawan-compile: the whole model; megawan-compile-blocks: each block (bench()), like train.compile: blocks
         forward = torch.compile(model, **compile_kwargs()) if impl == "megawan-compile" else model
+        fp8 = fp8_recipe_of(impl, precision, resolve_backend(model.dit_config.backend))
 
         def run():
-            if precision == "fp8":
-                backend = resolve_backend(model.dit_config.backend)
-                with fp8_context("delayed" if backend == "te" else "current", backend, fp8_attention):
+            if fp8:
+                with fp8_context(fp8[0], fp8[1], fp8_attention, amax_history):
                     return forward(x, t, text)
             return forward(x, t, text)
 
@@ -112,7 +167,8 @@ def _step_fn(impl: str, model, inputs, precision: str, fp8_attention: bool = Fal
 
 
 def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: int, steps: int, device,
-          recompute: str = "none", recompute_every: int = 1, fp8_attention: bool = False) -> dict:
+          recompute: str = "none", recompute_every: int = 1, fp8_attention: bool = False,
+          amax_history: int = 1024) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     frames, height, width = latent
     x, t, text, target = step_inputs(cfg, latent, batch, dtype, device)
@@ -123,14 +179,22 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        build = _diffusers_model if impl.startswith("diffusers") else _megawan_model
+        if impl == TORCHAO and torchao_missing():
+            results[impl] = {"skipped": torchao_missing()}
+            continue
         model = step = None
         try:
-            model = build(cfg, dtype, device).train()
-            apply_compile(model, "blocks" if impl == "megawan-compile-blocks" else "none")  # before recompute wraps
+            if impl.startswith("diffusers"):
+                model = _diffusers_model(cfg, dtype, device).train()
+            else:  # ours in FP8 and torchao's need the local backend's megatron linears
+                local = impl in OURS_FP8 or impl == TORCHAO
+                model = _megawan_model(cfg, dtype, device, "local" if local else None).train()
+                if impl == TORCHAO:
+                    torchao_fp8(model)
+                apply_compile(model, "blocks" if impl == "megawan-compile-blocks" else "none")  # before recompute
             _recompute(impl, model, recompute, recompute_every)
             step = _step_fn(impl, model, (x, t, text, target), precision if impl.startswith("megawan") else "bf16",
-                            fp8_attention)
+                            fp8_attention, amax_history)
             times = []
             for i in range(warmup + steps):
                 _sync(device)
@@ -145,6 +209,7 @@ def bench(cfg, latent: tuple, batch: int, impls: list, precision: str, warmup: i
         seconds = statistics.median(times)
         results[impl] = {"seconds": seconds, "model_tflops": model_flops / seconds / 1e12,
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+        print(f"  {impl}: {seconds:.4f} s/step", flush=True)  # a run cut short by a timeout keeps its lines
         del model, step
     base = results.get("megawan", {}).get("seconds")
     for impl, r in results.items():
@@ -171,7 +236,9 @@ def parse_args(argv=None):
                     help="activation recompute, on both sides (diffusers: gradient checkpointing of every block)")
     ap.add_argument("--recompute-every", type=int, default=1, help="megawan: recompute every N-th block only")
     ap.add_argument("--compare", nargs="*", default=["diffusers"],
-                    choices=["diffusers", "diffusers-compile", "megawan-compile", "megawan-compile-blocks"])
+                    choices=["diffusers", "diffusers-compile", "megawan-compile", "megawan-compile-blocks", *OURS_FP8,
+                             TORCHAO])
+    ap.add_argument("--amax-history", type=int, default=1024, help="megawan-fp8-delayed's amax history length")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="the tiny preset at a tiny shape (CPU smoke run)")
@@ -189,14 +256,14 @@ def main(argv=None) -> int:
         cfg, latent, warmup, steps = dit_preset(args.model, **overrides), tuple(args.latent), args.warmup, args.steps
     impls = ["megawan"] + list(args.compare)
     result = bench(cfg, latent, args.batch, impls, args.precision, warmup, steps, device, args.recompute,
-                   args.recompute_every, args.fp8_attention)
+                   args.recompute_every, args.fp8_attention, args.amax_history)
     print(f"{result['model']} x{result['layers']} layers, latent {latent} ({result['tokens']} tokens), "
           f"batch {args.batch}, {result['dtype']} / {args.precision}{' + fp8 attention' * args.fp8_attention}, "
           f"recompute {args.recompute}, on {result['device']}")
     print(f"{'implementation':20} {'s/step':>10} {'TFLOP/s':>10} {'peak GB':>9} {'ratio':>7}")
     for impl, r in result["results"].items():
-        if "error" in r:
-            print(f"{impl:20} {r['error']}")
+        if "error" in r or "skipped" in r:
+            print(f"{impl:20} {r.get('error') or 'skipped: ' + r['skipped']}")
             continue
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
         print(f"{impl:20} {r['seconds']:10.4f} {r['model_tflops']:10.3f} {peak:>9} {r.get('ratio_vs_megawan', float('nan')):7.2f}")

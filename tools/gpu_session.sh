@@ -7,6 +7,13 @@
 #                                        # diffusers it needs the wheels of av, zarr, numcodecs, donfig and
 #                                        # google-crc32c in .whl/ (it names what is missing and stops at once);
 #                                        # DALI (hundreds of MB) cannot travel in the 64 MiB: PyAV decodes instead
+#   bash tools/gpu_session.sh fp8         # issue 25, ~8 min on one H200: the FP8 kernel tests, then megawan bf16,
+#                                        # ours FP8 (current, delayed), torchao FP8, diffusers eager and compiled on
+#                                        # the 14B-width 2-block stack (37,440 tokens) and the 1.3B model (32,760
+#                                        # tokens, full recompute). torchao travels as a wheel: on a machine with
+#                                        # network `pip download --no-deps -d .whl torchao==<the one built for the
+#                                        # GPU image's torch>` (its float8 training is pure Python), then run with
+#                                        # carry [".whl"]; without it the torchao row says "skipped" and why
 set -uo pipefail
 OUT=${OUT:-gpu_results}; mkdir -p "$OUT"
 if [ -d .whl ]; then  # megatron-core, diffusers, ... carried as wheels (the GPU image has torch and Triton)
@@ -51,6 +58,13 @@ for stage in "$@"; do
              --warmup 1 --steps 3
            MEGAWAN_KERNELS=triton LIMIT=45 dit f14_triton --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 \
              --compare --warmup 2 --steps 4 ;;
+    fp8) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_transpose.py \
+             tests/test_fp8_delayed.py 2>&1 | tee "$OUT/pytest_fp8.log" | tail -3
+         FP8="megawan-fp8 megawan-fp8-delayed megawan-fp8-torchao diffusers diffusers-compile"
+         LIMIT=200 dit fp8_dit14 --model wan2.1-t2v-14b --layers 2 --latent 24 60 104 --compare $FP8 \
+             --warmup 2 --steps 4
+         LIMIT=260 dit fp8_dit13 --model wan2.1-t2v-1.3b --latent 21 60 104 --recompute full --compare $FP8 \
+             --warmup 1 --steps 3 ;;
     e2e) # its own --budget (450 s) cuts its children short; on SIGTERM it kills them and leaves its JSON written
          timeout -k 15 ${LIMIT:-480} python3 tools/gpu_e2e.py --json "$OUT/e2e.json" 2>&1 | grep -v Warning \
              | tee "$OUT/e2e.log" | tail -40 ;;

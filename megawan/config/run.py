@@ -151,7 +151,8 @@ class TrainConfig:
 
     steps: int = 1000
     precision: str = "bf16"  # bf16 (fp32 main weights in the optimizer) | fp32
-    fp8: Optional[str] = None  # delayed (Transformer Engine) | current (TE, or plain torch FP8 on the local backend)
+    fp8: Optional[str] = None  # delayed | current scaling (Transformer Engine, or plain torch FP8 on the local backend)
+    fp8_amax_history: int = 1024  # delayed scaling: amaxes kept per tensor, the scale from their max (TE's default)
     fp8_attention: bool = False  # self-attention in FP8 too (TE's fp8_dpa; local backend: kernels/fp8_flash_attention.py)
     shift: float = 5.0  # Wan's timestep shift for training
     timestep_distribution: str = "uniform"  # uniform | logit_normal
@@ -174,6 +175,7 @@ class TrainConfig:
         need(self.precision in ("bf16", "fp32"), "precision", f"{self.precision!r} is not bf16 or fp32")
         need(self.fp8 in (None, "delayed", "current"), "fp8", f"{self.fp8!r} is not delayed or current")
         need(not self.fp8_attention or self.fp8 is not None, "fp8_attention", "needs train.fp8 (delayed or current)")
+        need(self.fp8_amax_history >= 1, "fp8_amax_history", f"must be at least 1, got {self.fp8_amax_history}")
         need(self.shift > 0, "shift", "must be positive")
         need(self.timestep_distribution in ("uniform", "logit_normal"), "timestep_distribution",
              f"{self.timestep_distribution!r} is not uniform or logit_normal")

@@ -84,8 +84,6 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     cfg.validate(world_size)
     if cfg.model.backend == "te" and not te_usable():
         raise ConfigError(TE_MISSING)
-    if cfg.train.fp8 == "delayed" and (cfg.model.backend == "local" or not te_usable()):
-        _refuse_delayed(cfg, "local")
     if not cfg.data.store:
         raise ConfigError("data.store: no latent store given (tools/precompute_latents.py makes one)")
     try:
@@ -136,8 +134,6 @@ def preflight(cfg: RunConfig, world_size: int) -> dict:
     sequences = {("data.buckets", b): _tokens(shapes[b], meta.vae.stride, cfg) for b in buckets}
     sequences.update(_preflight_validation(cfg))
     backend, reason = run_backend(cfg, sequences)
-    if cfg.train.fp8 == "delayed" and backend != "te":
-        _refuse_delayed(cfg, backend, reason)
     if cfg.train.fp8_attention and backend == "local" and not triton_runnable():
         raise ConfigError("train.fp8_attention: the local backend's FP8 attention is a Triton kernel; it needs "
                           "Triton and a CUDA device (on CPU only Triton's interpreter, TRITON_INTERPRET=1)")
@@ -155,13 +151,6 @@ def _tokens(bucket: Bucket, stride, cfg: RunConfig) -> int:
     pt, ph, pw = cfg.model.patch_size
     lt, lh, lw = bucket.latent_shape(stride)
     return (lt // pt) * (lh // ph) * (lw // pw)
-
-
-def _refuse_delayed(cfg: RunConfig, backend: str, reason: str | None = None) -> None:
-    why = f" ({reason})" if reason else ""
-    raise ConfigError(f"train.fp8: delayed scaling (an amax history) is Transformer Engine's, with CUDA; "
-                      f"model.backend is {cfg.model.backend!r} and trains on {backend!r} here{why}. "
-                      "train.fp8=current also runs on the local backend (plain torch FP8 products)")
 
 
 def _preflight_validation(cfg: RunConfig) -> dict:
@@ -384,7 +373,8 @@ class Trainer:
     def _forward_step(self, scale: float):
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            with fp8_context(self.cfg.train.fp8, self.backend, self.cfg.train.fp8_attention):
+            with fp8_context(self.cfg.train.fp8, self.backend, self.cfg.train.fp8_attention,
+                             self.cfg.train.fp8_amax_history):
                 output = model(mb["x_t"], mb["timestep"], mb["text"], image=mb["image"])
 
             def loss_fn(prediction):
