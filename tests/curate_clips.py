@@ -110,17 +110,7 @@ def rescaled_copy(src: str, dst: str) -> None:
 
     frames = read_video(src)
     small = np.stack([cv2.resize(f, (W * 3 // 4, H * 3 // 4), interpolation=cv2.INTER_AREA) for f in frames])
-    import av
-
-    with av.open(dst, mode="w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = small.shape[2], small.shape[1], "yuv420p"
-        stream.options = {"crf": "30", "preset": "veryfast"}
-        for f in small:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(dst, small, FPS, crf=30)
 
 
 # the milder second case of each fault: a threshold may miss them (the recall the test prints), never a clean clip

@@ -29,8 +29,9 @@ def media_suffix(num_frames: int) -> str:
     return VIDEO_SUFFIX if num_frames > 1 else IMAGE_SUFFIX
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx264") -> None:
-    """Encode uint8 [T, H, W, 3] frames with PyAV (mp4 / H.264 by default; `libvpx-vp9` for webm)."""
+def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx264", crf: int = 18) -> None:
+    """Encode uint8 [T, H, W, 3] frames with PyAV (mp4 / H.264 by default, at x264's `crf`; `libvpx-vp9` for
+    webm)."""
     import av
 
     with av.open(path, mode="w") as container:
@@ -38,7 +39,7 @@ def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
