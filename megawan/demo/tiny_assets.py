@@ -239,8 +239,9 @@ def write_tiny_encoders(out_dir: str, vae_config: str = "tiny-2.1", text_config:
     reconstructs the held-out colours (100 %, PSNR 20.7 dB against the loop's 20.0), and the demo's DiT trained on
     its latents named 96 % of the held-out colours in one run and 83 % in another: seeded alike, the two VAEs
     differed (the job's held-out PSNR 21.6 / 21.3 dB; x264 was seen to encode identical frames to different bytes
-    in two processes, in the curation tests), and the DiT's colour accuracy is that sensitive to the VAE (docs/vae_training.md). So the
-    demo keeps the loop ("loop"), whose data is rendered in memory, until the job's result is stable.
+    in two processes, in the curation tests), and the DiT's colour accuracy is that sensitive to the VAE
+    (docs/vae_training.md). So the demo keeps the loop ("loop"), whose data is rendered in memory, until the job's
+    result is stable.
     """
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
