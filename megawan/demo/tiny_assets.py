@@ -20,15 +20,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from megawan.config import text_preset, vae_preset
 from megawan.convert import convert_state_dict
 from megawan.demo.shapes import BACKGROUND, COLORS, DIRECTIONS, SHAPES, ShapeClip, render
 from megawan.models.text import UMT5Encoder
 from megawan.models.vae import WanVAE
-from megawan.models.vae.blocks import Resample
-from megawan.models.vae.inflate import per_frame_init
+from megawan.models.vae.inflate import freeze_earlier_time_taps, per_frame_init
 from megawan.models.vae.model import unpatchify
 from megawan.utils.progress import Progress
 
@@ -141,14 +139,8 @@ def train_tiny_vae(vae, steps: int = TINY_VAE_STEPS, frames: int = 17, height: i
     with torch.no_grad():  # posterior std starts small
         vae.quant_conv.bias[cfg.z_dim:] = -6.0
     vae.train().requires_grad_(True)
-    hooks = []
-    if not time_taps:  # causal convs stay per-frame: only the temporal resampling convs mix frames
-        resampling = {id(m.time_conv) for m in vae.modules() if isinstance(m, Resample) and hasattr(m, "time_conv")}
-        for m in vae.modules():
-            if isinstance(m, nn.Conv3d) and m.weight.shape[2] > 1 and id(m) not in resampling:
-                mask = torch.zeros_like(m.weight)
-                mask[:, :, -1] = 1
-                hooks.append(m.weight.register_hook(lambda g, mask=mask: g * mask))
+    # causal convs stay per-frame: only the temporal resampling convs mix frames
+    hooks = [] if time_taps else freeze_earlier_time_taps(vae)
     ema_model = {k: v.detach().clone() for k, v in vae.state_dict().items()} if ema else None
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     mean = vae.latents_mean.to(device, dtype)
