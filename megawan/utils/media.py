@@ -31,7 +31,11 @@ def media_suffix(num_frames: int) -> str:
 
 def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx264", crf: int = 18) -> None:
     """Encode uint8 [T, H, W, 3] frames with PyAV (mp4 / H.264 by default, at x264's `crf`; `libvpx-vp9` for
-    webm)."""
+    webm). The same frames give the same bytes in every process: x264's macroblock-tree rate control is off
+    (mbtree=0). With it on, identical frames were encoded differently from run to run whenever processes ran side by
+    side (the demo's 64 clips of 17 x 32 x 32: 8 concurrent processes, 5 to 8 different decoded results, with one
+    x264 thread too; with mbtree=0, 16 of 16 identical, any thread count), and the demo's VAE trained on them
+    came out different."""
     import av
 
     with av.open(path, mode="w") as container:
@@ -39,7 +43,7 @@ def write_video(path: str, frames: np.ndarray, fps: int = 16, codec: str = "libx
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
