@@ -5,10 +5,9 @@ The base is the session's demo run (tests/conftest.py `demo_run`: a model of the
 fine-tunes rank-8 adapters on every block linear with `megawan train` (a `lora:` section, checkpoint.init_from:
 the demo's checkpoint) on one CPU rank, on orange clips of 8 of the 12 shape / direction combinations and a few
 known-colour clips; its validation samples the held-out captions: orange on the other 4 combinations, and known
-colours. At least 90 % of the held-out orange prompts must come out orange (19 of 20 measured); the base without the
-adapters mostly does not (6 of 20: it never learnt the word, a red / yellow blend can read as orange), and the known
-colours mostly still come out as named (3 of 4).
-"""
+colours, at guidance 5. At least 90 % of the held-out orange prompts must come out orange (20 of 20 measured); the
+base without the adapters far less often (10 of 20: it never learnt the word, a red / yellow blend can read as
+orange), and the known colours at least half still as named (2 of 4: red and yellow drift to orange)."""
 
 import json
 
@@ -38,7 +37,7 @@ def test_lora_fine_tune_teaches_the_demo_model_a_new_colour_word(tmp_path, demo_
     assert after["new_color_total"] == before["new_color_total"] == 20, accuracy
     assert after["new_color_accuracy"] >= 0.9, after
     # without the adapters the base never learnt the word: mostly a colour it knows (a red / yellow blend can still
-    # read as orange: 6 of 20 when measured), far below the fine-tuned model
+    # read as orange: 10 of 20 when measured), far below the fine-tuned model
     assert before["new_color_accuracy"] <= 0.5 and after["new_color_accuracy"] - before["new_color_accuracy"] >= 0.4
-    assert after["known_color_total"] == 4 and after["known_color_accuracy"] >= 0.5, after  # 3 of 4 measured
+    assert after["known_color_total"] == 4 and after["known_color_accuracy"] >= 0.5, after  # 2 of 4 measured
     assert summary["new_color_accuracy"] == after["new_color_accuracy"]
