@@ -39,8 +39,12 @@ def _perturb(model, std=0.2):
 def test_apply_lora_adds_adapters_freezes_the_base_and_starts_as_a_no_op():
     model = _model()
     inputs = random_inputs(model.dit_config, frames=3, height=4, width=6)
+    # megatron's parallel linears run a frozen weight through their own function (linear_with_frozen_weight), whose
+    # rounding can differ from the trainable path's in the last bit on some CPUs: compare like with like
+    model.requires_grad_(False)
     with torch.no_grad():
         before = model(*inputs[:3], image=inputs[3])
+    model.requires_grad_(True)
     params = apply_lora(model, rank=4, alpha=8)
     # 2 blocks x (4 self-attention + 4 cross-attention + k_img, v_img + 2 FFN) linears, A and B each
     assert len(params) == 2 * 12 * 2 and {id(p) for p in params} == {id(p) for p in lora_parameters(model)}
