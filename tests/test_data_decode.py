@@ -109,7 +109,6 @@ def test_same_rate_decoding_keeps_every_frame_despite_rounded_timestamps(tmp_pat
     assert [int(round(f.mean() / 15)) for f in out] == list(range(16))
 
 
-
 def test_write_video_encodes_reproducibly(tmp_path):
     """The demo's and the tests' clips are data: the same frames must encode to the same file in every process.
     With x264's macroblock-tree rate control on, processes encoding at the same time got different bytes (and

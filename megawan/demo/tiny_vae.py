@@ -50,10 +50,10 @@ def data_counts(steps: int) -> tuple:
     return max(16, round(STILLS_PER_STEP * steps)), max(4, round(CLIPS_PER_STEP * steps))
 
 
-def write_vae_data(folder: str, seed: int = 0, stills: int = 3300, clips: int = 150,
-                   held_out: int = HELD_OUT) -> tuple:
-    """(manifest, held-out manifest): the shapes as files, as a user's data would be: PNG stills (one random frame
-    of a random clip each) and H.264 clips of 17 frames at 16 fps, 32 x 32; the held-out rows from other draws."""
+def write_vae_data(folder: str, seed: int, stills: int, clips: int, held_out: int = HELD_OUT) -> tuple:
+    """(manifest, held-out manifest): the shapes as files, as a user's data would be: `stills` PNG stills (one random
+    frame of a random clip each; data_counts says how many for a training) and `clips` H.264 clips of 17 frames at
+    16 fps, 32 x 32; the held-out rows from other draws."""
     os.makedirs(folder, exist_ok=True)
     manifests = []
     for name, n_stills, n_clips, salt in (("manifest", stills, clips, 0), ("held_out", held_out, held_out, 7_777)):
