@@ -24,7 +24,7 @@ CONFIG = """\
 vae: {preset: tiny-2.1}
 data: {manifest: MANIFEST, buckets: ["5x32x32", "1x32x32"], global_batch_size: 2, micro_batch_size: 2,
        num_workers: 0, random_crop: true}
-loss: {lpips: 0, latent_moments: 0.1}
+loss: {lpips: 0, latent_moments: 0.1, latent_color: 0.1}
 optimizer: {lr: 2.0e-3}
 train: {steps: 4, seed: 3}
 checkpoint: {dir: CKPT, every: 2}
@@ -244,3 +244,32 @@ def test_foreground_color_loss_is_the_squared_error_of_the_objects_mean_colour()
     x_hat[0, 0, :, 2:3, 2:4] = 0.5  # half the square 0.4 too dark: its mean red is 0.2 off
     x_hat[0, 1, :, 0:8, 0] = 0.3  # errors on the background do not count
     torch.testing.assert_close(foreground_color_loss(x, x_hat, mask), torch.tensor([0.2 ** 2 / 3, 0.0]))
+
+
+def test_latent_color_loss_is_zero_when_latents_are_linear_in_colour():
+    """The latent colour term: 1 - R^2 of the best linear map from the objects' colours to their latents. An
+    "encoder" whose latent cells are a linear function of their mean colour scores 0 wherever the objects sit
+    (cells half covered count half); one that cubes the colours does not, and its latents get a gradient."""
+    import torch.nn.functional as F
+
+    from megawan.training.vae_losses import foreground_mask, latent_color_loss
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.full((8, 3, 1, 32, 32), -0.8)  # 8 stills: a square of a random colour at a random place each
+    for b in range(8):
+        i, j = torch.randint(0, 24, (2,), generator=generator).tolist()
+        x[b, :, 0, i:i + 8, j:j + 8] = torch.rand(3, 1, 1, generator=generator) * 2 - 1
+    mask = foreground_mask(x, 0.1)
+    cells = F.avg_pool3d(x + 0.8, (1, 8, 8))  # [8, 3, 1, 4, 4]: each 8 x 8 cell's colour offset
+    linear_map = torch.randn(3, 4, generator=generator)
+    linear = torch.einsum("bcthw,cd->bdthw", cells, linear_map) + 0.3
+    assert float(latent_color_loss(linear, x, mask, 4, 8)) < 1e-5
+    cubed = torch.einsum("bcthw,cd->bdthw", cells.pow(3), linear_map).requires_grad_(True)
+    loss = latent_color_loss(cubed, x, mask, 4, 8)
+    assert float(loss) > 0.05
+    loss.backward()
+    assert cubed.grad.abs().sum() > 0
+    # a clip: frame 0 alone, then 4 frames per latent frame (the causal VAE's chunking)
+    clip = x.repeat(1, 1, 17, 1, 1)
+    latents = torch.einsum("bcthw,cd->bdthw", F.avg_pool3d(clip[:, :, ::4] + 0.8, (1, 8, 8)), linear_map)
+    assert latents.shape[2] == 5 and float(latent_color_loss(latents, clip, foreground_mask(clip, 0.1), 4, 8)) < 1e-5

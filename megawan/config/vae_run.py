@@ -97,13 +97,14 @@ class VAELossConfig:
     foreground_weight: float = 0.0  # l1 / mse weight 1 + this on pixels unlike their frame's median colour
     foreground_threshold: float = 0.1  # "unlike": a channel differs from the median by more than this ([-1, 1])
     foreground_color: float = 0.0  # squared error of each sample's mean foreground colour (vae_losses)
+    latent_color: float = 0.0  # 1 - R^2 of a linear map from objects' colours to their latents (vae_losses)
     disc_base: int = 64  # channels of the discriminator's first conv (megawan.models.vae.discriminator)
     disc_layers: int = 3  # its stride-2 conv layers
 
     def validate(self, prefix: str = "loss") -> "VAELossConfig":
         need = checker(prefix)
         for name in ("l1", "kl", "lpips", "gan", "latent_moments", "mse", "foreground_weight",
-                     "foreground_threshold", "foreground_color"):
+                     "foreground_threshold", "foreground_color", "latent_color"):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         need(self.l1 + self.mse + self.lpips > 0, "l1", "a reconstruction loss is needed: l1, mse or lpips > 0")
         need(self.gan_start >= 0, "gan_start", "must be >= 0")

@@ -12,6 +12,7 @@ does, so a data-parallel run's gradient is one rank's).
     hinge_discriminator_loss(real, fake)   [B]  (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) / 2
     adaptive_gan_weight(rec, gan, weight)       VQGAN's ||grad_w rec|| / (||grad_w gan|| + 1e-4), clamped
     latent_moments_loss(z, count)               per-channel mean^2 + (std - 1)^2 of normalised posterior means
+    latent_color_loss(z, x, mask, ...)          1 - R^2 of a linear map from objects' colours to their latents
 
 KL: the report's weight 3e-6 (as LDM's) multiplies a KL summed over the latent elements of a sample; here it is
 averaged, so the same weight pulls (latent elements) times less. That keeps the weight's meaning when the
@@ -135,3 +136,48 @@ def latent_moments_loss(z: torch.Tensor, count: int, group=None) -> torch.Tensor
     mean = sums[0] / n
     var = (sums[1] / n - mean.pow(2)).clamp_min(1e-12)
     return (mean.pow(2) + (var.sqrt() - 1.0).pow(2)).sum()
+
+
+def latent_color_loss(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, temporal_stride: int,
+                      spatial_stride: int, group=None) -> torch.Tensor:
+    """How far the objects' latents are from a linear function of their colours: 1 - R^2 of the least-squares map
+    (no intercept) from each sample's foreground colour offset to its foreground latent offset, over the global
+    batch.
+
+    z: normalised posterior means [b, C, t, h, w]; x: the pixels [b, 3, T, H, W] in [-1, 1]; mask: foreground_mask
+    of x. Per sample, colour offset = mean foreground colour - mean background colour; latent offset = the slope of
+    the latent cells' offsets from the mean cell without foreground against the share of foreground pixels each
+    cell covers.
+    Real VAEs' latents are close to linear in colour (latent previews are one linear map to RGB); a small VAE
+    trained on a few colours places them anywhere, differently for every seed, and a colour between two others
+    (unseen by a DiT, then taught by a LoRA) lands far from both (docs/vae_training.md, "The demo's tiny VAE").
+    The fit uses sums (X'X, X'D, D'D) all-reduced over `group`, so data parallelism equals one rank; each
+    rank's gradient is its share, to be scaled by the data-parallel size like the per-sample losses. Samples
+    without foreground or without background count for nothing; 0 when no sample has both."""
+    z, x, mask = z.float(), x.float(), mask.float()
+    share = F.avg_pool3d(mask, (1, spatial_stride, spatial_stride))  # [b, 1, T, h, w]
+    if share.shape[2] > 1:  # the causal chunking: frame 0 alone, then temporal_stride frames per latent frame
+        rest = share[:, :, 1:].unflatten(2, (-1, temporal_stride)).mean(dim=3)
+        share = torch.cat([share[:, :, :1], rest], dim=2)
+    share = share[:, :, : z.shape[2]]
+    background = (share == 0).float()
+    fg_count, bg_count = share.pow(2).flatten(1).sum(1), background.flatten(1).sum(1)
+    valid = ((fg_count > 0) & (bg_count > 0)).float()  # [b]
+    # the cells' offsets from the background regressed on their foreground share: a cell half covered by the
+    # object counts half (a linear encoder's offsets are exactly share x its colour's offset)
+    z_bg = (z * background).flatten(2).sum(2) / bg_count.clamp_min(1e-6)[:, None]  # [b, C]
+    d = ((z - z_bg[..., None, None, None]) * share).flatten(2).sum(2) / fg_count.clamp_min(1e-6)[:, None]
+    fg_pixels, bg_pixels = mask.flatten(2).sum(2).clamp_min(1.0), (1 - mask).flatten(2).sum(2).clamp_min(1.0)
+    c = (x * mask).flatten(2).sum(2) / fg_pixels - (x * (1 - mask)).flatten(2).sum(2) / bg_pixels  # [b, 3]
+    d, c = d * valid[:, None], c * valid[:, None]
+    local = torch.cat([(c.T @ c).flatten(), (c.T @ d).flatten(), d.pow(2).sum().reshape(1)])
+    total = _all_reduce(local.detach().clone(), group)
+    sums = local + (total - local.detach())
+    k, ch = c.shape[1], d.shape[1]
+    xx = sums[: k * k].reshape(k, k) + 1e-6 * torch.eye(k)
+    xd = sums[k * k: k * k + k * ch].reshape(k, ch)
+    dd = sums[-1]
+    if float(total[-1]) <= 0:
+        return z.sum() * 0.0
+    explained = (xd * torch.linalg.solve(xx, xd)).sum()  # tr(XD' (X'X)^-1 XD)
+    return 1.0 - explained / dd

@@ -28,9 +28,9 @@ from megawan.config.vae_run import VAERunConfig
 from megawan.models.vae.causal import StreamCache
 from megawan.models.vae.model import patchify, unpatchify
 from megawan.training.schedule import finalize_model_grads
-from megawan.training.vae_losses import (adaptive_gan_weight, foreground_color_loss, foreground_mask, hinge_discriminator_loss,
-                                         hinge_generator_loss, kl_loss, l1_loss, latent_moments_loss, lpips_loss,
-                                         mse_loss)
+from megawan.training.vae_losses import (adaptive_gan_weight, foreground_color_loss, foreground_mask,
+                                         hinge_discriminator_loss, hinge_generator_loss, kl_loss, l1_loss,
+                                         latent_color_loss, latent_moments_loss, lpips_loss, mse_loss)
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -101,7 +101,8 @@ class VAEStep:
             ddp.zero_grad_buffer()
         # per-sample sums: l1, kl, lpips, mse (unweighted, for PSNR), gan_g, gan_d, the mse term, the colour term
         sums = torch.zeros(8, dtype=torch.float64)
-        shared = {"latent_moments": 0.0, "gan_weight": 0.0}  # batch statistics, the same on every rank
+        # batch statistics, the same on every rank
+        shared = {"latent_moments": 0.0, "latent_color": 0.0, "gan_weight": 0.0}
         fakes = []
         # the discriminator's gradients of the generator pass are discarded: no reduction may start meanwhile
         no_disc_sync = self.disc_ddp.no_sync() if self.disc_ddp is not None else contextlib.nullcontext()
@@ -112,7 +113,7 @@ class VAEStep:
                     x = video[sl].to(self.device, self.dtype)
                     noise = self._noise(self._latent_shape(x), indices[sl], step).to(self.device)
                     mean, logvar, x_hat = reconstruct(self.vae, x, noise, cfg.train.recompute)
-                    needs_mask = loss.foreground_weight > 0 or loss.foreground_color > 0
+                    needs_mask = loss.foreground_weight > 0 or loss.foreground_color > 0 or loss.latent_color > 0
                     mask = foreground_mask(x, loss.foreground_threshold) if needs_mask else None
                     pixel_weight = 1.0 + loss.foreground_weight * mask if loss.foreground_weight > 0 else None
                     l1, kl = l1_loss(x, x_hat, pixel_weight), kl_loss(mean, logvar)
@@ -139,6 +140,12 @@ class VAEStep:
                         moments = latent_moments_loss(self.vae.normalize(mean), x.shape[0] * self.dp_size, self.group)
                         total = total + loss.latent_moments * moments * self.dp_size / len(slices)
                         shared["latent_moments"] += moments.item() / len(slices)
+                    if loss.latent_color > 0:
+                        vcfg = self.vae.vae_config
+                        lc = latent_color_loss(self.vae.normalize(mean), x, mask, vcfg.temporal_stride,
+                                               vcfg.spatial_stride, self.group)
+                        total = total + loss.latent_color * lc * self.dp_size / len(slices)
+                        shared["latent_color"] += lc.item() / len(slices)
                     if gan_on:
                         g = hinge_generator_loss(self.disc_ddp(x_hat))
                         weight = torch.tensor(loss.gan)
@@ -181,6 +188,9 @@ class VAEStep:
         if loss.latent_moments > 0:
             parts["latent_moments"] = shared["latent_moments"]
             total += loss.latent_moments * shared["latent_moments"]
+        if loss.latent_color > 0:
+            parts["latent_color"] = shared["latent_color"]
+            total += loss.latent_color * shared["latent_color"]
         if gan_on:
             parts.update({"gan_g": values[4], "gan_weight": shared["gan_weight"], "gan_d": values[5]})
             total += shared["gan_weight"] * values[4]
