@@ -165,6 +165,8 @@ def test_kill_and_resume_in_the_gan_stage_continues_the_same_run(manifest, tmp_p
     (("parallel.tensor_parallel=2",), "parallel.tensor_parallel"),
     (("loss.gans=1",), "loss.gans"),  # unknown key
     (("loss.l1=0", "loss.lpips=0"), "loss.l1"),  # no reconstruction loss at all
+    (("data.video_ratio=0.5", "data.buckets=[1x32x32]"), "data.video_ratio"),  # clip batches without a clip bucket
+    (("data.video_ratio=1.5",), "data.video_ratio"),
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_field(manifest, tmp_path, overrides, field):
     from megawan.training.vae_preflight import preflight_vae

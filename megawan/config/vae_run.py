@@ -65,6 +65,9 @@ class VAEDataConfig:
     fps: float = 16.0  # clips are sampled at this frame rate
     decode: str = "auto"  # auto (DALI on the rank's GPU when available, else PyAV) | pyav | dali
     random_crop: bool = True  # random crop position (seeded: resume is exact); false: centre crop
+    # share of steps that draw a clip bucket (the rest an image bucket); None: buckets drawn by their sample counts
+    # (a manifest of many stills and few clips then trains on clips rarely)
+    video_ratio: Optional[float] = None
 
     def validate(self, prefix: str = "data") -> "VAEDataConfig":
         need = checker(prefix)
@@ -75,6 +78,8 @@ class VAEDataConfig:
         need(self.num_workers >= 0, "num_workers", "must be at least 0")
         need(self.fps > 0, "fps", "must be positive")
         need(self.decode in DECODES, "decode", f"{self.decode!r} is not one of {DECODES}")
+        need(self.video_ratio is None or 0.0 <= self.video_ratio <= 1.0, "video_ratio",
+             f"must be within [0, 1] (or unset), got {self.video_ratio}")
         return self
 
 

@@ -85,6 +85,12 @@ def preflight_vae(cfg: VAERunConfig, world_size: int) -> dict:
         if small:
             raise ConfigError(f"data.buckets: {small} are smaller than the discriminator's {d.min_size()} pixels "
                               f"(loss.disc_layers={cfg.loss.disc_layers}: fewer layers take smaller crops)")
+    ratio = cfg.data.video_ratio
+    for kind, wanted, present in (("clip", ratio is not None and ratio > 0, any(b.frames > 1 for b in buckets)),
+                                  ("image", ratio is not None and ratio < 1, any(b.frames == 1 for b in buckets))):
+        if wanted and not present:
+            raise ConfigError(f"data.video_ratio: {ratio} asks for {kind} batches but data.buckets "
+                              f"{[b.name for b in buckets]} has no {kind} bucket")
     _exists(cfg.data.manifest, "data.manifest")
     if cfg.loss.lpips > 0:
         _exists(cfg.loss.lpips_vgg, "loss.lpips_vgg")

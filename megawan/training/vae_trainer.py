@@ -162,6 +162,7 @@ class VAETrainer:
                                   global_batch_size=d.global_batch_size,
                                   seed=cfg.train.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                   num_workers=d.num_workers, fps=d.fps, decode=d.decode, random_crop=d.random_crop,
+                                  video_ratio=d.video_ratio,
                                   stride=self.facts["stride"], scan_group=ps.get_data_parallel_group(),
                                   report=os.path.join(cfg.checkpoint.dir, "skipped.jsonl"))  # rank 0 writes the
         # scan's verdicts, every rank the files that fail on it later
