@@ -24,7 +24,7 @@ from megawan.demo.shapes import COLORS, DIRECTIONS, SHAPES
 from megawan.models.text import UMT5Encoder
 from megawan.models.vae import WanVAE
 
-TINY_VAE_STEPS = 300  # `megawan train-vae`, ~1.5-2.5 min on 2 CPU cores; held-out clips and stills keep their colour
+TINY_VAE_STEPS = 500  # `megawan train-vae` (400 + 100 steps), ~1.5-2 min on 2 CPU cores
 
 
 def _captions() -> list:
@@ -59,7 +59,7 @@ def write_tiny_encoders(out_dir: str, vae_config: str = "tiny-2.1", text_config:
     `megawan train-vae` first (megawan.demo.tiny_vae.train_tiny_vae, seeded by `seed`, in `out_dir`/vae_training:
     the report's image stage, then the inflated 3D VAE, from examples/configs/vae/tiny_demo_stage*.yaml), and the
     result also carries "vae_training" (the job's stats: steps, seconds, stages, held-out PSNR / SSIM). Either way
-    the umT5 encoder's weights are the same for a given seed, and the global RNG is left as it was found.
+    the umT5 encoder's weights are the same for a given seed.
     """
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)

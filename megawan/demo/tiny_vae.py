@@ -20,16 +20,16 @@ import time
 import yaml
 
 import megawan
-from megawan.demo.shapes import COLORS, DIRECTIONS, SHAPES, ShapeClip, render
+from megawan.demo.shapes import DIRECTIONS, PALETTE, SHAPES, ShapeClip, render
 from megawan.utils.media import write_image, write_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(megawan.__file__)))
 TINY_VAE_CONFIGS = tuple(os.path.join(REPO, "examples", "configs", "vae", f"tiny_demo_stage{i}.yaml") for i in (1, 2))
-# training data per step of the recipe: stills (32 x 32 png) and clips (17 x 32 x 32 mp4), so that the 300 steps
-# (200 x 16 stills, then 100 x 4 samples) see each sample about once, as fresh renders would be (3300 + 150). With
-# 512 + 64 files and latent moments 0.3 the demo's DiT named 20 of 24 held-out colours on this VAE's latents; with
-# these and 0.02, 24 of 24 (VAE seed 0; 16 and 22 with seeds 1 and 2: docs/vae_training.md). Held out: 8 + 8.
-STILLS_PER_STEP, CLIPS_PER_STEP, HELD_OUT = 11, 0.5, 8
+# training data per step of the recipe: stills (32 x 32 png) and clips (17 x 32 x 32 mp4), so that the 500 steps
+# (400 x 8 stills, then 100 x 4 samples, half of them clips) see each sample about once, as fresh renders would
+# (3300 + 200). Held out: 8 + 8. The shapes are drawn in every PALETTE colour, the DiT's unseen "orange" too: a
+# VAE is trained on all the colours there are (a real one on natural images), the DiT learns words for some.
+STILLS_PER_STEP, CLIPS_PER_STEP, HELD_OUT = 6.6, 0.4, 8
 
 
 def _config_steps(path: str) -> int:
@@ -60,7 +60,7 @@ def write_vae_data(folder: str, seed: int, stills: int, clips: int, held_out: in
         rng = random.Random(seed * 1_000_003 + salt)
         rows = []
         for i in range(n_stills + n_clips):
-            clip = ShapeClip(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS)))
+            clip = ShapeClip(rng.choice(list(PALETTE)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS)))
             frames = render(clip, 17, 32, 32, seed=rng.randrange(1 << 30))
             if i < n_stills:
                 path = f"{name}_still_{i:05d}.png"
