@@ -222,10 +222,10 @@ def write_tiny_encoders(out_dir: str, vae_config: str = "tiny-2.1", text_config:
 
     vae_trainer "job": the VAE is trained by `megawan train-vae` instead (megawan.demo.tiny_vae: the report's image
     stage, then the inflated 3D VAE, from examples/configs/vae/tiny_demo_stage*.yaml; their recipe is 500 steps),
-    its stats the job's. It reconstructs better than the loop (held-out PSNR 22.4 / 23.1 dB against 20.3 / 20.9,
-    every colour, every seed measured) and the demo's DiT on its latents named 22 of 24 held-out colours (seed 1: 21;
-    the loop 23), but the LoRA task taught "orange" to 11 of 20 prompts on that demo model (it came out yellow; the
-    loop's: 20 of 20): docs/vae_training.md. So the demo keeps the loop ("loop") until the job's base passes both.
+    its stats the job's. It reconstructs better than the loop (held-out PSNR 22.3 / 22.9 dB against 20.3 / 20.9,
+    every colour) and the demo's DiT on its latents named 22 of 24 held-out colours (the loop 23), but the LoRA task
+    taught "orange" to 16 of 20 prompts on that demo model (the misses red; 18 needed; the loop's: 20 of 20):
+    docs/vae_training.md. So the demo keeps the loop ("loop") until the job's base passes both.
     """
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
