@@ -141,16 +141,16 @@ def latent_moments_loss(z: torch.Tensor, count: int, group=None) -> torch.Tensor
 def latent_color_loss(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, temporal_stride: int,
                       spatial_stride: int, group=None) -> torch.Tensor:
     """How far the objects' latents are from a linear function of their colours: 1 - R^2 of the least-squares map
-    (no intercept) from each sample's foreground colour offset to its foreground latent offset, over the global
-    batch.
+    (no intercept) from each sample's foreground colour offset to its foreground latent offset, over a micro-batch
+    of every data-parallel rank together (the whole global batch without gradient accumulation).
 
     z: normalised posterior means [b, C, t, h, w]; x: the pixels [b, 3, T, H, W] in [-1, 1]; mask: foreground_mask
     of x. Per sample, colour offset = mean foreground colour - mean background colour; latent offset = the slope of
     the latent cells' offsets from the mean cell without foreground against the share of foreground pixels each
     cell covers.
     Real VAEs' latents are close to linear in colour (latent previews are one linear map to RGB); a small VAE
-    trained on a few colours places them anywhere, differently for every seed, and a colour between two others
-    (unseen by a DiT, then taught by a LoRA) lands far from both (docs/vae_training.md, "The demo's tiny VAE").
+    trained on a few colours places them anywhere, differently for every seed (measured on the demo's shapes:
+    docs/vae_training.md, "The demo's tiny VAE").
     The fit uses sums (X'X, X'D, D'D) all-reduced over `group`, so data parallelism equals one rank; each
     rank's gradient is its share, to be scaled by the data-parallel size like the per-sample losses. Samples
     without foreground or without background count for nothing; 0 when no sample has both."""
