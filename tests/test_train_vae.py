@@ -271,6 +271,8 @@ def test_latent_color_loss_is_zero_when_latents_are_linear_in_colour():
     assert float(loss) > 0.05
     loss.backward()
     assert cubed.grad.abs().sum() > 0
+    blank = torch.full_like(x, -0.8)  # no objects at all: nothing to fit, the term is 0
+    assert float(latent_color_loss(cubed, blank, foreground_mask(blank, 0.1), 4, 8)) == 0.0
     # a clip: frame 0 alone, then 4 frames per latent frame (the causal VAE's chunking)
     clip = x.repeat(1, 1, 17, 1, 1)
     latents = torch.einsum("bcthw,cd->bdthw", F.avg_pool3d(clip[:, :, ::4] + 0.8, (1, 8, 8)), linear_map)

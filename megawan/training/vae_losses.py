@@ -108,6 +108,13 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def _summed_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
+    """`local` summed over the data-parallel `group`, keeping the graph of this rank's part only (the other ranks'
+    parts are constants here): each rank's gradient is its share of the batch statistic."""
+    total = _all_reduce(local.detach().clone(), group)
+    return local + (total - local.detach())
+
+
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_weight: torch.Tensor,
                         group=None) -> torch.Tensor:
     """VQGAN's balance of the GAN loss against the reconstruction (Esser et al. 2021, eq. 7): the ratio of their
@@ -130,9 +137,7 @@ def latent_moments_loss(z: torch.Tensor, count: int, group=None) -> torch.Tensor
     graph), to be scaled by the data-parallel size like the per-sample losses."""
     n = count * z[0, 0].numel()  # latents per channel in the global batch
     z = z.float().transpose(0, 1).flatten(1)  # [C, this rank's latents per channel]
-    local = torch.stack([z.sum(dim=1), z.pow(2).sum(dim=1)])  # [2, C]
-    total = _all_reduce(local.detach().clone(), group)
-    sums = local + (total - local.detach())
+    sums = _summed_over_ranks(torch.stack([z.sum(dim=1), z.pow(2).sum(dim=1)]), group)  # [2, C]
     mean = sums[0] / n
     var = (sums[1] / n - mean.pow(2)).clamp_min(1e-12)
     return (mean.pow(2) + (var.sqrt() - 1.0).pow(2)).sum()
@@ -170,14 +175,11 @@ def latent_color_loss(z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, temp
     fg_pixels, bg_pixels = mask.flatten(2).sum(2).clamp_min(1.0), (1 - mask).flatten(2).sum(2).clamp_min(1.0)
     c = (x * mask).flatten(2).sum(2) / fg_pixels - (x * (1 - mask)).flatten(2).sum(2) / bg_pixels  # [b, 3]
     d, c = d * valid[:, None], c * valid[:, None]
-    local = torch.cat([(c.T @ c).flatten(), (c.T @ d).flatten(), d.pow(2).sum().reshape(1)])
-    total = _all_reduce(local.detach().clone(), group)
-    sums = local + (total - local.detach())
+    sums = _summed_over_ranks(torch.cat([(c.T @ c).flatten(), (c.T @ d).flatten(), d.pow(2).sum().reshape(1)]), group)
     k, ch = c.shape[1], d.shape[1]
-    xx = sums[: k * k].reshape(k, k) + 1e-6 * torch.eye(k)
+    xx = sums[: k * k].reshape(k, k) + 1e-6 * torch.eye(k, device=z.device)
     xd = sums[k * k: k * k + k * ch].reshape(k, ch)
     dd = sums[-1]
-    if float(total[-1]) <= 0:
-        return z.sum() * 0.0
     explained = (xd * torch.linalg.solve(xx, xd)).sum()  # tr(XD' (X'X)^-1 XD)
-    return 1.0 - explained / dd
+    # no sample with both foreground and background: 0 (decided on the device, no host round trip)
+    return torch.where(dd > 0, 1.0 - explained / dd.clamp_min(1e-30), dd * 0.0)

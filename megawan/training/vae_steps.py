@@ -136,14 +136,15 @@ class VAEStep:
                     sums[2] += 0.0 if lp is None else lp.detach().double().sum()
                     error = x.float() - x_hat.detach().float().clamp(-1, 1)  # the PSNR the metrics log
                     sums[3] += error.pow(2).flatten(1).mean(1).double().sum()
+                    normalized = self.vae.normalize(mean) if loss.latent_moments > 0 or loss.latent_color > 0 else None
                     if loss.latent_moments > 0:
-                        moments = latent_moments_loss(self.vae.normalize(mean), x.shape[0] * self.dp_size, self.group)
+                        moments = latent_moments_loss(normalized, x.shape[0] * self.dp_size, self.group)
                         total = total + loss.latent_moments * moments * self.dp_size / len(slices)
                         shared["latent_moments"] += moments.item() / len(slices)
                     if loss.latent_color > 0:
                         vcfg = self.vae.vae_config
-                        lc = latent_color_loss(self.vae.normalize(mean), x, mask, vcfg.temporal_stride,
-                                               vcfg.spatial_stride, self.group)
+                        lc = latent_color_loss(normalized, x, mask, vcfg.temporal_stride, vcfg.spatial_stride,
+                                               self.group)
                         total = total + loss.latent_color * lc * self.dp_size / len(slices)
                         shared["latent_color"] += lc.item() / len(slices)
                     if gan_on:
